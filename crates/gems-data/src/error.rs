@@ -1,0 +1,114 @@
+//! The one error type of `gems-data`.
+//!
+//! Input errors always carry the file and the 1-based line so that a user with a broken export
+//! can open the file at the right place; nothing in this crate panics on bad input.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, building, tokenising or writing a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The input is not well formed (truncated JSON, a bad CSV cell, a missing field...).
+    #[error("{path}:{line}: {message}")]
+    Malformed {
+        /// The input file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// An event refers to an item that the catalogue does not have.
+    #[error("{path}:{line}: unknown item id {item:?}")]
+    UnknownItem {
+        /// The input file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The id as written in the input.
+        item: String,
+    },
+    /// A user has no events.
+    #[error("{path}:{line}: user {user:?} has no events")]
+    EmptyUser {
+        /// The input file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The user id.
+        user: String,
+    },
+    /// The same user appears twice.
+    #[error("{path}:{line}: duplicate user {user:?} (first seen on line {first_line})")]
+    DuplicateUser {
+        /// The input file.
+        path: PathBuf,
+        /// 1-based line number of the second occurrence.
+        line: usize,
+        /// The user id.
+        user: String,
+        /// 1-based line number of the first occurrence.
+        first_line: usize,
+    },
+    /// The same item appears twice in a catalogue.
+    #[error("{path}:{line}: duplicate item {item:?} (first seen on line {first_line})")]
+    DuplicateItem {
+        /// The input file.
+        path: PathBuf,
+        /// 1-based line number of the second occurrence.
+        line: usize,
+        /// The item id.
+        item: String,
+        /// 1-based line number of the first occurrence.
+        first_line: usize,
+    },
+    /// The dataset directory could not be recognised or resolved.
+    #[error("{path}: {message}")]
+    Dataset {
+        /// The dataset path or name.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The text tokenizer failed to load or to encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Serialising output failed.
+    #[error("serialising {what}: {source}")]
+    Serialize {
+        /// What was being serialised.
+        what: String,
+        /// The underlying error.
+        source: serde_json::Error,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// A [`Error::Malformed`] at `path:line`.
+    pub(crate) fn malformed(
+        path: impl Into<PathBuf>,
+        line: usize,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Malformed { path: path.into(), line, message: message.into() }
+    }
+}

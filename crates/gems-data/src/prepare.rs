@@ -1,0 +1,492 @@
+//! The prepared-dataset directory: examples per split and task, the item vocabulary, a manifest.
+//!
+//! Layout (docs/data-format.md): `{train,valid,test}.{rec,search}.jsonl`, `items.json`,
+//! `manifest.json`. Every file is written to a temporary name in the same directory and renamed,
+//! so a crash never leaves a half-written file under a final name. Output is a pure function of
+//! the inputs and the configuration: struct fields serialise in declaration order, maps are
+//! `BTreeMap`s, and nothing iterates a hash map.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::examples::{BuildConfig, Example, Split, Task, build_examples};
+use crate::load::{DataFormat, DatasetSpec, LoadOptions, load_dataset};
+use crate::model::Dataset;
+use crate::prompt::{TokenizedExample, item_token, prompt_text, tokenize_examples};
+use crate::text::{QuerySynthesis, synthesize_queries};
+use crate::tokenizer::TextTokenizer;
+
+/// Version of the prepared-directory layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything that decides a prepared dataset, saved in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareConfig {
+    /// Dataset name (built-in name or directory name).
+    pub dataset: String,
+    /// Input layout.
+    pub format: DataFormat,
+    /// Loader options.
+    pub load: LoadOptions,
+    /// How missing queries were filled in.
+    pub query_synthesis: QuerySynthesis,
+    /// Example construction.
+    pub build: BuildConfig,
+}
+
+impl PrepareConfig {
+    /// The configuration implied by a resolved dataset, with default example construction.
+    pub fn from_spec(spec: &DatasetSpec) -> Self {
+        Self {
+            dataset: spec.name.clone(),
+            format: spec.format,
+            load: spec.load,
+            query_synthesis: spec.query_synthesis,
+            build: BuildConfig::default(),
+        }
+    }
+}
+
+/// One hashed input file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    /// File name inside the dataset directory.
+    pub file: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Hex sha256 of the contents.
+    pub sha256: String,
+}
+
+/// The tokenizer an output was tokenised with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    /// Where it was loaded from, if from a file.
+    pub path: Option<String>,
+    /// Hex sha256 of that file.
+    pub sha256: Option<String>,
+    /// Text vocabulary size; item `i` has id `vocab_size + i`.
+    pub vocab_size: u32,
+    /// End-of-sequence id (last target token).
+    pub eos_id: u32,
+}
+
+/// Counts of a prepared dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Users loaded.
+    pub users: usize,
+    /// Items in the vocabulary.
+    pub items: usize,
+    /// Events loaded.
+    pub events: usize,
+    /// Events carrying a query (observed or synthesised).
+    pub events_with_query: usize,
+    /// Distinct queries over all events.
+    pub distinct_queries: usize,
+    /// Examples per split, then task.
+    pub examples: BTreeMap<String, BTreeMap<String, usize>>,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version.
+    pub format_version: u32,
+    /// The configuration; `build.seed` seeds every random choice.
+    pub config: PrepareConfig,
+    /// How seeds are used.
+    pub seeds: BTreeMap<String, String>,
+    /// Hashed input files.
+    pub inputs: Vec<InputFile>,
+    /// Whether `input_ids` are present.
+    pub tokenized: bool,
+    /// The tokenizer, when tokenised.
+    pub tokenizer: Option<TokenizerInfo>,
+    /// Counts.
+    pub counts: Counts,
+    /// Output files with their number of lines and sha256.
+    pub files: BTreeMap<String, OutputFile>,
+}
+
+/// One written file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Number of records (lines for JSONL, items for `items.json`).
+    pub records: usize,
+    /// Hex sha256 of the contents.
+    pub sha256: String,
+}
+
+/// One line of an example file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExampleRecord {
+    /// User id as in the source.
+    pub user: String,
+    /// Index of the user in load order.
+    pub user_index: u32,
+    /// Position of the target event in the user's sequence.
+    pub position: u32,
+    /// Split.
+    pub split: Split,
+    /// Task.
+    pub task: Task,
+    /// History item indices, oldest first.
+    pub history: Vec<u32>,
+    /// Query (search examples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Target item index.
+    pub target: u32,
+    /// Sampled negatives (valid and test).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub negatives: Vec<u32>,
+    /// Prompt text with `<item_N>` tokens.
+    pub prompt: String,
+    /// Prompt ids, target item id, end-of-sequence (when tokenised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ids: Option<Vec<u32>>,
+    /// `[start, end)` of the target in `input_ids` (when tokenised).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_span: Option<[u32; 2]>,
+}
+
+/// One entry of `items.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VocabEntry {
+    /// Dense index.
+    pub index: u32,
+    /// Id in the source data.
+    pub id: String,
+    /// Cleaned title.
+    pub title: String,
+    /// Token string, `<item_N>`.
+    pub token: String,
+    /// Token id (when tokenised): `vocab_size + index`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<u32>,
+    /// Category path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+}
+
+/// Everything a prepared dataset holds, in memory (what the benchmark measures).
+#[derive(Debug)]
+pub struct Prepared {
+    /// The loaded dataset, queries filled in.
+    pub dataset: Dataset,
+    /// Examples in build order.
+    pub examples: Vec<Example>,
+    /// Their tokenisations, when a tokenizer was given.
+    pub tokenized: Option<Vec<TokenizedExample>>,
+}
+
+/// Loads, synthesises queries, builds and (optionally) tokenises, without writing anything.
+pub fn prepare(
+    dir: &Path,
+    config: &PrepareConfig,
+    tokenizer: Option<&dyn TextTokenizer>,
+) -> Result<Prepared> {
+    let mut dataset = load_dataset(dir, config.format, &config.load)?;
+    synthesize_queries(&mut dataset, config.query_synthesis);
+    let examples = build_examples(&dataset, &config.build)?;
+    let tokenized = tokenizer.map(|t| tokenize_examples(&examples, t)).transpose()?;
+    Ok(Prepared { dataset, examples, tokenized })
+}
+
+/// Hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    loop {
+        let chunk = reader.fill_buf().map_err(|e| Error::io(path, e))?;
+        if chunk.is_empty() {
+            break;
+        }
+        hasher.update(chunk);
+        bytes += chunk.len() as u64;
+        let n = chunk.len();
+        reader.consume(n);
+    }
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `contents` to `dir/name` atomically (temporary file in `dir`, then rename).
+fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<OutputFile> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(OutputFile { records: 0, sha256: hex(&Sha256::digest(contents)) })
+}
+
+fn to_json<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|source| Error::Serialize { what: what.into(), source })
+}
+
+/// Writes a prepared dataset to `out` (created if missing) and returns its manifest.
+///
+/// `tokenizer_file` is hashed into the manifest when given.
+pub fn write_prepared(
+    prepared: &Prepared,
+    source_dir: &Path,
+    config: &PrepareConfig,
+    tokenizer: Option<&dyn TextTokenizer>,
+    tokenizer_file: Option<&Path>,
+    out: &Path,
+) -> Result<Manifest> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let dataset = &prepared.dataset;
+    let mut files = BTreeMap::new();
+    let mut example_counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+
+    for split in Split::ALL {
+        for task in Task::ALL {
+            let mut buffer = Vec::new();
+            let mut records = 0;
+            for (i, example) in prepared.examples.iter().enumerate() {
+                if example.split != split || example.task != task {
+                    continue;
+                }
+                let tokens = prepared.tokenized.as_ref().and_then(|t| t.get(i));
+                let record = ExampleRecord {
+                    user: dataset.users[example.user as usize].user.clone(),
+                    user_index: example.user,
+                    position: example.position,
+                    split,
+                    task,
+                    history: example.history.clone(),
+                    query: example.query.clone(),
+                    target: example.target,
+                    negatives: example.negatives.clone(),
+                    prompt: prompt_text(example),
+                    input_ids: tokens.map(|t| t.input_ids.clone()),
+                    target_span: tokens.map(|t| t.target_span),
+                };
+                buffer.extend(to_json(&record, "an example")?);
+                buffer.push(b'\n');
+                records += 1;
+            }
+            let name = format!("{}.{}.jsonl", split.name(), task.name());
+            let mut written = write_atomic(out, &name, &buffer)?;
+            written.records = records;
+            files.insert(name, written);
+            example_counts
+                .entry(split.name().into())
+                .or_default()
+                .insert(task.name().into(), records);
+        }
+    }
+
+    let base = tokenizer.map(|t| t.vocab_size());
+    let vocab: Vec<VocabEntry> = dataset
+        .catalogue
+        .items()
+        .iter()
+        .enumerate()
+        .map(|(i, item)| VocabEntry {
+            index: i as u32,
+            id: item.id.clone(),
+            title: item.title.clone(),
+            token: item_token(i as u32),
+            token_id: base.map(|b| b + i as u32),
+            categories: item.categories.clone(),
+        })
+        .collect();
+    let mut written = write_atomic(out, "items.json", &to_json(&vocab, "items.json")?)?;
+    written.records = vocab.len();
+    files.insert("items.json".into(), written);
+
+    let mut inputs = Vec::new();
+    for path in &dataset.inputs {
+        let (bytes, sha256) = sha256_file(path)?;
+        let file = path.strip_prefix(source_dir).unwrap_or(path).display().to_string();
+        inputs.push(InputFile { file, bytes, sha256 });
+    }
+    let tokenizer_info = match tokenizer {
+        Some(t) => Some(TokenizerInfo {
+            path: tokenizer_file.map(|p| p.display().to_string()),
+            sha256: tokenizer_file.map(sha256_file).transpose()?.map(|(_, h)| h),
+            vocab_size: t.vocab_size(),
+            eos_id: t.eos_id(),
+        }),
+        None => None,
+    };
+    let queries: BTreeSet<&str> =
+        dataset.users.iter().flat_map(|u| &u.events).filter_map(|e| e.query.as_deref()).collect();
+    let mut seeds = BTreeMap::new();
+    seeds.insert("seed".to_string(), config.build.seed.to_string());
+    seeds.insert(
+        "streams".to_string(),
+        "SplitMix64 per (seed, purpose, user index, position); purpose 1 = split task draw, \
+         2 = negatives"
+            .to_string(),
+    );
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        config: config.clone(),
+        seeds,
+        inputs,
+        tokenized: prepared.tokenized.is_some(),
+        tokenizer: tokenizer_info,
+        counts: Counts {
+            users: dataset.users.len(),
+            items: dataset.catalogue.len(),
+            events: dataset.n_events(),
+            events_with_query: dataset
+                .users
+                .iter()
+                .flat_map(|u| &u.events)
+                .filter(|e| e.query.is_some())
+                .count(),
+            distinct_queries: queries.len(),
+            examples: example_counts,
+        },
+        files,
+    };
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|source| Error::Serialize { what: "manifest.json".into(), source })?;
+    write_atomic(out, "manifest.json", &json)?;
+    Ok(manifest)
+}
+
+/// A distribution summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Distribution {
+    /// Number of values.
+    pub count: usize,
+    /// Smallest value.
+    pub min: u64,
+    /// Median (lower median for even counts).
+    pub median: u64,
+    /// Mean.
+    pub mean: f64,
+    /// 90th percentile (nearest rank).
+    pub p90: u64,
+    /// Largest value.
+    pub max: u64,
+}
+
+impl Distribution {
+    /// Summarises `values` (sorted in place).
+    pub fn of(values: &mut [u64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_unstable();
+        let n = values.len();
+        let rank = |q: f64| values[((q * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Self {
+            count: n,
+            min: values[0],
+            median: values[(n - 1) / 2],
+            mean: values.iter().sum::<u64>() as f64 / n as f64,
+            p90: rank(0.9),
+            max: values[n - 1],
+        }
+    }
+}
+
+/// Statistics of one (split, task) example file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileStats {
+    /// Split.
+    pub split: String,
+    /// Task.
+    pub task: String,
+    /// Number of examples.
+    pub examples: usize,
+    /// History lengths in items.
+    pub history_length: Distribution,
+    /// Prompt lengths: tokens when tokenised, otherwise whitespace-separated words.
+    pub prompt_length: Distribution,
+    /// Distinct queries (search files).
+    pub distinct_queries: usize,
+}
+
+/// What `gems data stats` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// The manifest's counts.
+    pub counts: Counts,
+    /// Whether prompt lengths are in tokens (else words).
+    pub tokenized: bool,
+    /// Per-file statistics, in split then task order.
+    pub files: Vec<FileStats>,
+    /// Search examples over all splits.
+    pub search_examples: usize,
+    /// Distinct queries over all search examples.
+    pub distinct_search_queries: usize,
+}
+
+/// Reads a prepared directory and computes [`Stats`] from its files.
+pub fn read_stats(dir: &Path) -> Result<Stats> {
+    let manifest_path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| Error::malformed(&manifest_path, e.line(), format!("bad manifest: {e}")))?;
+    let mut files = Vec::new();
+    let mut all_queries: BTreeSet<String> = BTreeSet::new();
+    let mut search_examples = 0;
+    for split in Split::ALL {
+        for task in Task::ALL {
+            let path: PathBuf = dir.join(format!("{}.{}.jsonl", split.name(), task.name()));
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let mut history = Vec::new();
+            let mut prompt = Vec::new();
+            let mut queries = BTreeSet::new();
+            for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+                let line = line.map_err(|e| Error::io(&path, e))?;
+                let record: ExampleRecord = serde_json::from_str(&line)
+                    .map_err(|e| Error::malformed(&path, index + 1, format!("bad example: {e}")))?;
+                history.push(record.history.len() as u64);
+                prompt.push(match &record.input_ids {
+                    Some(ids) => u64::from(record.target_span.map_or(ids.len() as u32, |s| s[0])),
+                    None => record.prompt.split_whitespace().count() as u64,
+                });
+                if let Some(q) = record.query {
+                    queries.insert(q);
+                }
+            }
+            if task == Task::Search {
+                search_examples += history.len();
+            }
+            let distinct_queries = queries.len();
+            all_queries.extend(queries);
+            files.push(FileStats {
+                split: split.name().into(),
+                task: task.name().into(),
+                examples: history.len(),
+                history_length: Distribution::of(&mut history),
+                prompt_length: Distribution::of(&mut prompt),
+                distinct_queries,
+            });
+        }
+    }
+    Ok(Stats {
+        counts: manifest.counts,
+        tokenized: manifest.tokenized,
+        files,
+        search_examples,
+        distinct_search_queries: all_queries.len(),
+    })
+}
