@@ -48,7 +48,9 @@ fn top_r(c: &mut Criterion) {
             });
             let method = SvdMethod::Randomized(RandomizedSvdConfig::default());
             group.bench_with_input(BenchmarkId::new("randomized", &label), &r, |b, &r| {
-                b.iter(|| SubspaceBasis::from_gradient(black_box(a.as_ref()), r, side, &method).unwrap())
+                b.iter(|| {
+                    SubspaceBasis::from_gradient(black_box(a.as_ref()), r, side, &method).unwrap()
+                })
             });
         }
     }
@@ -62,7 +64,9 @@ fn projection(c: &mut Criterion) {
     let (m, n) = (576, 1536);
     for side in [Side::Left, Side::Right] {
         for r in [32, 128] {
-            let basis = SubspaceBasis::from_gradient(host(m, n, 2).as_ref(), r, side, &SvdMethod::Exact).unwrap();
+            let basis =
+                SubspaceBasis::from_gradient(host(m, n, 2).as_ref(), r, side, &SvdMethod::Exact)
+                    .unwrap();
             let g = device_tensor(m, n, 3, &device);
             let q = basis.device_matrix(&device);
             let label = format!("{m}x{n}/r{r}/{side:?}");

@@ -26,9 +26,7 @@ use burn::tensor::{Device, Tensor};
 use faer::{Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
-use crate::decompose::{
-    RandomizedSvdConfig, clip_rank, randomized_svd, top_singular_vectors,
-};
+use crate::decompose::{RandomizedSvdConfig, clip_rank, randomized_svd, top_singular_vectors};
 use crate::error::{Result, SubspaceError};
 use crate::host::{DeviceCopy, ensure_finite, matrix_from_tensor};
 use crate::rng::SplitMix64;
@@ -201,15 +199,19 @@ impl SubspaceBasis {
                 OP,
                 "shared rank",
                 shared.rank(),
-                format!("the shared basis spans all {} dimensions; no complement is left", shared.dim()),
+                format!(
+                    "the shared basis spans all {} dimensions; no complement is left",
+                    shared.dim()
+                ),
             ));
         }
         let rank = clip_rank(OP, rank, m, n)?.min(room);
         let (candidates, s) = top_subspace(residual.as_ref(), rank, shared.side, method)?;
         // Directions of the residual that are numerically zero carry no information and may
         // lean into the shared subspace: keep only the significant ones, fill up the rest.
-        let top = s.first().copied().unwrap_or(0.0);
-        let tolerance = top * 1e-10 * (shared.dim() as f64);
+        // Significance is judged against the gradient, not the residual: a residual made only
+        // of rounding error has no meaningful top direction either.
+        let tolerance = gradient.norm_l2() * 1e-12 * (shared.dim() as f64);
         let significant = s.iter().take_while(|&&v| v > tolerance && v > 0.0).count();
         let q = orthogonal_completion(&shared.q, candidates.subcols(0, significant), rank);
         let mut values = s[..significant].to_vec();
@@ -305,7 +307,10 @@ impl SubspaceBasis {
     /// # Errors
     /// [`SubspaceError::ShapeMismatch`] when R's rank dimension is not `rank()`.
     pub fn back_project(&self, projected: MatRef<'_, f64>, scale: f64) -> Result<Mat<f64>> {
-        self.check_projected("SubspaceBasis::back_project", &[projected.nrows(), projected.ncols()])?;
+        self.check_projected(
+            "SubspaceBasis::back_project",
+            &[projected.nrows(), projected.ncols()],
+        )?;
         let mut update = match self.side {
             Side::Left => &self.q * projected,
             Side::Right => projected * self.q.transpose(),
@@ -370,7 +375,13 @@ impl SubspaceBasis {
     fn check_gradient(&self, op: &'static str, shape: &[usize]) -> Result<()> {
         let dim = self.side.dim(shape[0], shape[1]);
         if dim != self.dim() {
-            return Err(SubspaceError::shape(op, "gradient", shape, self.basis_name(), &self.shape()));
+            return Err(SubspaceError::shape(
+                op,
+                "gradient",
+                shape,
+                self.basis_name(),
+                &self.shape(),
+            ));
         }
         Ok(())
     }
@@ -381,7 +392,13 @@ impl SubspaceBasis {
             Side::Right => shape[1],
         };
         if rank != self.rank() {
-            return Err(SubspaceError::shape(op, "projected", shape, self.basis_name(), &self.shape()));
+            return Err(SubspaceError::shape(
+                op,
+                "projected",
+                shape,
+                self.basis_name(),
+                &self.shape(),
+            ));
         }
         Ok(())
     }

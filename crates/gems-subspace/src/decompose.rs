@@ -83,13 +83,17 @@ pub fn top_singular_vectors(
         Side::Left => (ComputeSvdVectors::Thin, ComputeSvdVectors::No),
         Side::Right => (ComputeSvdVectors::No, ComputeSvdVectors::Thin),
     };
-    let mut s = faer::Diag::<f64>::zeros(k);
+    let mut s = faer::diag::Diag::<f64>::zeros(k);
     let mut vectors = Mat::<f64>::zeros(if side == Side::Left { m } else { n }, k);
     let mut buffer = MemBuffer::new(svd_scratch::<f64>(m, n, cu, cv, par, Default::default()));
     let stack = MemStack::new(&mut buffer);
     let result = match side {
-        Side::Left => svd(a, s.as_mut(), Some(vectors.as_mut()), None, par, stack, Default::default()),
-        Side::Right => svd(a, s.as_mut(), None, Some(vectors.as_mut()), par, stack, Default::default()),
+        Side::Left => {
+            svd(a, s.as_mut(), Some(vectors.as_mut()), None, par, stack, Default::default())
+        }
+        Side::Right => {
+            svd(a, s.as_mut(), None, Some(vectors.as_mut()), par, stack, Default::default())
+        }
     };
     result.map_err(|_| no_convergence(OP, a))?;
     let values = s.column_vector().iter().take(rank).copied().collect();

@@ -23,7 +23,13 @@ use crate::host::matrix_from_tensor;
 pub fn cosine_similarity(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Result<f64> {
     const OP: &str = "cosine_similarity";
     if a.shape() != b.shape() {
-        return Err(SubspaceError::shape(OP, "a", &[a.nrows(), a.ncols()], "b", &[b.nrows(), b.ncols()]));
+        return Err(SubspaceError::shape(
+            OP,
+            "a",
+            &[a.nrows(), a.ncols()],
+            "b",
+            &[b.nrows(), b.ncols()],
+        ));
     }
     let mut dot = 0.0;
     for j in 0..a.ncols() {
@@ -44,11 +50,7 @@ pub fn cosine_similarity_tensor(a: &Tensor<2>, b: &Tensor<2>) -> Result<f64> {
         return Err(SubspaceError::shape(OP, "a", &a.dims(), "b", &b.dims()));
     }
     let sums = Tensor::cat(
-        vec![
-            a.clone().mul(b.clone()).sum(),
-            a.clone().square().sum(),
-            b.clone().square().sum(),
-        ],
+        vec![a.clone().mul(b.clone()).sum(), a.clone().square().sum(), b.clone().square().sum()],
         0,
     );
     let host = matrix_from_tensor(&sums.reshape([1, 3]))?;
@@ -71,7 +73,8 @@ fn cosine_from_sums(op: &'static str, dot: f64, aa: f64, bb: f64) -> Result<f64>
 /// # Errors
 /// Different sides or dimensions.
 pub fn principal_angles(a: &SubspaceBasis, b: &SubspaceBasis) -> Result<Vec<f64>> {
-    let cosines = singular_values((a.matrix().transpose() * check_pair("principal_angles", a, b)?).as_ref())?;
+    let cosines =
+        singular_values((a.matrix().transpose() * check_pair("principal_angles", a, b)?).as_ref())?;
     Ok(cosines.into_iter().map(|c| c.clamp(-1.0, 1.0).acos()).collect())
 }
 
@@ -97,7 +100,11 @@ pub fn captured_energy(gradient: MatRef<'_, f64>, basis: &SubspaceBasis) -> Resu
     Ok(if total == 0.0 { 0.0 } else { (inside / total).clamp(0.0, 1.0) })
 }
 
-fn check_pair<'a>(op: &'static str, a: &SubspaceBasis, b: &'a SubspaceBasis) -> Result<MatRef<'a, f64>> {
+fn check_pair<'a>(
+    op: &'static str,
+    a: &SubspaceBasis,
+    b: &'a SubspaceBasis,
+) -> Result<MatRef<'a, f64>> {
     if a.side() != b.side() || a.dim() != b.dim() {
         return Err(SubspaceError::shape(
             op,

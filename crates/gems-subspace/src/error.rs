@@ -71,7 +71,13 @@ impl SubspaceError {
         right_name: &'static str,
         right: &[usize],
     ) -> Self {
-        Self::ShapeMismatch { op, left_name, left: left.to_vec(), right_name, right: right.to_vec() }
+        Self::ShapeMismatch {
+            op,
+            left_name,
+            left: left.to_vec(),
+            right_name,
+            right: right.to_vec(),
+        }
     }
 
     pub(crate) fn invalid(

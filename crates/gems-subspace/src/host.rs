@@ -18,10 +18,9 @@ use crate::error::{Result, SubspaceError};
 pub fn matrix_from_tensor(tensor: &Tensor<2>) -> Result<Mat<f64>> {
     let [rows, cols] = tensor.dims();
     let data = tensor.to_data();
-    let values: Vec<f64> = data
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .map_err(|e| SubspaceError::TensorRead { op: "matrix_from_tensor", detail: format!("{e:?}") })?;
+    let values: Vec<f64> = data.convert::<f64>().try_into_vec::<f64>().map_err(|e| {
+        SubspaceError::TensorRead { op: "matrix_from_tensor", detail: format!("{e:?}") }
+    })?;
     // Burn tensors are row-major.
     Ok(Mat::from_fn(rows, cols, |i, j| values[i * cols + j]))
 }
@@ -39,7 +38,11 @@ pub fn tensor_from_matrix(matrix: MatRef<'_, f64>, device: &Device) -> Tensor<2>
 }
 
 /// Fails with [`SubspaceError::NonFinite`] when `matrix` holds NaN or an infinity.
-pub(crate) fn ensure_finite(op: &'static str, what: &'static str, matrix: MatRef<'_, f64>) -> Result<()> {
+pub(crate) fn ensure_finite(
+    op: &'static str,
+    what: &'static str,
+    matrix: MatRef<'_, f64>,
+) -> Result<()> {
     if matrix.is_all_finite() { Ok(()) } else { Err(SubspaceError::NonFinite { op, what }) }
 }
 

@@ -43,7 +43,8 @@ pub use decompose::{
     symmetric_eigen, thin_svd, top_singular_vectors,
 };
 pub use diagnostics::{
-    captured_energy, cosine_similarity, cosine_similarity_tensor, principal_angles, subspace_overlap,
+    captured_energy, cosine_similarity, cosine_similarity_tensor, principal_angles,
+    subspace_overlap,
 };
 pub use error::{Result, SubspaceError};
 pub use host::{matrix_from_tensor, tensor_from_matrix};

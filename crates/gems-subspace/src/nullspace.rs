@@ -164,13 +164,23 @@ impl SecondMomentAccumulator {
     ///
     /// # Errors
     /// No rows accumulated, an invalid rule, or an eigensolver failure.
-    pub fn projector(&self, rule: NullSpaceRule, side: ProjectorSide) -> Result<NullSpaceProjector> {
+    pub fn projector(
+        &self,
+        rule: NullSpaceRule,
+        side: ProjectorSide,
+    ) -> Result<NullSpaceProjector> {
         NullSpaceProjector::from_second_moment(self.second_moment()?.as_ref(), rule, side)
     }
 
     fn check_cols(&self, op: &'static str, rows: usize, cols: usize) -> Result<()> {
         if cols != self.dim() {
-            return Err(SubspaceError::shape(op, "activations", &[rows, cols], "accumulator (dim)", &[self.dim()]));
+            return Err(SubspaceError::shape(
+                op,
+                "activations",
+                &[rows, cols],
+                "accumulator (dim)",
+                &[self.dim()],
+            ));
         }
         Ok(())
     }
@@ -303,7 +313,12 @@ impl NullSpaceProjector {
     /// # Errors
     /// [`SubspaceError::ShapeMismatch`] when G has a different number of rows.
     pub fn apply_left(&self, gradient: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.check("NullSpaceProjector::apply_left", gradient.nrows(), gradient.nrows(), gradient.ncols())?;
+        self.check(
+            "NullSpaceProjector::apply_left",
+            gradient.nrows(),
+            gradient.nrows(),
+            gradient.ncols(),
+        )?;
         let b = self.basis.as_ref();
         let inner = b * (b.transpose() * gradient);
         Ok(if self.stores_null { inner } else { gradient - inner })
@@ -314,7 +329,12 @@ impl NullSpaceProjector {
     /// # Errors
     /// [`SubspaceError::ShapeMismatch`] when G has a different number of columns.
     pub fn apply_right(&self, gradient: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.check("NullSpaceProjector::apply_right", gradient.ncols(), gradient.nrows(), gradient.ncols())?;
+        self.check(
+            "NullSpaceProjector::apply_right",
+            gradient.ncols(),
+            gradient.nrows(),
+            gradient.ncols(),
+        )?;
         let b = self.basis.as_ref();
         let inner = (gradient * b) * b.transpose();
         Ok(if self.stores_null { inner } else { gradient - inner })
@@ -357,7 +377,13 @@ impl NullSpaceProjector {
 
     fn check(&self, op: &'static str, dim: usize, rows: usize, cols: usize) -> Result<()> {
         if dim != self.dim() {
-            return Err(SubspaceError::shape(op, "gradient", &[rows, cols], "projector (dim x dim)", &[self.dim(), self.dim()]));
+            return Err(SubspaceError::shape(
+                op,
+                "gradient",
+                &[rows, cols],
+                "projector (dim x dim)",
+                &[self.dim(), self.dim()],
+            ));
         }
         Ok(())
     }

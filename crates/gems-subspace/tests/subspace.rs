@@ -176,7 +176,8 @@ fn decaying(m: usize, n: usize, seed: u64) -> Mat<f64> {
     let k = m.min(n);
     let u = to_na(gaussian(m, k, seed).as_ref()).qr().q();
     let v = to_na(gaussian(n, k, seed ^ 0x1234).as_ref()).qr().q();
-    let s = DMatrix::from_diagonal(&nalgebra::DVector::from_fn(k, |i, _| ((i + 1) as f64).powf(-1.5)));
+    let s =
+        DMatrix::from_diagonal(&nalgebra::DVector::from_fn(k, |i, _| ((i + 1) as f64).powf(-1.5)));
     let a = u * s * v.transpose();
     Mat::from_fn(m, n, |i, j| a[(i, j)])
 }
@@ -276,7 +277,8 @@ proptest! {
         let shared = SubspaceBasis::from_gradient(g_shared.as_ref(), r_shared, side, &SvdMethod::Exact).unwrap();
         let result = SubspaceBasis::complement_from_gradient(g_task.as_ref(), &shared, r_task, &method(randomized, seed));
         if shared.rank() == dim {
-            prop_assert!(matches!(result, Err(SubspaceError::InvalidParameter { .. })));
+            let is_invalid = matches!(result, Err(SubspaceError::InvalidParameter { .. }));
+            prop_assert!(is_invalid, "expected InvalidParameter");
             return Ok(());
         }
         let task = result.unwrap();
@@ -316,7 +318,10 @@ fn side_rules_follow_galore() {
     for p in [Std, ReverseStd, Left, Right] {
         assert_eq!(p.as_str().parse::<ProjectionType>().unwrap(), p);
     }
-    assert!(matches!("diagonal".parse::<ProjectionType>(), Err(SubspaceError::InvalidParameter { .. })));
+    assert!(matches!(
+        "diagonal".parse::<ProjectionType>(),
+        Err(SubspaceError::InvalidParameter { .. })
+    ));
 }
 
 #[test]
@@ -324,9 +329,12 @@ fn complement_of_a_gradient_inside_the_shared_subspace_is_completed() {
     // The task gradient lies entirely in the shared subspace: the residual is zero, yet the
     // complement basis must have full rank and stay orthogonal.
     let g = gaussian(12, 8, 5);
-    let shared = SubspaceBasis::from_gradient(g.as_ref(), 3, Side::Right, &SvdMethod::Exact).unwrap();
+    let shared =
+        SubspaceBasis::from_gradient(g.as_ref(), 3, Side::Right, &SvdMethod::Exact).unwrap();
     let inside = shared.back_project(shared.project(g.as_ref()).unwrap().as_ref(), 1.0).unwrap();
-    let task = SubspaceBasis::complement_from_gradient(inside.as_ref(), &shared, 2, &SvdMethod::Exact).unwrap();
+    let task =
+        SubspaceBasis::complement_from_gradient(inside.as_ref(), &shared, 2, &SvdMethod::Exact)
+            .unwrap();
     assert_eq!(task.rank(), 2);
     assert_eq!(task.singular_values(), &[0.0, 0.0]);
     let cross = to_na(shared.matrix()).transpose() * to_na(task.matrix());
@@ -418,7 +426,10 @@ fn tensor_accumulation_matches_host_accumulation() {
     other.add_tensor_rows(tensor(x.subrows(20, 30))).unwrap();
     device.merge(&other).unwrap();
     assert_eq!(device.rows(), 50);
-    let diff = max_abs_diff(host.second_moment().unwrap().as_ref(), device.second_moment().unwrap().as_ref());
+    let diff = max_abs_diff(
+        host.second_moment().unwrap().as_ref(),
+        device.second_moment().unwrap().as_ref(),
+    );
     assert!(diff < 1e-4, "{diff}");
 }
 
@@ -443,21 +454,41 @@ fn golden_svd_of_a_2x2() {
 fn golden_null_space_and_fallback() {
     // K = diag(1, 0.01, 0.5): only e2 is below tau = 0.02, so P = e2 e2^T.
     let k = Mat::from_fn(3, 3, |i, j| if i == j { [1.0, 0.01, 0.5][i] } else { 0.0 });
-    let p = NullSpaceProjector::from_second_moment(k.as_ref(), NullSpaceRule::default(), ProjectorSide::Output).unwrap();
+    let p = NullSpaceProjector::from_second_moment(
+        k.as_ref(),
+        NullSpaceRule::default(),
+        ProjectorSide::Output,
+    )
+    .unwrap();
     assert_eq!(p.null_directions(), 1);
     assert!(!p.used_fallback());
     let expected = Mat::from_fn(3, 3, |i, j| if i == 1 && j == 1 { 1.0 } else { 0.0 });
     assert!(max_abs_diff(p.dense().as_ref(), expected.as_ref()) < 1e-14);
     // Energy fraction 0.01 of trace 1.51 = 0.0151: again only the 0.01 direction fits.
-    let p = NullSpaceProjector::from_second_moment(k.as_ref(), NullSpaceRule::EnergyFraction { fraction: 0.01 }, ProjectorSide::Input).unwrap();
+    let p = NullSpaceProjector::from_second_moment(
+        k.as_ref(),
+        NullSpaceRule::EnergyFraction { fraction: 0.01 },
+        ProjectorSide::Input,
+    )
+    .unwrap();
     assert_eq!(p.null_directions(), 1);
     // RemoveTop { k: 1 } protects e1 only.
-    let p = NullSpaceProjector::from_second_moment(k.as_ref(), NullSpaceRule::RemoveTop { k: 1 }, ProjectorSide::Output).unwrap();
+    let p = NullSpaceProjector::from_second_moment(
+        k.as_ref(),
+        NullSpaceRule::RemoveTop { k: 1 },
+        ProjectorSide::Output,
+    )
+    .unwrap();
     assert_eq!(p.null_directions(), 2);
     assert!(p.dense()[(0, 0)].abs() < 1e-14 && (p.dense()[(2, 2)] - 1.0).abs() < 1e-14);
     // K = I_40: nothing is below tau, so the smallest max(1, 40 / 20) = 2 directions are kept.
     let identity = Mat::<f64>::identity(40, 40);
-    let p = NullSpaceProjector::from_second_moment(identity.as_ref(), NullSpaceRule::default(), ProjectorSide::Output).unwrap();
+    let p = NullSpaceProjector::from_second_moment(
+        identity.as_ref(),
+        NullSpaceRule::default(),
+        ProjectorSide::Output,
+    )
+    .unwrap();
     assert_eq!(p.null_directions(), 2);
     assert!(p.used_fallback());
 }
@@ -467,7 +498,10 @@ fn golden_diagnostics() {
     let a = Mat::from_fn(1, 2, |_, j| [1.0, 0.0][j]);
     let b = Mat::from_fn(1, 2, |_, j| [0.0, 1.0][j]);
     assert_eq!(cosine_similarity(a.as_ref(), b.as_ref()).unwrap(), 0.0);
-    assert!((cosine_similarity(a.as_ref(), (&a * faer::Scale(-3.0)).as_ref()).unwrap() + 1.0).abs() < 1e-15);
+    assert!(
+        (cosine_similarity(a.as_ref(), (&a * faer::Scale(-3.0)).as_ref()).unwrap() + 1.0).abs()
+            < 1e-15
+    );
     assert_eq!(cosine_similarity(a.as_ref(), Mat::<f64>::zeros(1, 2).as_ref()).unwrap(), 0.0);
     let c = Mat::from_fn(2, 2, |i, j| [[1.0, 2.0], [3.0, 4.0]][i][j]);
     let d = Mat::from_fn(2, 2, |i, j| [[2.0, 1.0], [0.0, -1.0]][i][j]);
@@ -478,9 +512,13 @@ fn golden_diagnostics() {
     assert!((host - 1.0).abs() < 1e-15);
 
     // span(e1) vs span((e1 + e2) / sqrt 2) in R^3: one principal angle of pi/4, overlap 1/2.
-    let e1 = SubspaceBasis::from_orthonormal(Side::Left, Mat::from_fn(3, 1, |i, _| [1.0, 0.0, 0.0][i])).unwrap();
+    let e1 =
+        SubspaceBasis::from_orthonormal(Side::Left, Mat::from_fn(3, 1, |i, _| [1.0, 0.0, 0.0][i]))
+            .unwrap();
     let h = FRAC_PI_4.cos();
-    let diag = SubspaceBasis::from_orthonormal(Side::Left, Mat::from_fn(3, 1, |i, _| [h, h, 0.0][i])).unwrap();
+    let diag =
+        SubspaceBasis::from_orthonormal(Side::Left, Mat::from_fn(3, 1, |i, _| [h, h, 0.0][i]))
+            .unwrap();
     let angles = principal_angles(&e1, &diag).unwrap();
     assert_eq!(angles.len(), 1);
     assert!((angles[0] - FRAC_PI_4).abs() < 1e-12);
@@ -498,7 +536,8 @@ fn golden_diagnostics() {
 #[test]
 fn bad_input_is_an_error_that_names_the_problem() {
     let g = gaussian(6, 4, 1);
-    let err = SubspaceBasis::from_gradient(g.as_ref(), 0, Side::Left, &SvdMethod::Exact).unwrap_err();
+    let err =
+        SubspaceBasis::from_gradient(g.as_ref(), 0, Side::Left, &SvdMethod::Exact).unwrap_err();
     assert!(err.to_string().contains("rank = 0"), "{err}");
 
     let mut nan = g.clone();
@@ -511,7 +550,8 @@ fn bad_input_is_an_error_that_names_the_problem() {
         assert!(matches!(err, SubspaceError::NonFinite { .. }), "{err}");
     }
 
-    let basis = SubspaceBasis::from_gradient(g.as_ref(), 2, Side::Right, &SvdMethod::Exact).unwrap();
+    let basis =
+        SubspaceBasis::from_gradient(g.as_ref(), 2, Side::Right, &SvdMethod::Exact).unwrap();
     let wrong = gaussian(6, 5, 2);
     let err = basis.project(wrong.as_ref()).unwrap_err();
     assert_eq!(
@@ -536,7 +576,8 @@ fn bad_input_is_an_error_that_names_the_problem() {
         NullSpaceRule::EnergyFraction { fraction: 1.0 },
         NullSpaceRule::RemoveTop { k: 4 },
     ] {
-        let err = NullSpaceProjector::from_second_moment(k.as_ref(), rule, ProjectorSide::Output).unwrap_err();
+        let err = NullSpaceProjector::from_second_moment(k.as_ref(), rule, ProjectorSide::Output)
+            .unwrap_err();
         assert!(matches!(err, SubspaceError::InvalidParameter { .. }), "{err}");
     }
     assert!(SecondMomentAccumulator::new(0).is_err());
@@ -546,14 +587,27 @@ fn bad_input_is_an_error_that_names_the_problem() {
     assert!(acc.add_rows(gaussian(3, 5, 1).as_ref()).is_err());
     assert!(acc.add_rows(nan.subcols(0, 4)).is_err());
     assert_eq!(acc.rows(), 0, "a rejected batch must leave the accumulator unchanged");
-    let p = NullSpaceProjector::from_second_moment(k.as_ref(), NullSpaceRule::default(), ProjectorSide::Output).unwrap();
+    let p = NullSpaceProjector::from_second_moment(
+        k.as_ref(),
+        NullSpaceRule::default(),
+        ProjectorSide::Output,
+    )
+    .unwrap();
     assert!(p.apply_left(gaussian(5, 2, 1).as_ref()).is_err());
     assert!(p.apply_right_tensor(tensor(gaussian(2, 5, 1).as_ref())).is_err());
 
     let not_orthonormal = Mat::from_fn(3, 2, |i, j| (i + j) as f64);
     assert!(SubspaceBasis::from_orthonormal(Side::Left, not_orthonormal).is_err());
-    let e1 = SubspaceBasis::from_orthonormal(Side::Left, Mat::from_fn(3, 1, |i, _| (i == 0) as u8 as f64)).unwrap();
-    let other = SubspaceBasis::from_orthonormal(Side::Right, Mat::from_fn(3, 1, |i, _| (i == 0) as u8 as f64)).unwrap();
+    let e1 = SubspaceBasis::from_orthonormal(
+        Side::Left,
+        Mat::from_fn(3, 1, |i, _| (i == 0) as u8 as f64),
+    )
+    .unwrap();
+    let other = SubspaceBasis::from_orthonormal(
+        Side::Right,
+        Mat::from_fn(3, 1, |i, _| (i == 0) as u8 as f64),
+    )
+    .unwrap();
     assert!(subspace_overlap(&e1, &other).is_err());
     assert!(cosine_similarity(g.as_ref(), wrong.as_ref()).is_err());
 }
