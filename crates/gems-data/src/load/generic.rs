@@ -144,14 +144,14 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         let mut events = Vec::with_capacity(record.events.len());
         let mut last_ts: Option<i64> = None;
         for event in record.events {
-            if let (Some(prev), Some(ts)) = (last_ts, event.timestamp) {
-                if ts < prev {
-                    return Err(Error::malformed(
-                        &events_path,
-                        line_no,
-                        format!("user {user:?}: events are not in time order ({ts} after {prev})"),
-                    ));
-                }
+            if let (Some(prev), Some(ts)) = (last_ts, event.timestamp)
+                && ts < prev
+            {
+                return Err(Error::malformed(
+                    &events_path,
+                    line_no,
+                    format!("user {user:?}: events are not in time order ({ts} after {prev})"),
+                ));
             }
             last_ts = event.timestamp.or(last_ts);
             let id = event.item.into_string();
