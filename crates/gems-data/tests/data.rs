@@ -291,7 +291,18 @@ proptest! {
         let b = build_examples(&dataset, &config).unwrap();
         prop_assert_eq!(&a, &b);
         let tok = HfTokenizer::word_level(["Below is the user's interaction history: , . The search query is: Please"]).unwrap();
-        prop_assert_eq!(tokenize_examples(&a, &tok).unwrap(), tokenize_examples(&b, &tok).unwrap());
+        let ta = tokenize_examples(&a, &tok).unwrap();
+        prop_assert_eq!(&ta, &tokenize_examples(&b, &tok).unwrap());
+        // Items are single spliced ids in history order; the target span is [item, eos].
+        let base = tok.vocab_size();
+        for (ex, t) in a.iter().zip(&ta) {
+            let [start, end] = t.target_span.map(|x| x as usize);
+            prop_assert_eq!(end, t.input_ids.len());
+            prop_assert_eq!(&t.input_ids[start..end], &[base + ex.target, tok.eos_id()][..]);
+            let items: Vec<u32> =
+                t.input_ids[..start].iter().filter(|&&id| id >= base).map(|id| id - base).collect();
+            prop_assert_eq!(&items, &ex.history);
+        }
     }
 }
 
