@@ -162,4 +162,62 @@ mod tests {
         assert!(ids.iter().all(|&i| i > 1 && i < tok.vocab_size()));
         assert_eq!(tok.encode("unseen").unwrap(), vec![0]);
     }
+
+    /// GPT-2's byte-to-unicode table, as used by ByteLevel BPE vocabularies.
+    fn byte_chars() -> Vec<char> {
+        let mut shift = 0;
+        (0u32..256)
+            .map(|b| {
+                let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+                if printable {
+                    char::from_u32(b).unwrap()
+                } else {
+                    shift += 1;
+                    char::from_u32(255 + shift).unwrap()
+                }
+            })
+            .collect()
+    }
+
+    /// A SmolLM2-shaped pipeline (Digits then ByteLevel pre-tokenizer, BPE, added eos) with
+    /// bytes as the only tokens: checks that the regex-backed pre-tokenizers work with the
+    /// features this crate enables.
+    #[test]
+    fn byte_level_bpe_like_smollm2_loads_and_encodes() {
+        let mut vocab = serde_json::Map::new();
+        vocab.insert("<|endoftext|>".into(), 0.into());
+        vocab.insert("<|im_start|>".into(), 1.into());
+        vocab.insert("<|im_end|>".into(), 2.into());
+        for (i, c) in byte_chars().into_iter().enumerate() {
+            vocab.insert(c.to_string(), (i + 3).into());
+        }
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0, "<|endoftext|>"), special(1, "<|im_start|>"), special(2, "<|im_end|>")],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+            ]},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab,
+                "merges": []}
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let tok = HfTokenizer::from_file(&path, None).unwrap();
+        assert_eq!(tok.eos_id(), 2);
+        assert_eq!(tok.vocab_size(), 259);
+        let ids = tok.encode(", lab 42°").unwrap();
+        // One token per byte: ',', ' ', 'l', 'a', 'b', ' ', '4', '2', and two for the UTF-8 '°'.
+        assert_eq!(ids.len(), 10, "{ids:?}");
+        assert_eq!(ids[0], 3 + u32::from(b','));
+    }
 }
