@@ -76,8 +76,8 @@ pub struct PrepareArgs {
     /// A Hugging Face tokenizer.json; without it only untokenised examples are written.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// End-of-sequence token of the tokenizer (default: the first of <|im_end|>, <|endoftext|>,
-    /// </s>, <eos>, [SEP] that exists).
+    /// End-of-sequence token of the tokenizer (default: the first that exists of
+    /// `<|im_end|>`, `<|endoftext|>`, `</s>`, `<eos>`, `[SEP]`).
     #[arg(long)]
     eos_token: Option<String>,
     /// Task assignment: every target gives rec (+ search when it has a query), or one of them.
