@@ -38,8 +38,12 @@ fn main() -> Result<()> {
         Some("layers") => layers(),
         _ => {
             eprintln!("usage: cargo xtask <ci|layers>");
-            eprintln!("  ci      fmt check, layering check, clippy -D warnings, tests, bench build");
-            eprintln!("  layers  fail when a crate depends on a crate of its own or a higher layer");
+            eprintln!(
+                "  ci      fmt check, layering check, clippy -D warnings, tests, bench build"
+            );
+            eprintln!(
+                "  layers  fail when a crate depends on a crate of its own or a higher layer"
+            );
             std::process::exit(2);
         }
     }
