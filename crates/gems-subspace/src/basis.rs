@@ -128,7 +128,8 @@ impl Default for SvdMethod {
 /// An orthonormal basis of a rank-r gradient subspace on one side of an m x n matrix.
 ///
 /// Invariants: `matrix()` is dim x rank with orthonormal columns (to f64 rounding), 1 <= rank
-/// <= dim, and rank never exceeds min(m, n) of the gradient it was computed from.
+/// <= dim, and rank never exceeds min(m, n) of the gradient it was computed from. Bases computed
+/// from a gradient have canonical signs: the largest-magnitude entry of every column is positive.
 #[derive(Debug, Clone)]
 pub struct SubspaceBasis {
     side: Side,
@@ -422,11 +423,35 @@ fn top_subspace(
     side: Side,
     method: &SvdMethod,
 ) -> Result<(Mat<f64>, Vec<f64>)> {
-    match method {
-        SvdMethod::Exact => top_singular_vectors(gradient, rank, side),
+    let (mut q, s) = match method {
+        SvdMethod::Exact => top_singular_vectors(gradient, rank, side)?,
         SvdMethod::Randomized(config) => {
             let svd = randomized_svd(gradient, rank, config)?;
-            Ok((if side == Side::Left { svd.u } else { svd.v }, svd.s))
+            (if side == Side::Left { svd.u } else { svd.v }, svd.s)
+        }
+    };
+    canonicalize_signs(&mut q);
+    Ok((q, s))
+}
+
+/// Flips each column so that its entry of largest magnitude (the first one on ties) is
+/// positive. Singular vectors are defined only up to sign; fixing it makes bases reproducible
+/// across SVD implementations, which matters for optimizers that keep moments across refreshes.
+fn canonicalize_signs(q: &mut Mat<f64>) {
+    for j in 0..q.ncols() {
+        let mut best = 0.0f64;
+        let mut sign = 1.0;
+        for i in 0..q.nrows() {
+            let v = q[(i, j)];
+            if v.abs() > best {
+                best = v.abs();
+                sign = v.signum();
+            }
+        }
+        if sign < 0.0 {
+            for i in 0..q.nrows() {
+                q[(i, j)] = -q[(i, j)];
+            }
         }
     }
 }

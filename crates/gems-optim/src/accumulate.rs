@@ -1,0 +1,86 @@
+//! Gradient accumulation over micro-batches.
+//!
+//! Each micro-batch gradient is a mean over its rows. The window's gradient is the
+//! sample-weighted mean sum_i n_i G_i / sum_i n_i, which equals the gradient of one batch made
+//! of all the rows (up to float error), and the window's loss is weighted the same way. Keep
+//! one [`GradientWindow`] per task.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+use crate::optimizer::TaskGradient;
+
+/// Accumulates one task's micro-batch gradients into a window mean.
+#[derive(Debug, Default)]
+pub struct GradientWindow {
+    sum: GradientsParams,
+    samples: usize,
+    loss_sum: f64,
+}
+
+impl GradientWindow {
+    /// An empty window.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rows accumulated so far.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Adds a micro-batch (its mean gradient, rows and mean loss). `module` names the
+    /// parameters to look up; parameters without a gradient are skipped.
+    pub fn add<M: Module>(&mut self, module: &M, micro: TaskGradient) {
+        if micro.samples == 0 {
+            return;
+        }
+        let mut adder = Adder { sum: &mut self.sum, micro: &micro.grads, weight: micro.samples as f64 };
+        module.visit(&mut adder);
+        self.samples += micro.samples;
+        self.loss_sum += micro.loss * micro.samples as f64;
+    }
+
+    /// The window mean, or None when nothing was added.
+    pub fn finish<M: Module>(self, module: &M) -> Option<TaskGradient> {
+        if self.samples == 0 {
+            return None;
+        }
+        let mut grads = self.sum;
+        let mut scaler = Scaler { grads: &mut grads, factor: 1.0 / self.samples as f64 };
+        module.visit(&mut scaler);
+        Some(TaskGradient { grads, samples: self.samples, loss: self.loss_sum / self.samples as f64 })
+    }
+}
+
+struct Adder<'a> {
+    sum: &'a mut GradientsParams,
+    micro: &'a GradientsParams,
+    weight: f64,
+}
+
+impl ModuleVisitor for Adder<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some(g) = self.micro.get::<D>(param.id) else { return };
+        let g = g.mul_scalar(self.weight);
+        let total = match self.sum.remove::<D>(param.id) {
+            Some(acc) => acc.add(g),
+            None => g,
+        };
+        self.sum.register(param.id, total);
+    }
+}
+
+struct Scaler<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scaler<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}

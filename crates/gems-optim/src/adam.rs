@@ -1,0 +1,63 @@
+//! Adam moments and the update rule shared by every method.
+//!
+//! The same code serves full-size AdamW moments and the low-rank moments of each subspace, so
+//! `gems` with an identity projection and `full` agree to rounding. The form is the one of the
+//! authors' (GaLore's, Hugging Face's) AdamW:
+//!
+//! ```text
+//! M <- b1 M + (1 - b1) R            V <- b2 V + (1 - b2) R^2         N = M / (sqrt(V) + eps)
+//! W <- W - lr * c_t * U             c_t = sqrt(1 - b2^t) / (1 - b1^t)
+//! W <- W - lr * wd * W              (decoupled weight decay, on the updated W)
+//! ```
+//! where U = N for AdamW and the gated sum of back-projected N for the subspace methods.
+
+use burn::tensor::Tensor;
+
+/// First and second Adam moments of one tensor, on that tensor's device.
+#[derive(Debug, Clone)]
+pub struct AdamMoments<const D: usize> {
+    /// First moment M.
+    pub first: Tensor<D>,
+    /// Second moment V.
+    pub second: Tensor<D>,
+}
+
+impl<const D: usize> AdamMoments<D> {
+    /// Zero moments of `like`'s shape and device.
+    pub fn zeros_like(like: &Tensor<D>) -> Self {
+        Self { first: like.zeros_like(), second: like.zeros_like() }
+    }
+
+    /// Folds `gradient` into the moments and returns the normalised step N = M / (sqrt(V) + eps).
+    pub fn update(&mut self, gradient: Tensor<D>, beta1: f64, beta2: f64, eps: f64) -> Tensor<D> {
+        let first = self.first.clone().mul_scalar(beta1).add(gradient.clone().mul_scalar(1.0 - beta1));
+        let second = self.second.clone().mul_scalar(beta2).add(gradient.square().mul_scalar(1.0 - beta2));
+        let step = first.clone().div(second.clone().sqrt().add_scalar(eps));
+        self.first = first;
+        self.second = second;
+        step
+    }
+
+    /// Number of f32 values held.
+    pub fn numel(&self) -> usize {
+        2 * self.first.shape().num_elements()
+    }
+}
+
+/// The bias correction c_t = sqrt(1 - b2^t) / (1 - b1^t) of step t >= 1.
+pub fn bias_correction(step: u64, beta1: f64, beta2: f64) -> f64 {
+    let t = step as i32;
+    (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t))
+}
+
+/// W - lr c U, then decoupled weight decay on the result.
+pub fn apply_update<const D: usize>(
+    weight: Tensor<D>,
+    update: Tensor<D>,
+    lr: f64,
+    correction: f64,
+    weight_decay: f64,
+) -> Tensor<D> {
+    let stepped = weight.sub(update.mul_scalar(lr * correction));
+    if weight_decay == 0.0 { stepped } else { stepped.mul_scalar(1.0 - lr * weight_decay) }
+}

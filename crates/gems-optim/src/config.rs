@@ -1,0 +1,350 @@
+//! Configuration of every method, serialisable so a run's exact settings sit beside its outputs.
+//!
+//! One [`OptimizerConfig`] describes any method. The ablations of GEMS-SPEC §5 are settings,
+//! not separate code: `galore` is GEMS with one subspace and no null space, `gems
+//! --single-subspace` is GEMS with one subspace, `gems --complement` sets [`GemsSettings::complement`].
+
+use gems_subspace::{NullSpaceRule, ProjectionType, ProjectorSide, SvdMethod};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OptimError, Result};
+
+/// The optimisation method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// AdamW on every parameter, on the shared gradient.
+    Full,
+    /// GaLore: one low-rank subspace of the shared gradient per tuned matrix, no null space.
+    Galore,
+    /// GEMS: shared, rec and search subspaces after null-space projection (GEMS-SPEC §3).
+    Gems,
+    /// PCGrad: project each task gradient off the other when they conflict, then AdamW.
+    PcGrad,
+    /// The optimizer side of LoRA: AdamW on the parameters matched by
+    /// [`OptimizerConfig::trainable`] (adapters, item embeddings); every other parameter is
+    /// left untouched even if it has a gradient.
+    Lora,
+}
+
+impl Method {
+    /// The name used on the command line and in saved configurations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Galore => "galore",
+            Method::Gems => "gems",
+            Method::PcGrad => "pcgrad",
+            Method::Lora => "lora",
+        }
+    }
+}
+
+/// What happens to a subspace's Adam moments when its basis is refreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MomentPolicy {
+    /// Keep the moments as they are, now read in the new basis (GaLore and the authors' code).
+    #[default]
+    Keep,
+    /// Zero both moments.
+    Reset,
+    /// Re-express the moments in the new basis: with C = Q_old^T Q_new, M <- M C (right side)
+    /// or C^T M (left side); the second moment uses the element-wise square of C, which keeps it
+    /// non-negative and is exact when C is a signed permutation.
+    Rotate,
+}
+
+/// How the rec and search updates are weighted (GEMS-SPEC §3 step 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatePolicy {
+    /// w_k = 0.4 l_k + 0.4 q_k + 0.2 s_k (loss, gradient-norm and sample shares of task k over
+    /// all tuned matrices in the step's window), g_k = w_k / (w_rec + w_src); 0.5 each when a
+    /// denominator is 0. The authors' code default.
+    #[default]
+    Heuristic,
+    /// g_rec = g_src = 1.
+    Unit,
+}
+
+/// Which side of the stored parameter tensor is the math layout's output dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightLayout {
+    /// Stored `[d_in, d_out]` (Burn's `Linear`): the math matrix W (m x n) is the transpose.
+    #[default]
+    InOut,
+    /// Stored `[d_out, d_in]` (PyTorch): the stored tensor is W.
+    OutIn,
+}
+
+/// Settings of the subspace methods (`gems`, `galore`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GemsSettings {
+    /// Shared-subspace rank r (GaLore's `rank`); clipped per matrix to min(m, n).
+    pub rank: usize,
+    /// Rank of each task subspace; `None` means max(1, rank / 2).
+    pub task_rank: Option<usize>,
+    /// Steps between basis refreshes, T_svd (GaLore's `update_proj_gap`); bases are computed at
+    /// t = 1, 1 + T, 1 + 2T, ...
+    pub update_proj_gap: u64,
+    /// Back-projection scale alpha (GaLore's `scale`).
+    pub scale: f64,
+    /// Side rule (GaLore's `proj_type`), applied to the math-layout shape m x n.
+    pub proj_type: ProjectionType,
+    /// Exact or randomized SVD for refreshes.
+    pub svd: SvdMethod,
+    /// Moments on refresh.
+    pub moments: MomentPolicy,
+    /// Gate policy.
+    pub gates: GatePolicy,
+    /// Project gradients onto the null space of general-domain activations. Projectors are
+    /// supplied per matrix with [`crate::Optimizer::set_null_space_projector`]; a matrix without
+    /// one is updated unprojected (and reported).
+    pub null_space: bool,
+    /// Re-apply the projector to the final update so it stays in the null space exactly.
+    pub strict_null_space: bool,
+    /// Task bases orthogonal to the shared basis (GEMS-SPEC §3 option "complement").
+    pub complement: bool,
+    /// Only the shared subspace (GaLore + null space when `null_space`).
+    pub single_subspace: bool,
+}
+
+impl Default for GemsSettings {
+    fn default() -> Self {
+        Self {
+            rank: 32,
+            task_rank: None,
+            update_proj_gap: 200,
+            scale: 1.0,
+            proj_type: ProjectionType::Std,
+            svd: SvdMethod::default(),
+            moments: MomentPolicy::Keep,
+            gates: GatePolicy::Heuristic,
+            null_space: true,
+            strict_null_space: false,
+            complement: false,
+            single_subspace: false,
+        }
+    }
+}
+
+impl GemsSettings {
+    /// The rank of the rec and search subspaces.
+    pub fn task_rank(&self) -> usize {
+        self.task_rank.unwrap_or((self.rank / 2).max(1))
+    }
+}
+
+/// Settings of the null-space projectors a trainer builds for this optimizer (recorded here so
+/// a run's configuration is complete; the optimizer itself receives ready projectors).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct NullSpaceSettings {
+    /// Eigenvalue rule.
+    pub rule: NullSpaceRule,
+    /// Output side (GEMS) or input side (AlphaEdit).
+    pub side: ProjectorSide,
+}
+
+/// Everything that defines an optimizer run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    /// The method.
+    pub method: Method,
+    /// Adam's beta1.
+    pub beta1: f64,
+    /// Adam's beta2.
+    pub beta2: f64,
+    /// Adam's epsilon, added to sqrt(V) (not bias-corrected, as in the authors' AdamW).
+    pub eps: f64,
+    /// Decoupled weight decay, applied to every updated parameter after its update.
+    pub weight_decay: f64,
+    /// Parameter-path patterns of the matrices updated through subspaces (`*` matches any run
+    /// of characters). Default: every attention and MLP projection of every layer.
+    pub targets: Vec<String>,
+    /// Patterns of the parameters `lora` trains; ignored by other methods.
+    pub trainable: Vec<String>,
+    /// How tuned matrices are stored.
+    pub layout: WeightLayout,
+    /// Subspace settings (`gems`, `galore`).
+    pub gems: GemsSettings,
+    /// How the projectors were built (recorded for reproducibility).
+    pub null_space: NullSpaceSettings,
+    /// Base seed of randomized refreshes: each refresh uses a seed derived from it, the
+    /// parameter path, the subspace and the step, so a resumed run draws the same sketches.
+    pub seed: u64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Gems,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.01,
+            targets: default_targets(),
+            trainable: vec!["*lora_*".into(), "*item_embed*".into()],
+            layout: WeightLayout::InOut,
+            gems: GemsSettings::default(),
+            null_space: NullSpaceSettings::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Every attention and MLP projection of a Llama-family decoder (Hugging Face names).
+pub fn default_targets() -> Vec<String> {
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        .iter()
+        .map(|name| format!("*.{name}.weight"))
+        .collect()
+}
+
+impl OptimizerConfig {
+    /// A configuration for `method` with every other setting at its default. `galore` turns
+    /// off the null space and the task subspaces.
+    pub fn for_method(method: Method) -> Self {
+        let mut config = Self { method, ..Self::default() };
+        if method == Method::Galore {
+            config.gems.null_space = false;
+            config.gems.single_subspace = true;
+        }
+        config
+    }
+
+    /// Whether tuned matrices go through subspaces.
+    pub fn uses_subspaces(&self) -> bool {
+        matches!(self.method, Method::Gems | Method::Galore)
+    }
+
+    /// The subspaces each tuned matrix keeps.
+    pub fn subspaces(&self) -> &'static [Subspace] {
+        if self.method == Method::Galore || self.gems.single_subspace {
+            &[Subspace::Shared]
+        } else {
+            &[Subspace::Shared, Subspace::Rec, Subspace::Search]
+        }
+    }
+
+    /// Checks ranges; called by [`crate::Optimizer::new`].
+    ///
+    /// # Errors
+    /// [`OptimError::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, why: &str| Err(OptimError::InvalidConfig(format!("{field}: {why}")));
+        if !(0.0..1.0).contains(&self.beta1) {
+            return bad("beta1", "must lie in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta2", "must lie in [0, 1)");
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad("eps", "must be finite and > 0");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", "must be finite and >= 0");
+        }
+        if self.uses_subspaces() {
+            if self.gems.rank == 0 {
+                return bad("gems.rank", "must be >= 1");
+            }
+            if self.gems.task_rank == Some(0) {
+                return bad("gems.task_rank", "must be >= 1");
+            }
+            if self.gems.update_proj_gap == 0 {
+                return bad("gems.update_proj_gap", "must be >= 1");
+            }
+            if !self.gems.scale.is_finite() {
+                return bad("gems.scale", "must be finite");
+            }
+            if self.gems.complement && self.gems.single_subspace {
+                return bad("gems.complement", "needs task subspaces (single_subspace is set)");
+            }
+        }
+        if self.method == Method::Lora && self.trainable.is_empty() {
+            return bad("trainable", "lora needs at least one trainable pattern");
+        }
+        Ok(())
+    }
+}
+
+/// One of the three subspaces of a tuned matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Subspace {
+    /// The subspace of the shared (mixed-batch) gradient.
+    Shared,
+    /// The recommendation-task subspace.
+    Rec,
+    /// The search-task subspace.
+    Search,
+}
+
+impl Subspace {
+    /// Short name used in saved-state keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subspace::Shared => "sh",
+            Subspace::Rec => "rec",
+            Subspace::Search => "src",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Glob match of a parameter path: `*` matches any (possibly empty) run of characters.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), path.as_bytes());
+    let (mut pi, mut si) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while si < s.len() {
+        if pi < p.len() && p[pi] != b'*' && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(star_at) = star {
+            pi = star_at + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(path_matches("*.q_proj.weight", "layers.3.self_attn.q_proj.weight"));
+        assert!(!path_matches("*.q_proj.weight", "layers.3.self_attn.q_proj.bias"));
+        assert!(path_matches("*", ""));
+        assert!(path_matches("layers.*.mlp.*", "layers.10.mlp.up_proj.weight"));
+        assert!(!path_matches("layers.*.mlp.*", "norm.weight"));
+        assert!(path_matches("*lora_*", "layers.0.self_attn.q_proj.lora_a"));
+    }
+
+    #[test]
+    fn defaults_validate_and_galore_is_single_subspace() {
+        OptimizerConfig::default().validate().unwrap();
+        let galore = OptimizerConfig::for_method(Method::Galore);
+        assert_eq!(galore.subspaces(), &[Subspace::Shared]);
+        assert!(!galore.gems.null_space);
+        let mut bad = OptimizerConfig::default();
+        bad.gems.rank = 0;
+        assert!(bad.validate().unwrap_err().to_string().contains("gems.rank"));
+        assert_eq!(GemsSettings::default().task_rank(), 16);
+        assert_eq!(GemsSettings { rank: 1, ..Default::default() }.task_rank(), 1);
+    }
+}

@@ -1,0 +1,268 @@
+//! The subspace update of one tuned matrix, in the math layout of GEMS-SPEC §3.
+//!
+//! [`MatrixState`] holds, per subspace (shared, rec, search), a basis and its Adam moments. A
+//! step takes the three gradients of W (m x n, already averaged over the window), and returns
+//! the combined direction U_sh + g_rec U_rec + g_src U_src; the caller applies the learning
+//! rate, bias correction and weight decay (shared with AdamW in [`crate::adam`]).
+
+use burn::tensor::Tensor;
+use faer::Mat;
+use gems_subspace::{
+    NullSpaceProjector, ProjectorSide, RandomizedSvdConfig, Side, SubspaceBasis, SvdMethod,
+    matrix_from_tensor, subspace_overlap,
+};
+
+use crate::adam::AdamMoments;
+use crate::config::{MomentPolicy, OptimizerConfig, Subspace};
+use crate::error::{OptimError, Result};
+
+/// Basis and moments of one subspace of one matrix.
+#[derive(Debug, Clone)]
+pub struct SubspaceState {
+    /// Which subspace.
+    pub kind: Subspace,
+    /// The current basis (None before the first refresh).
+    pub basis: Option<SubspaceBasis>,
+    /// Adam moments of the projected gradient R (None before the first step).
+    pub moments: Option<AdamMoments<2>>,
+}
+
+/// What a refresh measured for one subspace.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RefreshReport {
+    /// Which subspace.
+    pub subspace: Subspace,
+    /// Rank after clipping.
+    pub rank: usize,
+    /// Overlap |Q_old^T Q_new|_F^2 / r with the previous basis (None at the first refresh).
+    pub overlap_with_previous: Option<f64>,
+}
+
+/// Optimizer state of one tuned matrix (math layout m x n).
+#[derive(Debug, Clone)]
+pub struct MatrixState {
+    /// Math-layout shape [m, n].
+    pub shape: [usize; 2],
+    /// The side every basis of this matrix acts on.
+    pub side: Side,
+    /// One entry per subspace, in the order of [`OptimizerConfig::subspaces`].
+    pub subspaces: Vec<SubspaceState>,
+}
+
+/// The per-task gradients of one matrix, math layout, each averaged over the window. A missing
+/// task gradient counts as zero.
+#[derive(Debug, Clone)]
+pub struct MatrixGradients {
+    /// G_sh.
+    pub shared: Tensor<2>,
+    /// G_rec.
+    pub rec: Option<Tensor<2>>,
+    /// G_src.
+    pub search: Option<Tensor<2>>,
+}
+
+impl MatrixState {
+    /// Empty state for an m x n matrix; the side follows `config.gems.proj_type`.
+    pub fn new(shape: [usize; 2], config: &OptimizerConfig) -> Self {
+        let side = config.gems.proj_type.side(shape[0], shape[1]);
+        let subspaces = config
+            .subspaces()
+            .iter()
+            .map(|&kind| SubspaceState { kind, basis: None, moments: None })
+            .collect();
+        Self { shape, side, subspaces }
+    }
+
+    /// One step; returns the combined direction (before lr and bias correction) and, on a
+    /// refresh step, what each refresh measured.
+    ///
+    /// # Errors
+    /// Shape mismatches (gradient or projector), NaN in a gradient at a refresh, SVD failure.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        path: &str,
+        step: u64,
+        gradients: MatrixGradients,
+        projector: Option<&NullSpaceProjector>,
+        gates: (f64, f64),
+        config: &OptimizerConfig,
+    ) -> Result<(Tensor<2>, Option<Vec<RefreshReport>>)> {
+        let settings = &config.gems;
+        let check = |g: &Tensor<2>| -> Result<()> {
+            if g.dims() != self.shape {
+                return Err(OptimError::GradientShape {
+                    path: path.to_string(),
+                    gradient: g.dims().to_vec(),
+                    parameter: self.shape.to_vec(),
+                });
+            }
+            Ok(())
+        };
+        check(&gradients.shared)?;
+        let zeros = || gradients.shared.zeros_like();
+        let mut task_gradients = [Some(gradients.shared.clone()), gradients.rec, gradients.search];
+        for g in task_gradients.iter().flatten() {
+            check(g)?;
+        }
+        // 2. Null-space projection of every gradient.
+        let project_null = |g: Tensor<2>| -> Result<Tensor<2>> {
+            match projector {
+                None => Ok(g),
+                Some(p) => apply_projector(path, p, g),
+            }
+        };
+        let mut grads: Vec<Tensor<2>> = Vec::with_capacity(self.subspaces.len());
+        for state in &self.subspaces {
+            let g = task_gradients[state.kind.index()].take().unwrap_or_else(zeros);
+            grads.push(project_null(g)?);
+        }
+
+        // 3. Refresh at t = 1, 1 + T, 1 + 2T, ...
+        let refresh = (step - 1) % settings.update_proj_gap == 0;
+        // P G has rank at most rank(P): directions beyond it would be arbitrary, and Adam
+        // would amplify the rounding noise the gradient has along them.
+        let rank_cap = projector.map(NullSpaceProjector::null_directions);
+        let reports =
+            if refresh { Some(self.refresh(path, step, &grads, rank_cap, config)?) } else { None };
+
+        // 4-7. Project, Adam in the subspace, back-project, gate.
+        let mut combined: Option<Tensor<2>> = None;
+        for (state, g) in self.subspaces.iter_mut().zip(grads) {
+            let Some(basis) = state.basis.as_ref() else {
+                return Err(OptimError::state(path, "no basis: state restored without bases at a non-refresh step"));
+            };
+            let r = basis.project_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
+            let moments = state.moments.get_or_insert_with(|| AdamMoments::zeros_like(&r));
+            let n = moments.update(r, config.beta1, config.beta2, config.eps);
+            let u = basis.back_project_tensor(n, settings.scale).map_err(|e| OptimError::subspace(path, e))?;
+            let gate = match state.kind {
+                Subspace::Shared => 1.0,
+                Subspace::Rec => gates.0,
+                Subspace::Search => gates.1,
+            };
+            let u = if gate == 1.0 { u } else { u.mul_scalar(gate) };
+            combined = Some(match combined {
+                None => u,
+                Some(acc) => acc.add(u),
+            });
+        }
+        let Some(mut update) = combined else {
+            return Err(OptimError::InvalidConfig("no subspace configured".into()));
+        };
+        // 8. Strict mode: the final update itself lies in the null space.
+        if settings.strict_null_space {
+            update = project_null(update)?;
+        }
+        Ok((update, reports))
+    }
+
+    fn refresh(
+        &mut self,
+        path: &str,
+        step: u64,
+        grads: &[Tensor<2>],
+        rank_cap: Option<usize>,
+        config: &OptimizerConfig,
+    ) -> Result<Vec<RefreshReport>> {
+        let settings = &config.gems;
+        let mut reports = Vec::with_capacity(self.subspaces.len());
+        let mut shared_basis: Option<SubspaceBasis> = None;
+        for (state, g) in self.subspaces.iter_mut().zip(grads) {
+            let rank = match state.kind {
+                Subspace::Shared => settings.rank,
+                Subspace::Rec | Subspace::Search => settings.task_rank(),
+            }
+            .min(rank_cap.unwrap_or(usize::MAX));
+            let method = match settings.svd {
+                SvdMethod::Exact => SvdMethod::Exact,
+                SvdMethod::Randomized(c) => SvdMethod::Randomized(RandomizedSvdConfig {
+                    seed: refresh_seed(config.seed, path, state.kind, step),
+                    ..c
+                }),
+            };
+            let host: Mat<f64> = matrix_from_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
+            let new = match (&shared_basis, settings.complement && state.kind != Subspace::Shared) {
+                (Some(shared), true) => {
+                    SubspaceBasis::complement_from_gradient(host.as_ref(), shared, rank, &method)
+                }
+                _ => SubspaceBasis::from_gradient(host.as_ref(), rank, self.side, &method),
+            }
+            .map_err(|e| OptimError::subspace(path, e))?;
+            let overlap = match &state.basis {
+                Some(old) => subspace_overlap(old, &new).ok(),
+                None => None,
+            };
+            state.moments = match (state.moments.take(), &state.basis, settings.moments) {
+                (Some(m), Some(old), MomentPolicy::Rotate) => Some(rotate(m, old, &new, self.side)),
+                (Some(m), Some(old), MomentPolicy::Keep) if old.rank() == new.rank() => Some(m),
+                _ => None, // reset, first refresh, or a rank change
+            };
+            reports.push(RefreshReport {
+                subspace: state.kind,
+                rank: new.rank(),
+                overlap_with_previous: overlap,
+            });
+            if state.kind == Subspace::Shared {
+                shared_basis = Some(new.clone());
+            }
+            state.basis = Some(new);
+        }
+        Ok(reports)
+    }
+
+    /// f32 values held: moments plus bases (r x dim each).
+    pub fn state_numel(&self) -> usize {
+        self.subspaces
+            .iter()
+            .map(|s| {
+                s.moments.as_ref().map_or(0, AdamMoments::numel)
+                    + s.basis.as_ref().map_or(0, |b| b.rank() * b.dim())
+            })
+            .sum()
+    }
+}
+
+/// P G (output side) or G P (input side) in the math layout.
+pub(crate) fn apply_projector(path: &str, projector: &NullSpaceProjector, g: Tensor<2>) -> Result<Tensor<2>> {
+    let [m, n] = g.dims();
+    let (dim, result) = match projector.side() {
+        ProjectorSide::Output => (m, projector.apply_left_tensor(g)),
+        ProjectorSide::Input => (n, projector.apply_right_tensor(g)),
+    };
+    result.map_err(|_| OptimError::Projector {
+        path: path.to_string(),
+        detail: format!(
+            "{:?}-side null-space projector has dim {} but the matrix (math layout) is {m}x{n} (needs {dim})",
+            projector.side(),
+            projector.dim()
+        ),
+    })
+}
+
+/// Re-expresses moments in a new basis: C = Q_old^T Q_new; M C or C^T M; V with C∘C.
+fn rotate(m: AdamMoments<2>, old: &SubspaceBasis, new: &SubspaceBasis, side: Side) -> AdamMoments<2> {
+    let device = m.first.device();
+    let q_old = old.device_matrix(&device);
+    let q_new = new.device_matrix(&device);
+    let c = q_old.transpose().matmul(q_new);
+    let c2 = c.clone().square();
+    match side {
+        Side::Right => AdamMoments { first: m.first.matmul(c), second: m.second.matmul(c2) },
+        Side::Left => AdamMoments {
+            first: c.transpose().matmul(m.first),
+            second: c2.transpose().matmul(m.second),
+        },
+    }
+}
+
+/// A seed for one refresh, derived from the run seed, the parameter path, the subspace and the
+/// step (FNV-1a then a SplitMix64 finaliser), so resumed runs draw the same sketches.
+pub(crate) fn refresh_seed(seed: u64, path: &str, kind: Subspace, step: u64) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for byte in path.bytes().chain([kind as u8]).chain(step.to_le_bytes()).chain(seed.to_le_bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    gems_subspace::rng::SplitMix64::new(h).next_u64()
+}

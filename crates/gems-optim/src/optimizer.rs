@@ -1,0 +1,459 @@
+//! The module-level optimizer: every method behind one `step`.
+//!
+//! A step runs in three passes so that a failure never leaves a half-updated model:
+//!
+//! 1. read: walk the module, collect each float parameter's path, value and per-task gradients;
+//!    one device read of all squared norms and rec/search dot products (non-finite check,
+//!    gates, conflict report);
+//! 2. compute: new values for every updated parameter and new optimizer state, on copies;
+//! 3. write: swap the new values into the module (keeping `require_grad`), commit the state.
+//!
+//! A non-finite loss or gradient skips the step: the model and the state stay as they were,
+//! the skip is counted and reported.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use gems_subspace::NullSpaceProjector;
+use serde::{Deserialize, Serialize};
+
+use crate::adam::{AdamMoments, apply_update, bias_correction};
+use crate::config::{GatePolicy, Method, OptimizerConfig, WeightLayout, path_matches};
+use crate::error::{OptimError, Result};
+use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
+
+/// One task's gradient for a step: the mean over its rows (or over the accumulation window),
+/// with the number of rows and the mean loss.
+#[derive(Debug)]
+pub struct TaskGradient {
+    /// Gradients keyed by the module's parameter ids.
+    pub grads: GradientsParams,
+    /// Rows (target sequences) the mean was taken over.
+    pub samples: usize,
+    /// Mean loss over those rows.
+    pub loss: f64,
+}
+
+/// The gradients of one optimizer step.
+#[derive(Debug, Default)]
+pub struct StepGradients {
+    /// The recommendation task (None when the window had no rec rows).
+    pub rec: Option<TaskGradient>,
+    /// The search task (None when the window had no search rows).
+    pub search: Option<TaskGradient>,
+    /// A separately computed shared gradient (the authors' third backward pass); when None the
+    /// shared gradient is (n_rec G_rec + n_src G_src) / N (GEMS-SPEC §3 step 1).
+    pub shared: Option<GradientsParams>,
+}
+
+/// Per-matrix measurements of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatrixReport {
+    /// Parameter path.
+    pub path: String,
+    /// Cosine of G_rec and G_src (None when a task is missing).
+    pub cosine_rec_search: Option<f64>,
+    /// |G_rec|_F.
+    pub norm_rec: f64,
+    /// |G_src|_F.
+    pub norm_search: f64,
+    /// Refresh measurements, on refresh steps of subspace methods.
+    pub refresh: Option<Vec<RefreshReport>>,
+    /// Whether a null-space projector was applied.
+    pub null_space_applied: bool,
+}
+
+/// What a step did and measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The optimizer step this report belongs to (1-based; a skipped step does not advance it).
+    pub step: u64,
+    /// Why the step was skipped, if it was.
+    pub skipped: Option<String>,
+    /// Steps skipped so far.
+    pub skipped_total: u64,
+    /// (g_rec, g_src) used for the task subspaces.
+    pub gates: (f64, f64),
+    /// Mean rec and search losses of the window.
+    pub losses: (Option<f64>, Option<f64>),
+    /// Mean over tuned matrices of the rec/search cosine.
+    pub mean_cosine: Option<f64>,
+    /// Global gradient norms (rec, search) over all parameters with gradients.
+    pub global_norms: (f64, f64),
+    /// Parameters updated this step.
+    pub updated_parameters: usize,
+    /// Tuned (subspace) matrices, in path order.
+    pub matrices: Vec<MatrixReport>,
+}
+
+/// The optimizer: configuration, step counter and all per-parameter state, keyed by path.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    pub(crate) config: OptimizerConfig,
+    pub(crate) step: u64,
+    pub(crate) skipped: u64,
+    pub(crate) matrices: BTreeMap<String, MatrixState>,
+    pub(crate) adam: BTreeMap<String, AdamMoments<1>>,
+    pub(crate) projectors: BTreeMap<String, Arc<NullSpaceProjector>>,
+}
+
+/// One float parameter as read in pass 1.
+struct ParamEntry {
+    path: String,
+    dims: Vec<usize>,
+    value: Tensor<1>,
+    rec: Option<Tensor<1>>,
+    search: Option<Tensor<1>>,
+    shared: Option<Tensor<1>>,
+}
+
+impl Optimizer {
+    /// A fresh optimizer.
+    ///
+    /// # Errors
+    /// An invalid configuration.
+    pub fn new(config: OptimizerConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            step: 0,
+            skipped: 0,
+            matrices: BTreeMap::new(),
+            adam: BTreeMap::new(),
+            projectors: BTreeMap::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// Steps applied so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Steps skipped for non-finite values so far.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Registers the null-space projector of one tuned matrix (math layout: an output-side
+    /// projector has dim m = d_out). Used only when `config.gems.null_space` is set.
+    pub fn set_null_space_projector(&mut self, path: impl Into<String>, projector: Arc<NullSpaceProjector>) {
+        self.projectors.insert(path.into(), projector);
+    }
+
+    /// Subspace state of a tuned matrix, for inspection.
+    pub fn matrix_state(&self, path: &str) -> Option<&MatrixState> {
+        self.matrices.get(path)
+    }
+
+    /// Bytes of optimizer state held now (f32 moments and f32 device bases; the f64 host copies
+    /// of bases used for refresh bookkeeping are not counted).
+    pub fn state_bytes(&self) -> usize {
+        let matrices: usize = self.matrices.values().map(MatrixState::state_numel).sum();
+        let adam: usize = self.adam.values().map(AdamMoments::numel).sum();
+        4 * (matrices + adam)
+    }
+
+    /// Whether `path` (a parameter of `dims`) is updated through subspaces.
+    pub fn is_tuned(&self, path: &str, dims: &[usize]) -> bool {
+        self.config.uses_subspaces()
+            && dims.len() == 2
+            && self.config.targets.iter().any(|p| path_matches(p, path))
+    }
+
+    /// One optimizer step with learning rate `lr`; returns the updated module and a report.
+    ///
+    /// The module is borrowed: on error the caller still holds it unchanged, and the optimizer
+    /// state is unchanged too (all fallible work happens before anything is written). Cloning a
+    /// Burn module is shallow, so the returned module shares unchanged parameters.
+    ///
+    /// # Errors
+    /// Shape mismatches, SVD failure, a projector that does not fit its matrix.
+    pub fn step<M: Module + Clone>(&mut self, lr: f64, module: &M, gradients: StepGradients) -> Result<(M, StepReport)> {
+        // Pass 1: read.
+        let mut reader = Reader { path: Vec::new(), gradients: &gradients, entries: Vec::new(), ids: Vec::new() };
+        module.visit(&mut reader);
+        let Reader { entries, ids, .. } = reader;
+
+        let losses = (gradients.rec.as_ref().map(|g| g.loss), gradients.search.as_ref().map(|g| g.loss));
+        let stats = read_statistics(&entries)?;
+        let mut report = StepReport {
+            step: self.step + 1,
+            skipped: None,
+            skipped_total: self.skipped,
+            gates: (1.0, 1.0),
+            losses,
+            mean_cosine: None,
+            global_norms: (stats.iter().map(|s| s.rec_sq).sum::<f64>().sqrt(), stats.iter().map(|s| s.search_sq).sum::<f64>().sqrt()),
+            updated_parameters: 0,
+            matrices: Vec::new(),
+        };
+        let non_finite_loss = [losses.0, losses.1].into_iter().flatten().any(|l| !l.is_finite());
+        let non_finite_grad = stats.iter().position(|s| !s.finite());
+        if non_finite_loss || non_finite_grad.is_some() {
+            self.skipped += 1;
+            report.skipped = Some(match non_finite_grad {
+                Some(i) => format!("non-finite gradient in `{}`", entries[i].path),
+                None => format!("non-finite loss (rec {:?}, search {:?})", losses.0, losses.1),
+            });
+            report.step = self.step;
+            report.skipped_total = self.skipped;
+            return Ok((module.clone(), report));
+        }
+
+        // Shared gradients (and PCGrad surgery).
+        let n_rec = gradients.rec.as_ref().map_or(0, |g| g.samples) as f64;
+        let n_src = gradients.search.as_ref().map_or(0, |g| g.samples) as f64;
+        let total = n_rec + n_src;
+        let (w_rec, w_src) = if total > 0.0 { (n_rec / total, n_src / total) } else { (0.5, 0.5) };
+        let dot: f64 = stats.iter().map(|s| s.dot).sum();
+        let (rec_sq, src_sq): (f64, f64) = (stats.iter().map(|s| s.rec_sq).sum(), stats.iter().map(|s| s.search_sq).sum());
+        // PCGrad with two tasks: each gradient loses its component along the other when the
+        // global dot product is negative (both use the originals).
+        let (pc_rec, pc_src) = if self.config.method == Method::PcGrad && dot < 0.0 {
+            (if src_sq > 0.0 { dot / src_sq } else { 0.0 }, if rec_sq > 0.0 { dot / rec_sq } else { 0.0 })
+        } else {
+            (0.0, 0.0)
+        };
+        let shared_of = |e: &ParamEntry| -> Option<Tensor<1>> {
+            if e.shared.is_some() && self.config.method != Method::PcGrad {
+                return e.shared.clone();
+            }
+            let rec = e.rec.clone().map(|r| match (&e.search, pc_rec != 0.0) {
+                (Some(s), true) => r.sub(s.clone().mul_scalar(pc_rec)),
+                _ => r,
+            });
+            let src = e.search.clone().map(|s| match (&e.rec, pc_src != 0.0) {
+                (Some(r), true) => s.sub(r.clone().mul_scalar(pc_src)),
+                _ => s,
+            });
+            match (rec, src) {
+                (Some(r), Some(s)) => Some(r.mul_scalar(w_rec).add(s.mul_scalar(w_src))),
+                (Some(r), None) => Some(r),
+                (None, Some(s)) => Some(s),
+                (None, None) => e.shared.clone(),
+            }
+        };
+
+        // Gates from the tuned matrices' gradient norms.
+        let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
+        let (tuned_rec, tuned_src) = stats.iter().zip(&tuned).filter(|(_, t)| **t).fold((0.0, 0.0), |acc, (s, _)| (acc.0 + s.rec_sq, acc.1 + s.search_sq));
+        report.gates = match self.config.gems.gates {
+            GatePolicy::Unit => (1.0, 1.0),
+            GatePolicy::Heuristic => heuristic_gates(
+                (losses.0.unwrap_or(0.0), losses.1.unwrap_or(0.0)),
+                (tuned_rec.sqrt(), tuned_src.sqrt()),
+                (n_rec, n_src),
+            ),
+        };
+
+        // Pass 2: compute on copies of the state.
+        let t = self.step + 1;
+        let correction = bias_correction(t, self.config.beta1, self.config.beta2);
+        let mut matrices = self.matrices.clone();
+        let mut adam = self.adam.clone();
+        let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
+        let mut cosines = Vec::new();
+        for ((entry, stat), (&id, &is_tuned)) in entries.iter().zip(&stats).zip(ids.iter().zip(&tuned)) {
+            let Some(shared) = shared_of(entry) else { continue };
+            if self.config.method == Method::Lora && !self.config.trainable.iter().any(|p| path_matches(p, &entry.path)) {
+                continue;
+            }
+            let new_value = if is_tuned {
+                let [rows, cols] = [entry.dims[0], entry.dims[1]];
+                let to_math = |g: Tensor<1>| -> Tensor<2> {
+                    let stored = g.reshape([rows, cols]);
+                    match self.config.layout {
+                        WeightLayout::InOut => stored.transpose(),
+                        WeightLayout::OutIn => stored,
+                    }
+                };
+                let math_shape = match self.config.layout {
+                    WeightLayout::InOut => [cols, rows],
+                    WeightLayout::OutIn => [rows, cols],
+                };
+                let state = matrices.entry(entry.path.clone()).or_insert_with(|| MatrixState::new(math_shape, &self.config));
+                let projector = if self.config.gems.null_space { self.projectors.get(&entry.path).map(Arc::as_ref) } else { None };
+                let grads = MatrixGradients {
+                    shared: to_math(shared),
+                    rec: entry.rec.clone().map(to_math),
+                    search: entry.search.clone().map(to_math),
+                };
+                let (update, refresh) = state.step(&entry.path, t, grads, projector, report.gates, &self.config)?;
+                let stored_update = match self.config.layout {
+                    WeightLayout::InOut => update.transpose(),
+                    WeightLayout::OutIn => update,
+                };
+                let cosine = stat.cosine();
+                cosines.extend(cosine);
+                report.matrices.push(MatrixReport {
+                    path: entry.path.clone(),
+                    cosine_rec_search: cosine,
+                    norm_rec: stat.rec_sq.sqrt(),
+                    norm_search: stat.search_sq.sqrt(),
+                    refresh,
+                    null_space_applied: projector.is_some(),
+                });
+                apply_update(entry.value.clone(), stored_update.reshape([rows * cols]), lr, correction, self.config.weight_decay)
+            } else {
+                let moments = adam.entry(entry.path.clone()).or_insert_with(|| AdamMoments::zeros_like(&shared));
+                let n = moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
+                apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay)
+            };
+            new_values.insert(id, new_value);
+        }
+        report.mean_cosine = (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
+        report.updated_parameters = new_values.len();
+
+        // Pass 3: write.
+        let mut writer = Writer { values: new_values };
+        let module = module.clone().map(&mut writer);
+        self.matrices = matrices;
+        self.adam = adam;
+        self.step = t;
+        report.step = t;
+        Ok((module, report))
+    }
+}
+
+/// w_k = 0.4 l_k + 0.4 q_k + 0.2 s_k, g_k = w_k / (w_rec + w_src); 0.5 for a share whose
+/// denominator is 0 (GEMS-SPEC §3 step 7).
+pub fn heuristic_gates(losses: (f64, f64), norms: (f64, f64), samples: (f64, f64)) -> (f64, f64) {
+    let share = |a: f64, b: f64| if a + b > 0.0 { (a / (a + b), b / (a + b)) } else { (0.5, 0.5) };
+    let (l_rec, l_src) = share(losses.0, losses.1);
+    let (q_rec, q_src) = share(norms.0, norms.1);
+    let (s_rec, s_src) = share(samples.0, samples.1);
+    let w_rec = 0.4 * l_rec + 0.4 * q_rec + 0.2 * s_rec;
+    let w_src = 0.4 * l_src + 0.4 * q_src + 0.2 * s_src;
+    share(w_rec, w_src)
+}
+
+/// Squared norms and the dot product of one parameter's task gradients.
+#[derive(Debug, Clone, Copy)]
+struct GradStats {
+    rec_sq: f64,
+    search_sq: f64,
+    shared_sq: f64,
+    dot: f64,
+    has_both: bool,
+}
+
+impl GradStats {
+    fn finite(&self) -> bool {
+        self.rec_sq.is_finite() && self.search_sq.is_finite() && self.shared_sq.is_finite() && self.dot.is_finite()
+    }
+
+    fn cosine(&self) -> Option<f64> {
+        if !self.has_both {
+            return None;
+        }
+        let denominator = (self.rec_sq * self.search_sq).sqrt();
+        Some(if denominator > 0.0 { (self.dot / denominator).clamp(-1.0, 1.0) } else { 0.0 })
+    }
+}
+
+/// All squared norms and dot products in one device read.
+fn read_statistics(entries: &[ParamEntry]) -> Result<Vec<GradStats>> {
+    let mut sums: Vec<Tensor<1>> = Vec::new();
+    for e in entries {
+        let sq = |g: &Option<Tensor<1>>| g.clone().map(|g| g.square().sum());
+        for t in [sq(&e.rec), sq(&e.search), sq(&e.shared)].into_iter().flatten() {
+            sums.push(t);
+        }
+        if let (Some(r), Some(s)) = (&e.rec, &e.search) {
+            sums.push(r.clone().mul(s.clone()).sum());
+        }
+    }
+    let values: Vec<f64> = if sums.is_empty() {
+        Vec::new()
+    } else {
+        Tensor::cat(sums, 0)
+            .into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .map_err(|e| OptimError::TensorRead(format!("{e:?}")))?
+    };
+    let mut it = values.into_iter();
+    Ok(entries
+        .iter()
+        .map(|e| {
+            let mut take = |g: &Option<Tensor<1>>| if g.is_some() { it.next().unwrap_or(f64::NAN) } else { 0.0 };
+            let rec_sq = take(&e.rec);
+            let search_sq = take(&e.search);
+            let shared_sq = take(&e.shared);
+            let has_both = e.rec.is_some() && e.search.is_some();
+            let dot = if has_both { it.next().unwrap_or(f64::NAN) } else { 0.0 };
+            GradStats { rec_sq, search_sq, shared_sq, dot, has_both }
+        })
+        .collect())
+}
+
+/// Pass 1: paths, values and gradients of every float parameter that has a gradient.
+struct Reader<'a> {
+    path: Vec<String>,
+    gradients: &'a StepGradients,
+    entries: Vec<ParamEntry>,
+    ids: Vec<ParamId>,
+}
+
+impl ModuleVisitor for Reader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let id = param.id;
+        let flat = |g: Tensor<D>| -> Tensor<1> {
+            let n = g.shape().num_elements();
+            g.reshape([n])
+        };
+        let rec = self.gradients.rec.as_ref().and_then(|g| g.grads.get::<D>(id)).map(flat);
+        let search = self.gradients.search.as_ref().and_then(|g| g.grads.get::<D>(id)).map(flat);
+        let shared = self.gradients.shared.as_ref().and_then(|g| g.get::<D>(id)).map(flat);
+        if rec.is_none() && search.is_none() && shared.is_none() {
+            return;
+        }
+        let value = param.val().inner();
+        let dims = value.dims().to_vec();
+        self.entries.push(ParamEntry { path: self.path.join("."), dims, value: flat(value), rec, search, shared });
+        self.ids.push(id);
+    }
+}
+
+/// Pass 3: replaces updated parameters, keeping their autodiff state.
+struct Writer {
+    values: HashMap<ParamId, Tensor<1>>,
+}
+
+impl ModuleMapper for Writer {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(new_value) = self.values.remove(&param.id) else { return param };
+        let (id, tensor, mapper) = param.consume();
+        let shape = tensor.shape();
+        let require_grad = tensor.is_require_grad();
+        let autodiff = tensor.is_autodiff();
+        let checkpointing = tensor.gradient_checkpointing_strategy();
+        let mut updated: Tensor<D> = new_value.reshape(shape);
+        if autodiff {
+            updated = Tensor::from_inner(updated);
+            if let Some(strategy) = checkpointing {
+                updated = updated.with_gradient_checkpointing_strategy(strategy);
+            }
+        }
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
