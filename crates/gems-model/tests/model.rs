@@ -1,0 +1,397 @@
+//! Integration tests of gems-model: parity with an independent numpy reference (Hugging Face
+//! directories and GGUF), padding invariance, KV-cache decoding, tokenizers, save/load round
+//! trips, bad files, and the real SmolLM2 model when it has been fetched.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor};
+use gems_model::{GgufFile, Llama, Pretrained, TokenBatch, load_gguf, load_hf_dir};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn sequences() -> Vec<Vec<u32>> {
+    expected()["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect()
+}
+
+fn flat(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().flat_map(flat).collect(),
+        x => vec![x.as_f64().unwrap() as f32],
+    }
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn device() -> Device {
+    Device::flex()
+}
+
+/// Logits of one unpadded sequence, `[t * vocab]`.
+fn alone(model: &Llama, seq: &[u32]) -> Vec<f32> {
+    let batch = TokenBatch::pad(&[seq.to_vec()], 0, false).unwrap();
+    host(model.forward(&batch).unwrap())
+}
+
+fn check_parity(p: &Pretrained, key: &str) {
+    let exp = expected();
+    for (i, seq) in sequences().iter().enumerate() {
+        let got = alone(&p.model, seq);
+        let want = flat(&exp[key][i]);
+        let d = max_diff(&got, &want);
+        println!("{key} sequence {i}: max |logit diff| = {d:e} over {} logits", want.len());
+        assert!(d < 1e-4, "{key} sequence {i}: max |logit diff| = {d}");
+    }
+}
+
+#[test]
+fn parity_hf_llama() {
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    assert!(p.model.lm_head.is_some());
+    check_parity(&p, "tiny_llama");
+}
+
+#[test]
+fn parity_hf_qwen2_f16_bias_tied() {
+    let p = load_hf_dir(&fixtures().join("tiny_qwen2"), &device()).unwrap();
+    assert!(p.model.lm_head.is_none(), "qwen2 fixture is tied");
+    assert!(p.model.layers[0].self_attn.q_proj.bias.is_some(), "qwen2 has q bias");
+    check_parity(&p, "tiny_qwen2");
+}
+
+#[test]
+fn parity_gguf_dequantization_and_unpermutation() {
+    let path = fixtures().join("tiny_llama.gguf");
+    let file = GgufFile::open(&path).unwrap();
+    let config = file.config().unwrap();
+    let w = file.weights(&config).unwrap();
+    let exp = expected();
+    for (key, want) in exp["gguf_tensors"].as_object().unwrap() {
+        let got = &w.tensors[key].data[..64];
+        let d = max_diff(got, &flat(want));
+        assert!(d < 1e-6, "{key}: dequantized values differ by {d}");
+    }
+    let p = load_gguf(&path, &device()).unwrap();
+    check_parity(&p, "tiny_llama_gguf");
+}
+
+#[test]
+fn padding_invariance_left_and_right() {
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    let seqs = sequences();
+    let v = p.model.config.vocab_size;
+    for left in [false, true] {
+        let batch = TokenBatch::pad(&seqs, 2, left).unwrap();
+        let logits = host(p.model.forward(&batch).unwrap());
+        let t = batch.seq_len;
+        for (r, seq) in seqs.iter().enumerate() {
+            let want = alone(&p.model, seq);
+            let off = if left { t - seq.len() } else { 0 };
+            let got: Vec<f32> = (0..seq.len())
+                .flat_map(|i| logits[(r * t + off + i) * v..(r * t + off + i + 1) * v].to_vec())
+                .collect();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "row {r}, left padding {left}: max diff {d}");
+        }
+    }
+}
+
+#[test]
+fn logits_at_and_candidate_log_probs_match_full_forward() {
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    let seqs = sequences();
+    let v = p.model.config.vocab_size;
+    let batch = TokenBatch::pad(&seqs, 2, true).unwrap();
+    let full = host(p.model.forward(&batch).unwrap());
+    let last = batch.last_positions();
+    let at: Vec<(usize, usize)> = last.iter().copied().enumerate().collect();
+    let some = host(p.model.logits_at(&batch, &at).unwrap());
+    let t = batch.seq_len;
+    for (r, &pos) in last.iter().enumerate() {
+        let want = &full[(r * t + pos) * v..(r * t + pos + 1) * v];
+        assert!(max_diff(&some[r * v..(r + 1) * v], want) < 1e-5);
+        // log-softmax of the chosen candidates
+        let m = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + want.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+        let cands = [5u32, 17, 40];
+        let lp = host(p.model.candidate_log_probs(&batch, &last, &cands).unwrap());
+        for (j, &c) in cands.iter().enumerate() {
+            let d = (lp[r * 3 + j] - (want[c as usize] - lse)).abs();
+            assert!(d < 1e-5, "candidate {c} row {r}: {d}");
+        }
+    }
+    assert!(p.model.logits_at(&batch, &[(0, 99)]).is_err());
+    assert!(p.model.candidate_log_probs(&batch, &last, &[9999]).is_err());
+}
+
+#[test]
+fn kv_cache_greedy_matches_full_forward() {
+    let p = load_hf_dir(&fixtures().join("tiny_qwen2"), &device()).unwrap();
+    let prompt = sequences()[0].clone();
+    let out = p.model.generate_greedy(&prompt, 6, &[]).unwrap();
+    assert_eq!(out.len(), 6);
+    // Recompute each step without a cache.
+    let mut ids = prompt.clone();
+    for &tok in &out {
+        let logits = alone(&p.model, &ids);
+        let v = p.model.config.vocab_size;
+        let last = &logits[(ids.len() - 1) * v..];
+        let best = (0..v).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
+        assert_eq!(best, tok);
+        ids.push(tok);
+    }
+}
+
+#[test]
+fn gguf_tokenizer_matches_hf_tokenizer_json() {
+    let hf = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    let gg = load_gguf(&fixtures().join("tiny_llama.gguf"), &device()).unwrap();
+    for text in ["the cat is a star.", "<|im_start|>the 42 cats!<|im_end|>\n", "en on re, ar"] {
+        let a = hf.tokenizer.encode(text, false).unwrap();
+        let b = gg.tokenizer.encode(text, false).unwrap();
+        assert_eq!(a.get_ids(), b.get_ids(), "{text}");
+        assert_eq!(gg.tokenizer.decode(b.get_ids(), false).unwrap(), text);
+    }
+    let ids = gg.tokenizer.encode("the cat", false).unwrap();
+    // "the" -> t + he ; " cat" -> Ġcat
+    let vocab = gg.tokenizer.get_vocab(true);
+    assert_eq!(ids.get_ids(), &[vocab["t"], vocab["he"], vocab["Ġcat"]]);
+}
+
+#[test]
+fn hf_save_and_reload_gives_same_logits() {
+    let p = load_gguf(&fixtures().join("tiny_llama.gguf"), &device()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    gems_model::save_hf_dir(&p, dir.path()).unwrap();
+    let q = load_hf_dir(dir.path(), &device()).unwrap();
+    for seq in sequences() {
+        assert!(max_diff(&alone(&p.model, &seq), &alone(&q.model, &seq)) < 1e-6);
+    }
+    let a = p.tokenizer.encode("the cat", false).unwrap();
+    let b = q.tokenizer.encode("the cat", false).unwrap();
+    assert_eq!(a.get_ids(), b.get_ids());
+}
+
+// ------------------------------------------------------------------ bad files
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn bad_hf_directories_are_errors_naming_file_and_key() {
+    let src = fixtures().join("tiny_llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = device();
+
+    // Missing directory / config.
+    let err = load_hf_dir(&tmp.path().join("nope"), &dev).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    // Missing weights file.
+    let d = tmp.path().join("noweights");
+    copy_dir(&src, &d);
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    // Truncated safetensors, at many cut points.
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let d = tmp.path().join("trunc");
+    copy_dir(&src, &d);
+    for cut in [0, 4, 8, 20, 200, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(d.join("model.safetensors"), &bytes[..cut]).unwrap();
+        let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "cut {cut}: {err}");
+    }
+
+    // Config that does not match the weights: shape mismatch names the key.
+    let d = tmp.path().join("mismatch");
+    copy_dir(&src, &d);
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 96"),
+    )
+    .unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("gate_proj.weight") && err.contains("96"), "{err}");
+
+    // A config with more layers than the file has: missing tensor named.
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("layers.2."), "{err}");
+
+    // Malformed config.json.
+    std::fs::write(d.join("config.json"), "{\"hidden_size\": ").unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    // Inconsistent heads.
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+    )
+    .unwrap();
+    assert!(load_hf_dir(&d, &dev).is_err());
+
+    // Broken tokenizer.json.
+    let d = tmp.path().join("badtok");
+    copy_dir(&src, &d);
+    std::fs::write(d.join("tokenizer.json"), "not json").unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+
+    // Sharded index pointing to a missing shard.
+    let d = tmp.path().join("shards");
+    copy_dir(&src, &d);
+    std::fs::rename(d.join("model.safetensors"), d.join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
+#[test]
+fn sharded_hf_directory_loads() {
+    let src = fixtures().join("tiny_llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("shards");
+    copy_dir(&src, &d);
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    // Split the weights into two shards with the crate's own writer.
+    let mut w = gems_model::WeightMap::new(&src);
+    w.read_safetensors(&src.join("model.safetensors")).unwrap();
+    let (mut a, mut b) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let mut index = serde_json::Map::new();
+    for (i, (k, t)) in w.tensors.into_iter().enumerate() {
+        let f = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
+        index.insert(k.clone(), f.into());
+        if i % 2 == 0 {
+            a.insert(k, t)
+        } else {
+            b.insert(k, t)
+        };
+    }
+    let meta = Default::default();
+    gems_model::weights::write_safetensors(&d.join("model-00001-of-00002.safetensors"), &a, &meta)
+        .unwrap();
+    gems_model::weights::write_safetensors(&d.join("model-00002-of-00002.safetensors"), &b, &meta)
+        .unwrap();
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": index}).to_string(),
+    )
+    .unwrap();
+    let p = load_hf_dir(&d, &device()).unwrap();
+    check_parity(&p, "tiny_llama");
+}
+
+#[test]
+fn bad_gguf_files_are_errors_never_panics() {
+    let path = fixtures().join("tiny_llama.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    let fake = Path::new("hostile.gguf");
+    // Every truncation of the header region, and a sample of the data region.
+    let mut cuts: Vec<usize> = (0..2000.min(bytes.len())).collect();
+    cuts.extend((2000..bytes.len()).step_by(397));
+    for cut in cuts {
+        let r = GgufFile::parse(fake, bytes[..cut].to_vec());
+        let err = r.err().unwrap_or_else(|| panic!("truncated at {cut} parsed"));
+        assert!(err.to_string().contains("hostile.gguf"), "{err}");
+    }
+    // Bad magic and version.
+    let mut b = bytes.clone();
+    b[0] = b'X';
+    assert!(GgufFile::parse(fake, b).is_err());
+    let mut b = bytes.clone();
+    b[4] = 9;
+    assert!(GgufFile::parse(fake, b).is_err());
+    // Huge counts must not allocate: tensor count and metadata count set to u64::MAX / 2^40.
+    for (at, val) in [(8usize, u64::MAX), (16, u64::MAX), (8, 1u64 << 40), (16, 1 << 40)] {
+        let mut b = bytes.clone();
+        b[at..at + 8].copy_from_slice(&val.to_le_bytes());
+        assert!(GgufFile::parse(fake, b).is_err());
+    }
+    // Flip bytes all over the header: must return (Ok or Err), never panic, and a model load
+    // from the result must not panic either.
+    let dev = device();
+    for i in (24..bytes.len().min(3000)).step_by(7) {
+        let mut b = bytes.clone();
+        b[i] ^= 0xFF;
+        if let Ok(f) = GgufFile::parse(fake, b)
+            && let Ok(c) = f.config()
+            && let Ok(mut w) = f.weights(&c)
+        {
+            let _ = Llama::from_weights(&c, &mut w, &dev);
+            let _ = f.tokenizer();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the real model
+
+#[test]
+fn real_smollm2_when_fetched() {
+    let Some(path) = gems_model::fetch::cached_gguf() else {
+        println!(
+            "SKIPPED real_smollm2_when_fetched: no SmolLM2 GGUF in the cache ({}); run `cargo gems model fetch`",
+            gems_model::fetch::cache_dir().display()
+        );
+        return;
+    };
+    let report = gems_model::check::check(&path, &device()).unwrap();
+    println!("{}", serde_json::to_string(&report).unwrap());
+    assert_eq!(report.parameters, 134_515_008);
+    assert_eq!(report.reference_tokens, 19);
+    assert!((report.cross_entropy - 2.46).abs() < 0.05, "cross-entropy {}", report.cross_entropy);
+    assert!(report.answer.contains("Paris"), "{}", report.answer);
+
+    // The HF export of the GGUF gives the same logits.
+    let p = load_gguf(&path, &device()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    gems_model::save_hf_dir(&p, dir.path()).unwrap();
+    let q = load_hf_dir(dir.path(), &device()).unwrap();
+    let ids = p
+        .tokenizer
+        .encode(gems_model::check::REFERENCE_SENTENCE, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let d = max_diff(&alone(&p.model, &ids), &alone(&q.model, &ids));
+    assert!(d < 1e-4, "HF export differs from GGUF by {d}");
+}
