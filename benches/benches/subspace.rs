@@ -36,10 +36,12 @@ fn device_tensor(rows: usize, cols: usize, seed: u64, device: &Device) -> Tensor
 }
 
 fn top_r(c: &mut Criterion) {
+    let device = Device::flex();
     let mut group = c.benchmark_group("top_r");
     group.sample_size(10).warm_up_time(Duration::from_secs(1));
     for &(m, n) in SHAPES {
         let a = host(m, n, 1);
+        let g = device_tensor(m, n, 1, &device);
         let side = if m >= n { Side::Right } else { Side::Left };
         for &r in RANKS {
             let label = format!("{m}x{n}/r{r}");
@@ -52,6 +54,17 @@ fn top_r(c: &mut Criterion) {
                     SubspaceBasis::from_gradient(black_box(a.as_ref()), r, side, &method).unwrap()
                 })
             });
+            // What an optimizer refresh does: read an f32 gradient tensor, sketch in f32.
+            group.bench_with_input(
+                BenchmarkId::new("randomized_from_tensor", &label),
+                &r,
+                |b, &r| {
+                    b.iter(|| {
+                        SubspaceBasis::from_gradient_tensor(black_box(&g), r, side, &method)
+                            .unwrap()
+                    })
+                },
+            );
         }
     }
     group.finish();

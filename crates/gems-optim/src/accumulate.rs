@@ -36,7 +36,8 @@ impl GradientWindow {
         if micro.samples == 0 {
             return;
         }
-        let mut adder = Adder { sum: &mut self.sum, micro: &micro.grads, weight: micro.samples as f64 };
+        let mut adder =
+            Adder { sum: &mut self.sum, micro: &micro.grads, weight: micro.samples as f64 };
         module.visit(&mut adder);
         self.samples += micro.samples;
         self.loss_sum += micro.loss * micro.samples as f64;
@@ -50,7 +51,11 @@ impl GradientWindow {
         let mut grads = self.sum;
         let mut scaler = Scaler { grads: &mut grads, factor: 1.0 / self.samples as f64 };
         module.visit(&mut scaler);
-        Some(TaskGradient { grads, samples: self.samples, loss: self.loss_sum / self.samples as f64 })
+        Some(TaskGradient {
+            grads,
+            samples: self.samples,
+            loss: self.loss_sum / self.samples as f64,
+        })
     }
 }
 

@@ -30,8 +30,10 @@ impl<const D: usize> AdamMoments<D> {
 
     /// Folds `gradient` into the moments and returns the normalised step N = M / (sqrt(V) + eps).
     pub fn update(&mut self, gradient: Tensor<D>, beta1: f64, beta2: f64, eps: f64) -> Tensor<D> {
-        let first = self.first.clone().mul_scalar(beta1).add(gradient.clone().mul_scalar(1.0 - beta1));
-        let second = self.second.clone().mul_scalar(beta2).add(gradient.square().mul_scalar(1.0 - beta2));
+        let first =
+            self.first.clone().mul_scalar(beta1).add(gradient.clone().mul_scalar(1.0 - beta1));
+        let second =
+            self.second.clone().mul_scalar(beta2).add(gradient.square().mul_scalar(1.0 - beta2));
         let step = first.clone().div(second.clone().sqrt().add_scalar(eps));
         self.first = first;
         self.second = second;

@@ -233,7 +233,8 @@ impl OptimizerConfig {
     /// # Errors
     /// [`OptimError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, why: &str| Err(OptimError::InvalidConfig(format!("{field}: {why}")));
+        let bad =
+            |field: &str, why: &str| Err(OptimError::InvalidConfig(format!("{field}: {why}")));
         if !(0.0..1.0).contains(&self.beta1) {
             return bad("beta1", "must lie in [0, 1)");
         }

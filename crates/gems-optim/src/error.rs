@@ -20,7 +20,9 @@ pub enum OptimError {
         source: SubspaceError,
     },
     /// A gradient does not have its parameter's shape.
-    #[error("parameter `{path}`: gradient shape {gradient:?} does not match parameter shape {parameter:?}")]
+    #[error(
+        "parameter `{path}`: gradient shape {gradient:?} does not match parameter shape {parameter:?}"
+    )]
     GradientShape {
         /// Dotted parameter path.
         path: String,

@@ -130,12 +130,17 @@ impl MatrixState {
         let mut combined: Option<Tensor<2>> = None;
         for (state, g) in self.subspaces.iter_mut().zip(grads) {
             let Some(basis) = state.basis.as_ref() else {
-                return Err(OptimError::state(path, "no basis: state restored without bases at a non-refresh step"));
+                return Err(OptimError::state(
+                    path,
+                    "no basis: state restored without bases at a non-refresh step",
+                ));
             };
             let r = basis.project_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
             let moments = state.moments.get_or_insert_with(|| AdamMoments::zeros_like(&r));
             let n = moments.update(r, config.beta1, config.beta2, config.eps);
-            let u = basis.back_project_tensor(n, settings.scale).map_err(|e| OptimError::subspace(path, e))?;
+            let u = basis
+                .back_project_tensor(n, settings.scale)
+                .map_err(|e| OptimError::subspace(path, e))?;
             let gate = match state.kind {
                 Subspace::Shared => 1.0,
                 Subspace::Rec => gates.0,
@@ -181,14 +186,21 @@ impl MatrixState {
                     ..c
                 }),
             };
-            let host: Mat<f64> = matrix_from_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
-            let new = match (&shared_basis, settings.complement && state.kind != Subspace::Shared) {
-                (Some(shared), true) => {
-                    SubspaceBasis::complement_from_gradient(host.as_ref(), shared, rank, &method)
+            let new =
+                match (&shared_basis, settings.complement && state.kind != Subspace::Shared) {
+                    (Some(shared), true) => {
+                        let host: Mat<f64> =
+                            matrix_from_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
+                        SubspaceBasis::complement_from_gradient(
+                            host.as_ref(),
+                            shared,
+                            rank,
+                            &method,
+                        )
+                    }
+                    _ => SubspaceBasis::from_gradient_tensor(g, rank, self.side, &method),
                 }
-                _ => SubspaceBasis::from_gradient(host.as_ref(), rank, self.side, &method),
-            }
-            .map_err(|e| OptimError::subspace(path, e))?;
+                .map_err(|e| OptimError::subspace(path, e))?;
             let overlap = match &state.basis {
                 Some(old) => subspace_overlap(old, &new).ok(),
                 None => None,
@@ -224,7 +236,11 @@ impl MatrixState {
 }
 
 /// P G (output side) or G P (input side) in the math layout.
-pub(crate) fn apply_projector(path: &str, projector: &NullSpaceProjector, g: Tensor<2>) -> Result<Tensor<2>> {
+pub(crate) fn apply_projector(
+    path: &str,
+    projector: &NullSpaceProjector,
+    g: Tensor<2>,
+) -> Result<Tensor<2>> {
     let [m, n] = g.dims();
     let (dim, result) = match projector.side() {
         ProjectorSide::Output => (m, projector.apply_left_tensor(g)),
@@ -241,7 +257,12 @@ pub(crate) fn apply_projector(path: &str, projector: &NullSpaceProjector, g: Ten
 }
 
 /// Re-expresses moments in a new basis: C = Q_old^T Q_new; M C or C^T M; V with C∘C.
-fn rotate(m: AdamMoments<2>, old: &SubspaceBasis, new: &SubspaceBasis, side: Side) -> AdamMoments<2> {
+fn rotate(
+    m: AdamMoments<2>,
+    old: &SubspaceBasis,
+    new: &SubspaceBasis,
+    side: Side,
+) -> AdamMoments<2> {
     let device = m.first.device();
     let q_old = old.device_matrix(&device);
     let q_new = new.device_matrix(&device);
@@ -260,7 +281,8 @@ fn rotate(m: AdamMoments<2>, old: &SubspaceBasis, new: &SubspaceBasis, side: Sid
 /// step (FNV-1a then a SplitMix64 finaliser), so resumed runs draw the same sketches.
 pub(crate) fn refresh_seed(seed: u64, path: &str, kind: Subspace, step: u64) -> u64 {
     let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for byte in path.bytes().chain([kind as u8]).chain(step.to_le_bytes()).chain(seed.to_le_bytes()) {
+    for byte in path.bytes().chain([kind as u8]).chain(step.to_le_bytes()).chain(seed.to_le_bytes())
+    {
         h ^= u64::from(byte);
         h = h.wrapping_mul(0x0000_0100_0000_01B3);
     }

@@ -144,7 +144,11 @@ impl Optimizer {
 
     /// Registers the null-space projector of one tuned matrix (math layout: an output-side
     /// projector has dim m = d_out). Used only when `config.gems.null_space` is set.
-    pub fn set_null_space_projector(&mut self, path: impl Into<String>, projector: Arc<NullSpaceProjector>) {
+    pub fn set_null_space_projector(
+        &mut self,
+        path: impl Into<String>,
+        projector: Arc<NullSpaceProjector>,
+    ) {
         self.projectors.insert(path.into(), projector);
     }
 
@@ -176,13 +180,24 @@ impl Optimizer {
     ///
     /// # Errors
     /// Shape mismatches, SVD failure, a projector that does not fit its matrix.
-    pub fn step<M: Module + Clone>(&mut self, lr: f64, module: &M, gradients: StepGradients) -> Result<(M, StepReport)> {
+    pub fn step<M: Module + Clone>(
+        &mut self,
+        lr: f64,
+        module: &M,
+        gradients: StepGradients,
+    ) -> Result<(M, StepReport)> {
         // Pass 1: read.
-        let mut reader = Reader { path: Vec::new(), gradients: &gradients, entries: Vec::new(), ids: Vec::new() };
+        let mut reader = Reader {
+            path: Vec::new(),
+            gradients: &gradients,
+            entries: Vec::new(),
+            ids: Vec::new(),
+        };
         module.visit(&mut reader);
         let Reader { entries, ids, .. } = reader;
 
-        let losses = (gradients.rec.as_ref().map(|g| g.loss), gradients.search.as_ref().map(|g| g.loss));
+        let losses =
+            (gradients.rec.as_ref().map(|g| g.loss), gradients.search.as_ref().map(|g| g.loss));
         let stats = read_statistics(&entries)?;
         let mut report = StepReport {
             step: self.step + 1,
@@ -191,7 +206,10 @@ impl Optimizer {
             gates: (1.0, 1.0),
             losses,
             mean_cosine: None,
-            global_norms: (stats.iter().map(|s| s.rec_sq).sum::<f64>().sqrt(), stats.iter().map(|s| s.search_sq).sum::<f64>().sqrt()),
+            global_norms: (
+                stats.iter().map(|s| s.rec_sq).sum::<f64>().sqrt(),
+                stats.iter().map(|s| s.search_sq).sum::<f64>().sqrt(),
+            ),
             updated_parameters: 0,
             matrices: Vec::new(),
         };
@@ -214,11 +232,15 @@ impl Optimizer {
         let total = n_rec + n_src;
         let (w_rec, w_src) = if total > 0.0 { (n_rec / total, n_src / total) } else { (0.5, 0.5) };
         let dot: f64 = stats.iter().map(|s| s.dot).sum();
-        let (rec_sq, src_sq): (f64, f64) = (stats.iter().map(|s| s.rec_sq).sum(), stats.iter().map(|s| s.search_sq).sum());
+        let (rec_sq, src_sq): (f64, f64) =
+            (stats.iter().map(|s| s.rec_sq).sum(), stats.iter().map(|s| s.search_sq).sum());
         // PCGrad with two tasks: each gradient loses its component along the other when the
         // global dot product is negative (both use the originals).
         let (pc_rec, pc_src) = if self.config.method == Method::PcGrad && dot < 0.0 {
-            (if src_sq > 0.0 { dot / src_sq } else { 0.0 }, if rec_sq > 0.0 { dot / rec_sq } else { 0.0 })
+            (
+                if src_sq > 0.0 { dot / src_sq } else { 0.0 },
+                if rec_sq > 0.0 { dot / rec_sq } else { 0.0 },
+            )
         } else {
             (0.0, 0.0)
         };
@@ -244,7 +266,11 @@ impl Optimizer {
 
         // Gates from the tuned matrices' gradient norms.
         let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
-        let (tuned_rec, tuned_src) = stats.iter().zip(&tuned).filter(|(_, t)| **t).fold((0.0, 0.0), |acc, (s, _)| (acc.0 + s.rec_sq, acc.1 + s.search_sq));
+        let (tuned_rec, tuned_src) = stats
+            .iter()
+            .zip(&tuned)
+            .filter(|(_, t)| **t)
+            .fold((0.0, 0.0), |acc, (s, _)| (acc.0 + s.rec_sq, acc.1 + s.search_sq));
         report.gates = match self.config.gems.gates {
             GatePolicy::Unit => (1.0, 1.0),
             GatePolicy::Heuristic => heuristic_gates(
@@ -261,9 +287,13 @@ impl Optimizer {
         let mut adam = self.adam.clone();
         let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
         let mut cosines = Vec::new();
-        for ((entry, stat), (&id, &is_tuned)) in entries.iter().zip(&stats).zip(ids.iter().zip(&tuned)) {
+        for ((entry, stat), (&id, &is_tuned)) in
+            entries.iter().zip(&stats).zip(ids.iter().zip(&tuned))
+        {
             let Some(shared) = shared_of(entry) else { continue };
-            if self.config.method == Method::Lora && !self.config.trainable.iter().any(|p| path_matches(p, &entry.path)) {
+            if self.config.method == Method::Lora
+                && !self.config.trainable.iter().any(|p| path_matches(p, &entry.path))
+            {
                 continue;
             }
             let new_value = if is_tuned {
@@ -279,14 +309,21 @@ impl Optimizer {
                     WeightLayout::InOut => [cols, rows],
                     WeightLayout::OutIn => [rows, cols],
                 };
-                let state = matrices.entry(entry.path.clone()).or_insert_with(|| MatrixState::new(math_shape, &self.config));
-                let projector = if self.config.gems.null_space { self.projectors.get(&entry.path).map(Arc::as_ref) } else { None };
+                let state = matrices
+                    .entry(entry.path.clone())
+                    .or_insert_with(|| MatrixState::new(math_shape, &self.config));
+                let projector = if self.config.gems.null_space {
+                    self.projectors.get(&entry.path).map(Arc::as_ref)
+                } else {
+                    None
+                };
                 let grads = MatrixGradients {
                     shared: to_math(shared),
                     rec: entry.rec.clone().map(to_math),
                     search: entry.search.clone().map(to_math),
                 };
-                let (update, refresh) = state.step(&entry.path, t, grads, projector, report.gates, &self.config)?;
+                let (update, refresh) =
+                    state.step(&entry.path, t, grads, projector, report.gates, &self.config)?;
                 let stored_update = match self.config.layout {
                     WeightLayout::InOut => update.transpose(),
                     WeightLayout::OutIn => update,
@@ -301,15 +338,25 @@ impl Optimizer {
                     refresh,
                     null_space_applied: projector.is_some(),
                 });
-                apply_update(entry.value.clone(), stored_update.reshape([rows * cols]), lr, correction, self.config.weight_decay)
+                apply_update(
+                    entry.value.clone(),
+                    stored_update.reshape([rows * cols]),
+                    lr,
+                    correction,
+                    self.config.weight_decay,
+                )
             } else {
-                let moments = adam.entry(entry.path.clone()).or_insert_with(|| AdamMoments::zeros_like(&shared));
-                let n = moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
+                let moments = adam
+                    .entry(entry.path.clone())
+                    .or_insert_with(|| AdamMoments::zeros_like(&shared));
+                let n =
+                    moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
                 apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay)
             };
             new_values.insert(id, new_value);
         }
-        report.mean_cosine = (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
+        report.mean_cosine =
+            (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
         report.updated_parameters = new_values.len();
 
         // Pass 3: write.
@@ -347,7 +394,10 @@ struct GradStats {
 
 impl GradStats {
     fn finite(&self) -> bool {
-        self.rec_sq.is_finite() && self.search_sq.is_finite() && self.shared_sq.is_finite() && self.dot.is_finite()
+        self.rec_sq.is_finite()
+            && self.search_sq.is_finite()
+            && self.shared_sq.is_finite()
+            && self.dot.is_finite()
     }
 
     fn cosine(&self) -> Option<f64> {
@@ -384,7 +434,9 @@ fn read_statistics(entries: &[ParamEntry]) -> Result<Vec<GradStats>> {
     Ok(entries
         .iter()
         .map(|e| {
-            let mut take = |g: &Option<Tensor<1>>| if g.is_some() { it.next().unwrap_or(f64::NAN) } else { 0.0 };
+            let mut take = |g: &Option<Tensor<1>>| {
+                if g.is_some() { it.next().unwrap_or(f64::NAN) } else { 0.0 }
+            };
             let rec_sq = take(&e.rec);
             let search_sq = take(&e.search);
             let shared_sq = take(&e.shared);
@@ -426,7 +478,14 @@ impl ModuleVisitor for Reader<'_> {
         }
         let value = param.val().inner();
         let dims = value.dims().to_vec();
-        self.entries.push(ParamEntry { path: self.path.join("."), dims, value: flat(value), rec, search, shared });
+        self.entries.push(ParamEntry {
+            path: self.path.join("."),
+            dims,
+            value: flat(value),
+            rec,
+            search,
+            shared,
+        });
         self.ids.push(id);
     }
 }

@@ -68,7 +68,11 @@ fn f32_blob<const D: usize>(tensor: &Tensor<D>) -> Result<Blob> {
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| OptimError::TensorRead(format!("{e:?}")))?;
-    Ok(Blob { dtype: Dtype::F32, shape, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() })
+    Ok(Blob {
+        dtype: Dtype::F32,
+        shape,
+        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    })
 }
 
 fn basis_blob(basis: &SubspaceBasis) -> Blob {
@@ -115,7 +119,10 @@ impl Optimizer {
                     has_moments: s.moments.is_some(),
                 });
             }
-            matrices.insert(path.clone(), MatrixManifest { shape: state.shape, side: state.side, subspaces });
+            matrices.insert(
+                path.clone(),
+                MatrixManifest { shape: state.shape, side: state.side, subspaces },
+            );
         }
         for (path, m) in &self.adam {
             blobs.insert(format!("adam/{path}/m1"), f32_blob(&m.first)?);
@@ -130,7 +137,8 @@ impl Optimizer {
                     .map_err(|e| OptimError::state(tensors_path.display(), e))
             })
             .collect::<Result<_>>()?;
-        let bytes = safetensors::serialize(views, None).map_err(|e| OptimError::state(tensors_path.display(), e))?;
+        let bytes = safetensors::serialize(views, None)
+            .map_err(|e| OptimError::state(tensors_path.display(), e))?;
         write_atomically(&tensors_path, &bytes)?;
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -141,7 +149,8 @@ impl Optimizer {
             adam: self.adam.keys().cloned().collect(),
         };
         let json_path = dir.join(JSON);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| OptimError::state(json_path.display(), e))?;
+        let json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| OptimError::state(json_path.display(), e))?;
         write_atomically(&json_path, &json)
     }
 
@@ -153,14 +162,21 @@ impl Optimizer {
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let json_path = dir.join(JSON);
-        let json = std::fs::read(&json_path).map_err(|e| OptimError::state(json_path.display(), e))?;
-        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| OptimError::state(json_path.display(), e))?;
+        let json =
+            std::fs::read(&json_path).map_err(|e| OptimError::state(json_path.display(), e))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&json).map_err(|e| OptimError::state(json_path.display(), e))?;
         if manifest.format != FORMAT {
-            return Err(OptimError::state(json_path.display(), format!("format `{}`, expected `{FORMAT}`", manifest.format)));
+            return Err(OptimError::state(
+                json_path.display(),
+                format!("format `{}`, expected `{FORMAT}`", manifest.format),
+            ));
         }
         let tensors_path = dir.join(TENSORS);
-        let bytes = std::fs::read(&tensors_path).map_err(|e| OptimError::state(tensors_path.display(), e))?;
-        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| OptimError::state(tensors_path.display(), e))?;
+        let bytes = std::fs::read(&tensors_path)
+            .map_err(|e| OptimError::state(tensors_path.display(), e))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| OptimError::state(tensors_path.display(), e))?;
         let reader = Reader { tensors: &tensors, file: tensors_path, device };
 
         let mut optimizer = Optimizer::new(manifest.config)?;
@@ -170,7 +186,11 @@ impl Optimizer {
             let mut subspaces = Vec::new();
             for s in m.subspaces {
                 let key = format!("matrix/{path}/{}", s.kind.as_str());
-                let basis = if s.has_basis { Some(reader.basis(&format!("{key}/basis"), m.side)?) } else { None };
+                let basis = if s.has_basis {
+                    Some(reader.basis(&format!("{key}/basis"), m.side)?)
+                } else {
+                    None
+                };
                 let moments = if s.has_moments {
                     Some(AdamMoments {
                         first: reader.f32::<2>(&format!("{key}/m1"))?,
@@ -181,7 +201,9 @@ impl Optimizer {
                 };
                 subspaces.push(SubspaceState { kind: s.kind, basis, moments });
             }
-            optimizer.matrices.insert(path, MatrixState { shape: m.shape, side: m.side, subspaces });
+            optimizer
+                .matrices
+                .insert(path, MatrixState { shape: m.shape, side: m.side, subspaces });
         }
         for path in manifest.adam {
             let moments = AdamMoments {
@@ -209,7 +231,11 @@ impl Reader<'_> {
         if view.dtype() != dtype || view.shape().len() != rank {
             return Err(OptimError::state(
                 self.file.display(),
-                format!("key `{key}`: {:?} {:?}, expected {dtype:?} of rank {rank}", view.dtype(), view.shape()),
+                format!(
+                    "key `{key}`: {:?} {:?}, expected {dtype:?} of rank {rank}",
+                    view.dtype(),
+                    view.shape()
+                ),
             ));
         }
         Ok(view)
@@ -217,8 +243,11 @@ impl Reader<'_> {
 
     fn f32<const D: usize>(&self, key: &str) -> Result<Tensor<D>> {
         let view = self.view(key, Dtype::F32, D)?;
-        let values: Vec<f32> =
-            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         Ok(Tensor::from_data(TensorData::new(values, view.shape().to_vec()), self.device))
     }
 

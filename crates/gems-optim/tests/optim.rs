@@ -26,14 +26,19 @@ fn device() -> Device {
 }
 
 fn matrix(v: &Value) -> Tensor<2> {
-    let rows: Vec<Vec<f32>> =
-        v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect();
+    let rows: Vec<Vec<f32>> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect();
     let (m, n) = (rows.len(), rows[0].len());
     Tensor::from_data(TensorData::new(rows.concat(), [m, n]), &device())
 }
 
 fn vector(v: &Value) -> Tensor<1> {
-    let values: Vec<f32> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let values: Vec<f32> =
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), &device())
 }
@@ -164,8 +169,12 @@ fn every_method_matches_the_numpy_reference() {
             optimizer.set_null_space_projector(path, projector(&fixture["activations"][path], tau));
         }
         let mut toy = toy_from(&fixture["init"]);
-        for (i, (step, expected)) in
-            fixture["steps"].as_array().unwrap().iter().zip(case["expected"].as_array().unwrap()).enumerate()
+        for (i, (step, expected)) in fixture["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["expected"].as_array().unwrap())
+            .enumerate()
         {
             let grads = step_gradients(&toy, step);
             let (next, report) = optimizer.step(lr, &toy, grads).unwrap();
@@ -198,7 +207,12 @@ fn null_space_projectors_of_the_fixture_keep_the_expected_directions() {
 fn identity_projectors(optimizer: &mut Optimizer) {
     for (path, m) in [("tall", 12), ("wide", 6)] {
         let k = faer::Mat::<f64>::zeros(m, m);
-        let p = NullSpaceProjector::from_second_moment(k.as_ref(), NullSpaceRule::default(), ProjectorSide::Output).unwrap();
+        let p = NullSpaceProjector::from_second_moment(
+            k.as_ref(),
+            NullSpaceRule::default(),
+            ProjectorSide::Output,
+        )
+        .unwrap();
         assert_eq!(p.null_directions(), m);
         optimizer.set_null_space_projector(path, Arc::new(p));
     }
@@ -222,8 +236,13 @@ fn gems_with_identity_projector_and_zero_task_gradients_equals_galore() {
             g.register(toy.bias.id, toy.bias.val().zeros_like());
             TaskGradient { grads: g, samples: 4, loss: 1.0 }
         };
-        let grads_a = StepGradients { rec: Some(zero(&a)), search: Some(zero(&a)), shared: Some(task_grads(&a, &step["rec"])) };
-        let grads_b = StepGradients { rec: None, search: None, shared: Some(task_grads(&b, &step["rec"])) };
+        let grads_a = StepGradients {
+            rec: Some(zero(&a)),
+            search: Some(zero(&a)),
+            shared: Some(task_grads(&a, &step["rec"])),
+        };
+        let grads_b =
+            StepGradients { rec: None, search: None, shared: Some(task_grads(&b, &step["rec"])) };
         a = gems.step(1e-2, &a, grads_a).unwrap().0;
         b = galore.step(1e-2, &b, grads_b).unwrap().0;
     }
@@ -241,13 +260,22 @@ fn full_rank_with_refresh_every_step_keeps_the_whole_gradient() {
     let mut optimizer = Optimizer::new(config).unwrap();
     let toy = toy_from(&fixture["init"]);
     let step = &fixture["steps"][0];
-    optimizer.step(1e-2, &toy, StepGradients { shared: Some(task_grads(&toy, &step["rec"])), ..Default::default() }).unwrap();
-    for (path, stored) in [("tall", matrix(&step["rec"]["tall"])), ("wide", matrix(&step["rec"]["wide"]))] {
+    optimizer
+        .step(
+            1e-2,
+            &toy,
+            StepGradients { shared: Some(task_grads(&toy, &step["rec"])), ..Default::default() },
+        )
+        .unwrap();
+    for (path, stored) in
+        [("tall", matrix(&step["rec"]["tall"])), ("wide", matrix(&step["rec"]["wide"]))]
+    {
         let state = optimizer.matrix_state(path).unwrap();
         let basis = state.subspaces[0].basis.as_ref().unwrap();
         assert_eq!(basis.rank(), state.shape[0].min(state.shape[1]));
         let g = stored.transpose(); // math layout
-        let back = basis.back_project_tensor(basis.project_tensor(g.clone()).unwrap(), 1.0).unwrap();
+        let back =
+            basis.back_project_tensor(basis.project_tensor(g.clone()).unwrap(), 1.0).unwrap();
         assert!(max_diff(&values(back), &values(g)) < 1e-5, "{path}");
     }
 }
@@ -255,7 +283,8 @@ fn full_rank_with_refresh_every_step_keeps_the_whole_gradient() {
 #[test]
 fn non_finite_gradients_and_losses_skip_the_step_and_keep_state() {
     let fixture = reference();
-    let config = config_for(&serde_json::json!({"method": "gems", "null_space": false}), &fixture["hyper"]);
+    let config =
+        config_for(&serde_json::json!({"method": "gems", "null_space": false}), &fixture["hyper"]);
     let mut optimizer = Optimizer::new(config).unwrap();
     let toy = toy_from(&fixture["init"]);
     let (toy, _) = optimizer.step(1e-2, &toy, step_gradients(&toy, &fixture["steps"][0])).unwrap();
@@ -266,7 +295,10 @@ fn non_finite_gradients_and_losses_skip_the_step_and_keep_state() {
     let rec = grads.rec.as_mut().unwrap();
     let mut bad = values(toy.wide.val());
     bad[3] = f64::NAN;
-    rec.grads.register(toy.wide.id, Tensor::<1>::from_data(TensorData::new(bad, [60]), &device()).reshape([10, 6]));
+    rec.grads.register(
+        toy.wide.id,
+        Tensor::<1>::from_data(TensorData::new(bad, [60]), &device()).reshape([10, 6]),
+    );
     let (same, report) = optimizer.step(1e-2, &toy, grads).unwrap();
     assert_eq!(report.skipped.as_deref(), Some("non-finite gradient in `wide`"));
     assert_eq!((optimizer.steps(), optimizer.skipped_steps()), (1, 1));
@@ -279,7 +311,8 @@ fn non_finite_gradients_and_losses_skip_the_step_and_keep_state() {
     assert!(report.skipped.unwrap().contains("non-finite loss"));
     assert_eq!(optimizer.skipped_steps(), 2);
     // The next finite step proceeds as step 2.
-    let (_, report) = optimizer.step(1e-2, &toy, step_gradients(&toy, &fixture["steps"][1])).unwrap();
+    let (_, report) =
+        optimizer.step(1e-2, &toy, step_gradients(&toy, &fixture["steps"][1])).unwrap();
     assert_eq!(report.step, 2);
 }
 
@@ -290,7 +323,12 @@ fn wrong_projector_is_an_error_and_leaves_state_unchanged() {
     let mut optimizer = Optimizer::new(config).unwrap();
     // The wide matrix is math 6 x 10: an output-side projector must be 6 x 6, not 10 x 10.
     let k = faer::Mat::<f64>::identity(10, 10);
-    let p = NullSpaceProjector::from_second_moment(k.as_ref(), NullSpaceRule::default(), ProjectorSide::Output).unwrap();
+    let p = NullSpaceProjector::from_second_moment(
+        k.as_ref(),
+        NullSpaceRule::default(),
+        ProjectorSide::Output,
+    )
+    .unwrap();
     optimizer.set_null_space_projector("wide", Arc::new(p));
     let toy = toy_from(&fixture["init"]);
     let err = optimizer.step(1e-2, &toy, step_gradients(&toy, &fixture["steps"][0])).unwrap_err();
@@ -310,19 +348,26 @@ fn state_bytes_match_the_analytic_count() {
     };
     let hyper = &fixture["hyper"];
     // AdamW: 2 moments per element: tall 96, wide 60, bias 5.
-    assert_eq!(run(config_for(&serde_json::json!({"method": "full"}), hyper)), 4 * 2 * (96 + 60 + 5));
+    assert_eq!(
+        run(config_for(&serde_json::json!({"method": "full"}), hyper)),
+        4 * 2 * (96 + 60 + 5)
+    );
     // GaLore rank 4: tall is math 12x8, right side: 2*m*r + r*n; wide is 6x10, left: 2*r*n + m*r.
     let galore = 4 * (2 * 12 * 4 + 4 * 8 + 2 * 4 * 10 + 6 * 4 + 2 * 5);
     assert_eq!(run(config_for(&serde_json::json!({"method": "galore"}), hyper)), galore);
     // GEMS adds two rank-2 task subspaces per matrix.
     let tasks = 2 * (2 * 12 * 2 + 2 * 8 + 2 * 2 * 10 + 6 * 2);
-    assert_eq!(run(config_for(&serde_json::json!({"method": "gems", "null_space": false}), hyper)), galore + 4 * tasks);
+    assert_eq!(
+        run(config_for(&serde_json::json!({"method": "gems", "null_space": false}), hyper)),
+        galore + 4 * tasks
+    );
 }
 
 #[test]
 fn resumed_run_continues_exactly() {
     let fixture = reference();
-    let config = config_for(&serde_json::json!({"method": "gems", "moments": "rotate"}), &fixture["hyper"]);
+    let config =
+        config_for(&serde_json::json!({"method": "gems", "moments": "rotate"}), &fixture["hyper"]);
     let tau = fixture["hyper"]["tau"].as_f64().unwrap();
     let with_projectors = |mut o: Optimizer| {
         for path in ["tall", "wide"] {
@@ -347,7 +392,8 @@ fn resumed_run_continues_exactly() {
     let mut second = with_projectors(Optimizer::load(&dir, &device()).unwrap());
     assert_eq!(second.steps(), 2);
     assert_eq!(second.config(), first.config());
-    resumed_toy = second.step(1e-2, &resumed_toy, step_gradients(&resumed_toy, &steps[2])).unwrap().0;
+    resumed_toy =
+        second.step(1e-2, &resumed_toy, step_gradients(&resumed_toy, &steps[2])).unwrap().0;
     for (a, b) in [
         (values(toy.tall.val()), values(resumed_toy.tall.val())),
         (values(toy.wide.val()), values(resumed_toy.wide.val())),
@@ -393,7 +439,8 @@ fn regressor(device: &Device) -> Regressor {
             .iter()
             .enumerate()
             .map(|(i, &(d_in, d_out))| Dense {
-                weight: Param::from_tensor(seeded(d_in, d_out, 10 + i as u64, 0.3, device)).set_require_grad(true),
+                weight: Param::from_tensor(seeded(d_in, d_out, 10 + i as u64, 0.3, device))
+                    .set_require_grad(true),
                 bias: Param::from_tensor(Tensor::zeros([d_out], device)).set_require_grad(true),
             })
             .collect(),
@@ -470,7 +517,8 @@ fn accumulated_micro_batches_equal_one_large_batch() {
         src.add(&model, task_gradient(&model, slice(&data.x, a, b), slice(&data.y_src, a, b)));
     }
     assert_eq!(rec.samples(), 24);
-    let accumulated = StepGradients { rec: rec.finish(&model), search: src.finish(&model), shared: None };
+    let accumulated =
+        StepGradients { rec: rec.finish(&model), search: src.finish(&model), shared: None };
     let window_loss = accumulated.rec.as_ref().unwrap().loss;
     assert!((window_loss - big.rec.as_ref().unwrap().loss).abs() < 1e-5);
 
@@ -492,7 +540,10 @@ fn every_method_lowers_both_task_losses_on_a_toy_problem() {
     let data = tasks(64, &device);
     for method in [Method::Gems, Method::Galore, Method::Full, Method::PcGrad, Method::Lora] {
         let mut model = regressor(&device);
-        let start = (loss_of(&model, data.x.clone(), data.y_rec.clone()), loss_of(&model, data.x.clone(), data.y_src.clone()));
+        let start = (
+            loss_of(&model, data.x.clone(), data.y_rec.clone()),
+            loss_of(&model, data.x.clone(), data.y_src.clone()),
+        );
         let mut optimizer = Optimizer::new(regressor_config(method)).unwrap();
         for _ in 0..60 {
             let grads = StepGradients {
@@ -510,8 +561,18 @@ fn every_method_lowers_both_task_losses_on_a_toy_problem() {
             }
             model = next;
         }
-        let end = (loss_of(&model, data.x.clone(), data.y_rec.clone()), loss_of(&model, data.x.clone(), data.y_src.clone()));
-        assert!(end.0 < 0.8 * start.0 && end.1 < 0.8 * start.1, "{method:?}: rec {:.4} -> {:.4}, search {:.4} -> {:.4}", start.0, end.0, start.1, end.1);
+        let end = (
+            loss_of(&model, data.x.clone(), data.y_rec.clone()),
+            loss_of(&model, data.x.clone(), data.y_src.clone()),
+        );
+        assert!(
+            end.0 < 0.8 * start.0 && end.1 < 0.8 * start.1,
+            "{method:?}: rec {:.4} -> {:.4}, search {:.4} -> {:.4}",
+            start.0,
+            end.0,
+            start.1,
+            end.1
+        );
         if method == Method::Lora {
             // Only layer 1 is trainable: layer 0 is untouched.
             let fresh = regressor(&device);

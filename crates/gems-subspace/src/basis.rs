@@ -26,9 +26,11 @@ use burn::tensor::{Device, Tensor};
 use faer::{Mat, MatRef};
 use serde::{Deserialize, Serialize};
 
-use crate::decompose::{RandomizedSvdConfig, clip_rank, randomized_svd, top_singular_vectors};
+use crate::decompose::{
+    RandomizedSvdConfig, clip_rank, randomized_svd, randomized_svd_f32, top_singular_vectors,
+};
 use crate::error::{Result, SubspaceError};
-use crate::host::{DeviceCopy, ensure_finite, matrix_from_tensor};
+use crate::host::{DeviceCopy, ensure_finite, matrix_from_tensor, tensor_values_f32};
 use crate::rng::SplitMix64;
 
 /// Which side of an m x n matrix a basis acts on.
@@ -170,7 +172,22 @@ impl SubspaceBasis {
         side: Side,
         method: &SvdMethod,
     ) -> Result<Self> {
-        Self::from_gradient(matrix_from_tensor(gradient)?.as_ref(), rank, side, method)
+        match method {
+            SvdMethod::Exact => {
+                Self::from_gradient(matrix_from_tensor(gradient)?.as_ref(), rank, side, method)
+            }
+            SvdMethod::Randomized(config) => {
+                // The sketch runs in f32 anyway: read the tensor once, as f32, without a copy
+                // into f64.
+                let [rows, cols] = gradient.dims();
+                let values = tensor_values_f32(gradient)?;
+                let view = MatRef::from_row_major_slice(&values, rows, cols);
+                let svd = randomized_svd_f32(view, rank, config)?;
+                let mut q = if side == Side::Left { svd.u } else { svd.v };
+                canonicalize_signs(&mut q);
+                Ok(Self::new_unchecked(side, q, svd.s))
+            }
+        }
     }
 
     /// A task basis orthogonal to `shared` (GEMS-SPEC §3, option "complement").

@@ -25,6 +25,17 @@ pub fn matrix_from_tensor(tensor: &Tensor<2>) -> Result<Mat<f64>> {
     Ok(Mat::from_fn(rows, cols, |i, j| values[i * cols + j]))
 }
 
+/// The values of a rank-2 tensor as f32, row-major (rows x cols), read back from its device.
+///
+/// # Errors
+/// [`SubspaceError::TensorRead`] when the backend cannot read the tensor back.
+pub fn tensor_values_f32(tensor: &Tensor<2>) -> Result<Vec<f32>> {
+    tensor.to_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| SubspaceError::TensorRead {
+        op: "tensor_values_f32",
+        detail: format!("{e:?}"),
+    })
+}
+
 /// Uploads a host matrix to `device` as an f32 tensor of the same shape.
 pub fn tensor_from_matrix(matrix: MatRef<'_, f64>, device: &Device) -> Tensor<2> {
     let (rows, cols) = matrix.shape();

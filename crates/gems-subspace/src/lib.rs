@@ -39,13 +39,13 @@ pub mod rng;
 
 pub use basis::{ProjectionType, Side, SubspaceBasis, SvdMethod};
 pub use decompose::{
-    RandomizedSvdConfig, SymmetricEigen, ThinSvd, TruncatedSvd, randomized_svd, singular_values,
-    symmetric_eigen, thin_svd, top_singular_vectors,
+    RandomizedSvdConfig, SymmetricEigen, ThinSvd, TruncatedSvd, randomized_svd, randomized_svd_f32,
+    singular_values, symmetric_eigen, thin_svd, top_singular_vectors,
 };
 pub use diagnostics::{
     captured_energy, cosine_similarity, cosine_similarity_tensor, principal_angles,
     subspace_overlap,
 };
 pub use error::{Result, SubspaceError};
-pub use host::{matrix_from_tensor, tensor_from_matrix};
+pub use host::{matrix_from_tensor, tensor_from_matrix, tensor_values_f32};
 pub use nullspace::{NullSpaceProjector, NullSpaceRule, ProjectorSide, SecondMomentAccumulator};

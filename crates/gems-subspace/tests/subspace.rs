@@ -197,6 +197,11 @@ proptest! {
             let randomized = SubspaceBasis::from_gradient(a.as_ref(), r, side, &SvdMethod::Randomized(config)).unwrap();
             let overlap = subspace_overlap(&exact, &randomized).unwrap();
             prop_assert!(overlap >= 0.99, "overlap {} for {}x{} r={} side {:?}", overlap, m, n, r, side);
+            // The f32 path from a device tensor finds the same subspace.
+            let from_tensor = SubspaceBasis::from_gradient_tensor(&tensor(a.as_ref()), r, side, &SvdMethod::Randomized(config)).unwrap();
+            prop_assert!(orthonormality_error(from_tensor.matrix()) <= 1e-10);
+            let overlap = subspace_overlap(&exact, &from_tensor).unwrap();
+            prop_assert!(overlap >= 0.99, "tensor path overlap {} for {}x{} r={}", overlap, m, n, r);
         }
         // Estimated singular values are close to the exact ones.
         for (i, s) in approx.s.iter().enumerate() {
