@@ -52,7 +52,8 @@ pub fn bias_correction(step: u64, beta1: f64, beta2: f64) -> f64 {
     (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t))
 }
 
-/// W - lr c U, then decoupled weight decay on the result.
+/// W - lr c U, then decoupled weight decay on the result:
+/// (W - lr c U)(1 - lr wd) = W (1 - lr wd) - [lr c (1 - lr wd)] U.
 pub fn apply_update<const D: usize>(
     weight: Tensor<D>,
     update: Tensor<D>,
@@ -60,6 +61,30 @@ pub fn apply_update<const D: usize>(
     correction: f64,
     weight_decay: f64,
 ) -> Tensor<D> {
-    let stepped = weight.sub(update.mul_scalar(lr * correction));
-    if weight_decay == 0.0 { stepped } else { stepped.mul_scalar(1.0 - lr * weight_decay) }
+    apply_scaled_update(
+        weight,
+        update.mul_scalar(update_scale(lr, correction, weight_decay)),
+        lr,
+        weight_decay,
+    )
+}
+
+/// The factor lr c (1 - lr wd) that [`apply_scaled_update`] expects already applied to U.
+pub fn update_scale(lr: f64, correction: f64, weight_decay: f64) -> f64 {
+    lr * correction * (1.0 - lr * weight_decay)
+}
+
+/// W (1 - lr wd) - U', for an update U' already multiplied by [`update_scale`] (the subspace
+/// methods fold that factor into their small low-rank factors).
+pub fn apply_scaled_update<const D: usize>(
+    weight: Tensor<D>,
+    scaled_update: Tensor<D>,
+    lr: f64,
+    weight_decay: f64,
+) -> Tensor<D> {
+    if weight_decay == 0.0 {
+        weight.sub(scaled_update)
+    } else {
+        weight.mul_scalar(1.0 - lr * weight_decay).sub(scaled_update)
+    }
 }

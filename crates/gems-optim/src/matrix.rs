@@ -1,7 +1,10 @@
 //! The subspace update of one tuned matrix, in the math layout of GEMS-SPEC §3.
 //!
-//! [`MatrixState`] holds, per subspace (shared, rec, search), a basis and its Adam moments. A
-//! step takes the three gradients of W (m x n, already averaged over the window), and returns
+//! [`MatrixState`] holds, per subspace (shared, rec, search), a basis and its Adam moments. It
+//! works on the matrix as stored (no transposes on the hot path): for Burn's `[d_in, d_out]`
+//! storage of W^T, a right basis of W is used as a left basis of W^T, and an output-side
+//! projector is applied on the right. A step takes the three gradients (already averaged over
+//! the window), and returns
 //! the combined direction U_sh + g_rec U_rec + g_src U_src; the caller applies the learning
 //! rate, bias correction and weight decay (shared with AdamW in [`crate::adam`]).
 
@@ -13,7 +16,7 @@ use gems_subspace::{
 };
 
 use crate::adam::AdamMoments;
-use crate::config::{MomentPolicy, OptimizerConfig, Subspace};
+use crate::config::{MomentPolicy, OptimizerConfig, Subspace, WeightLayout};
 use crate::error::{OptimError, Result};
 
 /// Basis and moments of one subspace of one matrix.
@@ -41,15 +44,19 @@ pub struct RefreshReport {
 /// Optimizer state of one tuned matrix (math layout m x n).
 #[derive(Debug, Clone)]
 pub struct MatrixState {
-    /// Math-layout shape [m, n].
+    /// Shape of the matrix as stored (for Burn's `Linear`, `[d_in, d_out]` = W^T).
     pub shape: [usize; 2],
-    /// The side every basis of this matrix acts on.
+    /// The side of the stored matrix every basis acts on: the math-layout side of
+    /// `proj_type`, flipped when the stored matrix is W^T (a right basis of W is a left basis
+    /// of W^T, with the same vectors).
     pub side: Side,
+    /// Whether the stored matrix is W^T (layout `in_out`).
+    pub transposed: bool,
     /// One entry per subspace, in the order of [`OptimizerConfig::subspaces`].
     pub subspaces: Vec<SubspaceState>,
 }
 
-/// The per-task gradients of one matrix, math layout, each averaged over the window. A missing
+/// The per-task gradients of one matrix, as stored, each averaged over the window. A missing
 /// task gradient counts as zero.
 #[derive(Debug, Clone)]
 pub struct MatrixGradients {
@@ -62,19 +69,29 @@ pub struct MatrixGradients {
 }
 
 impl MatrixState {
-    /// Empty state for an m x n matrix; the side follows `config.gems.proj_type`.
+    /// Empty state for a matrix stored with `shape`; the side follows `config.gems.proj_type`
+    /// applied to the math-layout shape m x n.
     pub fn new(shape: [usize; 2], config: &OptimizerConfig) -> Self {
-        let side = config.gems.proj_type.side(shape[0], shape[1]);
+        let transposed = config.layout == WeightLayout::InOut;
+        let side = if transposed {
+            match config.gems.proj_type.side(shape[1], shape[0]) {
+                Side::Left => Side::Right,
+                Side::Right => Side::Left,
+            }
+        } else {
+            config.gems.proj_type.side(shape[0], shape[1])
+        };
         let subspaces = config
             .subspaces()
             .iter()
             .map(|&kind| SubspaceState { kind, basis: None, moments: None })
             .collect();
-        Self { shape, side, subspaces }
+        Self { shape, side, transposed, subspaces }
     }
 
-    /// One step; returns the combined direction (before lr and bias correction) and, on a
-    /// refresh step, what each refresh measured.
+    /// One step; returns `step_scale` times the combined direction U_sh + g_rec U_rec +
+    /// g_src U_src (the caller passes lr, bias correction and weight-decay factors here so they
+    /// cost nothing on the full-size tensor) and, on a refresh step, what each refresh measured.
     ///
     /// # Errors
     /// Shape mismatches (gradient or projector), NaN in a gradient at a refresh, SVD failure.
@@ -86,6 +103,7 @@ impl MatrixState {
         gradients: MatrixGradients,
         projector: Option<&NullSpaceProjector>,
         gates: (f64, f64),
+        step_scale: f64,
         config: &OptimizerConfig,
     ) -> Result<(Tensor<2>, Option<Vec<RefreshReport>>)> {
         let settings = &config.gems;
@@ -100,16 +118,18 @@ impl MatrixState {
             Ok(())
         };
         check(&gradients.shared)?;
+        let device = gradients.shared.device();
         let zeros = || gradients.shared.zeros_like();
         let mut task_gradients = [Some(gradients.shared.clone()), gradients.rec, gradients.search];
         for g in task_gradients.iter().flatten() {
             check(g)?;
         }
         // 2. Null-space projection of every gradient.
+        let transposed = self.transposed;
         let project_null = |g: Tensor<2>| -> Result<Tensor<2>> {
             match projector {
                 None => Ok(g),
-                Some(p) => apply_projector(path, p, g),
+                Some(p) => apply_projector(path, p, g, transposed),
             }
         };
         let mut grads: Vec<Tensor<2>> = Vec::with_capacity(self.subspaces.len());
@@ -126,8 +146,13 @@ impl MatrixState {
         let reports =
             if refresh { Some(self.refresh(path, step, &grads, rank_cap, config)?) } else { None };
 
-        // 4-7. Project, Adam in the subspace, back-project, gate.
-        let mut combined: Option<Tensor<2>> = None;
+        // 4-7. Project, Adam in the subspace, back-project, gate. The three back-projections
+        // are one matmul over the concatenated bases, with alpha, the gate and the caller's
+        // `step_scale` folded into the small N_X: U = [Q_sh|Q_rec|Q_src] [c N_sh; c g N_rec; ...]
+        // (left side) or [c N_sh | ...] [Q_sh|Q_rec|Q_src]^T (right side). That writes one m x n
+        // tensor instead of three, plus the sums.
+        let mut scaled = Vec::with_capacity(self.subspaces.len());
+        let mut bases = Vec::with_capacity(self.subspaces.len());
         for (state, g) in self.subspaces.iter_mut().zip(grads) {
             let Some(basis) = state.basis.as_ref() else {
                 return Err(OptimError::state(
@@ -138,22 +163,21 @@ impl MatrixState {
             let r = basis.project_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
             let moments = state.moments.get_or_insert_with(|| AdamMoments::zeros_like(&r));
             let n = moments.update(r, config.beta1, config.beta2, config.eps);
-            let u = basis
-                .back_project_tensor(n, settings.scale)
-                .map_err(|e| OptimError::subspace(path, e))?;
             let gate = match state.kind {
                 Subspace::Shared => 1.0,
                 Subspace::Rec => gates.0,
                 Subspace::Search => gates.1,
             };
-            let u = if gate == 1.0 { u } else { u.mul_scalar(gate) };
-            combined = Some(match combined {
-                None => u,
-                Some(acc) => acc.add(u),
-            });
+            scaled.push(n.mul_scalar(settings.scale * gate * step_scale));
+            bases.push(basis.device_matrix(&device));
         }
-        let Some(mut update) = combined else {
+        if scaled.is_empty() {
             return Err(OptimError::InvalidConfig("no subspace configured".into()));
+        }
+        let q = Tensor::cat(bases, 1); // dim x (r_sh + r_rec + r_src)
+        let mut update = match self.side {
+            Side::Left => q.matmul(Tensor::cat(scaled, 0)),
+            Side::Right => Tensor::cat(scaled, 1).matmul(q.transpose()),
         };
         // 8. Strict mode: the final update itself lies in the null space.
         if settings.strict_null_space {
@@ -235,23 +259,28 @@ impl MatrixState {
     }
 }
 
-/// P G (output side) or G P (input side) in the math layout.
+/// P G (output side) or G P (input side) in the math layout; on a stored W^T the sides swap
+/// (P symmetric: (P G)^T = G^T P).
 pub(crate) fn apply_projector(
     path: &str,
     projector: &NullSpaceProjector,
     g: Tensor<2>,
+    transposed: bool,
 ) -> Result<Tensor<2>> {
-    let [m, n] = g.dims();
-    let (dim, result) = match projector.side() {
-        ProjectorSide::Output => (m, projector.apply_left_tensor(g)),
-        ProjectorSide::Input => (n, projector.apply_right_tensor(g)),
+    let [rows, cols] = g.dims();
+    let on_rows = (projector.side() == ProjectorSide::Output) != transposed;
+    let (dim, result) = if on_rows {
+        (rows, projector.apply_left_tensor(g))
+    } else {
+        (cols, projector.apply_right_tensor(g))
     };
     result.map_err(|_| OptimError::Projector {
         path: path.to_string(),
         detail: format!(
-            "{:?}-side null-space projector has dim {} but the matrix (math layout) is {m}x{n} (needs {dim})",
+            "{:?}-side null-space projector has dim {} but the matrix is stored {rows}x{cols}{} (needs {dim})",
             projector.side(),
-            projector.dim()
+            projector.dim(),
+            if transposed { " as W^T" } else { "" },
         ),
     })
 }

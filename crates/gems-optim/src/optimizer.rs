@@ -20,8 +20,8 @@ use burn::tensor::Tensor;
 use gems_subspace::NullSpaceProjector;
 use serde::{Deserialize, Serialize};
 
-use crate::adam::{AdamMoments, apply_update, bias_correction};
-use crate::config::{GatePolicy, Method, OptimizerConfig, WeightLayout, path_matches};
+use crate::adam::{AdamMoments, apply_scaled_update, apply_update, bias_correction, update_scale};
+use crate::config::{GatePolicy, Method, OptimizerConfig, path_matches};
 use crate::error::{OptimError, Result};
 use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
 
@@ -298,36 +298,30 @@ impl Optimizer {
             }
             let new_value = if is_tuned {
                 let [rows, cols] = [entry.dims[0], entry.dims[1]];
-                let to_math = |g: Tensor<1>| -> Tensor<2> {
-                    let stored = g.reshape([rows, cols]);
-                    match self.config.layout {
-                        WeightLayout::InOut => stored.transpose(),
-                        WeightLayout::OutIn => stored,
-                    }
-                };
-                let math_shape = match self.config.layout {
-                    WeightLayout::InOut => [cols, rows],
-                    WeightLayout::OutIn => [rows, cols],
-                };
+                let as_matrix = |g: Tensor<1>| -> Tensor<2> { g.reshape([rows, cols]) };
                 let state = matrices
                     .entry(entry.path.clone())
-                    .or_insert_with(|| MatrixState::new(math_shape, &self.config));
+                    .or_insert_with(|| MatrixState::new([rows, cols], &self.config));
                 let projector = if self.config.gems.null_space {
                     self.projectors.get(&entry.path).map(Arc::as_ref)
                 } else {
                     None
                 };
                 let grads = MatrixGradients {
-                    shared: to_math(shared),
-                    rec: entry.rec.clone().map(to_math),
-                    search: entry.search.clone().map(to_math),
+                    shared: as_matrix(shared),
+                    rec: entry.rec.clone().map(as_matrix),
+                    search: entry.search.clone().map(as_matrix),
                 };
-                let (update, refresh) =
-                    state.step(&entry.path, t, grads, projector, report.gates, &self.config)?;
-                let stored_update = match self.config.layout {
-                    WeightLayout::InOut => update.transpose(),
-                    WeightLayout::OutIn => update,
-                };
+                let step_scale = update_scale(lr, correction, self.config.weight_decay);
+                let (update, refresh) = state.step(
+                    &entry.path,
+                    t,
+                    grads,
+                    projector,
+                    report.gates,
+                    step_scale,
+                    &self.config,
+                )?;
                 let cosine = stat.cosine();
                 cosines.extend(cosine);
                 report.matrices.push(MatrixReport {
@@ -338,11 +332,10 @@ impl Optimizer {
                     refresh,
                     null_space_applied: projector.is_some(),
                 });
-                apply_update(
+                apply_scaled_update(
                     entry.value.clone(),
-                    stored_update.reshape([rows * cols]),
+                    update.reshape([rows * cols]),
                     lr,
-                    correction,
                     self.config.weight_decay,
                 )
             } else {

@@ -44,6 +44,7 @@ struct Manifest {
 struct MatrixManifest {
     shape: [usize; 2],
     side: Side,
+    transposed: bool,
     subspaces: Vec<SubspaceManifest>,
 }
 
@@ -121,7 +122,12 @@ impl Optimizer {
             }
             matrices.insert(
                 path.clone(),
-                MatrixManifest { shape: state.shape, side: state.side, subspaces },
+                MatrixManifest {
+                    shape: state.shape,
+                    side: state.side,
+                    transposed: state.transposed,
+                    subspaces,
+                },
             );
         }
         for (path, m) in &self.adam {
@@ -201,9 +207,10 @@ impl Optimizer {
                 };
                 subspaces.push(SubspaceState { kind: s.kind, basis, moments });
             }
-            optimizer
-                .matrices
-                .insert(path, MatrixState { shape: m.shape, side: m.side, subspaces });
+            optimizer.matrices.insert(
+                path,
+                MatrixState { shape: m.shape, side: m.side, transposed: m.transposed, subspaces },
+            );
         }
         for path in manifest.adam {
             let moments = AdamMoments {

@@ -273,7 +273,7 @@ fn full_rank_with_refresh_every_step_keeps_the_whole_gradient() {
         let state = optimizer.matrix_state(path).unwrap();
         let basis = state.subspaces[0].basis.as_ref().unwrap();
         assert_eq!(basis.rank(), state.shape[0].min(state.shape[1]));
-        let g = stored.transpose(); // math layout
+        let g = stored; // bases act on the matrix as stored
         let back =
             basis.back_project_tensor(basis.project_tensor(g.clone()).unwrap(), 1.0).unwrap();
         assert!(max_diff(&values(back), &values(g)) < 1e-5, "{path}");
