@@ -5,6 +5,7 @@
 //! and typed (`thiserror`) in the libraries below.
 
 mod data;
+mod model_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -23,11 +24,17 @@ enum Command {
         #[command(subcommand)]
         command: data::DataCommand,
     },
+    /// Fetch, check and run pretrained models.
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Data { command } => data::run(command),
+        Command::Model { command } => model_cmd::run(command),
     }
 }
