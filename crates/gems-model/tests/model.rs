@@ -395,3 +395,155 @@ fn real_smollm2_when_fetched() {
     let d = max_diff(&alone(&p.model, &ids), &alone(&q.model, &ids));
     assert!(d < 1e-4, "HF export differs from GGUF by {d}");
 }
+
+// ------------------------------------------------------------------ items and LoRA
+
+#[test]
+fn item_tokens_title_mean_and_random() {
+    use gems_model::{ItemInit, ItemSpec, add_items};
+    let mut p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    let d = p.model.config.hidden_size;
+    let emb0 = host(p.model.embed_tokens.weight.val());
+    let head0 = host(p.model.lm_head.as_ref().unwrap().weight.val()); // [d, V]
+    let items = vec![
+        ItemSpec { id: "a1".into(), title: Some("the cat".into()) },
+        ItemSpec { id: "b2".into(), title: None },
+        ItemSpec { id: "c3".into(), title: Some("is".into()) },
+    ];
+    let ids = add_items(&mut p, &items, ItemInit::TitleMean).unwrap();
+    assert_eq!(ids, vec![64, 65, 66]);
+    assert_eq!(p.model.config.vocab_size, 67);
+    let enc = p.tokenizer.encode("the<item_a1> cat<item_c3>", false).unwrap();
+    assert!(enc.get_ids().contains(&64) && enc.get_ids().contains(&66), "{:?}", enc.get_ids());
+    let emb = host(p.model.embed_tokens.weight.val());
+    let head = host(p.model.lm_head.as_ref().unwrap().weight.val()); // [d, 67]
+    // "the cat" -> t, he, Ġcat
+    let vocab = p.tokenizer.get_vocab(true);
+    let title: Vec<usize> = ["t", "he", "Ġcat"].iter().map(|s| vocab[*s] as usize).collect();
+    for j in 0..d {
+        let want: f32 = title.iter().map(|&i| emb0[i * d + j]).sum::<f32>() / 3.0;
+        assert!((emb[64 * d + j] - want).abs() < 1e-6);
+        let want_h: f32 = title.iter().map(|&i| head0[j * 64 + i]).sum::<f32>() / 3.0;
+        assert!((head[j * 67 + 64] - want_h).abs() < 1e-6);
+        let mean: f32 = (0..64).map(|i| emb0[i * d + j]).sum::<f32>() / 64.0;
+        assert!((emb[65 * d + j] - mean).abs() < 1e-5, "no title -> vocabulary mean");
+    }
+    // Original rows unchanged, and the model runs on item ids.
+    assert_eq!(&emb[..64 * d], &emb0[..]);
+    let batch = TokenBatch::pad(&[vec![1, 46, 64, 66]], 0, false).unwrap();
+    assert!(host(p.model.forward(&batch).unwrap()).iter().all(|x| x.is_finite()));
+    assert!(add_items(&mut p, &items[..1], ItemInit::TitleMean).is_err(), "duplicate item");
+
+    // Random: seeded and matched to the table's scale.
+    let mut q = load_hf_dir(&fixtures().join("tiny_qwen2"), &device()).unwrap();
+    let many: Vec<ItemSpec> =
+        (0..200).map(|i| ItemSpec { id: i.to_string(), title: None }).collect();
+    let ids = add_items(&mut q, &many, ItemInit::Random { seed: 7 }).unwrap();
+    let emb = host(q.model.embed_tokens.weight.val());
+    let std = |x: &[f32]| {
+        let m = x.iter().sum::<f32>() / x.len() as f32;
+        (x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / x.len() as f32).sqrt()
+    };
+    let (old, new) = (std(&emb[..64 * d]), std(&emb[ids[0] as usize * d..]));
+    assert!((new / old - 1.0).abs() < 0.1, "random rows std {new} vs table {old}");
+
+    // The HF export carries the items.
+    let dir = tempfile::tempdir().unwrap();
+    gems_model::save_hf_dir(&p, dir.path()).unwrap();
+    let r = load_hf_dir(dir.path(), &device()).unwrap();
+    assert_eq!(r.model.config.vocab_size, 67);
+    assert_eq!(r.tokenizer.token_to_id("<item_c3>"), Some(66));
+    let seq = vec![1, 46, 64, 66];
+    assert!(max_diff(&alone(&p.model, &seq), &alone(&r.model, &seq)) < 1e-6);
+}
+
+#[test]
+fn lora_merge_peft_round_trip_and_gradients() {
+    use burn::module::Param;
+    use gems_model::lora::trainable_params;
+    use gems_model::{LoraConfig, apply_lora, load_peft, merge_lora, save_peft};
+    let dev = Device::flex();
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &dev).unwrap();
+    let seq = sequences()[0].clone();
+    let base = alone(&p.model, &seq);
+    let mut cfg = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
+    cfg.modules_to_save = Some(vec!["embed_tokens".into(), "lm_head".into()]);
+    let (mut m, n) = apply_lora(p.model, &cfg, true).unwrap();
+    assert_eq!(n, 6);
+    assert!(max_diff(&alone(&m, &seq), &base) < 1e-6, "fresh adapters (B = 0) change nothing");
+    // Give B non-zero values, as training would.
+    let mut rng = gems_model::llama::Rng::new(3);
+    for layer in m.layers.iter_mut() {
+        for lin in
+            [&mut layer.self_attn.q_proj, &mut layer.self_attn.v_proj, &mut layer.mlp.down_proj]
+        {
+            let l = lin.lora.as_mut().unwrap();
+            let [r, o] = l.lora_b.dims();
+            let v: Vec<f32> = (0..r * o).map(|_| 0.1 * rng.normal() as f32).collect();
+            l.lora_b = Param::from_tensor(Tensor::from_data(
+                burn::tensor::TensorData::new(v, [r, o]),
+                &dev,
+            ));
+        }
+    }
+    let tuned = alone(&m, &seq);
+    assert!(max_diff(&tuned, &base) > 1e-3);
+
+    // PEFT layout.
+    let dir = tempfile::tempdir().unwrap();
+    save_peft(&m, &cfg, dir.path()).unwrap();
+    let cfg_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["r"], 4);
+    let mut w = gems_model::WeightMap::new(dir.path());
+    w.read_safetensors(&dir.path().join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        w.tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape,
+        vec![4, 32]
+    );
+    assert_eq!(
+        w.tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].shape,
+        vec![16, 4]
+    );
+    assert_eq!(
+        w.tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape,
+        vec![4, 64]
+    );
+    assert!(w.tensors.contains_key("base_model.model.lm_head.weight"));
+
+    // Load onto a fresh base: same logits; merge: same logits without adapters.
+    let fresh = load_hf_dir(&fixtures().join("tiny_llama"), &dev).unwrap();
+    let (loaded, _) = load_peft(fresh.model, dir.path()).unwrap();
+    assert!(max_diff(&alone(&loaded, &seq), &tuned) < 1e-6);
+    let merged = merge_lora(loaded);
+    assert!(merged.layers.iter().all(|l| l.self_attn.q_proj.lora.is_none()));
+    let d = max_diff(&alone(&merged, &seq), &tuned);
+    assert!(d < 1e-4, "merged differs by {d}");
+
+    // Gradients on an autodiff device reach the adapters only (base frozen).
+    let ad = Device::flex().autodiff();
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &ad).unwrap();
+    let (m, _) = apply_lora(p.model, &cfg, true).unwrap();
+    // Trainable: adapters + embedding + head (modules_to_save).
+    let adapters = 2 * (4 * 32 + 4 * 32) + 2 * (4 * 32 + 4 * 16) + 2 * (4 * 64 + 4 * 32);
+    assert_eq!(trainable_params(&m), adapters + 2 * 64 * 32);
+    let batch = TokenBatch::pad(std::slice::from_ref(&seq), 0, false).unwrap();
+    let loss = m.logits_at(&batch, &[(0, 3), (0, 6)]).unwrap().sum();
+    let grads = loss.backward();
+    let a = &m.layers[0].self_attn.q_proj.lora.as_ref().unwrap().lora_a;
+    let b = &m.layers[0].self_attn.q_proj.lora.as_ref().unwrap().lora_b;
+    assert!(b.val().grad(&grads).is_some(), "lora_B gets a gradient");
+    assert!(a.val().grad(&grads).is_some(), "lora_A gets a gradient (zero while B = 0)");
+    assert!(m.layers[0].mlp.up_proj.weight.val().grad(&grads).is_none(), "base frozen");
+    assert!(m.embed_tokens.weight.val().grad(&grads).is_some(), "item embeddings train alongside");
+
+    // Bad adapter files.
+    let bad = tempfile::tempdir().unwrap();
+    let fresh = load_hf_dir(&fixtures().join("tiny_llama"), &dev).unwrap();
+    assert!(
+        load_peft(fresh.model, bad.path()).unwrap_err().to_string().contains("adapter_config.json")
+    );
+}

@@ -1,0 +1,160 @@
+//! Item vocabulary: one atomic `<item_ID>` token per catalogue item (GEMS-SPEC §2).
+//!
+//! [`add_items`] adds the tokens to the tokenizer (as added tokens that are never split), grows
+//! the embedding and, when the head is untied, the output head, and initialises the new rows:
+//!
+//! - [`ItemInit::TitleMean`] (default): the mean embedding (and head row) of the item title's
+//!   tokens; an item without a title, or whose title tokenizes to nothing, gets the mean over
+//!   the whole original vocabulary.
+//! - [`ItemInit::Random`]: seeded normal rows with mean 0 and the standard deviation of the
+//!   existing table, so the new rows match the embedding scale.
+//!
+//! Token ids are those the tokenizer assigns. When a checkpoint pads its embedding beyond the
+//! tokenizer (Qwen2), the first items reuse the unused padding rows and the table grows only if
+//! needed. A tied head stays tied and so grows with the embedding.
+
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData};
+use tokenizers::AddedToken;
+
+use crate::error::{ModelError, Result};
+use crate::hf::Pretrained;
+use crate::llama::{Rng, to_host};
+
+/// How new item rows are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ItemInit {
+    /// Mean of the title's token rows (the default).
+    #[default]
+    TitleMean,
+    /// Seeded normal rows matched to the table's scale.
+    Random {
+        /// Seed of the generator.
+        seed: u64,
+    },
+}
+
+/// One catalogue item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemSpec {
+    /// The item id; its token is `<item_{id}>`.
+    pub id: String,
+    /// The title, for [`ItemInit::TitleMean`].
+    pub title: Option<String>,
+}
+
+/// The token text of an item id.
+pub fn item_token(id: &str) -> String {
+    format!("<item_{id}>")
+}
+
+/// Adds one token per item; returns their token ids in `items` order.
+///
+/// Fails if an item token already exists (adding the same catalogue twice is a caller bug that
+/// would silently alias rows) or if an id contains whitespace.
+pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Result<Vec<u32>> {
+    let op = "add_items";
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    for it in items {
+        if it.id.is_empty() || it.id.chars().any(char::is_whitespace) {
+            return Err(ModelError::input(
+                op,
+                format!("item id `{}` is empty or has whitespace", it.id),
+            ));
+        }
+        if p.tokenizer.token_to_id(&item_token(&it.id)).is_some() {
+            return Err(ModelError::input(
+                op,
+                format!("token {} already exists", item_token(&it.id)),
+            ));
+        }
+    }
+    let emb = to_host(p.model.embed_tokens.weight.val(), op)?;
+    let (old_v, d) = (emb.shape[0], emb.shape[1]);
+    let head = match &p.model.lm_head {
+        Some(h) => Some(to_host(h.weight.val().transpose(), op)?), // [vocab, d]
+        None => None,
+    };
+    // Title token ids before the tokenizer changes.
+    let mut title_ids = Vec::with_capacity(items.len());
+    for it in items {
+        let ids = match (&it.title, init) {
+            (Some(t), ItemInit::TitleMean) => p
+                .tokenizer
+                .encode(t.as_str(), false)
+                .map_err(|e| ModelError::tokenizer(None, e))?
+                .get_ids()
+                .iter()
+                .copied()
+                .filter(|&i| (i as usize) < old_v)
+                .collect(),
+            _ => Vec::new(),
+        };
+        title_ids.push(ids);
+    }
+    let tokens: Vec<AddedToken> =
+        items.iter().map(|it| AddedToken::from(item_token(&it.id), false)).collect();
+    p.tokenizer.add_tokens(&tokens);
+    let mut ids = Vec::with_capacity(items.len());
+    for it in items {
+        let id = p.tokenizer.token_to_id(&item_token(&it.id)).ok_or_else(|| {
+            ModelError::tokenizer(None, format!("{} was not added", item_token(&it.id)))
+        })?;
+        ids.push(id);
+    }
+    let new_v = old_v.max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
+    let grow = |table: &[f32], ids: &[u32], rng: &mut Rng| -> Vec<f32> {
+        let mut out = table.to_vec();
+        out.resize(new_v * d, 0.0);
+        let n = old_v as f64;
+        let mut mean = vec![0f64; d];
+        let mut sq = 0f64;
+        for r in 0..old_v {
+            for j in 0..d {
+                let x = table[r * d + j] as f64;
+                mean[j] += x / n;
+                sq += x * x;
+            }
+        }
+        let var =
+            (sq / (n * d as f64) - mean.iter().map(|m| m * m).sum::<f64>() / d as f64).max(0.0);
+        let std = var.sqrt();
+        for (k, &id) in ids.iter().enumerate() {
+            let row = &mut out[id as usize * d..(id as usize + 1) * d];
+            match init {
+                ItemInit::Random { .. } => {
+                    row.iter_mut().for_each(|x| *x = (std * rng.normal()) as f32)
+                }
+                ItemInit::TitleMean if title_ids[k].is_empty() => {
+                    row.iter_mut().zip(&mean).for_each(|(x, m)| *x = *m as f32)
+                }
+                ItemInit::TitleMean => {
+                    let t = &title_ids[k];
+                    for j in 0..d {
+                        row[j] = (t.iter().map(|&i| table[i as usize * d + j] as f64).sum::<f64>()
+                            / t.len() as f64) as f32;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let seed = match init {
+        ItemInit::Random { seed } => seed,
+        ItemInit::TitleMean => 0,
+    };
+    let mut rng = Rng::new(seed);
+    let device = p.model.device();
+    let new_emb = grow(&emb.data, &ids, &mut rng);
+    p.model.embed_tokens.weight =
+        Param::from_tensor(Tensor::from_data(TensorData::new(new_emb, [new_v, d]), &device));
+    if let (Some(h), Some(lm)) = (head, p.model.lm_head.as_mut()) {
+        let new_head = grow(&h.data, &ids, &mut rng);
+        let t: Tensor<2> = Tensor::from_data(TensorData::new(new_head, [new_v, d]), &device);
+        lm.weight = Param::from_tensor(t.transpose());
+    }
+    p.model.config.vocab_size = new_v;
+    Ok(ids)
+}
