@@ -547,3 +547,30 @@ fn lora_merge_peft_round_trip_and_gradients() {
         load_peft(fresh.model, bad.path()).unwrap_err().to_string().contains("adapter_config.json")
     );
 }
+
+#[test]
+fn k_quants_match_the_ggml_block_layout() {
+    use gems_model::gguf::{GgmlType, dequantize};
+    let text = std::fs::read_to_string(fixtures().join("kquants.json")).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut seen = 0;
+    for case in cases.as_array().unwrap() {
+        let hex = case["bytes"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let ty = match case["type"].as_str().unwrap() {
+            "Q4_K" => GgmlType::Q4K,
+            _ => GgmlType::Q6K,
+        };
+        let got = dequantize(ty, &bytes);
+        let want = flat(&case["values"]);
+        assert_eq!(got.len(), 256);
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let d = max_diff(&got, &want);
+        assert!(d <= 1e-6 * scale, "{}: max diff {d} (scale {scale})", case["type"]);
+        seen += 1;
+    }
+    assert_eq!(seen, 4);
+}
