@@ -27,10 +27,10 @@ pub struct LlamaConfig {
     /// Number of query heads.
     pub num_attention_heads: usize,
     /// Number of key/value heads (grouped-query attention); defaults to `num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     /// Per-head width; defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// RMSNorm epsilon.
     #[serde(default = "default_eps")]
