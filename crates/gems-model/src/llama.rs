@@ -373,7 +373,8 @@ impl Llama {
                 let b = if bias { Some(w.take(&format!("{key}.bias"), &[out])?) } else { None };
                 Ok(Linear::from_host(wt, b, device))
             };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // No capacity from the file: a hostile layer count must fail on a missing tensor, not allocate.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("layers.{i}");
             let qb = config.qkv_bias();

@@ -247,6 +247,14 @@ fn bad_hf_directories_are_errors_naming_file_and_key() {
     .unwrap();
     let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
     assert!(err.contains("layers.2."), "{err}");
+    // A hostile layer count fails on the first missing layer, without a huge allocation.
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000000000000"),
+    )
+    .unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("layers.2."), "{err}");
 
     // Malformed config.json.
     std::fs::write(d.join("config.json"), "{\"hidden_size\": ").unwrap();
