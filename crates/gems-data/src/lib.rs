@@ -7,7 +7,8 @@
 //! ([`tokenize_examples`]) and writes a prepared-dataset directory ([`write_prepared`]).
 //!
 //! Invariants it keeps, stated as absences:
-//! - it never creates a tensor and depends on no other workspace crate;
+//! - it never creates a tensor and depends on no workspace crate but `gems-rng` (the seeded
+//!   generator every crate shares);
 //! - it never iterates a hash map when producing output: the same inputs and seed give
 //!   byte-identical files;
 //! - it never panics on bad input: every loader error names the file and the line.

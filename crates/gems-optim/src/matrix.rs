@@ -139,7 +139,7 @@ impl MatrixState {
         }
 
         // 3. Refresh at t = 1, 1 + T, 1 + 2T, ...
-        let refresh = (step - 1) % settings.update_proj_gap == 0;
+        let refresh = (step - 1).is_multiple_of(settings.update_proj_gap);
         // P G has rank at most rank(P): directions beyond it would be arbitrary, and Adam
         // would amplify the rounding noise the gradient has along them.
         let rank_cap = projector.map(NullSpaceProjector::null_directions);

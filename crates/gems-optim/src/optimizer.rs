@@ -354,7 +354,8 @@ impl Optimizer {
                     Some(w.state.step(path, t, gradients, w.projector, gates, step_scale, config));
             }
         };
-        let refresh_step = config.uses_subspaces() && (t - 1) % config.gems.update_proj_gap == 0;
+        let refresh_step =
+            config.uses_subspaces() && (t - 1).is_multiple_of(config.gems.update_proj_gap);
         if refresh_step {
             work.par_iter_mut().for_each(run);
         } else {

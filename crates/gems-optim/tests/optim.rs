@@ -501,7 +501,7 @@ fn accumulated_micro_batches_equal_one_large_batch() {
     let device = Device::flex().autodiff();
     let data = tasks(24, &device);
     let model = regressor(&device);
-    let slice = |t: &Tensor<2>, a: usize, b: usize| t.clone().slice([a..b]);
+    let slice = |t: &Tensor<2>, a: usize, b: usize| t.clone().slice([a..b, 0..t.dims()[1]]);
 
     // One large batch per task.
     let big = StepGradients {
