@@ -334,6 +334,35 @@ impl Mlp {
 }
 
 impl DecoderLayer {
+    /// The seven projections with their checkpoint paths relative to the layer, in a fixed
+    /// order (attention q, k, v, o, then MLP gate, up, down).
+    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// [`projections`](Self::projections), mutable.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
     fn forward(
         &self,
         x: Tensor<3>,
@@ -444,17 +473,7 @@ impl Llama {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let a = &layer.self_attn;
-            let m = &layer.mlp;
-            for (name, l) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
+            for (name, l) in layer.projections() {
                 let (wt, b) = lin(l)?;
                 put(format!("{p}.{name}.weight"), wt);
                 if let Some(b) = b {

@@ -22,7 +22,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{Linear, Llama, LoraAdapter, Rng, tensor2, to_host};
+use crate::llama::{Llama, LoraAdapter, Rng, tensor2, to_host};
 use crate::weights::{HostTensor, WeightMap, write_safetensors};
 
 /// LoRA settings, serialised as PEFT's `adapter_config.json`.
@@ -89,21 +89,6 @@ impl LoraConfig {
     }
 }
 
-/// The seven projections of a layer with their path suffixes.
-fn projections(layer: &mut crate::llama::DecoderLayer) -> [(&'static str, &mut Linear); 7] {
-    let a = &mut layer.self_attn;
-    let m = &mut layer.mlp;
-    [
-        ("self_attn.q_proj", &mut a.q_proj),
-        ("self_attn.k_proj", &mut a.k_proj),
-        ("self_attn.v_proj", &mut a.v_proj),
-        ("self_attn.o_proj", &mut a.o_proj),
-        ("mlp.gate_proj", &mut m.gate_proj),
-        ("mlp.up_proj", &mut m.up_proj),
-        ("mlp.down_proj", &mut m.down_proj),
-    ]
-}
-
 /// Attaches fresh adapters to every matching projection; returns how many were attached.
 ///
 /// When `freeze_base` is true, every existing parameter stops requiring gradients except
@@ -134,7 +119,7 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
     let scale = cfg.lora_alpha / cfg.r as f64;
     let mut n = 0;
     for (i, layer) in model.layers.iter_mut().enumerate() {
-        for (name, lin) in projections(layer) {
+        for (name, lin) in layer.projections_mut() {
             if !cfg.matches(&format!("layers.{i}.{name}")) {
                 continue;
             }
@@ -166,7 +151,7 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
 /// Folds every adapter into its base weight (`W += scale * A B`) and removes it.
 pub fn merge_lora(mut model: Llama) -> Llama {
     for layer in model.layers.iter_mut() {
-        for (_, lin) in projections(layer) {
+        for (_, lin) in layer.projections_mut() {
             if let Some(l) = lin.lora.take() {
                 let delta = l.lora_a.val().matmul(l.lora_b.val()).mul_scalar(l.scale);
                 lin.weight = Param::from_tensor(lin.weight.val() + delta);
@@ -182,17 +167,7 @@ pub fn save_peft(model: &Llama, cfg: &LoraConfig, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut tensors = BTreeMap::new();
     for (i, layer) in model.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        let m = &layer.mlp;
-        for (name, lin) in [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ] {
+        for (name, lin) in layer.projections() {
             if let Some(l) = &lin.lora {
                 let p = format!("base_model.model.model.layers.{i}.{name}");
                 tensors.insert(
@@ -254,7 +229,7 @@ pub fn load_peft(model: Llama, dir: &Path) -> Result<(Llama, LoraConfig)> {
     let scale = cfg.lora_alpha / cfg.r as f64;
     let mut n = 0;
     for (i, layer) in model.layers.iter_mut().enumerate() {
-        for (name, lin) in projections(layer) {
+        for (name, lin) in layer.projections_mut() {
             let p = format!("base_model.model.model.layers.{i}.{name}");
             let ka = format!("{p}.lora_A.weight");
             if !w.tensors.contains_key(&ka) {
