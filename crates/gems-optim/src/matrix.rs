@@ -52,6 +52,9 @@ pub struct MatrixState {
     pub side: Side,
     /// Whether the stored matrix is W^T (layout `in_out`).
     pub transposed: bool,
+    /// [Q_sh | Q_rec | Q_src] on the device, built once per refresh (not saved; rebuilt after
+    /// a load).
+    pub(crate) combined_basis: Option<Tensor<2>>,
     /// One entry per subspace, in the order of [`OptimizerConfig::subspaces`].
     pub subspaces: Vec<SubspaceState>,
 }
@@ -86,7 +89,7 @@ impl MatrixState {
             .iter()
             .map(|&kind| SubspaceState { kind, basis: None, moments: None })
             .collect();
-        Self { shape, side, transposed, subspaces }
+        Self { shape, side, transposed, subspaces, combined_basis: None }
     }
 
     /// One step; returns `step_scale` times the combined direction U_sh + g_rec U_rec +
@@ -152,7 +155,6 @@ impl MatrixState {
         // (left side) or [c N_sh | ...] [Q_sh|Q_rec|Q_src]^T (right side). That writes one m x n
         // tensor instead of three, plus the sums.
         let mut scaled = Vec::with_capacity(self.subspaces.len());
-        let mut bases = Vec::with_capacity(self.subspaces.len());
         for (state, g) in self.subspaces.iter_mut().zip(grads) {
             let Some(basis) = state.basis.as_ref() else {
                 return Err(OptimError::state(
@@ -169,12 +171,24 @@ impl MatrixState {
                 Subspace::Search => gates.1,
             };
             scaled.push(n.mul_scalar(settings.scale * gate * step_scale));
-            bases.push(basis.device_matrix(&device));
         }
         if scaled.is_empty() {
             return Err(OptimError::InvalidConfig("no subspace configured".into()));
         }
-        let q = Tensor::cat(bases, 1); // dim x (r_sh + r_rec + r_src)
+        if self.combined_basis.as_ref().is_some_and(|q| q.device() != device) {
+            self.combined_basis = None;
+        }
+        let subspaces = &self.subspaces;
+        let q = self
+            .combined_basis
+            .get_or_insert_with(|| {
+                let bases = subspaces
+                    .iter()
+                    .filter_map(|s| s.basis.as_ref().map(|b| b.device_matrix(&device)))
+                    .collect();
+                Tensor::cat(bases, 1) // dim x (r_sh + r_rec + r_src)
+            })
+            .clone();
         let mut update = match self.side {
             Side::Left => q.matmul(Tensor::cat(scaled, 0)),
             Side::Right => Tensor::cat(scaled, 1).matmul(q.transpose()),
@@ -243,6 +257,7 @@ impl MatrixState {
                 shared_basis = Some(new.clone());
             }
             state.basis = Some(new);
+            self.combined_basis = None;
         }
         Ok(reports)
     }

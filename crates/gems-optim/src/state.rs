@@ -209,7 +209,13 @@ impl Optimizer {
             }
             optimizer.matrices.insert(
                 path,
-                MatrixState { shape: m.shape, side: m.side, transposed: m.transposed, subspaces },
+                MatrixState {
+                    shape: m.shape,
+                    side: m.side,
+                    transposed: m.transposed,
+                    subspaces,
+                    combined_basis: None,
+                },
             );
         }
         for path in manifest.adam {
