@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail};
 const LAYERS: &[(&str, u32)] = &[
     ("gems-rng", 0),
     ("gems-subspace", 1),
+    ("gems-metrics", 1),
     ("gems-optim", 2),
     ("gems-model", 3),
     ("gems-data", 3),

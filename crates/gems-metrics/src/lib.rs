@@ -1,0 +1,1 @@
+//! `gems-metrics`: ranking metrics, evaluation records and run reports.

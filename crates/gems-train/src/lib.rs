@@ -1,0 +1,1 @@
+//! `gems-train`: the only crate that joins model, data and optimizer.
