@@ -1,0 +1,368 @@
+//! Run reports: markdown tables per run and per seed group, and SVG curves.
+//!
+//! A report reads finished run directories ([`load_run`]) and writes one directory with
+//! `report.md` and three plots ([`write_report`]). Tables compare the `before` and `after`
+//! evaluations of each [`RunSummary`] at k = 10; the group table averages seeds of one
+//! configuration (runs sharing [`RunSummary::group`]) as mean ± sample standard deviation.
+//! Missing values print as "–", so a run without search data or perplexity still fits.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::error::{MetricsError, Result};
+use crate::fsutil::write_atomic;
+use crate::ranking::NdcgNormaliser;
+use crate::record::{
+    METRICS_FILE, MetricsLine, RunSummary, SUMMARY_FILE, read_metrics_lines, read_summary,
+};
+
+pub use crate::plot::{Series, svg_line_plot};
+
+/// The tasks a report shows, in column order.
+pub const TASKS: [&str; 2] = ["rec", "search"];
+
+/// The metrics at k = 10 the tables show per task, with their column titles.
+const TABLE_METRICS: [(&str, &str); 3] =
+    [("recall@10", "Recall@10"), ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10")];
+
+/// Printed for a missing value.
+const MISSING: &str = "–";
+
+/// A finished (or interrupted) run read back from its directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// `summary.json`.
+    pub summary: RunSummary,
+    /// `metrics.jsonl`, empty when the run has none.
+    pub lines: Vec<MetricsLine>,
+}
+
+/// Reads a run directory: `summary.json` (required) and `metrics.jsonl` (optional).
+///
+/// # Errors
+/// Those of [`read_summary`], and of [`read_metrics_lines`] when `metrics.jsonl` exists.
+pub fn load_run(dir: &Path) -> Result<Run> {
+    let summary = read_summary(dir)?;
+    let metrics = dir.join(METRICS_FILE);
+    let lines = if metrics.is_file() { read_metrics_lines(&metrics)? } else { Vec::new() };
+    Ok(Run { dir: dir.to_owned(), summary, lines })
+}
+
+/// Reads every run directory directly under `root` (those holding `summary.json`), sorted by
+/// directory name; other entries are ignored.
+///
+/// # Errors
+/// [`MetricsError::Io`] when `root` cannot be listed, and those of [`load_run`].
+pub fn load_runs(root: &Path) -> Result<Vec<Run>> {
+    let entries = std::fs::read_dir(root).map_err(|source| MetricsError::io(root, source))?;
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| MetricsError::io(root, source))?;
+        let path = entry.path();
+        if path.join(SUMMARY_FILE).is_file() {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+    dirs.iter().map(|dir| load_run(dir)).collect()
+}
+
+/// A value with `decimals` decimals, or "–".
+fn number(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| MISSING.to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// "before → after", or "–" when both are missing.
+fn before_after(before: Option<f64>, after: Option<f64>, decimals: usize) -> String {
+    if before.is_none() && after.is_none() {
+        return MISSING.to_owned();
+    }
+    format!("{} → {}", number(before, decimals), number(after, decimals))
+}
+
+/// Escapes text for a markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+fn megabytes(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn uses_authors_ndcg(summary: &RunSummary) -> bool {
+    [&summary.before, &summary.after]
+        .into_iter()
+        .flatten()
+        .any(|report| report.ndcg_normaliser == NdcgNormaliser::Authors)
+}
+
+/// Writes a header row and its alignment row: the first `left` columns left-aligned, the
+/// rest right-aligned.
+fn header(out: &mut String, columns: &[String], left: usize) {
+    let _ = writeln!(out, "| {} |", columns.join(" | "));
+    let align: Vec<&str> =
+        (0..columns.len()).map(|i| if i < left { "---" } else { "---:" }).collect();
+    let _ = writeln!(out, "|{}|", align.join("|"));
+}
+
+fn metric_columns(out: &mut Vec<String>) {
+    for task in TASKS {
+        for (_, title) in TABLE_METRICS {
+            out.push(format!("{task} {title}"));
+        }
+    }
+    for task in TASKS {
+        out.push(format!("{task} sampled NDCG@10"));
+    }
+}
+
+/// One row per run: label, method, seed, steps; per task the full-catalogue Recall, NDCG and
+/// MRR at 10 as before → after (4 decimals); the sampled-protocol NDCG@10 after tuning;
+/// perplexity before → after; optimizer state in MB (10^6 bytes); median step seconds.
+///
+/// A label marked "(authors NDCG)" has NDCG values under the authors' normaliser.
+pub fn markdown_table(runs: &[Run]) -> String {
+    let mut columns: Vec<String> =
+        ["run", "method", "seed", "steps"].into_iter().map(String::from).collect();
+    metric_columns(&mut columns);
+    columns.extend(["perplexity", "state MB", "step s"].into_iter().map(String::from));
+    let mut out = String::new();
+    header(&mut out, &columns, 2);
+    for run in runs {
+        let s = &run.summary;
+        let (before, after) = (s.before.as_ref(), s.after.as_ref());
+        let mut label = cell(&s.label);
+        if uses_authors_ndcg(s) {
+            label.push_str(" (authors NDCG)");
+        }
+        let mut row = vec![label, cell(&s.method), s.seed.to_string(), s.steps.to_string()];
+        for task in TASKS {
+            for (name, _) in TABLE_METRICS {
+                row.push(before_after(
+                    before.and_then(|r| r.full_metric(task, name)),
+                    after.and_then(|r| r.full_metric(task, name)),
+                    4,
+                ));
+            }
+        }
+        for task in TASKS {
+            row.push(number(after.and_then(|r| r.sampled_metric(task, "ndcg@10")), 4));
+        }
+        row.push(before_after(
+            before.and_then(|r| r.perplexity),
+            after.and_then(|r| r.perplexity),
+            2,
+        ));
+        row.push(format!("{:.2}", megabytes(s.optimizer_state_bytes)));
+        row.push(format!("{:.3}", s.median_step_seconds));
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
+/// Mean and sample standard deviation of the finite values; the standard deviation is `None`
+/// with fewer than two values.
+fn mean_std(values: &[f64]) -> Option<(f64, Option<f64>, usize)> {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    let n = finite.len();
+    if n == 0 {
+        return None;
+    }
+    let mean = finite.iter().sum::<f64>() / n as f64;
+    let std = (n >= 2).then(|| {
+        let squares: f64 = finite.iter().map(|v| (v - mean) * (v - mean)).sum();
+        (squares / (n as f64 - 1.0)).sqrt()
+    });
+    Some((mean, std, n))
+}
+
+/// "mean ± std", with "(n=k)" when only `k` of the group's `size` runs have the value.
+fn mean_std_cell(values: &[f64], size: usize, decimals: usize) -> String {
+    match mean_std(values) {
+        None => MISSING.to_owned(),
+        Some((mean, std, n)) => {
+            let mut text = match std {
+                Some(std) => format!("{mean:.decimals$} ± {std:.decimals$}"),
+                None => format!("{mean:.decimals$}"),
+            };
+            if n < size {
+                let _ = write!(text, " (n={n})");
+            }
+            text
+        }
+    }
+}
+
+/// One row per group ([`RunSummary::group`], sorted): method, number of seeds, then
+/// mean ± sample std over the seeds of every after-tuning full-catalogue metric at 10 per
+/// task, the sampled NDCG@10 per task, the perplexity change (after − before), optimizer state
+/// in MB and median step seconds. Non-finite values are left out of a mean; a cell with fewer
+/// values than seeds says "(n=k)".
+pub fn markdown_groups(runs: &[Run]) -> String {
+    let mut groups: BTreeMap<&str, Vec<&RunSummary>> = BTreeMap::new();
+    for run in runs {
+        groups.entry(run.summary.group.as_str()).or_default().push(&run.summary);
+    }
+    let mut columns: Vec<String> =
+        ["group", "method", "seeds"].into_iter().map(String::from).collect();
+    metric_columns(&mut columns);
+    columns.extend(["Δ perplexity", "state MB", "step s"].into_iter().map(String::from));
+    let mut out = String::new();
+    header(&mut out, &columns, 2);
+    for (group, summaries) in groups {
+        let size = summaries.len();
+        let collect = |f: &dyn Fn(&RunSummary) -> Option<f64>| -> Vec<f64> {
+            summaries.iter().filter_map(|s| f(s)).collect()
+        };
+        let mut methods: Vec<&str> = summaries.iter().map(|s| s.method.as_str()).collect();
+        methods.sort_unstable();
+        methods.dedup();
+        let mut label = cell(group);
+        if summaries.iter().any(|s| uses_authors_ndcg(s)) {
+            label.push_str(" (authors NDCG)");
+        }
+        let mut row = vec![label, cell(&methods.join(", ")), size.to_string()];
+        for task in TASKS {
+            for (name, _) in TABLE_METRICS {
+                let values = collect(&|s| s.after.as_ref().and_then(|r| r.full_metric(task, name)));
+                row.push(mean_std_cell(&values, size, 4));
+            }
+        }
+        for task in TASKS {
+            let values =
+                collect(&|s| s.after.as_ref().and_then(|r| r.sampled_metric(task, "ndcg@10")));
+            row.push(mean_std_cell(&values, size, 4));
+        }
+        let change = collect(&|s| {
+            let before = s.before.as_ref()?.perplexity?;
+            let after = s.after.as_ref()?.perplexity?;
+            Some(after - before)
+        });
+        row.push(mean_std_cell(&change, size, 2));
+        row.push(mean_std_cell(&collect(&|s| Some(megabytes(s.optimizer_state_bytes))), size, 2));
+        row.push(mean_std_cell(&collect(&|s| Some(s.median_step_seconds)), size, 3));
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
+/// Training loss per run and task over steps.
+fn loss_series(runs: &[Run]) -> Vec<Series> {
+    let mut series = Vec::new();
+    for run in runs {
+        for task in TASKS {
+            let points: Vec<(f64, f64)> = run
+                .lines
+                .iter()
+                .filter_map(|line| match line {
+                    MetricsLine::Train(r) => {
+                        let loss = if task == "rec" { r.loss_rec } else { r.loss_search };
+                        loss.map(|loss| (r.step as f64, loss))
+                    }
+                    MetricsLine::Valid(_) => None,
+                })
+                .collect();
+            if !points.is_empty() {
+                series.push(Series { name: format!("{} {task}", run.summary.label), points });
+            }
+        }
+    }
+    series
+}
+
+/// Validation full-catalogue NDCG@10 per run and task over steps.
+fn valid_series(runs: &[Run]) -> Vec<Series> {
+    let mut series = Vec::new();
+    for run in runs {
+        for task in TASKS {
+            let points: Vec<(f64, f64)> = run
+                .lines
+                .iter()
+                .filter_map(|line| match line {
+                    MetricsLine::Valid(v) => {
+                        v.report.full_metric(task, "ndcg@10").map(|value| (v.step as f64, value))
+                    }
+                    MetricsLine::Train(_) => None,
+                })
+                .collect();
+            if !points.is_empty() {
+                series.push(Series { name: format!("{} {task}", run.summary.label), points });
+            }
+        }
+    }
+    series
+}
+
+/// Mean rec/search gradient cosine per run over steps.
+fn cosine_series(runs: &[Run]) -> Vec<Series> {
+    runs.iter()
+        .filter_map(|run| {
+            let points: Vec<(f64, f64)> = run
+                .lines
+                .iter()
+                .filter_map(|line| match line {
+                    MetricsLine::Train(r) => r.mean_cosine.map(|c| (r.step as f64, c)),
+                    MetricsLine::Valid(_) => None,
+                })
+                .collect();
+            (!points.is_empty()).then(|| Series { name: run.summary.label.clone(), points })
+        })
+        .collect()
+}
+
+/// Writes a report of `runs` into `out_dir` (created if missing) and returns the path of
+/// `report.md`.
+///
+/// Files: `report.md` (title, the run table of [`markdown_table`], the group table of
+/// [`markdown_groups`], links to the plots), `loss.svg` (training loss per run and task over
+/// steps), `valid.svg` (validation full-catalogue NDCG@10 per run and task over steps) and
+/// `cosine.svg` (mean rec/search gradient cosine per run over steps). Each file is written to a
+/// temporary name in `out_dir` and renamed, so no reader sees a partial file.
+///
+/// # Errors
+/// [`MetricsError::Io`] when the directory or a file cannot be written.
+pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).map_err(|source| MetricsError::io(out_dir, source))?;
+    let plots = [
+        ("loss.svg", "Training loss", "loss", loss_series(runs)),
+        ("valid.svg", "Validation NDCG@10 (full catalogue)", "NDCG@10", valid_series(runs)),
+        ("cosine.svg", "Gradient cosine (rec vs search)", "mean cosine", cosine_series(runs)),
+    ];
+    for (file, title, y_label, series) in &plots {
+        let svg = svg_line_plot(title, "step", y_label, series);
+        write_atomic(&out_dir.join(file), svg.as_bytes())?;
+    }
+
+    let n_groups = runs
+        .iter()
+        .map(|r| r.summary.group.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let mut md = String::from("# gems run report\n\n");
+    let _ = writeln!(
+        md,
+        "{} runs in {} groups. Ranking metrics are at k = 10 on each run's `before` and `after` \
+         evaluations: full = ranking over the whole catalogue, sampled = the positives plus 99 \
+         sampled negatives. NDCG uses the standard ideal DCG unless marked \"(authors NDCG)\".\n",
+        runs.len(),
+        n_groups
+    );
+    md.push_str("## Runs\n\n");
+    md.push_str(&markdown_table(runs));
+    md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
+    md.push_str(&markdown_groups(runs));
+    md.push_str("\n## Plots\n\n");
+    for (file, title, _, _) in &plots {
+        let _ = writeln!(md, "- [{title}]({file})");
+    }
+    md.push('\n');
+    for (file, title, _, _) in &plots {
+        let _ = writeln!(md, "![{title}]({file})\n");
+    }
+    let path = out_dir.join("report.md");
+    write_atomic(&path, md.as_bytes())?;
+    Ok(path)
+}
