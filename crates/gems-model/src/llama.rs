@@ -275,6 +275,27 @@ pub(crate) fn to_host<const D: usize>(t: Tensor<D>, op: &'static str) -> Result<
     Ok(HostTensor { shape, data })
 }
 
+/// Receives `(projection, input, output)` of every projection of one layer during a traced
+/// forward; `projection` is the path relative to the layer, e.g. `self_attn.q_proj`.
+pub type LayerTrace<'a> = &'a mut dyn FnMut(&'static str, &Tensor<3>, &Tensor<3>);
+
+/// `linear(x)`, reporting input and output to the trace when there is one.
+fn traced(
+    linear: &Linear,
+    name: &'static str,
+    x: Tensor<3>,
+    trace: &mut Option<LayerTrace<'_>>,
+) -> Tensor<3> {
+    match trace {
+        None => linear.forward(x),
+        Some(t) => {
+            let y = linear.forward(x.clone());
+            t(name, &x, &y);
+            y
+        }
+    }
+}
+
 impl Attention {
     fn forward(
         &self,
@@ -282,12 +303,16 @@ impl Attention {
         rope: &(Tensor<4>, Tensor<4>),
         bias: Option<Tensor<4>>,
         cache: Option<&mut LayerCache>,
+        trace: &mut Option<LayerTrace<'_>>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, kv, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, kv, hd]).swap_dims(1, 2);
+        let q = traced(&self.q_proj, "self_attn.q_proj", x.clone(), trace);
+        let q = q.reshape([b, t, h, hd]).swap_dims(1, 2);
+        let k = traced(&self.k_proj, "self_attn.k_proj", x.clone(), trace);
+        let k = k.reshape([b, t, kv, hd]).swap_dims(1, 2);
+        let v = traced(&self.v_proj, "self_attn.v_proj", x, trace);
+        let v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
         let q = apply_rope(q, rope);
         let mut k = apply_rope(k, rope);
         let mut v = v;
@@ -312,7 +337,7 @@ impl Attention {
         let bias = bias.map(|m| m.expand([b, h, t, tk]));
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: t > 1 };
         let out = burn::tensor::module::attention(q, k, v, None, bias, options);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, h * hd]))
+        traced(&self.o_proj, "self_attn.o_proj", out.swap_dims(1, 2).reshape([b, t, h * hd]), trace)
     }
 }
 
@@ -327,9 +352,10 @@ fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<3>, trace: &mut Option<LayerTrace<'_>>) -> Tensor<3> {
+        let g = silu(traced(&self.gate_proj, "mlp.gate_proj", x.clone(), trace));
+        let u = traced(&self.up_proj, "mlp.up_proj", x, trace);
+        traced(&self.down_proj, "mlp.down_proj", g * u, trace)
     }
 }
 
@@ -369,10 +395,17 @@ impl DecoderLayer {
         rope: &(Tensor<4>, Tensor<4>),
         bias: Option<Tensor<4>>,
         cache: Option<&mut LayerCache>,
+        mut trace: Option<LayerTrace<'_>>,
     ) -> Tensor<3> {
-        let h =
-            x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let a = self.self_attn.forward(
+            self.input_layernorm.forward(x.clone()),
+            rope,
+            bias,
+            cache,
+            &mut trace,
+        );
+        let h = x + a;
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), &mut trace)
     }
 }
 
@@ -544,6 +577,16 @@ impl Llama {
         )
     }
 
+    /// Additive attention bias that hides padded keys, `[b, 1, 1, t]`; `None` without padding.
+    fn padding_bias(&self, batch: &TokenBatch) -> Option<Tensor<4>> {
+        if batch.mask.iter().all(|&m| m) {
+            return None;
+        }
+        let vals: Vec<f32> = batch.mask.iter().map(|&m| if m { 0.0 } else { MASKED }).collect();
+        let shape = [batch.batch_size, 1, 1, batch.seq_len];
+        Some(Tensor::<4>::from_data(TensorData::new(vals, shape), &self.device()))
+    }
+
     fn embed(&self, ids: &[u32], b: usize, t: usize) -> Tensor<3> {
         let device = self.device();
         let ids: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
@@ -559,17 +602,35 @@ impl Llama {
         self.check_batch(batch, "Llama::hidden_states")?;
         let (b, t) = (batch.batch_size, batch.seq_len);
         let rope = self.rope_tables(&batch.positions(), b, t);
-        let bias = if batch.mask.iter().all(|&m| m) {
-            None
-        } else {
-            let vals: Vec<f32> = batch.mask.iter().map(|&m| if m { 0.0 } else { MASKED }).collect();
-            Some(Tensor::<4>::from_data(TensorData::new(vals, [b, 1, 1, t]), &self.device()))
-        };
+        let bias = self.padding_bias(batch);
         let mut x = self.embed(&batch.ids, b, t);
         for layer in &self.layers {
-            x = layer.forward(x, &rope, bias.clone(), None);
+            x = layer.forward(x, &rope, bias.clone(), None, None);
         }
         Ok(self.norm.forward(x))
+    }
+
+    /// Runs the decoder over `batch` (no head) and reports every projection's input and output
+    /// to `hook(layer_index, projection, input, output)`, in forward order. Inputs and outputs
+    /// are `[batch, seq_len, features]` and include padded positions: use `batch.mask` to drop
+    /// them. Used to collect activation statistics (null-space projectors).
+    pub fn trace_projections(
+        &self,
+        batch: &TokenBatch,
+        hook: &mut dyn FnMut(usize, &'static str, &Tensor<3>, &Tensor<3>),
+    ) -> Result<()> {
+        self.check_batch(batch, "Llama::trace_projections")?;
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        let rope = self.rope_tables(&batch.positions(), b, t);
+        let bias = self.padding_bias(batch);
+        let mut x = self.embed(&batch.ids, b, t);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut per_layer = |name: &'static str, input: &Tensor<3>, output: &Tensor<3>| {
+                hook(i, name, input, output)
+            };
+            x = layer.forward(x, &rope, bias.clone(), None, Some(&mut per_layer));
+        }
+        Ok(())
     }
 
     /// Applies the output head to hidden states `[..., d_model]`, giving `[..., vocab]`.
@@ -661,7 +722,7 @@ impl Llama {
         let rope = self.rope_tables(&positions, 1, t);
         let mut x = self.embed(ids, 1, t);
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &rope, None, Some(c));
+            x = layer.forward(x, &rope, None, Some(c), None);
         }
         cache.len += t;
         let x = self.norm.forward(x.narrow(1, t - 1, 1));

@@ -81,6 +81,7 @@ pub enum WeightLayout {
 
 /// Settings of the subspace methods (`gems`, `galore`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GemsSettings {
     /// Shared-subspace rank r (GaLore's `rank`); clipped per matrix to min(m, n).
     pub rank: usize,
@@ -140,6 +141,7 @@ impl GemsSettings {
 /// Settings of the null-space projectors a trainer builds for this optimizer (recorded here so
 /// a run's configuration is complete; the optimizer itself receives ready projectors).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NullSpaceSettings {
     /// Eigenvalue rule.
     pub rule: NullSpaceRule,
@@ -149,6 +151,7 @@ pub struct NullSpaceSettings {
 
 /// Everything that defines an optimizer run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OptimizerConfig {
     /// The method.
     pub method: Method,

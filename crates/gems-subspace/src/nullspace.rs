@@ -272,6 +272,65 @@ impl NullSpaceProjector {
         })
     }
 
+    /// The stored pieces, for caching: eigenvalues (ascending), the number of null
+    /// directions, whether the fallback was used, and the stored orthonormal basis (dim x c),
+    /// which spans the null space when `null_directions <= dim - null_directions` and the
+    /// protected space otherwise.
+    pub fn parts(&self) -> (&[f64], usize, bool, MatRef<'_, f64>) {
+        (&self.eigenvalues, self.null_directions, self.used_fallback, self.basis.as_ref())
+    }
+
+    /// Rebuilds a projector from [`parts`](Self::parts) (read back from a cache).
+    ///
+    /// # Errors
+    /// Pieces that do not fit together: wrong basis width for `null_directions`, eigenvalues
+    /// of another dimension, non-finite values.
+    pub fn from_parts(
+        side: ProjectorSide,
+        eigenvalues: Vec<f64>,
+        null_directions: usize,
+        used_fallback: bool,
+        basis: Mat<f64>,
+    ) -> Result<Self> {
+        const OP: &str = "NullSpaceProjector::from_parts";
+        let dim = basis.nrows();
+        if eigenvalues.len() != dim || null_directions == 0 || null_directions > dim {
+            return Err(SubspaceError::invalid(
+                OP,
+                "null_directions",
+                null_directions,
+                format!(
+                    "must lie in 1..={dim} with {} eigenvalues for dim {dim}",
+                    eigenvalues.len()
+                ),
+            ));
+        }
+        let stores_null = null_directions <= dim - null_directions;
+        let width = if stores_null { null_directions } else { dim - null_directions };
+        if basis.ncols() != width {
+            return Err(SubspaceError::shape(
+                OP,
+                "basis",
+                &[dim, basis.ncols()],
+                "expected",
+                &[dim, width],
+            ));
+        }
+        ensure_finite(OP, "basis", basis.as_ref())?;
+        if eigenvalues.iter().any(|v| !v.is_finite()) {
+            return Err(SubspaceError::invalid(OP, "eigenvalues", "non-finite", "must be finite"));
+        }
+        Ok(Self {
+            side,
+            eigenvalues,
+            null_directions,
+            used_fallback,
+            basis,
+            stores_null,
+            device_copy: DeviceCopy::default(),
+        })
+    }
+
     /// Which side of the weight (math layout) the statistics came from.
     pub fn side(&self) -> ProjectorSide {
         self.side

@@ -1,1 +1,29 @@
 //! `gems-train`: the only crate that joins model, data and optimizer.
+//!
+//! - [`config`]: the run configuration (JSON or TOML), presets, the learning-rate schedule.
+//! - [`setup`]: a model with item tokens and the data tokenised for it.
+//! - [`forward`]: batches, the target-token loss, item scores, text log-likelihood.
+//! - [`eval`]: full-catalogue and sampled ranking, perplexity on general text.
+//! - [`nullspace`]: null-space projectors from general text, cached per model.
+//! - [`trainer`]: the loop, validation, early stopping, checkpoints, resume.
+//! - [`checkpoint`]: atomic files and directories, the trainer's resumable state.
+//! - [`progress`]: the progress line.
+//! - [`tiny`]: a tiny random model and data slice for tests and `gems selftest`.
+//!
+//! This crate never chooses a backend: every entry point takes a `Device`.
+
+pub mod checkpoint;
+pub mod config;
+mod error;
+pub mod eval;
+pub mod forward;
+pub mod nullspace;
+pub mod progress;
+pub mod setup;
+pub mod tiny;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use setup::{Corpus, Sample, Setup};
+pub use trainer::{RunOptions, RunOutcome, train};

@@ -1,0 +1,463 @@
+//! The run configuration: everything that decides a run, saved beside its outputs.
+//!
+//! A configuration is plain serde data (JSON or TOML). Every field has a default, so a file may
+//! name only what it changes; [`TrainConfig::cpu_preset`] is the documented preset of the main
+//! job (docs/training.md says how it was chosen).
+
+use std::path::{Path, PathBuf};
+
+use gems_metrics::NdcgNormaliser;
+use gems_optim::{Method, OptimizerConfig};
+use gems_subspace::{NullSpaceRule, ProjectorSide};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// Which tasks a run trains on (GEMS-SPEC §5 single-task runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskSelection {
+    /// Search and recommendation (the default).
+    #[default]
+    Both,
+    /// Recommendation only.
+    Rec,
+    /// Search only.
+    Search,
+}
+
+impl TaskSelection {
+    /// Whether the run trains on `task`.
+    pub fn includes(self, task: gems_data::Task) -> bool {
+        match self {
+            Self::Both => true,
+            Self::Rec => task == gems_data::Task::Rec,
+            Self::Search => task == gems_data::Task::Search,
+        }
+    }
+}
+
+/// The model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// A Hugging Face directory or a GGUF file; `None` means the fetched SmolLM2-135M-Instruct
+    /// (`gems model fetch`).
+    pub path: Option<PathBuf>,
+    /// Keep only the first k decoder layers (a cheaper model for CPU runs); `None` keeps all.
+    pub keep_layers: Option<usize>,
+    /// Item-token rows start as the mean of their title's token rows (`true`) or seeded random.
+    pub title_init: bool,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self { path: None, keep_layers: None, title_init: true }
+    }
+}
+
+/// The data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSettings {
+    /// A dataset name (`scientific`, `beauty`, `qilin_toy`) or a dataset directory.
+    pub dataset: String,
+    /// Where dataset names are looked up.
+    pub data_root: PathBuf,
+    /// History items kept per prompt (most recent last).
+    pub max_history: usize,
+    /// Sampled negatives per valid/test example (the authors' protocol: 99).
+    pub negatives: usize,
+    /// Seed of the data preparation (negatives); recorded in the run.
+    pub seed: u64,
+    /// Tasks trained on.
+    pub tasks: TaskSelection,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            dataset: "scientific".into(),
+            data_root: PathBuf::from("../shared/data"),
+            max_history: 20,
+            negatives: 99,
+            seed: 42,
+            tasks: TaskSelection::Both,
+        }
+    }
+}
+
+/// Learning rate, batch and length of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Rows per task per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Share of the steps spent warming up linearly from 0.
+    pub warmup_ratio: f64,
+    /// Final learning rate of the cosine decay, as a share of the peak.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 5e-4,
+            warmup_ratio: 0.01,
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+impl ScheduleSettings {
+    /// Learning rate of optimizer step `step` (1-based): linear warm-up over
+    /// `ceil(warmup_ratio * steps)` steps, then cosine decay to `min_lr_ratio * lr`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let total = self.steps.max(1) as f64;
+        let warm = (self.warmup_ratio * total).ceil();
+        let t = step as f64;
+        if warm > 0.0 && t <= warm {
+            return self.lr * t / warm;
+        }
+        let progress = ((t - warm) / (total - warm).max(1.0)).clamp(0.0, 1.0);
+        let floor = self.min_lr_ratio * self.lr;
+        floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// What early stopping watches on the validation set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    /// Mean target-token loss over the trained tasks (lower is better; the authors' choice).
+    #[default]
+    Loss,
+    /// Mean full-catalogue NDCG@10 over the trained tasks (higher is better).
+    Ndcg10,
+}
+
+/// Validation, early stopping and the final evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSettings {
+    /// Validate every N optimizer steps (0: only at the end).
+    pub every: u64,
+    /// Stop after this many validations without improvement (0: never stop early).
+    pub patience: u32,
+    /// What early stopping watches.
+    pub metric: StopMetric,
+    /// Validation examples per task (a seeded sample of users; 0 = all).
+    pub valid_examples: usize,
+    /// Test examples per task in the final evaluation (a seeded sample; 0 = all).
+    pub test_examples: usize,
+    /// Rows per evaluation forward pass.
+    pub batch_size: usize,
+    /// Also run the sampled protocol (99 negatives + positive).
+    pub sampled: bool,
+    /// NDCG normaliser (standard unless the authors' is asked for).
+    pub ndcg_normaliser: NdcgNormaliser,
+    /// Measure perplexity on general text (knowledge retention).
+    pub perplexity: bool,
+    /// That text; `None` means `<data_root>/wikitext2_general_text/test.txt`.
+    pub perplexity_text: Option<PathBuf>,
+    /// Tokens of that text scored (0 = all).
+    pub perplexity_tokens: usize,
+    /// Window length of the perplexity evaluation.
+    pub perplexity_window: usize,
+    /// Evaluate the untuned model on the test set before training.
+    pub before: bool,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            every: 50,
+            patience: 5,
+            metric: StopMetric::Loss,
+            valid_examples: 256,
+            test_examples: 0,
+            batch_size: 32,
+            sampled: true,
+            ndcg_normaliser: NdcgNormaliser::Standard,
+            perplexity: true,
+            perplexity_text: None,
+            perplexity_tokens: 16_384,
+            perplexity_window: 256,
+            before: true,
+        }
+    }
+}
+
+/// How the null-space projectors are built (GEMS-SPEC §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NullSpaceBuild {
+    /// General-domain text; `None` means `<data_root>/wikitext2_general_text/valid.txt`.
+    pub text: Option<PathBuf>,
+    /// Tokens of it run through the model (0 = all).
+    pub max_tokens: usize,
+    /// Window length (the authors: <= 512).
+    pub window: usize,
+    /// Eigenvalue rule.
+    pub rule: NullSpaceRule,
+    /// Output side (GEMS) or input side (AlphaEdit).
+    pub side: ProjectorSide,
+    /// Cache directory of projectors; `None` means `<run dir>/../nullspace-cache`.
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for NullSpaceBuild {
+    fn default() -> Self {
+        Self {
+            text: None,
+            max_tokens: 32_768,
+            window: 256,
+            rule: NullSpaceRule::Absolute { tau: 2e-2 },
+            side: ProjectorSide::Output,
+            cache: None,
+        }
+    }
+}
+
+/// LoRA settings (method `lora`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSettings {
+    /// Adapter rank.
+    pub rank: usize,
+    /// Scale numerator (`alpha / rank`).
+    pub alpha: f64,
+    /// Projections adapted.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            alpha: 32.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// Everything that decides a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run label (default: the method name and its ablations).
+    pub label: Option<String>,
+    /// Seed of everything random in the run (data order, initialisation, sketches).
+    pub seed: u64,
+    /// The model.
+    pub model: ModelSettings,
+    /// The data.
+    pub data: DataSettings,
+    /// The optimizer (method and its settings).
+    pub optimizer: OptimizerConfig,
+    /// LoRA (method `lora` only).
+    pub lora: LoraSettings,
+    /// Steps, batch, learning rate.
+    pub schedule: ScheduleSettings,
+    /// Validation and evaluation.
+    pub eval: EvalSettings,
+    /// Null-space projectors (used when `optimizer.gems.null_space`).
+    pub null_space: NullSpaceBuild,
+    /// Write a checkpoint every N steps (0: only at the end and at each new best).
+    pub checkpoint_every: u64,
+    /// Stop (cleanly, with a checkpoint) after this many steps of this process; for tests of
+    /// kill-and-resume. `None` runs to the end.
+    pub stop_after: Option<u64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            label: None,
+            seed: 0,
+            model: ModelSettings::default(),
+            data: DataSettings::default(),
+            optimizer: OptimizerConfig::default(),
+            lora: LoraSettings::default(),
+            schedule: ScheduleSettings::default(),
+            eval: EvalSettings::default(),
+            null_space: NullSpaceBuild::default(),
+            checkpoint_every: 0,
+            stop_after: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The CPU preset of the main job (2-core machine, about 15 minutes end to end): see
+    /// docs/training.md for the measurements behind each value.
+    pub fn cpu_preset() -> Self {
+        let mut c = Self::default();
+        c.model.keep_layers = Some(8);
+        c.schedule.steps = 150;
+        c.schedule.batch_size = 16;
+        c.schedule.lr = 1e-3;
+        c.schedule.warmup_ratio = 0.05;
+        c.optimizer.gems.rank = 32;
+        c.optimizer.gems.update_proj_gap = 50;
+        c.eval.every = 50;
+        c.eval.valid_examples = 256;
+        c.eval.test_examples = 1000;
+        c
+    }
+
+    /// The perplexity text, if perplexity is measured.
+    pub fn perplexity_text(&self) -> Option<PathBuf> {
+        self.eval.perplexity.then(|| {
+            self.eval.perplexity_text.clone().unwrap_or_else(|| {
+                self.data.data_root.join("wikitext2_general_text").join("test.txt")
+            })
+        })
+    }
+
+    /// The general text of the null-space statistics.
+    pub fn null_space_text(&self) -> PathBuf {
+        self.null_space
+            .text
+            .clone()
+            .unwrap_or_else(|| self.data.data_root.join("wikitext2_general_text").join("valid.txt"))
+    }
+
+    /// The run label: the configured one, else the method with its ablations.
+    pub fn label(&self) -> String {
+        if let Some(l) = &self.label {
+            return l.clone();
+        }
+        let o = &self.optimizer;
+        let mut label = o.method.as_str().to_string();
+        if o.method == Method::Gems {
+            if !o.gems.null_space {
+                label.push_str("-no-null-space");
+            }
+            if o.gems.single_subspace {
+                label.push_str("-single-subspace");
+            }
+            if o.gems.complement {
+                label.push_str("-complement");
+            }
+        }
+        match self.data.tasks {
+            TaskSelection::Both => {}
+            TaskSelection::Rec => label.push_str("-rec-only"),
+            TaskSelection::Search => label.push_str("-search-only"),
+        }
+        label
+    }
+
+    /// Checks ranges and combinations.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        let s = &self.schedule;
+        if s.steps == 0 {
+            return bad("schedule.steps must be positive".into());
+        }
+        if s.batch_size == 0 || s.grad_accum == 0 {
+            return bad("schedule.batch_size and schedule.grad_accum must be positive".into());
+        }
+        if !(s.lr.is_finite() && s.lr > 0.0) {
+            return bad(format!("schedule.lr must be positive and finite, got {}", s.lr));
+        }
+        if !(0.0..1.0).contains(&s.warmup_ratio) {
+            return bad(format!("schedule.warmup_ratio must be in [0, 1), got {}", s.warmup_ratio));
+        }
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            return bad(format!("schedule.min_lr_ratio must be in [0, 1], got {}", s.min_lr_ratio));
+        }
+        if self.eval.batch_size == 0 {
+            return bad("eval.batch_size must be positive".into());
+        }
+        if self.eval.perplexity_window < 2 || self.null_space.window < 1 {
+            return bad("eval.perplexity_window must be >= 2 and null_space.window >= 1".into());
+        }
+        if self.model.keep_layers == Some(0) {
+            return bad("model.keep_layers must be at least 1".into());
+        }
+        if self.optimizer.method == Method::Lora && self.lora.rank == 0 {
+            return bad("lora.rank must be positive".into());
+        }
+        self.optimizer.validate()?;
+        Ok(())
+    }
+
+    /// Reads a JSON (`.json`) or TOML (any other extension) configuration file.
+    ///
+    /// # Errors
+    /// The file cannot be read, or does not parse (the message names the file and the field).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let config: Self = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| TrainError::format(path, e.to_string()))?
+        } else {
+            toml::from_str(&text).map_err(|e| TrainError::format(path, e.to_string()))?
+        };
+        Ok(config)
+    }
+
+    /// The configuration as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_warms_up_then_decays() {
+        let s = ScheduleSettings { steps: 100, lr: 1.0, warmup_ratio: 0.1, ..Default::default() };
+        assert!((s.lr_at(1) - 0.1).abs() < 1e-12);
+        assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((s.lr_at(55) - 0.5).abs() < 1e-12);
+        assert!(s.lr_at(100).abs() < 1e-12);
+        assert!(s.lr_at(30) > s.lr_at(31));
+    }
+
+    #[test]
+    fn configs_round_trip_and_reject_unknown_fields() {
+        let c = TrainConfig::cpu_preset();
+        let back: TrainConfig = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(back, c);
+        let partial: TrainConfig = toml::from_str("seed = 3\n[schedule]\nsteps = 7\n").unwrap();
+        assert_eq!(partial.seed, 3);
+        assert_eq!(partial.schedule.steps, 7);
+        assert_eq!(partial.schedule.batch_size, ScheduleSettings::default().batch_size);
+        let err = toml::from_str::<TrainConfig>("[schedule]\nstep = 7\n").unwrap_err();
+        assert!(err.to_string().contains("step"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = TrainConfig::default();
+        c.schedule.lr = f64::NAN;
+        assert!(c.validate().unwrap_err().to_string().contains("schedule.lr"));
+    }
+
+    #[test]
+    fn labels_name_ablations() {
+        let mut c = TrainConfig::default();
+        c.optimizer.gems.null_space = false;
+        c.data.tasks = TaskSelection::Rec;
+        assert_eq!(c.label(), "gems-no-null-space-rec-only");
+    }
+}

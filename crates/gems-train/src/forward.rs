@@ -1,0 +1,167 @@
+//! Batches and the forward computations the trainer and the evaluator share: the target-token
+//! loss, item scores at the last prompt position, and text log-likelihood over the original
+//! vocabulary.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use gems_model::{Llama, TokenBatch, llama::gather_rows};
+
+use crate::error::{Result, TrainError};
+use crate::setup::Sample;
+
+/// Right-padded batch of whole samples (prompt, target, end-of-sequence).
+///
+/// # Errors
+/// An empty slice.
+pub fn sample_batch(samples: &[&Sample], pad: u32) -> Result<TokenBatch> {
+    if samples.is_empty() {
+        return Err(TrainError::Training("empty batch".into()));
+    }
+    let seqs: Vec<Vec<u32>> = samples.iter().map(|s| s.ids.clone()).collect();
+    Ok(TokenBatch::pad(&seqs, pad, false)?)
+}
+
+/// `(row, position)` pairs that predict each target token, with the token ids predicted:
+/// position `p - 1` predicts the token at `p` for every `p` from the target to the end.
+pub fn target_positions(samples: &[&Sample]) -> (Vec<(usize, usize)>, Vec<u32>) {
+    let mut at = Vec::new();
+    let mut ids = Vec::new();
+    for (r, s) in samples.iter().enumerate() {
+        for p in s.target_pos..s.ids.len() {
+            at.push((r, p - 1));
+            ids.push(s.ids[p]);
+        }
+    }
+    (at, ids)
+}
+
+/// Mean cross-entropy of the target tokens (GEMS-SPEC §2: item token then end-of-sequence),
+/// a scalar tensor on the model's device (differentiable on an autodiff device).
+///
+/// # Errors
+/// Token ids out of range, an empty batch.
+pub fn target_loss(model: &Llama, samples: &[&Sample], pad: u32) -> Result<Tensor<1>> {
+    let batch = sample_batch(samples, pad)?;
+    let (at, ids) = target_positions(samples);
+    let logits = model.logits_at(&batch, &at)?;
+    Ok(cross_entropy(logits, &ids))
+}
+
+/// Mean of `-log softmax(logits)[target]` over rows.
+pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+    let device = logits.device();
+    let n = targets.len();
+    let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+    log_softmax(logits, 1).gather(1, idx).mean().neg()
+}
+
+/// Output-head rows `[first, first + count)` applied to hidden states `[n, d]`: the logits of
+/// a contiguous block of tokens without computing the rest of the vocabulary.
+pub fn block_logits(model: &Llama, hidden: Tensor<2>, first: usize, count: usize) -> Tensor<2> {
+    match &model.lm_head {
+        None => {
+            let w = model.embed_tokens.weight.val().narrow(0, first, count);
+            hidden.matmul(w.transpose())
+        }
+        Some(head) => {
+            // Burn stores the head [d_model, vocab].
+            let w = head.weight.val().narrow(1, first, count);
+            let out = hidden.matmul(w);
+            match &head.bias {
+                Some(b) => out + b.val().narrow(0, first, count).unsqueeze_dim(0),
+                None => out,
+            }
+        }
+    }
+}
+
+/// What one evaluation forward pass gives for a batch of samples.
+#[derive(Debug)]
+pub struct ScoredBatch {
+    /// Item logits at the last prompt position, `[rows, n_items]` (ranking order equals
+    /// log p(item | prompt) order: the softmax normaliser is shared by all items of a row).
+    pub item_scores: Vec<f32>,
+    /// Sum of target-token cross-entropies per row.
+    pub loss_sum: Vec<f64>,
+}
+
+/// One forward pass over whole samples: item scores for ranking and the target loss.
+///
+/// # Errors
+/// Token ids out of range, non-finite outputs, a failed device read.
+pub fn score_samples(
+    model: &Llama,
+    samples: &[&Sample],
+    pad: u32,
+    base_vocab: usize,
+    n_items: usize,
+) -> Result<ScoredBatch> {
+    let batch = sample_batch(samples, pad)?;
+    let hidden = model.hidden_states(&batch)?;
+    let last: Vec<(usize, usize)> =
+        samples.iter().enumerate().map(|(r, s)| (r, s.target_pos - 1)).collect();
+    let (at, ids) = target_positions(samples);
+    let rows = gather_rows(hidden.clone(), &last, "score_samples")?;
+    let scores = block_logits(model, rows, base_vocab, n_items);
+    let target_rows = gather_rows(hidden, &at, "score_samples")?;
+    let logits = model.head(target_rows);
+    let n = ids.len();
+    let idx: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &model.device());
+    let token_lp = log_softmax(logits, 1).gather(1, idx).reshape([n]);
+    let item_scores = read_f32(scores, "score_samples")?;
+    let token_lp = read_f32(token_lp, "score_samples")?;
+    let mut loss_sum = vec![0.0; samples.len()];
+    for (k, &(r, _)) in at.iter().enumerate() {
+        loss_sum[r] -= token_lp[k] as f64;
+    }
+    if item_scores.iter().any(|x| !x.is_finite()) || loss_sum.iter().any(|x| !x.is_finite()) {
+        return Err(TrainError::Training("non-finite scores in evaluation".into()));
+    }
+    Ok(ScoredBatch { item_scores, loss_sum })
+}
+
+/// Sum of next-token negative log-likelihoods (over the first `base_vocab` tokens only) and
+/// the number of predicted tokens, for windows of text tokens (each window scored on its own).
+///
+/// # Errors
+/// Empty windows, token ids outside the text vocabulary, a failed device read.
+pub fn text_nll(model: &Llama, windows: &[Vec<u32>], base_vocab: usize) -> Result<(f64, usize)> {
+    let windows: Vec<&Vec<u32>> = windows.iter().filter(|w| w.len() >= 2).collect();
+    if windows.is_empty() {
+        return Ok((0.0, 0));
+    }
+    if let Some(bad) = windows.iter().flat_map(|w| w.iter()).find(|&&t| t as usize >= base_vocab) {
+        return Err(TrainError::Training(format!(
+            "text token {bad} >= text vocabulary {base_vocab}"
+        )));
+    }
+    let seqs: Vec<Vec<u32>> = windows.iter().map(|w| w.to_vec()).collect();
+    let batch = TokenBatch::pad(&seqs, 0, false)?;
+    let hidden = model.hidden_states(&batch)?;
+    let mut at = Vec::new();
+    let mut next = Vec::new();
+    for (r, w) in windows.iter().enumerate() {
+        for p in 0..w.len() - 1 {
+            at.push((r, p));
+            next.push(w[p + 1]);
+        }
+    }
+    let rows = gather_rows(hidden, &at, "text_nll")?;
+    let logits = block_logits(model, rows, 0, base_vocab);
+    let nll = cross_entropy(logits, &next);
+    let mean = read_f32(nll, "text_nll")?[0] as f64;
+    Ok((mean * next.len() as f64, next.len()))
+}
+
+/// Reads a tensor back as f32 values.
+///
+/// # Errors
+/// The backend cannot read the tensor.
+pub fn read_f32<const D: usize>(t: Tensor<D>, op: &'static str) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| TrainError::Readback { op, detail: format!("{e:?}") })
+}

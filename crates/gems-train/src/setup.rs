@@ -1,0 +1,266 @@
+//! From a configuration to a model with item tokens and tokenised examples.
+//!
+//! The model is either a pretrained one (item tokens are added here) or one this crate saved
+//! (its tokenizer already has `<item_0>` ... `<item_{n-1}>`, so nothing is added). Either way
+//! the text vocabulary ends where `<item_0>` begins, and item `i` has token id `base + i`,
+//! which is exactly how `gems-data` tokenises prompts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use gems_data::{
+    Example, HfTokenizer, PrepareConfig, Split, Task, TextTokenizer, prepare, resolve_dataset,
+};
+use gems_model::{ItemInit, ItemSpec, Pretrained, add_items};
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+
+/// The path of the model a configuration names (the fetched default when none is given).
+///
+/// # Errors
+/// No path given and nothing fetched yet, or the path does not exist.
+pub fn model_path(config: &TrainConfig) -> Result<PathBuf> {
+    match &config.model.path {
+        Some(p) if p.exists() => Ok(p.clone()),
+        Some(p) => Err(TrainError::Config(format!(
+            "model.path {} does not exist (a Hugging Face directory or a GGUF file)",
+            p.display()
+        ))),
+        None => gems_model::fetch::cached_gguf().ok_or_else(|| {
+            TrainError::Config(format!(
+                "no model.path given and the default model is not fetched ({} missing): run \
+                 `gems model fetch` first",
+                gems_model::fetch::gguf_path().display()
+            ))
+        }),
+    }
+}
+
+/// A text tokenizer whose vocabulary ends at `base` (item tokens after it are ignored).
+#[derive(Debug)]
+pub struct TextVocab {
+    inner: HfTokenizer,
+    base: u32,
+}
+
+impl TextTokenizer for TextVocab {
+    fn encode(&self, text: &str) -> gems_data::Result<Vec<u32>> {
+        self.inner.encode(text)
+    }
+    fn vocab_size(&self) -> u32 {
+        self.base
+    }
+    fn eos_id(&self) -> u32 {
+        self.inner.eos_id()
+    }
+}
+
+/// One tokenised example, ready for batching.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// User index (load order).
+    pub user: u32,
+    /// Prompt ids, the target item's token, end-of-sequence.
+    pub ids: Vec<u32>,
+    /// Where the target item token is in `ids` (the prompt is `ids[..target_pos]`).
+    pub target_pos: usize,
+    /// The target item index.
+    pub target: u32,
+    /// History item indices.
+    pub history: Vec<u32>,
+    /// The query (search samples).
+    pub query: Option<String>,
+    /// Sampled negative item indices (valid and test).
+    pub negatives: Vec<u32>,
+}
+
+/// The tokenised dataset with its item vocabulary.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    /// Dataset name.
+    pub dataset: String,
+    /// First item token id; text tokens are below it.
+    pub base_vocab: u32,
+    /// End-of-sequence id.
+    pub eos_id: u32,
+    /// Item titles by index.
+    pub titles: Vec<String>,
+    /// Item ids as in the source data.
+    pub item_ids: Vec<String>,
+    /// User ids as in the source data, by user index.
+    pub users: Vec<String>,
+    /// Samples per split and task.
+    pub samples: BTreeMap<(Split, Task), Vec<Sample>>,
+    /// The preparation configuration (saved with the run).
+    pub prepare: PrepareConfig,
+}
+
+impl Corpus {
+    /// Number of items.
+    pub fn n_items(&self) -> usize {
+        self.titles.len()
+    }
+
+    /// Samples of one split and task (empty when there are none).
+    pub fn get(&self, split: Split, task: Task) -> &[Sample] {
+        self.samples.get(&(split, task)).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The user index of a source user id.
+    pub fn user_index(&self, id: &str) -> Option<u32> {
+        self.users.iter().position(|u| u == id).map(|i| i as u32)
+    }
+}
+
+/// A model with item tokens and the data tokenised for it.
+pub struct Setup {
+    /// The model and its tokenizer (with item tokens).
+    pub pretrained: Pretrained,
+    /// The data.
+    pub corpus: Corpus,
+    /// Text tokenizer (for prompts typed at run time).
+    pub text: TextVocab,
+}
+
+impl std::fmt::Debug for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setup").field("corpus", &self.corpus.dataset).finish_non_exhaustive()
+    }
+}
+
+/// Loads the model at `path` (pretrained or saved by a run) onto `device`, truncated to
+/// `keep_layers` when it has more.
+///
+/// # Errors
+/// The model does not load.
+pub fn load_model(path: &Path, keep_layers: Option<usize>, device: &Device) -> Result<Pretrained> {
+    let mut p = gems_model::check::load(path, device)?;
+    if let Some(k) = keep_layers
+        && p.model.layers.len() > k
+    {
+        p.model.layers.truncate(k);
+        p.model.config.num_hidden_layers = k;
+    }
+    Ok(p)
+}
+
+/// Builds the corpus with `pretrained`'s tokenizer and adds missing item tokens to the model.
+///
+/// # Errors
+/// The dataset does not load; the model's item tokens do not match the catalogue.
+pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> {
+    let d = &config.data;
+    let spec = resolve_dataset(&d.dataset, &d.data_root, None)?;
+    let mut prep = PrepareConfig::from_spec(&spec);
+    prep.build.max_history = d.max_history;
+    prep.build.n_negatives = d.negatives;
+    prep.build.seed = d.seed;
+
+    let existing = pretrained.tokenizer.token_to_id(&gems_data::prompt::item_token(0));
+    let tokenizer = HfTokenizer::new(pretrained.tokenizer.clone(), None)?;
+    let base = existing.unwrap_or_else(|| tokenizer.vocab_size());
+    let text = TextVocab { inner: tokenizer, base };
+    let prepared = prepare(&spec.dir, &prep, Some(&text))?;
+    let catalogue = prepared.dataset.catalogue.items();
+    let n = catalogue.len();
+
+    if existing.is_none() {
+        let specs: Vec<ItemSpec> = catalogue
+            .iter()
+            .enumerate()
+            .map(|(i, it)| ItemSpec {
+                id: i.to_string(),
+                title: (!it.title.is_empty()).then(|| it.title.clone()),
+            })
+            .collect();
+        let init = if config.model.title_init {
+            ItemInit::TitleMean
+        } else {
+            ItemInit::Random { seed: config.seed }
+        };
+        add_items(&mut pretrained, &specs, init)?;
+    }
+    // Every item must sit at base + index, whichever way the tokens got there.
+    for i in [0, n.saturating_sub(1)] {
+        let token = gems_data::prompt::item_token(i as u32);
+        let id = pretrained.tokenizer.token_to_id(&token);
+        if id != Some(base + i as u32) {
+            return Err(TrainError::Config(format!(
+                "the model's {token} has id {id:?}, expected {} (the model was saved with a \
+                 different catalogue?)",
+                base + i as u32
+            )));
+        }
+    }
+    let vocab = pretrained.model.embed_tokens.weight.dims()[0];
+    if (base as usize + n) > vocab {
+        return Err(TrainError::Config(format!(
+            "embedding has {vocab} rows but the catalogue needs {}",
+            base as usize + n
+        )));
+    }
+
+    let tokenized = prepared
+        .tokenized
+        .as_ref()
+        .ok_or_else(|| TrainError::Training("preparation returned no tokenisation".into()))?;
+    let mut samples: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
+    for (example, tok) in prepared.examples.iter().zip(tokenized) {
+        samples.entry((example.split, example.task)).or_default().push(sample(example, tok));
+    }
+    let corpus = Corpus {
+        dataset: spec.name.clone(),
+        base_vocab: base,
+        eos_id: text.eos_id(),
+        titles: catalogue.iter().map(|i| i.title.clone()).collect(),
+        item_ids: catalogue.iter().map(|i| i.id.clone()).collect(),
+        users: prepared.dataset.users.iter().map(|u| u.user.clone()).collect(),
+        samples,
+        prepare: prep,
+    };
+    Ok(Setup { pretrained, corpus, text })
+}
+
+fn sample(example: &Example, tok: &gems_data::TokenizedExample) -> Sample {
+    Sample {
+        user: example.user,
+        ids: tok.input_ids.clone(),
+        target_pos: tok.target_span[0] as usize,
+        target: example.target,
+        history: example.history.clone(),
+        query: example.query.clone(),
+        negatives: example.negatives.clone(),
+    }
+}
+
+impl Setup {
+    /// Tokenises a prompt for `history` (item indices, oldest first) and an optional query,
+    /// with the training templates; returns the prompt ids (no target).
+    ///
+    /// # Errors
+    /// The tokenizer fails, or an item index is out of range.
+    pub fn prompt_ids(&self, history: &[u32], query: Option<&str>) -> Result<Vec<u32>> {
+        if let Some(&bad) = history.iter().find(|&&i| i as usize >= self.corpus.n_items()) {
+            return Err(TrainError::Config(format!(
+                "item index {bad} out of range ({} items)",
+                self.corpus.n_items()
+            )));
+        }
+        let example = Example {
+            user: 0,
+            position: 0,
+            split: Split::Test,
+            task: if query.is_some() { Task::Search } else { Task::Rec },
+            history: history.to_vec(),
+            query: query.map(str::to_string),
+            target: 0,
+            negatives: Vec::new(),
+        };
+        let tok = gems_data::tokenize_examples(std::slice::from_ref(&example), &self.text)?;
+        let mut ids = tok.into_iter().next().map(|t| t.input_ids).unwrap_or_default();
+        ids.truncate(ids.len().saturating_sub(2));
+        Ok(ids)
+    }
+}

@@ -1,0 +1,568 @@
+//! The training loop: per-task forward/backward, the chosen method's step, cosine schedule,
+//! validation with early stopping, atomic checkpoints, exact resume, JSON-lines metrics.
+//!
+//! Run directory (docs/training.md):
+//!
+//! ```text
+//! config.json      the resolved configuration (with the model path actually used)
+//! nullspace.json   kept directions per tuned matrix (gems with null space)
+//! before.json      test evaluation of the untuned model
+//! metrics.jsonl    one line per step ("train") and per validation ("valid")
+//! checkpoint/      model/ (+ adapter/ for lora), optimizer/, trainer.json: resume point
+//! model/           the tuned model (best validation, else final), a Hugging Face directory
+//! summary.json     before/after metrics, steps, timing, optimizer-state bytes
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::Device;
+use gems_data::{Split, Task};
+use gems_metrics::{EvalReport, MetricsLine, RunSummary, TrainRecord, ValidRecord};
+use gems_model::{Llama, LoraConfig, Pretrained};
+use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
+use gems_rng::SplitMix64;
+
+use crate::checkpoint::{
+    Cursor, TrainerState, read_json, replace_dir, resolve_dir, write_atomic, write_json,
+};
+use crate::config::{StopMetric, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
+use crate::forward::target_loss;
+use crate::nullspace::projectors;
+use crate::progress::Progress;
+use crate::setup::{Corpus, Sample, Setup, build, load_model, model_path};
+
+/// How a run is driven (not part of its configuration).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The plain device (autodiff is added for training).
+    pub device: Device,
+    /// Continue from the run directory's checkpoint when there is one.
+    pub resume: bool,
+    /// Progress on stderr.
+    pub progress: bool,
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// Training and the final evaluation finished.
+    Finished(Box<RunSummary>),
+    /// `stop_after` was reached: a checkpoint was written; resume to continue.
+    Stopped {
+        /// Steps done so far.
+        step: u64,
+    },
+}
+
+/// Tasks a configuration trains (and evaluates) that have training samples.
+fn active_tasks(config: &TrainConfig, corpus: &Corpus) -> Vec<Task> {
+    Task::ALL
+        .into_iter()
+        .filter(|&t| config.data.tasks.includes(t) && !corpus.get(Split::Train, t).is_empty())
+        .collect()
+}
+
+/// A seeded permutation of `0..n` for one task and epoch.
+fn permutation(n: usize, seed: u64, task: Task, epoch: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::for_stream(seed, &[task as u64 + 1, epoch]);
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        idx.swap(i, j);
+    }
+    idx
+}
+
+/// The next `rows` samples of a task's stream, advancing its cursor across epochs.
+fn next_batch<'a>(
+    samples: &'a [Sample],
+    cursor: &mut Cursor,
+    rows: usize,
+    seed: u64,
+    task: Task,
+    perm: &mut Option<(u64, Vec<usize>)>,
+) -> Vec<&'a Sample> {
+    let mut out = Vec::with_capacity(rows);
+    while out.len() < rows {
+        if perm.as_ref().is_none_or(|(e, _)| *e != cursor.epoch) {
+            *perm = Some((cursor.epoch, permutation(samples.len(), seed, task, cursor.epoch)));
+        }
+        let order = &perm.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
+        while out.len() < rows && cursor.index < order.len() {
+            out.push(&samples[order[cursor.index]]);
+            cursor.index += 1;
+        }
+        if cursor.index >= order.len() {
+            cursor.epoch += 1;
+            cursor.index = 0;
+        }
+    }
+    out
+}
+
+/// One task's mean loss gradient over `samples`.
+fn task_gradient(model: &Llama, samples: &[&Sample], pad: u32) -> Result<TaskGradient> {
+    let loss = target_loss(model, samples, pad)?;
+    let value = crate::forward::read_f32(loss.clone(), "task_gradient")?[0] as f64;
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    Ok(TaskGradient { grads, samples: samples.len(), loss: value })
+}
+
+/// Saves a model as a Hugging Face directory (merged when it carries LoRA adapters).
+fn save_model(model: &Llama, pretrained: &Pretrained, dir: &Path) -> Result<()> {
+    let merged = gems_model::merge_lora(model.clone().valid());
+    let p = Pretrained {
+        model: merged,
+        tokenizer: pretrained.tokenizer.clone(),
+        chat_template: pretrained.chat_template.clone(),
+    };
+    gems_model::save_hf_dir(&p, dir)?;
+    Ok(())
+}
+
+fn lora_config(config: &TrainConfig, untied_head: bool) -> LoraConfig {
+    let targets: Vec<&str> = config.lora.targets.iter().map(String::as_str).collect();
+    let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets);
+    let mut save = vec!["embed_tokens".to_string()];
+    if untied_head {
+        save.push("lm_head".into());
+    }
+    c.modules_to_save = Some(save);
+    c.init_seed = config.seed;
+    c
+}
+
+/// Keeps only the metrics lines of steps up to `step` (a resumed run rewrites what followed).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let lines = gems_metrics::read_metrics_lines(path)?;
+    let mut out = String::new();
+    for line in lines {
+        let s = match &line {
+            MetricsLine::Train(t) => t.step,
+            MetricsLine::Valid(v) => v.step,
+        };
+        if s <= step {
+            out.push_str(&serde_json::to_string(&line).unwrap_or_default());
+            out.push('\n');
+        }
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// The value early stopping watches, oriented so that lower is better.
+fn stop_value(metric: StopMetric, report: &EvalReport) -> f64 {
+    let mean = |vals: Vec<f64>| {
+        if vals.is_empty() { f64::INFINITY } else { vals.iter().sum::<f64>() / vals.len() as f64 }
+    };
+    match metric {
+        StopMetric::Loss => mean(report.loss.values().copied().collect()),
+        StopMetric::Ndcg10 => {
+            -mean(report.full.values().filter_map(|m| m.get("ndcg@10")).collect::<Vec<_>>())
+        }
+    }
+}
+
+/// Evaluates `model` on the test split (and perplexity), labelled `label`.
+///
+/// # Errors
+/// Forward failures, an unreadable perplexity text.
+pub fn test_report(
+    model: &Llama,
+    setup: &Setup,
+    config: &TrainConfig,
+    label: &str,
+    tasks: &[Task],
+    show: bool,
+) -> Result<EvalReport> {
+    let options = EvalOptions {
+        label: label.into(),
+        split: Split::Test,
+        tasks: tasks.to_vec(),
+        max_examples: config.eval.test_examples,
+        seed: config.seed ^ 0x7e57,
+        batch_size: config.eval.batch_size,
+        sampled: config.eval.sampled,
+        normaliser: config.eval.ndcg_normaliser,
+        progress: show,
+    };
+    let mut report = evaluate(model, &setup.corpus, &options)?;
+    if let Some(text) = config.perplexity_text() {
+        let windows = text_windows(
+            &text,
+            &setup.text,
+            config.eval.perplexity_tokens,
+            config.eval.perplexity_window,
+        )?;
+        let started = Instant::now();
+        let base = setup.corpus.base_vocab as usize;
+        report.perplexity = Some(perplexity(model, &windows, base, 8, show)?);
+        report.seconds += started.elapsed().as_secs_f64();
+    }
+    Ok(report)
+}
+
+/// A stable key of the model file(s) a configuration starts from (path, size, keep_layers).
+fn model_key(path: &Path, config: &TrainConfig) -> String {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let bytes = if path.is_dir() { size(&path.join("model.safetensors")) } else { size(path) };
+    format!("{}|{bytes}|{:?}", path.display(), config.model.keep_layers)
+}
+
+/// Trains one run into `run_dir`; see the module docs for what it writes.
+///
+/// # Errors
+/// Invalid configuration, missing model or data, non-finite training, I/O failures. Files
+/// already written stay valid.
+pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Result<RunOutcome> {
+    config.validate()?;
+    let show = options.progress;
+    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    let checkpoint_dir = run_dir.join("checkpoint");
+    let resume_from = if options.resume { resolve_dir(&checkpoint_dir) } else { None };
+    let mut config = config.clone();
+    if let Some(ckpt) = &resume_from {
+        // The saved configuration decides the run; only `stop_after` may change.
+        let saved: TrainConfig = read_json(&run_dir.join("config.json"))?;
+        let stop_after = config.stop_after;
+        config = saved;
+        config.stop_after = stop_after;
+        if show {
+            eprintln!("resuming from {}", ckpt.display());
+        }
+    } else if run_dir.join("checkpoint").exists() || run_dir.join("summary.json").exists() {
+        return Err(TrainError::Config(format!(
+            "{} already holds a run: pass --resume to continue it, or choose another directory",
+            run_dir.display()
+        )));
+    }
+    let path = model_path(&config)?;
+    config.model.path = Some(path.clone());
+    if config.optimizer.method == Method::Lora {
+        for p in ["embed_tokens.weight", "lm_head.weight"] {
+            if !config.optimizer.trainable.iter().any(|t| t == p) {
+                config.optimizer.trainable.push(p.into());
+            }
+        }
+    }
+    write_json(&run_dir.join("config.json"), &config)?;
+
+    let device = options.device.clone();
+    let started = Instant::now();
+    let pretrained = load_model(&path, config.model.keep_layers, &device)?;
+    let setup = build(pretrained, &config)?;
+    let tasks = active_tasks(&config, &setup.corpus);
+    if tasks.is_empty() {
+        return Err(TrainError::Config(format!(
+            "dataset `{}` has no training samples for tasks {:?}",
+            setup.corpus.dataset, config.data.tasks
+        )));
+    }
+    if show {
+        eprintln!(
+            "model {} ({} layers, {} parameters), {} items, tasks {:?}, setup {:.1}s",
+            path.display(),
+            setup.pretrained.model.layers.len(),
+            setup.pretrained.model.num_params(),
+            setup.corpus.n_items(),
+            tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    // The untuned model's test evaluation (kept across resumes).
+    let before_path = run_dir.join("before.json");
+    let before: Option<EvalReport> = if !config.eval.before {
+        None
+    } else if before_path.exists() {
+        Some(read_json(&before_path)?)
+    } else {
+        let r = test_report(&setup.pretrained.model, &setup, &config, "before", &tasks, show)?;
+        write_json(&before_path, &r)?;
+        Some(r)
+    };
+
+    let mut optimizer = match &resume_from {
+        Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &device.clone().autodiff())?,
+        None => Optimizer::new(config.optimizer.clone())?,
+    };
+    // Null-space projectors from the pretrained model (cached).
+    if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
+        let cache =
+            config.null_space.cache.clone().unwrap_or_else(|| {
+                run_dir.parent().unwrap_or(Path::new(".")).join("nullspace-cache")
+            });
+        let (projectors, report) = projectors(
+            &setup.pretrained.model,
+            &setup.text,
+            &config.optimizer.targets,
+            &config.null_space,
+            &config.null_space_text(),
+            &model_key(&path, &config),
+            &cache,
+            show,
+        )?;
+        if show {
+            let kept: usize = report.layers.iter().map(|l| l.null_directions).sum();
+            let dims: usize = report.layers.iter().map(|l| l.dim).sum();
+            eprintln!(
+                "null space: {} matrices, {kept} of {dims} directions free ({}, {:.1}s)",
+                report.layers.len(),
+                if report.from_cache { "cached" } else { "built" },
+                report.seconds
+            );
+        }
+        write_json(&run_dir.join("nullspace.json"), &report)?;
+        for (p, proj) in projectors {
+            optimizer.set_null_space_projector(p, proj);
+        }
+    }
+
+    // The model to train, on the autodiff device.
+    let train_device = device.clone().autodiff();
+    let mut model = match &resume_from {
+        Some(ckpt) => {
+            let base = gems_model::load_hf_dir(&ckpt.join("model"), &train_device)?.model;
+            if config.optimizer.method == Method::Lora {
+                let untied = base.lm_head.is_some();
+                let (m, _) = gems_model::apply_lora(base, &lora_config(&config, untied), true)?;
+                gems_model::load_peft(m, &ckpt.join("adapter"))?.0
+            } else {
+                base
+            }
+        }
+        None => {
+            let m = setup.pretrained.model.clone().to_device(&train_device).train();
+            if config.optimizer.method == Method::Lora {
+                let untied = m.lm_head.is_some();
+                gems_model::apply_lora(m, &lora_config(&config, untied), true)?.0
+            } else {
+                m
+            }
+        }
+    };
+    let mut state: TrainerState = match &resume_from {
+        Some(ckpt) => read_json(&ckpt.join("trainer.json"))?,
+        None => TrainerState::default(),
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if resume_from.is_some() {
+        truncate_metrics(&metrics_path, state.step)?;
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).map_err(|e| TrainError::io(&metrics_path, e))?;
+    }
+
+    let pad = setup.corpus.eos_id;
+    let total = config.schedule.steps;
+    let mut perms: Vec<Option<(u64, Vec<usize>)>> = vec![None; Task::ALL.len()];
+    let mut progress = Progress::new("train", total, show);
+    let mut steps_here = 0u64;
+    let n_train: Vec<usize> =
+        tasks.iter().map(|&t| setup.corpus.get(Split::Train, t).len()).collect();
+    while state.step < total && !state.stopped_early {
+        let step_started = Instant::now();
+        let mut windows: Vec<GradientWindow> =
+            tasks.iter().map(|_| GradientWindow::new()).collect();
+        let mut tokens = 0usize;
+        for _ in 0..config.schedule.grad_accum {
+            for (k, &task) in tasks.iter().enumerate() {
+                let cursor = state.cursors.entry(task.name().to_string()).or_default();
+                let batch = next_batch(
+                    setup.corpus.get(Split::Train, task),
+                    cursor,
+                    config.schedule.batch_size,
+                    config.seed,
+                    task,
+                    &mut perms[task as usize],
+                );
+                tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
+                let g = task_gradient(&model, &batch, pad)?;
+                windows[k].add(&model, g);
+            }
+        }
+        let mut grads = StepGradients::default();
+        for (k, w) in windows.into_iter().enumerate() {
+            match tasks[k] {
+                Task::Rec => grads.rec = w.finish(&model),
+                Task::Search => grads.search = w.finish(&model),
+            }
+        }
+        let lr = config.schedule.lr_at(state.step + 1);
+        let (next, report) = optimizer.step(lr, &model, grads)?;
+        model = next;
+        state.step += 1;
+        steps_here += 1;
+        let seconds = step_started.elapsed().as_secs_f64();
+        state.train_seconds += seconds;
+        state.step_seconds.push(seconds);
+        if report.skipped.is_some() {
+            state.consecutive_skips += 1;
+            if state.consecutive_skips >= 10 {
+                return Err(TrainError::Training(format!(
+                    "10 consecutive steps skipped for non-finite values (last: {}); lower the \
+                     learning rate",
+                    report.skipped.unwrap_or_default()
+                )));
+            }
+        } else {
+            state.consecutive_skips = 0;
+        }
+        let epoch = tasks
+            .iter()
+            .zip(&n_train)
+            .map(|(t, &n)| {
+                let c = state.cursors.get(t.name()).copied().unwrap_or_default();
+                c.epoch as f64 + c.index as f64 / n.max(1) as f64
+            })
+            .fold(0.0, f64::max);
+        let record = TrainRecord {
+            step: state.step,
+            epoch,
+            lr,
+            loss_rec: report.losses.0,
+            loss_search: report.losses.1,
+            mean_cosine: report.mean_cosine,
+            tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            step_seconds: seconds,
+            elapsed_seconds: state.train_seconds,
+            skipped: report.skipped.is_some(),
+        };
+        gems_metrics::record::append_metrics_line(
+            &metrics_path,
+            &MetricsLine::Train(record.clone()),
+        )?;
+        let fmt = |l: Option<f64>| l.map_or("-".into(), |v| format!("{v:.3}"));
+        progress.update(
+            state.step,
+            &format!(
+                "loss rec {} search {} | cos {} | lr {lr:.2e} | {:.0} tok/s",
+                fmt(record.loss_rec),
+                fmt(record.loss_search),
+                record.mean_cosine.map_or("-".into(), |c| format!("{c:+.3}")),
+                record.tokens_per_s
+            ),
+        );
+
+        let last = state.step == total;
+        let validate = config.eval.every > 0 && (state.step % config.eval.every == 0 || last);
+        if validate {
+            let options = EvalOptions {
+                label: format!("valid@{}", state.step),
+                split: Split::Valid,
+                tasks: tasks.clone(),
+                max_examples: config.eval.valid_examples,
+                seed: config.seed ^ 0x7a11d,
+                batch_size: config.eval.batch_size,
+                sampled: false,
+                normaliser: config.eval.ndcg_normaliser,
+                progress: false,
+            };
+            let plain = model.valid();
+            let report = evaluate(&plain, &setup.corpus, &options)?;
+            let value = stop_value(config.eval.metric, &report);
+            let new_best = state.best.is_none_or(|(_, b)| value < b);
+            if new_best {
+                state.best = Some((state.step, value));
+                state.bad_validations = 0;
+            } else {
+                state.bad_validations += 1;
+                if config.eval.patience > 0 && state.bad_validations >= config.eval.patience {
+                    state.stopped_early = true;
+                }
+            }
+            if show {
+                let ndcg: Vec<String> = report
+                    .full
+                    .iter()
+                    .map(|(t, m)| format!("{t} {:.4}", m.get("ndcg@10").unwrap_or(0.0)))
+                    .collect();
+                eprintln!(
+                    "\nvalid step {}: NDCG@10 {} | loss {:.4}{}",
+                    state.step,
+                    ndcg.join(", "),
+                    stop_value(StopMetric::Loss, &report),
+                    if new_best { " (best)" } else { "" }
+                );
+            }
+            gems_metrics::record::append_metrics_line(
+                &metrics_path,
+                &MetricsLine::Valid(ValidRecord { step: state.step, report, best: new_best }),
+            )?;
+            if new_best {
+                replace_dir(&run_dir.join("model"), |d| save_model(&model, &setup.pretrained, d))?;
+            }
+        }
+        let stop_here = config.stop_after.is_some_and(|k| steps_here >= k);
+        let periodic = config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0;
+        if periodic || stop_here || last || state.stopped_early {
+            save_checkpoint(&checkpoint_dir, &model, &setup, &optimizer, &state, &config)?;
+        }
+        if stop_here && !last && !state.stopped_early {
+            progress.finish(&format!("stopped after step {} (resume to continue)", state.step));
+            return Ok(RunOutcome::Stopped { step: state.step });
+        }
+    }
+    progress.finish(&format!("{} steps", state.step));
+
+    // The tuned model: the best validation checkpoint, else the final weights.
+    let model_dir = run_dir.join("model");
+    if resolve_dir(&model_dir).is_none() {
+        replace_dir(&model_dir, |d| save_model(&model, &setup.pretrained, d))?;
+    }
+    let tuned_dir = resolve_dir(&model_dir).unwrap_or(model_dir);
+    let tuned = gems_model::load_hf_dir(&tuned_dir, &device)?.model;
+    let after = test_report(&tuned, &setup, &config, "after", &tasks, show)?;
+    let mut step_seconds = state.step_seconds.clone();
+    step_seconds.sort_by(f64::total_cmp);
+    let summary = RunSummary {
+        label: config.label(),
+        group: config.label(),
+        method: config.optimizer.method.as_str().into(),
+        seed: config.seed,
+        steps: state.step,
+        train_seconds: state.train_seconds,
+        median_step_seconds: step_seconds.get(step_seconds.len() / 2).copied().unwrap_or(0.0),
+        optimizer_state_bytes: optimizer.state_bytes() as u64,
+        before,
+        after: Some(after),
+        best_step: state.best.map(|(s, _)| s),
+    };
+    gems_metrics::record::write_summary(run_dir, &summary)?;
+    Ok(RunOutcome::Finished(Box::new(summary)))
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    model: &Llama,
+    setup: &Setup,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    config: &TrainConfig,
+) -> Result<()> {
+    replace_dir(dir, |d| {
+        let base = Pretrained {
+            model: model.clone().valid(),
+            tokenizer: setup.pretrained.tokenizer.clone(),
+            chat_template: setup.pretrained.chat_template.clone(),
+        };
+        if config.optimizer.method == Method::Lora {
+            let untied = model.lm_head.is_some();
+            gems_model::save_peft(model, &lora_config(config, untied), &d.join("adapter"))?;
+        }
+        gems_model::save_hf_dir(&base, &d.join("model"))?;
+        optimizer.save(d.join("optimizer"))?;
+        write_json(&d.join("trainer.json"), state)
+    })
+}
+
+/// Where a run keeps its tuned model.
+pub fn tuned_model_dir(run_dir: &Path) -> Option<PathBuf> {
+    resolve_dir(&run_dir.join("model"))
+}
