@@ -5,7 +5,9 @@
 //! and typed (`thiserror`) in the libraries below.
 
 mod data;
+mod device;
 mod model_cmd;
+mod run_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,50 @@ enum Command {
         #[command(subcommand)]
         command: model_cmd::ModelCommand,
     },
+    /// Fine-tune a model for search and recommendation (gems, galore, full, lora, pcgrad).
+    Train(Box<run_cmd::TrainArgs>),
+    /// Evaluate a run's tuned model (full-catalogue and sampled ranking, perplexity).
+    Eval(run_cmd::EvalArgs),
+    /// Top-k items for a user's next interaction, from a run's tuned model.
+    Recommend(run_cmd::RankArgs),
+    /// Top-k items for a user and a search query, from a run's tuned model.
+    Search {
+        #[command(flatten)]
+        rank: run_cmd::RankArgs,
+        /// The search query.
+        #[arg(long)]
+        query: String,
+    },
+    /// Markdown table across runs and SVG plots (losses, validation NDCG, gradient cosine).
+    Report {
+        /// Run directories (or directories holding runs).
+        #[arg(required = true)]
+        runs: Vec<std::path::PathBuf>,
+        /// Output directory of report.md and the plots.
+        #[arg(long, default_value = "runs/report")]
+        out: std::path::PathBuf,
+    },
+    /// Export a run's tuned model (merged, Hugging Face layout) or its LoRA adapter (PEFT).
+    Export {
+        /// The run directory.
+        run: std::path::PathBuf,
+        /// Output directory.
+        out: std::path::PathBuf,
+        /// Export the LoRA adapter instead of the merged model.
+        #[arg(long)]
+        adapter: bool,
+    },
+    /// Train and evaluate a tiny random model on a slice of Scientific on a backend.
+    Selftest {
+        #[command(flatten)]
+        device: run_cmd::DeviceArgs,
+        /// Where the shared data lives.
+        #[arg(long, env = "GEMS_DATA_DIR", default_value = "../shared/data")]
+        data_root: std::path::PathBuf,
+        /// Training steps.
+        #[arg(long, default_value_t = 6)]
+        steps: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +82,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model_cmd::run(command),
+        Command::Train(args) => run_cmd::run_train(*args),
+        Command::Eval(args) => run_cmd::run_eval(args),
+        Command::Recommend(args) => run_cmd::run_rank(args, None),
+        Command::Search { rank, query } => run_cmd::run_rank(rank, Some(&query)),
+        Command::Report { runs, out } => run_cmd::run_report(&runs, &out),
+        Command::Export { run, out, adapter } => run_cmd::run_export(&run, &out, adapter),
+        Command::Selftest { device, data_root, steps } => {
+            run_cmd::run_selftest(&device, &data_root, steps)
+        }
     }
 }

@@ -335,6 +335,27 @@ impl TrainConfig {
             .unwrap_or_else(|| self.data.data_root.join("wikitext2_general_text").join("valid.txt"))
     }
 
+    /// The GPU preset for the full model (every layer, the authors' batch of 32 x 4, rank
+    /// 256, all test users, all of WikiText-2 test). Documented in docs/training.md; not yet
+    /// run on a GPU by this project.
+    pub fn gpu_preset() -> Self {
+        let mut c = Self::default();
+        c.schedule.steps = 3000;
+        c.schedule.batch_size = 32;
+        c.schedule.grad_accum = 4;
+        c.schedule.lr = 5e-4;
+        c.optimizer.gems.rank = 256;
+        c.optimizer.gems.update_proj_gap = 200;
+        c.eval.every = 200;
+        c.eval.valid_examples = 2000;
+        c.eval.test_examples = 0;
+        c.eval.batch_size = 64;
+        c.eval.perplexity_tokens = 0;
+        c.null_space.max_tokens = 0;
+        c.null_space.window = 512;
+        c
+    }
+
     /// The run label: the configured one, else the method with its ablations.
     pub fn label(&self) -> String {
         if let Some(l) = &self.label {

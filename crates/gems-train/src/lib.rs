@@ -3,6 +3,7 @@
 //! - [`config`]: the run configuration (JSON or TOML), presets, the learning-rate schedule.
 //! - [`setup`]: a model with item tokens and the data tokenised for it.
 //! - [`forward`]: batches, the target-token loss, item scores, text log-likelihood.
+//! - [`infer`]: a finished run's model: recommend for a user, search with a query.
 //! - [`eval`]: full-catalogue and sampled ranking, perplexity on general text.
 //! - [`nullspace`]: null-space projectors from general text, cached per model.
 //! - [`trainer`]: the loop, validation, early stopping, checkpoints, resume.
@@ -17,6 +18,7 @@ pub mod config;
 mod error;
 pub mod eval;
 pub mod forward;
+pub mod infer;
 pub mod nullspace;
 pub mod progress;
 pub mod setup;

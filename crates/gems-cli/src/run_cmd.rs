@@ -1,0 +1,564 @@
+//! `gems train`, `eval`, `recommend`, `search`, `report`, `export` and `selftest`.
+//!
+//! Configuration precedence: built-in defaults, then `--preset`, then `--config FILE` (JSON or
+//! TOML; fields it names replace the preset's), then flags. The resolved configuration is saved
+//! as `config.json` in the run directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use gems_metrics::EvalReport;
+use gems_optim::Method;
+use gems_subspace::ProjectionType;
+use gems_train::config::{StopMetric, TaskSelection};
+use gems_train::infer::{load_run, top_items, user_history};
+use gems_train::trainer::test_report;
+use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
+
+use crate::device::{Backend, device};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    Gems,
+    Galore,
+    Full,
+    Lora,
+    Pcgrad,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PresetArg {
+    /// The main job's CPU preset (2 cores, about 15 minutes): see docs/training.md.
+    Cpu,
+    /// The full model on a GPU: see docs/training.md.
+    Gpu,
+    /// Library defaults.
+    Default,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TasksArg {
+    Both,
+    Rec,
+    Search,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProjArg {
+    Std,
+    ReverseStd,
+    Left,
+    Right,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StopArg {
+    Loss,
+    Ndcg10,
+}
+
+/// Where a command runs.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// Backend: flex (CPU, always built), cuda or wgpu (need the cargo feature of that name).
+    #[arg(long, value_enum, default_value = "flex")]
+    pub device: Backend,
+    /// Device index (GPU number).
+    #[arg(long, default_value_t = 0)]
+    pub device_index: usize,
+}
+
+/// Arguments of `gems train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Run directory (created; must not hold a run unless --resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Starting configuration.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub preset: PresetArg,
+    /// A JSON (.json) or TOML configuration file applied over the preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Training method.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+    /// gems ablation: no null-space projection.
+    #[arg(long)]
+    pub no_null_space: bool,
+    /// gems ablation: one subspace on the shared gradient (GaLore + null space).
+    #[arg(long)]
+    pub single_subspace: bool,
+    /// gems option: task subspaces orthogonal to the shared one.
+    #[arg(long)]
+    pub complement: bool,
+    /// Re-apply the null-space projector to the final update.
+    #[arg(long)]
+    pub strict_null_space: bool,
+    /// Tasks trained on.
+    #[arg(long, value_enum)]
+    pub tasks: Option<TasksArg>,
+    /// Shared-subspace rank r (GaLore `rank`); task subspaces get r/2.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Steps between subspace refreshes (GaLore `update_proj_gap`).
+    #[arg(long)]
+    pub update_proj_gap: Option<u64>,
+    /// Back-projection scale alpha (GaLore `scale`).
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Projection side rule (GaLore `proj_type`).
+    #[arg(long, value_enum)]
+    pub proj_type: Option<ProjArg>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Rows per task per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate (cosine schedule with warm-up).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Decoupled weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Seed of the run.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A GGUF file or Hugging Face directory (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Keep only the first k decoder layers.
+    #[arg(long)]
+    pub keep_layers: Option<usize>,
+    /// Keep all decoder layers (overrides the preset's truncation).
+    #[arg(long, conflicts_with = "keep_layers")]
+    pub all_layers: bool,
+    /// Dataset name (scientific, beauty, qilin_toy) or directory.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Where dataset names are looked up.
+    #[arg(long, env = "GEMS_DATA_DIR")]
+    pub data_root: Option<PathBuf>,
+    /// History items per prompt.
+    #[arg(long)]
+    pub max_history: Option<usize>,
+    /// Validate every N steps (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Early-stopping patience in validations (0: never).
+    #[arg(long)]
+    pub patience: Option<u32>,
+    /// What early stopping watches.
+    #[arg(long, value_enum)]
+    pub stop_metric: Option<StopArg>,
+    /// Validation examples per task (0: all).
+    #[arg(long)]
+    pub valid_examples: Option<usize>,
+    /// Test examples per task (0: all).
+    #[arg(long)]
+    pub test_examples: Option<usize>,
+    /// Skip the untuned model's evaluation.
+    #[arg(long)]
+    pub no_before: bool,
+    /// Skip perplexity.
+    #[arg(long)]
+    pub no_perplexity: bool,
+    /// Use the authors' NDCG normaliser (ideal DCG from hits found in the top k).
+    #[arg(long)]
+    pub authors_ndcg: bool,
+    /// Write a checkpoint every N steps (0: at validations with a new best and at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Stop cleanly after N steps of this process (resume later).
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Run label.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// The configuration `args` describe (preset, file, flags).
+pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match args.preset {
+        PresetArg::Cpu => TrainConfig::cpu_preset(),
+        PresetArg::Gpu => TrainConfig::gpu_preset(),
+        PresetArg::Default => TrainConfig::default(),
+    };
+    if let Some(path) = &args.config {
+        c = merge_file(c, path)?;
+    }
+    if let Some(m) = args.method {
+        let method = match m {
+            MethodArg::Gems => Method::Gems,
+            MethodArg::Galore => Method::Galore,
+            MethodArg::Full => Method::Full,
+            MethodArg::Lora => Method::Lora,
+            MethodArg::Pcgrad => Method::PcGrad,
+        };
+        let keep = c.optimizer.clone();
+        c.optimizer = gems_optim::OptimizerConfig::for_method(method);
+        // Method-independent settings survive the switch.
+        c.optimizer.gems.rank = keep.gems.rank;
+        c.optimizer.gems.update_proj_gap = keep.gems.update_proj_gap;
+        c.optimizer.weight_decay = keep.weight_decay;
+        c.optimizer.seed = keep.seed;
+    }
+    let g = &mut c.optimizer.gems;
+    if args.no_null_space {
+        g.null_space = false;
+    }
+    if args.single_subspace {
+        g.single_subspace = true;
+    }
+    if args.complement {
+        g.complement = true;
+    }
+    if args.strict_null_space {
+        g.strict_null_space = true;
+    }
+    set(&mut g.rank, args.rank);
+    set(&mut g.update_proj_gap, args.update_proj_gap);
+    set(&mut g.scale, args.scale);
+    if let Some(p) = args.proj_type {
+        g.proj_type = match p {
+            ProjArg::Std => ProjectionType::Std,
+            ProjArg::ReverseStd => ProjectionType::ReverseStd,
+            ProjArg::Left => ProjectionType::Left,
+            ProjArg::Right => ProjectionType::Right,
+        };
+    }
+    set(&mut c.optimizer.weight_decay, args.weight_decay);
+    set(&mut c.lora.rank, args.lora_rank);
+    set(&mut c.lora.alpha, args.lora_alpha);
+    if let Some(t) = args.tasks {
+        c.data.tasks = match t {
+            TasksArg::Both => TaskSelection::Both,
+            TasksArg::Rec => TaskSelection::Rec,
+            TasksArg::Search => TaskSelection::Search,
+        };
+    }
+    set(&mut c.schedule.steps, args.steps);
+    set(&mut c.schedule.batch_size, args.batch_size);
+    set(&mut c.schedule.grad_accum, args.grad_accum);
+    set(&mut c.schedule.lr, args.lr);
+    if let Some(s) = args.seed {
+        c.seed = s;
+        c.optimizer.seed = s;
+    }
+    if args.model.is_some() {
+        c.model.path = args.model.clone();
+    }
+    if args.keep_layers.is_some() {
+        c.model.keep_layers = args.keep_layers;
+    }
+    if args.all_layers {
+        c.model.keep_layers = None;
+    }
+    set(&mut c.data.dataset, args.dataset.clone());
+    set(&mut c.data.data_root, args.data_root.clone());
+    set(&mut c.data.max_history, args.max_history);
+    set(&mut c.eval.every, args.eval_every);
+    set(&mut c.eval.patience, args.patience);
+    if let Some(m) = args.stop_metric {
+        c.eval.metric = match m {
+            StopArg::Loss => StopMetric::Loss,
+            StopArg::Ndcg10 => StopMetric::Ndcg10,
+        };
+    }
+    set(&mut c.eval.valid_examples, args.valid_examples);
+    set(&mut c.eval.test_examples, args.test_examples);
+    if args.no_before {
+        c.eval.before = false;
+    }
+    if args.no_perplexity {
+        c.eval.perplexity = false;
+    }
+    if args.authors_ndcg {
+        c.eval.ndcg_normaliser = gems_metrics::NdcgNormaliser::Authors;
+    }
+    set(&mut c.checkpoint_every, args.checkpoint_every);
+    if args.stop_after.is_some() {
+        c.stop_after = args.stop_after;
+    }
+    if args.label.is_some() {
+        c.label = args.label.clone();
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// Applies the fields a configuration file names over `base` (JSON objects merge recursively).
+fn merge_file(base: TrainConfig, path: &Path) -> Result<TrainConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let overlay: serde_json::Value = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+    } else {
+        let v: toml::Value =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        serde_json::to_value(v)?
+    };
+    let mut merged = serde_json::to_value(&base)?;
+    merge(&mut merged, overlay);
+    serde_json::from_value(merged).with_context(|| format!("in {}", path.display()))
+}
+
+fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
+    match (base, overlay) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// `gems train`.
+pub fn run_train(args: TrainArgs) -> Result<()> {
+    let config = resolve_config(&args)?;
+    let dev = device(args.device.device, args.device.device_index)?;
+    let options = RunOptions { device: dev, resume: args.resume, progress: !args.quiet };
+    match train(&config, &args.out, &options)? {
+        RunOutcome::Stopped { step } => {
+            eprintln!("stopped after step {step}; continue with --resume --out {}", args.out.display());
+        }
+        RunOutcome::Finished(summary) => {
+            let run = gems_metrics::report::load_run(&args.out)?;
+            println!("{}", gems_metrics::report::markdown_table(std::slice::from_ref(&run)));
+            eprintln!(
+                "run {} finished: {} steps, {:.0} s training; summary in {}",
+                summary.label,
+                summary.steps,
+                summary.train_seconds,
+                args.out.join("summary.json").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Arguments of `gems eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run directory (its tuned model and configuration).
+    pub run: PathBuf,
+    /// Split: test or valid.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Examples per task (0: all; default: the run's test_examples).
+    #[arg(long)]
+    pub examples: Option<usize>,
+    /// Write the report as JSON here (default: print it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `gems eval`.
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let dev = device(args.device.device, args.device.device_index)?;
+    let loaded = load_run(&args.run, &dev)?;
+    let mut config = loaded.config.clone();
+    if let Some(n) = args.examples {
+        config.eval.test_examples = n;
+        config.eval.valid_examples = n;
+    }
+    let tasks: Vec<gems_data::Task> = gems_data::Task::ALL
+        .into_iter()
+        .filter(|&t| config.data.tasks.includes(t))
+        .collect();
+    let report: EvalReport = match args.split.as_str() {
+        "test" => test_report(&loaded.setup.pretrained.model, &loaded.setup, &config, "eval", &tasks, !args.quiet)?,
+        "valid" => {
+            let options = gems_train::eval::EvalOptions {
+                label: "eval".into(),
+                split: gems_data::Split::Valid,
+                tasks,
+                max_examples: config.eval.valid_examples,
+                seed: config.seed ^ 0x7a11d,
+                batch_size: config.eval.batch_size,
+                sampled: config.eval.sampled,
+                normaliser: config.eval.ndcg_normaliser,
+                progress: !args.quiet,
+            };
+            gems_train::eval::evaluate(&loaded.setup.pretrained.model, &loaded.setup.corpus, &options)?
+        }
+        other => bail!("--split must be test or valid, not `{other}`"),
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    match &args.out {
+        Some(p) => gems_train::checkpoint::write_atomic(p, json.as_bytes())?,
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
+/// Arguments of `gems recommend` and `gems search`.
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    /// A run directory.
+    pub run: PathBuf,
+    /// The user id as in the source data.
+    #[arg(long)]
+    pub user: String,
+    /// How many items to list.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `gems recommend` (no query) and `gems search` (with a query).
+pub fn run_rank(args: RankArgs, query: Option<&str>) -> Result<()> {
+    if args.top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    if query.is_some_and(|q| q.trim().is_empty()) {
+        bail!("--query must not be empty");
+    }
+    let dev = device(args.device.device, args.device.device_index)?;
+    let loaded = load_run(&args.run, &dev)?;
+    let history = user_history(&loaded.setup, &args.user, loaded.config.data.max_history)?;
+    let items = top_items(&loaded.setup, &history, query, args.top_k)?;
+    if args.json {
+        for it in &items {
+            println!("{}", serde_json::to_string(it)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "user {} ({} history items{})",
+        args.user,
+        history.len(),
+        query.map(|q| format!(", query \"{q}\"")).unwrap_or_default()
+    );
+    println!("| rank | item | log p | title |");
+    println!("|---:|---|---:|---|");
+    for it in items {
+        println!("| {} | {} | {:.3} | {} |", it.rank, it.id, it.log_prob, it.title.replace('|', "\\|"));
+    }
+    Ok(())
+}
+
+/// `gems report`.
+pub fn run_report(runs: &[PathBuf], out: &Path) -> Result<()> {
+    if runs.is_empty() {
+        bail!("name at least one run directory");
+    }
+    let mut loaded = Vec::new();
+    for dir in runs {
+        if dir.join("summary.json").is_file() {
+            loaded.push(gems_metrics::report::load_run(dir)?);
+        } else if dir.is_dir() {
+            let found = gems_metrics::report::load_runs(dir)?;
+            if found.is_empty() {
+                bail!("{} has no summary.json and no finished runs below it", dir.display());
+            }
+            loaded.extend(found);
+        } else {
+            bail!("{} is not a directory", dir.display());
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = gems_metrics::report::write_report(&loaded, out)?;
+    let text = std::fs::read_to_string(&path)?;
+    println!("{text}");
+    eprintln!("report written to {} (with loss.svg, valid.svg, cosine.svg)", path.display());
+    Ok(())
+}
+
+/// `gems export`: the tuned model as a Hugging Face directory, or the LoRA adapter (PEFT).
+pub fn run_export(run: &Path, out: &Path, adapter: bool) -> Result<()> {
+    if adapter {
+        let src = gems_train::checkpoint::resolve_dir(&run.join("checkpoint"))
+            .map(|c| c.join("adapter"))
+            .filter(|a| a.is_dir())
+            .with_context(|| format!("{} has no LoRA adapter (was it a lora run?)", run.display()))?;
+        copy_dir(&src, out)?;
+        eprintln!("PEFT adapter (adapter_config.json, adapter_model.safetensors) in {}", out.display());
+    } else {
+        let src = gems_train::trainer::tuned_model_dir(run)
+            .with_context(|| format!("{} has no tuned model (model/)", run.display()))?;
+        copy_dir(&src, out)?;
+        eprintln!("merged model (Hugging Face layout) in {}", out.display());
+    }
+    Ok(())
+}
+
+fn copy_dir(src: &Path, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let to = out.join(entry.file_name());
+            std::fs::copy(entry.path(), &to)
+                .with_context(|| format!("copying {} to {}", entry.path().display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `gems selftest`: a tiny random model trained a few steps with GEMS on a slice of
+/// Scientific, then evaluated, on the chosen backend.
+pub fn run_selftest(device_args: &DeviceArgs, data_root: &Path, steps: u64) -> Result<()> {
+    let dev = device(device_args.device, device_args.device_index)?;
+    let root = tempfile::tempdir()?;
+    let config = gems_train::tiny::tiny_run_config(root.path(), data_root, steps)?;
+    let started = std::time::Instant::now();
+    let outcome = train(&config, &root.path().join("run"), &RunOptions { device: dev, resume: false, progress: true })?;
+    let RunOutcome::Finished(summary) = outcome else { bail!("selftest stopped early") };
+    let after = summary.after.as_ref().context("no final evaluation")?;
+    let before = summary.before.as_ref().context("no initial evaluation")?;
+    for (task, loss) in &after.loss {
+        let b = before.loss.get(task).copied().unwrap_or(f64::NAN);
+        println!("{task}: target loss {b:.4} -> {loss:.4}");
+        if !loss.is_finite() {
+            bail!("{task}: non-finite loss after training");
+        }
+    }
+    println!(
+        "selftest on {} passed: {} steps, {:.1} s",
+        device_args.device,
+        summary.steps,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Using a finished run: reload its tuned model with the data it was trained on, rank the
+//! catalogue for a user (recommendation) or a user and a query (search).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use gems_data::{Split, Task};
+use gems_model::TokenBatch;
+
+use crate::checkpoint::read_json;
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+use crate::setup::{Setup, build, load_model};
+use crate::trainer::tuned_model_dir;
+
+/// A run's configuration with its tuned model and data.
+#[derive(Debug)]
+pub struct LoadedRun {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Its resolved configuration.
+    pub config: TrainConfig,
+    /// The tuned model and the data.
+    pub setup: Setup,
+}
+
+/// Loads a run directory's configuration and tuned model (`model/`) onto `device`.
+///
+/// # Errors
+/// Not a run directory, no tuned model yet, or the model or data does not load.
+pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(TrainError::Config(format!(
+            "{} is not a run directory (no config.json)",
+            dir.display()
+        )));
+    }
+    let config: TrainConfig = read_json(&config_path)?;
+    let model_dir = tuned_model_dir(dir).ok_or_else(|| {
+        TrainError::Config(format!(
+            "{} has no tuned model yet (model/ is written at the first validation or at the end)",
+            dir.display()
+        ))
+    })?;
+    let pretrained = load_model(&model_dir, None, device)?;
+    let setup = build(pretrained, &config)?;
+    Ok(LoadedRun { dir: dir.to_path_buf(), config, setup })
+}
+
+/// One ranked item.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RankedItem {
+    /// Rank, 1-based.
+    pub rank: usize,
+    /// Dense item index.
+    pub index: u32,
+    /// Item id in the source data.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// log p(item token | prompt), softmax over the whole vocabulary.
+    pub log_prob: f32,
+}
+
+/// The user's item sequence as the model should see it for "what next": the history of the
+/// user's test example followed by its target (everything the user did), capped at the run's
+/// history length.
+///
+/// # Errors
+/// Unknown user id.
+pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec<u32>> {
+    let corpus = &setup.corpus;
+    let index = corpus.user_index(user).ok_or_else(|| {
+        TrainError::Config(format!(
+            "unknown user `{user}` in dataset `{}` ({} users; ids as in the source data)",
+            corpus.dataset,
+            corpus.users.len()
+        ))
+    })?;
+    let latest = [Split::Test, Split::Valid, Split::Train]
+        .into_iter()
+        .flat_map(|s| corpus.get(s, Task::Rec).iter().filter(|x| x.user == index))
+        .max_by_key(|x| x.history.len());
+    let mut items = match latest {
+        Some(s) => {
+            let mut h = s.history.clone();
+            h.push(s.target);
+            h
+        }
+        None => Vec::new(),
+    };
+    if items.len() > max_history {
+        items.drain(..items.len() - max_history);
+    }
+    Ok(items)
+}
+
+/// The top `k` items for a prompt of `history` (and `query` for search).
+///
+/// # Errors
+/// An empty prompt, forward failures.
+pub fn top_items(setup: &Setup, history: &[u32], query: Option<&str>, k: usize) -> Result<Vec<RankedItem>> {
+    let ids = setup.prompt_ids(history, query)?;
+    if ids.is_empty() {
+        return Err(TrainError::Config("the prompt is empty".into()));
+    }
+    let corpus = &setup.corpus;
+    let n = ids.len();
+    let batch = TokenBatch::new(ids, vec![true; n], 1, n)?;
+    let candidates: Vec<u32> = (0..corpus.n_items() as u32).map(|i| corpus.base_vocab + i).collect();
+    let lp = setup.pretrained.model.candidate_log_probs(&batch, &[n - 1], &candidates)?;
+    let lp = crate::forward::read_f32(lp, "top_items")?;
+    let mut order: Vec<usize> = (0..lp.len()).collect();
+    order.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
+    Ok(order
+        .into_iter()
+        .take(k)
+        .enumerate()
+        .map(|(r, i)| RankedItem {
+            rank: r + 1,
+            index: i as u32,
+            id: corpus.item_ids[i].clone(),
+            title: corpus.titles[i].clone(),
+            log_prob: lp[i],
+        })
+        .collect())
+}
