@@ -351,7 +351,10 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let options = RunOptions { device: dev, resume: args.resume, progress: !args.quiet };
     match train(&config, &args.out, &options)? {
         RunOutcome::Stopped { step } => {
-            eprintln!("stopped after step {step}; continue with --resume --out {}", args.out.display());
+            eprintln!(
+                "stopped after step {step}; continue with --resume --out {}",
+                args.out.display()
+            );
         }
         RunOutcome::Finished(summary) => {
             let run = gems_metrics::report::load_run(&args.out)?;
@@ -398,12 +401,17 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         config.eval.test_examples = n;
         config.eval.valid_examples = n;
     }
-    let tasks: Vec<gems_data::Task> = gems_data::Task::ALL
-        .into_iter()
-        .filter(|&t| config.data.tasks.includes(t))
-        .collect();
+    let tasks: Vec<gems_data::Task> =
+        gems_data::Task::ALL.into_iter().filter(|&t| config.data.tasks.includes(t)).collect();
     let report: EvalReport = match args.split.as_str() {
-        "test" => test_report(&loaded.setup.pretrained.model, &loaded.setup, &config, "eval", &tasks, !args.quiet)?,
+        "test" => test_report(
+            &loaded.setup.pretrained.model,
+            &loaded.setup,
+            &config,
+            "eval",
+            &tasks,
+            !args.quiet,
+        )?,
         "valid" => {
             let options = gems_train::eval::EvalOptions {
                 label: "eval".into(),
@@ -416,7 +424,11 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                 normaliser: config.eval.ndcg_normaliser,
                 progress: !args.quiet,
             };
-            gems_train::eval::evaluate(&loaded.setup.pretrained.model, &loaded.setup.corpus, &options)?
+            gems_train::eval::evaluate(
+                &loaded.setup.pretrained.model,
+                &loaded.setup.corpus,
+                &options,
+            )?
         }
         other => bail!("--split must be test or valid, not `{other}`"),
     };
@@ -473,7 +485,13 @@ pub fn run_rank(args: RankArgs, query: Option<&str>) -> Result<()> {
     println!("| rank | item | log p | title |");
     println!("|---:|---|---:|---|");
     for it in items {
-        println!("| {} | {} | {:.3} | {} |", it.rank, it.id, it.log_prob, it.title.replace('|', "\\|"));
+        println!(
+            "| {} | {} | {:.3} | {} |",
+            it.rank,
+            it.id,
+            it.log_prob,
+            it.title.replace('|', "\\|")
+        );
     }
     Ok(())
 }
@@ -511,9 +529,14 @@ pub fn run_export(run: &Path, out: &Path, adapter: bool) -> Result<()> {
         let src = gems_train::checkpoint::resolve_dir(&run.join("checkpoint"))
             .map(|c| c.join("adapter"))
             .filter(|a| a.is_dir())
-            .with_context(|| format!("{} has no LoRA adapter (was it a lora run?)", run.display()))?;
+            .with_context(|| {
+                format!("{} has no LoRA adapter (was it a lora run?)", run.display())
+            })?;
         copy_dir(&src, out)?;
-        eprintln!("PEFT adapter (adapter_config.json, adapter_model.safetensors) in {}", out.display());
+        eprintln!(
+            "PEFT adapter (adapter_config.json, adapter_model.safetensors) in {}",
+            out.display()
+        );
     } else {
         let src = gems_train::trainer::tuned_model_dir(run)
             .with_context(|| format!("{} has no tuned model (model/)", run.display()))?;
@@ -529,8 +552,9 @@ fn copy_dir(src: &Path, out: &Path) -> Result<()> {
         let entry = entry?;
         if entry.file_type()?.is_file() {
             let to = out.join(entry.file_name());
-            std::fs::copy(entry.path(), &to)
-                .with_context(|| format!("copying {} to {}", entry.path().display(), to.display()))?;
+            std::fs::copy(entry.path(), &to).with_context(|| {
+                format!("copying {} to {}", entry.path().display(), to.display())
+            })?;
         }
     }
     Ok(())
@@ -543,7 +567,11 @@ pub fn run_selftest(device_args: &DeviceArgs, data_root: &Path, steps: u64) -> R
     let root = tempfile::tempdir()?;
     let config = gems_train::tiny::tiny_run_config(root.path(), data_root, steps)?;
     let started = std::time::Instant::now();
-    let outcome = train(&config, &root.path().join("run"), &RunOptions { device: dev, resume: false, progress: true })?;
+    let outcome = train(
+        &config,
+        &root.path().join("run"),
+        &RunOptions { device: dev, resume: false, progress: true },
+    )?;
     let RunOutcome::Finished(summary) = outcome else { bail!("selftest stopped early") };
     let after = summary.after.as_ref().context("no final evaluation")?;
     let before = summary.before.as_ref().context("no initial evaluation")?;

@@ -100,7 +100,12 @@ pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec
 ///
 /// # Errors
 /// An empty prompt, forward failures.
-pub fn top_items(setup: &Setup, history: &[u32], query: Option<&str>, k: usize) -> Result<Vec<RankedItem>> {
+pub fn top_items(
+    setup: &Setup,
+    history: &[u32],
+    query: Option<&str>,
+    k: usize,
+) -> Result<Vec<RankedItem>> {
     let ids = setup.prompt_ids(history, query)?;
     if ids.is_empty() {
         return Err(TrainError::Config("the prompt is empty".into()));
@@ -108,7 +113,8 @@ pub fn top_items(setup: &Setup, history: &[u32], query: Option<&str>, k: usize) 
     let corpus = &setup.corpus;
     let n = ids.len();
     let batch = TokenBatch::new(ids, vec![true; n], 1, n)?;
-    let candidates: Vec<u32> = (0..corpus.n_items() as u32).map(|i| corpus.base_vocab + i).collect();
+    let candidates: Vec<u32> =
+        (0..corpus.n_items() as u32).map(|i| corpus.base_vocab + i).collect();
     let lp = setup.pretrained.model.candidate_log_probs(&batch, &[n - 1], &candidates)?;
     let lp = crate::forward::read_f32(lp, "top_items")?;
     let mut order: Vec<usize> = (0..lp.len()).collect();

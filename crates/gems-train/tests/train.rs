@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use gems_metrics::{MetricsLine, RunSummary};
-use gems_optim::Method;
+use gems_optim::{Method, OptimizerConfig};
 use gems_train::tiny::tiny_run_config;
 use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
 
@@ -82,4 +82,115 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
     )
     .unwrap();
     assert_eq!(ns["from_cache"], true);
+}
+
+#[test]
+fn every_method_and_ablation_trains_and_evaluates() {
+    let (root, base) = setup(3);
+    let variants: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
+        ("galore", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::Galore))),
+        ("full", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::Full))),
+        ("lora", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::Lora))),
+        ("pcgrad", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::PcGrad))),
+        ("gems-single", Box::new(|c| c.optimizer.gems.single_subspace = true)),
+        ("gems-complement", Box::new(|c| c.optimizer.gems.complement = true)),
+        ("gems-no-null", Box::new(|c| c.optimizer.gems.null_space = false)),
+        ("rec-only", Box::new(|c| c.data.tasks = gems_train::config::TaskSelection::Rec)),
+    ];
+    for (name, change) in variants {
+        let mut config = base.clone();
+        config.eval.before = false;
+        config.eval.perplexity = false;
+        config.optimizer.gems.rank = 4;
+        config.optimizer.gems.update_proj_gap = 2;
+        change(&mut config);
+        let run = root.path().join("runs").join(name);
+        let summary = finished(train(&config, &run, &options(false)).unwrap());
+        assert_eq!(summary.steps, 3, "{name}");
+        let after = summary.after.unwrap();
+        let tasks: Vec<&String> = after.full.keys().collect();
+        if name == "rec-only" {
+            assert_eq!(tasks, ["rec"]);
+        } else {
+            assert_eq!(tasks, ["rec", "search"], "{name}");
+        }
+        if name == "lora" {
+            assert!(run.join("checkpoint/adapter/adapter_config.json").is_file());
+            assert!(summary.optimizer_state_bytes > 0);
+        }
+    }
+}
+
+#[test]
+fn a_killed_and_resumed_run_equals_an_uninterrupted_one() {
+    let (root, mut config) = setup(6);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    let whole = root.path().join("runs/whole");
+    let a = finished(train(&config, &whole, &options(false)).unwrap());
+
+    let parts = root.path().join("runs/parts");
+    let mut first = config.clone();
+    first.stop_after = Some(4);
+    match train(&first, &parts, &options(false)).unwrap() {
+        RunOutcome::Stopped { step } => assert_eq!(step, 4),
+        RunOutcome::Finished(_) => panic!("should have stopped"),
+    }
+    // Starting again without --resume refuses to overwrite the run.
+    let err = train(&config, &parts, &options(false)).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    let b = finished(train(&config, &parts, &options(true)).unwrap());
+
+    assert_eq!(a.steps, b.steps);
+    let (ra, rb) = (a.after.unwrap(), b.after.unwrap());
+    for task in ["rec", "search"] {
+        for (name, va) in &ra.full[task].values {
+            let vb = rb.full[task].values[name];
+            assert!((va - vb).abs() < 1e-9, "{task} {name}: {va} vs {vb}");
+        }
+        assert!(
+            (ra.loss[task] - rb.loss[task]).abs() < 1e-5,
+            "{task}: {:?} {:?}",
+            ra.loss,
+            rb.loss
+        );
+    }
+    // The metrics file of the resumed run has each step exactly once.
+    let steps: Vec<u64> = gems_metrics::read_metrics_lines(&parts.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|l| match l {
+            MetricsLine::Train(t) => Some(t.step),
+            MetricsLine::Valid(_) => None,
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let (root, config) = setup(2);
+    let mut missing = config.clone();
+    missing.model.path = Some(root.path().join("no-such-model"));
+    let err = train(&missing, &root.path().join("r1"), &options(false)).unwrap_err().to_string();
+    assert!(err.contains("no-such-model"), "{err}");
+
+    let mut bad_data = config.clone();
+    bad_data.data.dataset = root.path().join("no-such-data").display().to_string();
+    let err = train(&bad_data, &root.path().join("r2"), &options(false)).unwrap_err().to_string();
+    assert!(err.contains("no-such-data"), "{err}");
+
+    let mut bad_lr = config.clone();
+    bad_lr.schedule.lr = -1.0;
+    let err = train(&bad_lr, &root.path().join("r3"), &options(false)).unwrap_err().to_string();
+    assert!(err.contains("schedule.lr"), "{err}");
+
+    // A learning rate that blows up every step is stopped with a message, not a panic.
+    let mut huge = config.clone();
+    huge.schedule.steps = 12;
+    huge.schedule.lr = 1e30;
+    huge.optimizer = OptimizerConfig::for_method(Method::Full);
+    huge.eval.before = false;
+    let msg = train(&huge, &root.path().join("r4"), &options(false)).unwrap_err().to_string();
+    assert!(msg.contains("non-finite") || msg.contains("not finite"), "{msg}");
 }
