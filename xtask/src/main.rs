@@ -24,6 +24,7 @@
 //! print the dataset statistics. Outputs go to `runs/demo/`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -51,16 +52,24 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("layers") => layers(),
         Some("demo") => demo(),
+        Some("reproduce") => reproduce(&args[1..]),
         Some("check-backends") => check_backends(),
         _ => {
-            eprintln!("usage: cargo xtask <ci|layers|demo|check-backends>");
+            eprintln!("usage: cargo xtask <ci|layers|demo|reproduce|check-backends>");
             eprintln!(
                 "  ci      fmt check, layering check, clippy -D warnings, tests, bench build"
             );
             eprintln!(
                 "  layers  fail when a crate depends on a crate of its own or a higher layer"
             );
-            eprintln!("  demo    fetch SmolLM2, check it, prepare Amazon Scientific, print stats");
+            eprintln!(
+                "  demo    the main job: fetch SmolLM2, prepare Scientific, evaluate, train GEMS \
+                 (CPU preset), evaluate again, report"
+            );
+            eprintln!(
+                "  reproduce [--seeds N] [--only a,b] [--out DIR] [-- train flags]  every method \
+                 and ablation, N seeds, then docs/results.md"
+            );
             eprintln!(
                 "  check-backends  cargo check the cuda and wgpu builds; selftest on lavapipe"
             );
@@ -79,36 +88,125 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// The main job: fetch SmolLM2, check it, prepare Amazon Scientific, train GEMS with the CPU
+/// preset (which evaluates the untuned model first and the tuned one after), then write and
+/// print the report. A second call resumes an interrupted run or, when it finished, only
+/// rewrites the report.
 fn demo() -> Result<()> {
-    let model = "runs/demo/smollm2-135m-instruct";
-    let out = "runs/demo/scientific";
-    let tokenizer = format!("{model}/tokenizer.json");
+    let data = "runs/demo/scientific";
+    let run_dir = "runs/demo/gems-cpu";
     run("cargo", &["gems", "model", "fetch"])?;
     run("cargo", &["gems", "model", "check"])?;
-    run("cargo", &["gems", "model", "export", model])?;
-    run("cargo", &["gems", "model", "check", "--model", model])?;
-    run(
-        "cargo",
-        &[
-            "gems",
-            "data",
-            "prepare",
-            "--dataset",
-            "scientific",
-            "--out",
-            out,
-            "--tokenizer",
-            &tokenizer,
-        ],
-    )?;
-    run("cargo", &["gems", "data", "stats", out])?;
-    eprintln!("xtask demo: done; prepared data in {out}");
+    run("cargo", &["gems", "data", "prepare", "--dataset", "scientific", "--out", data])?;
+    run("cargo", &["gems", "data", "stats", data])?;
+    let finished = Path::new(run_dir).join("summary.json").is_file();
+    let started = Path::new(run_dir).join("checkpoint").exists();
+    if !finished {
+        let mut args =
+            vec!["gems", "train", "--preset", "cpu", "--method", "gems", "--out", run_dir];
+        if started {
+            args.push("--resume");
+        }
+        run("cargo", &args)?;
+    }
+    run("cargo", &["gems", "report", run_dir, "--out", "runs/demo/report"])?;
+    eprintln!("xtask demo: done; run in {run_dir}, report in runs/demo/report/report.md");
     Ok(())
 }
 
-/// `cargo xtask check-backends`: (a) type-check the binary with each GPU backend feature,
-/// (b) make sure a Vulkan driver is installed (lavapipe, Mesa's CPU driver, when none is) and
-/// run the selftest on wgpu. Prints a table of timings at the end, also when a step fails.
+/// One configuration of the reproduction: a label and the `gems train` flags that make it.
+const VARIANTS: &[(&str, &[&str])] = &[
+    ("gems", &["--method", "gems"]),
+    ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
+    ("gems-single-subspace", &["--method", "gems", "--single-subspace"]),
+    ("gems-complement", &["--method", "gems", "--complement"]),
+    ("galore", &["--method", "galore"]),
+    ("full", &["--method", "full"]),
+    ("lora", &["--method", "lora"]),
+    ("pcgrad", &["--method", "pcgrad"]),
+    ("gems-rec-only", &["--method", "gems", "--tasks", "rec"]),
+    ("gems-search-only", &["--method", "gems", "--tasks", "search"]),
+];
+
+/// `cargo xtask reproduce [--seeds N] [--only LABEL,...] [--out DIR] [-- extra train flags]`:
+/// every method and ablation of GEMS-SPEC §5 with the CPU preset, the same data, budget and
+/// seeds; finished runs are skipped and interrupted ones resumed, so the command can be
+/// called again until it completes. Then the report, and docs/results.md.
+fn reproduce(args: &[String]) -> Result<()> {
+    let mut seeds = 3u64;
+    let mut out = "runs/reproduce".to_string();
+    let mut only: Option<Vec<String>> = None;
+    let mut extra: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seeds" => seeds = it.next().context("--seeds needs a number")?.parse()?,
+            "--out" => out = it.next().context("--out needs a directory")?.clone(),
+            "--only" => {
+                only = Some(
+                    it.next()
+                        .context("--only needs labels")?
+                        .split(',')
+                        .map(String::from)
+                        .collect(),
+                )
+            }
+            "--" => extra.extend(it.by_ref().cloned()),
+            other => bail!("unknown argument `{other}` (see `cargo xtask`)"),
+        }
+    }
+    if let Some(only) = &only
+        && let Some(bad) = only.iter().find(|o| !VARIANTS.iter().any(|(l, _)| l == o))
+    {
+        bail!(
+            "unknown variant `{bad}`; known: {:?}",
+            VARIANTS.iter().map(|v| v.0).collect::<Vec<_>>()
+        );
+    }
+    run("cargo", &["gems", "model", "fetch"])?;
+    for (label, flags) in VARIANTS {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|x| x == label)) {
+            continue;
+        }
+        for seed in 0..seeds {
+            let dir = format!("{out}/{label}-seed{seed}");
+            if Path::new(&dir).join("summary.json").is_file() {
+                eprintln!("{dir}: finished, skipped");
+                continue;
+            }
+            let seed_text = seed.to_string();
+            let mut a: Vec<&str> = vec![
+                "gems", "train", "--preset", "cpu", "--out", &dir, "--seed", &seed_text, "--label",
+                label, "--quiet",
+            ];
+            a.extend(flags.iter());
+            a.extend(extra.iter().map(String::as_str));
+            if Path::new(&dir).join("checkpoint").exists() {
+                a.push("--resume");
+            }
+            run("cargo", &a)?;
+        }
+    }
+    let report_dir = format!("{out}/report");
+    run("cargo", &["gems", "report", &out, "--out", &report_dir])?;
+    let report = std::fs::read_to_string(format!("{report_dir}/report.md"))
+        .with_context(|| format!("reading {report_dir}/report.md"))?;
+    let mut doc = String::from(
+        "# Results\n\nWritten by `cargo xtask reproduce` (do not edit by hand). Every method and \
+         ablation of GEMS-SPEC §5 runs with the CPU preset of `gems train` (docs/training.md) on \
+         Amazon Scientific, with the same data, steps and seeds. Rerun with\n\n```\ncargo xtask \
+         reproduce\n```\n\nwhich skips finished runs and resumes interrupted ones.\n\n",
+    );
+    doc.push_str(&format!(
+        "Flags added to every run: `{}`\n\n",
+        if extra.is_empty() { "(none)".to_string() } else { extra.join(" ") }
+    ));
+    doc.push_str(&report.replace("](", &format!("](../{report_dir}/")));
+    std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
+    eprintln!("xtask reproduce: report in {report_dir}/report.md, docs/results.md updated");
+    Ok(())
+}
+
 fn check_backends() -> Result<()> {
     let mut timings: Vec<(String, f64)> = Vec::new();
     let result = check_backends_steps(&mut timings);

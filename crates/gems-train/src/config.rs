@@ -313,8 +313,10 @@ impl TrainConfig {
         c.optimizer.gems.rank = 32;
         c.optimizer.gems.update_proj_gap = 50;
         c.eval.every = 50;
-        c.eval.valid_examples = 256;
-        c.eval.test_examples = 1000;
+        c.eval.valid_examples = 128;
+        c.eval.test_examples = 500;
+        c.eval.perplexity_tokens = 4096;
+        c.null_space.max_tokens = 8192;
         c
     }
 

@@ -522,7 +522,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let mut step_seconds = state.step_seconds.clone();
     step_seconds.sort_by(f64::total_cmp);
     let summary = RunSummary {
-        label: config.label(),
+        label: format!("{}-seed{}", config.label(), config.seed),
         group: config.label(),
         method: config.optimizer.method.as_str().into(),
         seed: config.seed,
