@@ -82,6 +82,10 @@ fn ci() -> Result<()> {
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     layers()?;
     run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // The GPU builds of the binary type-check (docs/backends.md: DOCS_RS=1 skips the LLVM
+    // download of cubecl-cuda's build script; nothing is linked).
+    run("env", &["DOCS_RS=1", "cargo", "check", "-p", "gems-cli", "--features", "cuda"])?;
+    run("cargo", &["check", "-p", "gems-cli", "--features", "wgpu"])?;
     run("cargo", &["test", "--workspace"])?;
     run("cargo", &["bench", "--workspace", "--no-run"])?;
     eprintln!("xtask ci: all checks passed");

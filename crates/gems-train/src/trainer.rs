@@ -8,6 +8,7 @@
 //! nullspace.json   kept directions per tuned matrix (gems with null space)
 //! before.json      test evaluation of the untuned model
 //! metrics.jsonl    one line per step ("train") and per validation ("valid")
+//! conflict.jsonl   per step: cosine of G_rec and G_src for every tuned matrix
 //! checkpoint/      model/ (+ adapter/ for lora), optimizer/, trainer.json: resume point
 //! model/           the tuned model (best validation, else final), a Hugging Face directory
 //! summary.json     before/after metrics, steps, timing, optimizer-state bytes
@@ -137,6 +138,17 @@ fn lora_config(config: &TrainConfig, untied_head: bool) -> LoraConfig {
     c
 }
 
+/// Appends one line to a text file (flushed).
+fn append_text(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
+}
+
 /// Keeps only the metrics lines of steps up to `step` (a resumed run rewrites what followed).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
@@ -151,6 +163,27 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         };
         if s <= step {
             out.push_str(&serde_json::to_string(&line).unwrap_or_default());
+            out.push('\n');
+        }
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// Keeps only the lines of a JSON-lines file whose `step` is at most `step`; a damaged last
+/// line (a crash mid-write) is dropped.
+fn truncate_steps(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let mut out = String::new();
+    for line in text.lines() {
+        let keep = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+            .is_some_and(|s| s <= step);
+        if keep {
+            out.push_str(line);
             out.push('\n');
         }
     }
@@ -353,10 +386,16 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         None => TrainerState::default(),
     };
     let metrics_path = run_dir.join("metrics.jsonl");
+    let conflict_path = run_dir.join("conflict.jsonl");
     if resume_from.is_some() {
         truncate_metrics(&metrics_path, state.step)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(|e| TrainError::io(&metrics_path, e))?;
+        truncate_steps(&conflict_path, state.step)?;
+    } else {
+        for p in [&metrics_path, &conflict_path] {
+            if p.exists() {
+                std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
+            }
+        }
     }
 
     let pad = setup.corpus.eos_id;
@@ -438,6 +477,12 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             &metrics_path,
             &MetricsLine::Train(record.clone()),
         )?;
+        if !report.matrices.is_empty() {
+            let cosines: std::collections::BTreeMap<&str, Option<f64>> =
+                report.matrices.iter().map(|m| (m.path.as_str(), m.cosine_rec_search)).collect();
+            let line = serde_json::json!({ "step": state.step, "cosine_rec_search": cosines });
+            append_text(&run_dir.join("conflict.jsonl"), &line.to_string())?;
+        }
         let fmt = |l: Option<f64>| l.map_or("-".into(), |v| format!("{v:.3}"));
         progress.update(
             state.step,

@@ -63,6 +63,12 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
     let train_lines = lines.iter().filter(|l| matches!(l, MetricsLine::Train(_))).count();
     let valid_lines = lines.iter().filter(|l| matches!(l, MetricsLine::Valid(_))).count();
     assert_eq!((train_lines, valid_lines), (6, 2));
+    let conflict = std::fs::read_to_string(run.join("conflict.jsonl")).unwrap();
+    assert_eq!(conflict.lines().count(), 6);
+    let first: serde_json::Value = serde_json::from_str(conflict.lines().next().unwrap()).unwrap();
+    let cosines = first["cosine_rec_search"].as_object().unwrap();
+    assert_eq!(cosines.len(), 14);
+    assert!(cosines.values().all(|c| c.as_f64().is_some_and(|c| (-1.0..=1.0).contains(&c))));
     for f in ["config.json", "nullspace.json", "before.json", "summary.json"] {
         assert!(run.join(f).is_file(), "{f}");
     }
