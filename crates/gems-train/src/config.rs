@@ -254,7 +254,7 @@ impl Default for LoraSettings {
 }
 
 /// Everything that decides a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Run label (default: the method name and its ablations).
@@ -280,24 +280,6 @@ pub struct TrainConfig {
     /// Stop (cleanly, with a checkpoint) after this many steps of this process; for tests of
     /// kill-and-resume. `None` runs to the end.
     pub stop_after: Option<u64>,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            label: None,
-            seed: 0,
-            model: ModelSettings::default(),
-            data: DataSettings::default(),
-            optimizer: OptimizerConfig::default(),
-            lora: LoraSettings::default(),
-            schedule: ScheduleSettings::default(),
-            eval: EvalSettings::default(),
-            null_space: NullSpaceBuild::default(),
-            checkpoint_every: 0,
-            stop_after: None,
-        }
-    }
 }
 
 impl TrainConfig {

@@ -40,7 +40,7 @@ pub struct EvalOptions {
 }
 
 /// The samples an evaluation uses: all of them, or a seeded sample of `max` kept in order.
-pub fn select<'a>(samples: &'a [Sample], max: usize, seed: u64) -> Vec<&'a Sample> {
+pub fn select(samples: &[Sample], max: usize, seed: u64) -> Vec<&Sample> {
     if max == 0 || max >= samples.len() {
         return samples.iter().collect();
     }

@@ -74,21 +74,42 @@ pub fn tuned_projections(model: &Llama, targets: &[String]) -> Vec<(String, usiz
     out
 }
 
+/// Where the statistics come from and where they are cached.
+pub struct GeneralText<'a> {
+    /// Tokenizer of the text (the model's text vocabulary).
+    pub tokenizer: &'a dyn TextTokenizer,
+    /// The general-domain text file.
+    pub text: &'a Path,
+    /// A key of the model the statistics describe (part of the cache key).
+    pub model_key: &'a str,
+    /// Cache directory.
+    pub cache_dir: &'a Path,
+}
+
+impl std::fmt::Debug for GeneralText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneralText")
+            .field("text", &self.text)
+            .field("model_key", &self.model_key)
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds the projectors of every tuned projection, or loads them from `cache_dir` when a
-/// file for the same `model_key` and settings exists.
+/// file for the same model key, text and settings exists.
 ///
 /// # Errors
 /// The text cannot be read, a forward pass fails, the cache is malformed.
 pub fn projectors(
     model: &Llama,
-    tokenizer: &dyn TextTokenizer,
+    source: &GeneralText<'_>,
     targets: &[String],
     settings: &NullSpaceBuild,
-    text_path: &Path,
-    model_key: &str,
-    cache_dir: &Path,
     show: bool,
 ) -> Result<(Projectors, NullSpaceReport)> {
+    let (tokenizer, text_path, model_key, cache_dir) =
+        (source.tokenizer, source.text, source.model_key, source.cache_dir);
     let started = Instant::now();
     let tuned = tuned_projections(model, targets);
     if tuned.is_empty() {

@@ -33,7 +33,7 @@ use crate::config::{StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
-use crate::nullspace::projectors;
+use crate::nullspace::{GeneralText, projectors};
 use crate::progress::Progress;
 use crate::setup::{Corpus, Sample, Setup, build, load_model, model_path};
 
@@ -332,14 +332,18 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             config.null_space.cache.clone().unwrap_or_else(|| {
                 run_dir.parent().unwrap_or(Path::new(".")).join("nullspace-cache")
             });
+        let text = config.null_space_text();
+        let source = GeneralText {
+            tokenizer: &setup.text,
+            text: &text,
+            model_key: &model_key(&path, &config),
+            cache_dir: &cache,
+        };
         let (projectors, report) = projectors(
             &setup.pretrained.model,
-            &setup.text,
+            &source,
             &config.optimizer.targets,
             &config.null_space,
-            &config.null_space_text(),
-            &model_key(&path, &config),
-            &cache,
             show,
         )?;
         if show {
@@ -496,7 +500,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         );
 
         let last = state.step == total;
-        let validate = config.eval.every > 0 && (state.step % config.eval.every == 0 || last);
+        let validate =
+            config.eval.every > 0 && (state.step.is_multiple_of(config.eval.every) || last);
         if validate {
             let options = EvalOptions {
                 label: format!("valid@{}", state.step),
@@ -545,7 +550,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             }
         }
         let stop_here = config.stop_after.is_some_and(|k| steps_here >= k);
-        let periodic = config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0;
+        let periodic =
+            config.checkpoint_every > 0 && state.step.is_multiple_of(config.checkpoint_every);
         if periodic || stop_here || last || state.stopped_early {
             save_checkpoint(&checkpoint_dir, &model, &setup, &optimizer, &state, &config)?;
         }

@@ -24,6 +24,9 @@ fn finished(outcome: RunOutcome) -> RunSummary {
     }
 }
 
+/// A change to a configuration.
+type Change = Box<dyn Fn(&mut TrainConfig)>;
+
 fn setup(steps: u64) -> (tempfile::TempDir, TrainConfig) {
     let root = tempfile::tempdir().unwrap();
     let config = tiny_run_config(root.path(), &data_root(), steps).unwrap();
@@ -93,7 +96,7 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
 #[test]
 fn every_method_and_ablation_trains_and_evaluates() {
     let (root, base) = setup(3);
-    let variants: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
+    let variants: Vec<(&str, Change)> = vec![
         ("galore", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::Galore))),
         ("full", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::Full))),
         ("lora", Box::new(|c| c.optimizer = OptimizerConfig::for_method(Method::Lora))),
