@@ -288,14 +288,14 @@ impl TrainConfig {
     pub fn cpu_preset() -> Self {
         let mut c = Self::default();
         c.model.keep_layers = Some(8);
-        c.schedule.steps = 150;
+        c.schedule.steps = 80;
         c.schedule.batch_size = 16;
-        c.schedule.lr = 1e-3;
+        c.schedule.lr = 3e-3;
         c.schedule.warmup_ratio = 0.05;
         c.optimizer.gems.rank = 32;
         c.optimizer.gems.update_proj_gap = 50;
-        c.eval.every = 50;
-        c.eval.valid_examples = 128;
+        c.eval.every = 40;
+        c.eval.valid_examples = 256;
         c.eval.test_examples = 500;
         c.eval.perplexity_tokens = 4096;
         c.null_space.max_tokens = 8192;
@@ -313,10 +313,9 @@ impl TrainConfig {
 
     /// The general text of the null-space statistics.
     pub fn null_space_text(&self) -> PathBuf {
-        self.null_space
-            .text
-            .clone()
-            .unwrap_or_else(|| self.data.data_root.join("wikitext2_general_text").join("valid.txt"))
+        self.null_space.text.clone().unwrap_or_else(|| {
+            self.data.data_root.join("wikitext2_general_text").join("valid.txt")
+        })
     }
 
     /// The GPU preset for the full model (every layer, the authors' batch of 32 x 4, rank
