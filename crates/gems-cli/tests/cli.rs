@@ -1,158 +1,116 @@
-//! End-to-end tests of the `gems` binary's `data` commands: what a user types, what they get.
+//! The `gems` binary end to end on a tiny run: eval, recommend, search, report, export, and
+//! clear errors for bad arguments and missing files. Reads `../shared/data`; no network.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use gems_data::HfTokenizer;
+use burn::tensor::Device;
+use gems_train::tiny::tiny_run_config;
+use gems_train::{RunOptions, RunOutcome, train};
+
+fn data_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
 
 fn gems(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gems"))
-        .args(args)
-        .env_remove("GEMS_DATA_DIR")
-        .output()
-        .expect("running the gems binary")
+    Command::new(env!("CARGO_BIN_EXE_gems")).args(args).output().expect("run gems")
 }
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../gems-data/tests/fixtures").join(name)
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn read_dir_sorted(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
-            (
-                path.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&path).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]
-fn prepare_with_a_tokenizer_is_deterministic_and_stats_reads_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tokenizer_path = tmp.path().join("tokenizer.json");
-    let tok = HfTokenizer::word_level(["Below is the user's interaction history: , . Please tea"])
-        .unwrap();
-    tok.inner().save(&tokenizer_path, false).unwrap();
-    let dataset = fixture("jsonl_ok");
-    let mut outputs = Vec::new();
-    for run in ["a", "b"] {
-        let out = tmp.path().join(run);
-        let result = gems(&[
-            "data",
-            "prepare",
-            "--dataset",
-            dataset.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer_path.to_str().unwrap(),
-            "--negatives",
-            "2",
-        ]);
-        assert!(result.status.success(), "{}", text(&result.stderr));
-        assert!(text(&result.stderr).contains("prepared"), "{}", text(&result.stderr));
-        outputs.push(read_dir_sorted(&out));
+fn commands_work_on_a_finished_run() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = tiny_run_config(root.path(), &data_root(), 3).unwrap();
+    config.eval.perplexity = false;
+    let run = root.path().join("run");
+    let options = RunOptions { device: Device::flex(), resume: false, progress: false };
+    assert!(matches!(train(&config, &run, &options).unwrap(), RunOutcome::Finished(_)));
+    let run_s = run.to_str().unwrap();
+
+    let o = gems(&["recommend", run_s, "--user", "0", "--top-k", "5", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> =
+        stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["rank"], 1);
+    assert!(lines[0]["log_prob"].as_f64().unwrap() >= lines[4]["log_prob"].as_f64().unwrap());
+    assert!(lines[0]["title"].as_str().is_some());
+
+    let o = gems(&["search", run_s, "--user", "0", "--query", "lab equipment", "--top-k", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("| 3 |"), "{}", stdout(&o));
+
+    let o = gems(&["eval", run_s, "--examples", "8", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["full"]["rec"]["examples"], 8);
+
+    let out = root.path().join("report");
+    let o = gems(&["report", run_s, "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["report.md", "loss.svg", "valid.svg", "cosine.svg"] {
+        assert!(out.join(f).is_file(), "{f}");
     }
-    assert_eq!(outputs[0], outputs[1]);
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&outputs[0].iter().find(|(n, _)| n == "manifest.json").unwrap().1)
-            .unwrap();
-    assert_eq!(manifest["tokenized"], true);
-    assert_eq!(manifest["config"]["format"], "jsonl");
-    assert_eq!(manifest["tokenizer"]["eos_id"], 1);
 
-    let stats = gems(&["data", "stats", tmp.path().join("a").to_str().unwrap()]);
-    assert!(stats.status.success(), "{}", text(&stats.stderr));
-    let out = text(&stats.stdout);
-    assert!(out.contains("users                3"), "{out}");
-    assert!(out.contains("prompt tokens"), "{out}");
+    let exported = root.path().join("exported");
+    let o = gems(&["export", run_s, exported.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(exported.join("model.safetensors").is_file());
+    assert!(exported.join("tokenizer.json").is_file());
+
+    // Errors that name what is wrong.
+    let o = gems(&["recommend", run_s, "--user", "no-such-user"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown user `no-such-user`"), "{}", stderr(&o));
+    let o = gems(&["export", run_s, exported.to_str().unwrap(), "--adapter"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no LoRA adapter"), "{}", stderr(&o));
 }
 
 #[test]
-fn prepare_without_a_tokenizer_says_so() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("p");
-    let dataset = fixture("sasrec_ok");
-    let result = gems(&[
-        "data",
-        "prepare",
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(result.status.success(), "{}", text(&result.stderr));
-    assert!(text(&result.stderr).contains("no --tokenizer"), "{}", text(&result.stderr));
-    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
-    assert!(manifest.contains("\"tokenized\": false"), "{manifest}");
-}
+fn bad_arguments_and_missing_files_give_clear_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("r");
+    let out_s = out.to_str().unwrap();
 
-#[test]
-fn malformed_input_fails_with_file_and_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dataset = fixture("lcrec_unknown_item");
-    let result = gems(&[
-        "data",
-        "prepare",
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--out",
-        tmp.path().join("p").to_str().unwrap(),
-    ]);
-    assert!(!result.status.success());
-    let err = text(&result.stderr);
-    assert!(err.contains("Tiny.inter.json:3: unknown item id \"99\""), "{err}");
-}
+    let o = gems(&["train", "--out", out_s, "--steps", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("schedule.steps"), "{}", stderr(&o));
 
-#[test]
-fn unknown_dataset_name_is_explained() {
-    let result = gems(&["data", "prepare", "--dataset", "nope", "--out", "/tmp/unused-gems"]);
-    assert!(!result.status.success());
-    assert!(
-        text(&result.stderr).contains("neither a known dataset name"),
-        "{}",
-        text(&result.stderr)
-    );
-}
+    let o = gems(&["train", "--out", out_s, "--model", "/no/such/model.gguf"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/no/such/model.gguf"), "{}", stderr(&o));
 
-#[test]
-fn scientific_stats_report_search_examples_and_queries() {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data"));
-    assert!(
-        root.join("amazon_scientific").is_dir(),
-        "shared data not found at {}: this test needs ../shared/data beside the checkout",
-        root.display()
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("sci");
-    let result = gems(&[
-        "data",
-        "prepare",
-        "--dataset",
-        "scientific",
-        "--data-root",
-        root.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(result.status.success(), "{}", text(&result.stderr));
-    let stats = gems(&["data", "stats", out.to_str().unwrap(), "--json"]);
-    assert!(stats.status.success(), "{}", text(&stats.stderr));
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
-    assert_eq!(stats["counts"]["users"], 8317);
-    assert_eq!(stats["counts"]["items"], 4344);
-    assert_eq!(stats["search_examples"], 48_849);
-    assert_eq!(stats["distinct_search_queries"], 754);
-    assert_eq!(stats["counts"]["examples"]["test"]["rec"], 8317);
-    assert_eq!(stats["counts"]["examples"]["valid"]["rec"], 8317);
+    let o = gems(&["train", "--out", out_s, "--config", "/no/such/config.toml"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/no/such/config.toml"), "{}", stderr(&o));
+
+    let bad = root.path().join("bad.toml");
+    std::fs::write(&bad, "[schedule]\nsteps = \"many\"\n").unwrap();
+    let o = gems(&["train", "--out", out_s, "--config", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad.toml"), "{}", stderr(&o));
+
+    let o = gems(&["train", "--out", out_s, "--method", "sgd"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("invalid value 'sgd'"), "{}", stderr(&o));
+
+    let o = gems(&["train", "--out", out_s, "--device", "cuda"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--features cuda"), "{}", stderr(&o));
+
+    let o = gems(&["recommend", "/no/such/run", "--user", "1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a run directory"), "{}", stderr(&o));
+
+    let o = gems(&["report", "/no/such/run"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/no/such/run"), "{}", stderr(&o));
 }
