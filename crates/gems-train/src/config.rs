@@ -313,9 +313,10 @@ impl TrainConfig {
 
     /// The general text of the null-space statistics.
     pub fn null_space_text(&self) -> PathBuf {
-        self.null_space.text.clone().unwrap_or_else(|| {
-            self.data.data_root.join("wikitext2_general_text").join("valid.txt")
-        })
+        self.null_space
+            .text
+            .clone()
+            .unwrap_or_else(|| self.data.data_root.join("wikitext2_general_text").join("valid.txt"))
     }
 
     /// The GPU preset for the full model (every layer, the authors' batch of 32 x 4, rank
