@@ -205,7 +205,14 @@ fn reproduce(args: &[String]) -> Result<()> {
         "Flags added to every run: `{}`\n\n",
         if extra.is_empty() { "(none)".to_string() } else { extra.join(" ") }
     ));
-    doc.push_str(&report.replace("](", &format!("](../{report_dir}/")));
+    doc.push_str(&format!("Seeds per configuration: {seeds}.\n\n"));
+    // The plots travel with the document (runs/ is not committed).
+    std::fs::create_dir_all("docs/results").context("creating docs/results")?;
+    for plot in ["loss.svg", "valid.svg", "cosine.svg"] {
+        std::fs::copy(format!("{report_dir}/{plot}"), format!("docs/results/{plot}"))
+            .with_context(|| format!("copying {report_dir}/{plot}"))?;
+    }
+    doc.push_str(&report.replace("](", "](results/"));
     std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
     eprintln!("xtask reproduce: report in {report_dir}/report.md, docs/results.md updated");
     Ok(())
