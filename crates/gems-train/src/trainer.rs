@@ -93,7 +93,7 @@ fn next_batch<'a>(
         if perm.as_ref().is_none_or(|(e, _)| *e != cursor.epoch) {
             *perm = Some((cursor.epoch, permutation(samples.len(), seed, task, cursor.epoch)));
         }
-        let order = &perm.as_ref().map(|(_, p)| p.clone()).unwrap_or_default();
+        let Some((_, order)) = perm.as_ref() else { break };
         while out.len() < rows && cursor.index < order.len() {
             out.push(&samples[order[cursor.index]]);
             cursor.index += 1;
