@@ -7,6 +7,8 @@
 //! `Industrial & Scientific,Fasteners,Collated Fasteners,Staples` becomes
 //! `fasteners collated staples`.
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Dataset, Item};
@@ -64,14 +66,20 @@ fn named_entity(name: &str) -> Option<char> {
     })
 }
 
+/// The longest entity body (between `&` and `;`) that is looked up; longer runs are text.
+const MAX_ENTITY_BODY: usize = 10;
+
 fn decode_entities(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let tail = &rest[amp..];
-        // An entity is at most ~10 chars: `&` name-or-number `;`.
-        let decoded = tail[1..].find(';').filter(|&end| end <= 10).and_then(|end| {
+        // An entity is at most ~10 chars: `&` name-or-number `;`. Only that window is searched
+        // for the `;`, so a run of `&` costs linear time, not a scan to the end per `&`.
+        let window = &tail.as_bytes()[1..tail.len().min(MAX_ENTITY_BODY + 2)];
+        let decoded = window.iter().position(|&b| b == b';').and_then(|end| {
+            // `;` is ASCII, so `1 + end` is a char boundary.
             let body = &tail[1..1 + end];
             let c = if let Some(num) = body.strip_prefix('#') {
                 let code = if let Some(hex) = num.strip_prefix(['x', 'X']) {
@@ -101,6 +109,9 @@ fn decode_entities(s: &str) -> String {
 }
 
 /// Removes `<tag ...>` and `</tag>` spans (a letter or `/` right after `<`), keeping other `<`.
+///
+/// Linear time: a tag jumps past its `>`, and once no `>` is left nothing after can be a tag, so
+/// the rest is copied as is instead of being searched again for every `<`.
 fn strip_tags(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -108,14 +119,19 @@ fn strip_tags(s: &str) -> String {
         out.push_str(&rest[..lt]);
         let tail = &rest[lt..];
         let is_tag = tail[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '/');
-        match (is_tag, tail.find('>')) {
-            (true, Some(gt)) => {
+        if !is_tag {
+            out.push('<');
+            rest = &tail[1..];
+            continue;
+        }
+        match tail.find('>') {
+            Some(gt) => {
                 out.push(' ');
                 rest = &tail[gt + 1..];
             }
-            _ => {
-                out.push('<');
-                rest = &tail[1..];
+            None => {
+                rest = tail;
+                break;
             }
         }
     }
@@ -309,12 +325,16 @@ pub const STOP_WORDS: &[&str] = &[
 /// Builds a query from words of `levels`: lowercase, split on non-alphanumerics, stop words and
 /// repeats dropped, order of first appearance kept. `None` if no word survives.
 fn words_to_query<'a>(levels: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    // A set for the repeat check keeps a title of many distinct words linear; `words` keeps
+    // the order of first appearance.
     let mut words: Vec<String> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
     for level in levels {
         for word in level.to_lowercase().split(|c: char| !c.is_alphanumeric()) {
-            if word.is_empty() || STOP_WORDS.contains(&word) || words.iter().any(|w| w == word) {
+            if word.is_empty() || STOP_WORDS.contains(&word) || seen.contains(word) {
                 continue;
             }
+            seen.insert(word.to_string());
             words.push(word.to_string());
         }
     }
@@ -387,6 +407,81 @@ mod tests {
         );
         assert_eq!(clean_text("a < b &unknown; &#x41;"), "a < b &unknown; A");
         assert_eq!(clean_text("5&quot; x 3&frac12;"), "5\" x 3½");
+    }
+
+    /// The quadratic scans this module used before, kept as an oracle for the linear ones.
+    fn reference_clean_text(raw: &str) -> String {
+        fn decode(s: &str) -> String {
+            let mut out = String::new();
+            let mut rest = s;
+            while let Some(amp) = rest.find('&') {
+                out.push_str(&rest[..amp]);
+                let tail = &rest[amp..];
+                let decoded = tail[1..].find(';').filter(|&end| end <= 10).and_then(|end| {
+                    let body = &tail[1..1 + end];
+                    let c = if let Some(num) = body.strip_prefix('#') {
+                        let code = if let Some(hex) = num.strip_prefix(['x', 'X']) {
+                            u32::from_str_radix(hex, 16).ok()
+                        } else {
+                            num.parse::<u32>().ok()
+                        };
+                        code.and_then(char::from_u32)
+                    } else {
+                        named_entity(body)
+                    };
+                    c.map(|c| (c, end + 2))
+                });
+                match decoded {
+                    Some((c, len)) => {
+                        out.push(c);
+                        rest = &tail[len..];
+                    }
+                    None => {
+                        out.push('&');
+                        rest = &tail[1..];
+                    }
+                }
+            }
+            out.push_str(rest);
+            out
+        }
+        fn strip(s: &str) -> String {
+            let mut out = String::new();
+            let mut rest = s;
+            while let Some(lt) = rest.find('<') {
+                out.push_str(&rest[..lt]);
+                let tail = &rest[lt..];
+                let is_tag = tail[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '/');
+                match (is_tag, tail.find('>')) {
+                    (true, Some(gt)) => {
+                        out.push(' ');
+                        rest = &tail[gt + 1..];
+                    }
+                    _ => {
+                        out.push('<');
+                        rest = &tail[1..];
+                    }
+                }
+            }
+            out.push_str(rest);
+            out
+        }
+        let once = decode(raw);
+        let twice = if once.contains('&') { decode(&once) } else { once };
+        strip(&twice).split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// The linear scans give exactly the old output, over strings dense in `&`, `;`, `#`,
+        /// `<`, `>` and entity names.
+        #[test]
+        fn linear_scans_match_the_reference(
+            raw in "([&;#<>/ xX0-9a-f]|amp|lt|gt|quot|frac12|#39|#x41|<b>|</b>|é|\\n){0,40}"
+        ) {
+            proptest::prop_assert_eq!(clean_text(&raw), reference_clean_text(&raw));
+        }
     }
 
     #[test]
