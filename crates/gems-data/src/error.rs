@@ -9,12 +9,15 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    ///
+    /// The message already includes the cause, so the cause is not also reported as the error's
+    /// `source()` (which printed it twice under `Caused by:`).
+    #[error("{path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The input is not well formed (truncated JSON, a bad CSV cell, a missing field...).
     #[error("{path}:{line}: {message}")]
@@ -27,7 +30,7 @@ pub enum Error {
         message: String,
     },
     /// An event refers to an item that the catalogue does not have.
-    #[error("{path}:{line}: unknown item id {item:?}")]
+    #[error("{path}:{line}: unknown item id {}", quote(.item))]
     UnknownItem {
         /// The input file.
         path: PathBuf,
@@ -37,7 +40,7 @@ pub enum Error {
         item: String,
     },
     /// A user has no events.
-    #[error("{path}:{line}: user {user:?} has no events")]
+    #[error("{path}:{line}: user {} has no events", quote(.user))]
     EmptyUser {
         /// The input file.
         path: PathBuf,
@@ -47,7 +50,7 @@ pub enum Error {
         user: String,
     },
     /// The same user appears twice.
-    #[error("{path}:{line}: duplicate user {user:?} (first seen on line {first_line})")]
+    #[error("{path}:{line}: duplicate user {} (first seen on line {first_line})", quote(.user))]
     DuplicateUser {
         /// The input file.
         path: PathBuf,
@@ -59,7 +62,7 @@ pub enum Error {
         first_line: usize,
     },
     /// The same item appears twice in a catalogue.
-    #[error("{path}:{line}: duplicate item {item:?} (first seen on line {first_line})")]
+    #[error("{path}:{line}: duplicate item {} (first seen on line {first_line})", quote(.item))]
     DuplicateItem {
         /// The input file.
         path: PathBuf,
@@ -69,6 +72,15 @@ pub enum Error {
         item: String,
         /// 1-based line number of the first occurrence.
         first_line: usize,
+    },
+    /// The input parses but holds nothing to learn from: no items, no users, or no user with
+    /// the two events that make one example.
+    #[error("{path}: {message}")]
+    Empty {
+        /// The file that should have held the data.
+        path: PathBuf,
+        /// What is missing.
+        message: String,
     },
     /// The dataset directory could not be recognised or resolved.
     #[error("{path}: {message}")]
@@ -85,13 +97,25 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// Serialising output failed.
-    #[error("serialising {what}: {source}")]
+    #[error("serialising {what}: {cause}")]
     Serialize {
         /// What was being serialised.
         what: String,
-        /// The underlying error.
-        source: serde_json::Error,
+        /// The underlying error (in the message, not repeated as `source()`).
+        cause: serde_json::Error,
     },
+}
+
+/// The most characters of input an error message quotes.
+pub(crate) const MAX_QUOTE: usize = 100;
+
+/// `text` quoted for an error message (as `{:?}` does), cut after [`MAX_QUOTE`] characters with
+/// `...` marking the cut, so a hostile megabyte-long id or cell never floods the terminal.
+pub(crate) fn quote(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTE) {
+        Some((cut, _)) => format!("{:?}...", &text[..cut]),
+        None => format!("{text:?}"),
+    }
 }
 
 /// `Result` with this crate's [`Error`].
@@ -99,8 +123,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io { path: path.into(), cause }
     }
 
     /// A [`Error::Malformed`] at `path:line`.
@@ -110,5 +134,10 @@ impl Error {
         message: impl Into<String>,
     ) -> Self {
         Error::Malformed { path: path.into(), line, message: message.into() }
+    }
+
+    /// An [`Error::Empty`] about `path`.
+    pub(crate) fn empty(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Empty { path: path.into(), message: message.into() }
     }
 }

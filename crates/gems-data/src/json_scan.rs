@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, quote};
+use crate::load::json_message;
 
 /// Iterator-like reader over `"key": value` entries of one top-level JSON object.
 pub(crate) struct ObjectEntries<'a> {
@@ -92,13 +93,7 @@ impl<'a> ObjectEntries<'a> {
             }
             Some(Err(err)) => {
                 let line = base_line + err.line().saturating_sub(1);
-                let mut message = err.to_string();
-                if let Some(cut) = message.find(" at line ") {
-                    message.truncate(cut);
-                }
-                if err.is_eof() {
-                    message.push_str(" (truncated JSON?)");
-                }
+                let message = json_message(&err);
                 Err(Error::malformed(self.path, line, format!("bad {what}: {message}")))
             }
             None => {
@@ -147,7 +142,7 @@ impl<'a> ObjectEntries<'a> {
         }
         let key: String = self.value("key")?;
         self.expect(b':', "':' after a key")?;
-        let value = self.value(&format!("value of key {key:?}"))?;
+        let value = self.value(&format!("value of key {}", quote(&key)))?;
         Ok(Some((key, line, value)))
     }
 

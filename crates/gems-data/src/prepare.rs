@@ -195,6 +195,19 @@ pub fn prepare(
     let mut dataset = load_dataset(dir, config.format, &config.load)?;
     synthesize_queries(&mut dataset, config.query_synthesis);
     let examples = build_examples(&dataset, &config.build)?;
+    if examples.is_empty() {
+        // Loaders refuse no users and no items; this is the remaining case: users, but none
+        // with the two events that make one leave-one-out example.
+        let behaviour = dataset.inputs.last().cloned().unwrap_or_else(|| dir.to_path_buf());
+        return Err(Error::empty(
+            behaviour,
+            format!(
+                "no examples: all {} users have a single event (an example needs a history of \
+                 at least one event before its target)",
+                dataset.users.len()
+            ),
+        ));
+    }
     let tokenized = tokenizer.map(|t| tokenize_examples(&examples, t)).transpose()?;
     Ok(Prepared { dataset, examples, tokenized })
 }
@@ -240,7 +253,7 @@ fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<OutputFile> {
 }
 
 fn to_json<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|source| Error::Serialize { what: what.into(), source })
+    serde_json::to_vec(value).map_err(|cause| Error::Serialize { what: what.into(), cause })
 }
 
 /// Writes a prepared dataset to `out` (created if missing) and returns its manifest.
@@ -364,7 +377,7 @@ pub fn write_prepared(
         files,
     };
     let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|source| Error::Serialize { what: "manifest.json".into(), source })?;
+        .map_err(|cause| Error::Serialize { what: "manifest.json".into(), cause })?;
     write_atomic(out, "manifest.json", &json)?;
     Ok(manifest)
 }

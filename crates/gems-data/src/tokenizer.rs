@@ -133,10 +133,9 @@ fn split_words(text: &str) -> Vec<String> {
 
 impl TextTokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| Error::Tokenizer(format!("encoding {text:?}: {e}")))?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| {
+            Error::Tokenizer(format!("encoding {}: {e}", crate::error::quote(text)))
+        })?;
         Ok(encoding.get_ids().to_vec())
     }
 

@@ -10,31 +10,115 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{LoadOptions, read_text, resolve_item};
-use crate::error::{Error, Result};
+use super::{
+    IdVisitor, LoadOptions, json_message, read_text, require_data, require_items, resolve_item,
+};
+use crate::error::{Error, Result, quote};
 use crate::model::{BehaviourSequence, Catalogue, Dataset, Event, EventKind, Item};
 use crate::text::clean_text;
 
-/// An id written as a JSON string or integer.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Id {
-    Int(u64),
-    Str(String),
+fn item_id<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    d.deserialize_any(IdVisitor { field: "field \"id\"" })
 }
 
-impl Id {
-    fn into_string(self) -> String {
+fn event_item<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    d.deserialize_any(IdVisitor { field: "field \"events[].item\"" })
+}
+
+fn user_id<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    d.deserialize_any(IdVisitor { field: "field \"user\"" })
+}
+
+/// A timestamp as written: an integer, or a float (RecBole writes `timestamp:float`).
+#[derive(Clone, Copy, PartialEq, PartialOrd)]
+enum Timestamp {
+    Int(i64),
+    Float(f64),
+}
+
+impl Timestamp {
+    /// The stored integer clock: floats rounded to the nearest integer (rounding keeps a
+    /// non-decreasing sequence non-decreasing; only the order matters downstream).
+    fn to_i64(self) -> i64 {
         match self {
-            Id::Int(i) => i.to_string(),
-            Id::Str(s) => s,
+            Timestamp::Int(i) => i,
+            Timestamp::Float(x) => x.round() as i64,
+        }
+    }
+
+    /// Whether `self` is earlier than `other`, exactly for integers.
+    fn before(self, other: Timestamp) -> bool {
+        match (self, other) {
+            (Timestamp::Int(a), Timestamp::Int(b)) => a < b,
+            _ => self.as_f64() < other.as_f64(),
+        }
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            Timestamp::Int(i) => i as f64,
+            Timestamp::Float(x) => x,
         }
     }
 }
 
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Timestamp::Int(i) => write!(f, "{i}"),
+            Timestamp::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+struct TimestampVisitor;
+
+impl serde::de::Visitor<'_> for TimestampVisitor {
+    type Value = Option<Timestamp>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an integer or a number for field \"events[].timestamp\"")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Self::Value, E> {
+        Ok(Some(Timestamp::Int(v)))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Self::Value, E> {
+        i64::try_from(v).map(|v| Some(Timestamp::Int(v))).map_err(|_| {
+            E::custom(format!("field \"events[].timestamp\": {v} is larger than {}", i64::MAX))
+        })
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Self::Value, E> {
+        // 2^63: the first float that does not fit an i64.
+        const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+        if v.is_finite() && v.abs() < LIMIT {
+            Ok(Some(Timestamp::Float(v)))
+        } else {
+            Err(E::custom(format!("field \"events[].timestamp\": {v:e} is out of range")))
+        }
+    }
+}
+
+fn timestamp<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Timestamp>, D::Error> {
+    d.deserialize_any(TimestampVisitor)
+}
+
 #[derive(Deserialize)]
 struct ItemLine {
-    id: Id,
+    #[serde(deserialize_with = "item_id")]
+    id: String,
     #[serde(default)]
     title: Option<String>,
     #[serde(default)]
@@ -45,9 +129,10 @@ struct ItemLine {
 
 #[derive(Deserialize)]
 struct EventRecord {
-    item: Id,
-    #[serde(default)]
-    timestamp: Option<i64>,
+    #[serde(deserialize_with = "event_item")]
+    item: String,
+    #[serde(default, deserialize_with = "timestamp")]
+    timestamp: Option<Timestamp>,
     #[serde(default)]
     query: Option<String>,
     #[serde(default)]
@@ -56,7 +141,8 @@ struct EventRecord {
 
 #[derive(Deserialize)]
 struct UserLine {
-    user: Id,
+    #[serde(deserialize_with = "user_id")]
+    user: String,
     events: Vec<EventRecord>,
 }
 
@@ -65,16 +151,7 @@ fn parse_line<T: serde::de::DeserializeOwned>(
     line_no: usize,
     line: &str,
 ) -> Result<T> {
-    serde_json::from_str(line).map_err(|e| {
-        let mut message = e.to_string();
-        if let Some(cut) = message.find(" at line ") {
-            message.truncate(cut);
-        }
-        if e.is_eof() {
-            message.push_str(" (truncated JSON?)");
-        }
-        Error::malformed(path, line_no, message)
-    })
+    serde_json::from_str(line).map_err(|e| Error::malformed(path, line_no, json_message(&e)))
 }
 
 pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
@@ -89,7 +166,7 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             continue;
         }
         let record: ItemLine = parse_line(&items_path, line_no, line)?;
-        let id = record.id.into_string();
+        let id = record.id;
         if let Some(&first_line) = item_lines.get(&id) {
             return Err(Error::DuplicateItem {
                 path: items_path,
@@ -119,6 +196,8 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         let _ = catalogue.push(item);
     }
 
+    require_items(&catalogue, &items_path, options)?;
+
     let text = read_text(&events_path)?;
     let mut users = Vec::new();
     let mut user_lines: HashMap<String, usize> = HashMap::new();
@@ -128,7 +207,7 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             continue;
         }
         let record: UserLine = parse_line(&events_path, line_no, line)?;
-        let user = record.user.into_string();
+        let user = record.user;
         if let Some(&first_line) = user_lines.get(&user) {
             return Err(Error::DuplicateUser {
                 path: events_path,
@@ -142,30 +221,56 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             return Err(Error::EmptyUser { path: events_path, line: line_no, user });
         }
         let mut events = Vec::with_capacity(record.events.len());
-        let mut last_ts: Option<i64> = None;
-        for event in record.events {
+        let mut last_ts: Option<Timestamp> = None;
+        for (position, event) in record.events.into_iter().enumerate() {
             if let (Some(prev), Some(ts)) = (last_ts, event.timestamp)
-                && ts < prev
+                && ts.before(prev)
             {
                 return Err(Error::malformed(
                     &events_path,
                     line_no,
-                    format!("user {user:?}: events are not in time order ({ts} after {prev})"),
+                    format!(
+                        "user {}: events are not in time order ({ts} after {prev})",
+                        quote(&user)
+                    ),
                 ));
             }
             last_ts = event.timestamp.or(last_ts);
-            let id = event.item.into_string();
-            let item =
-                resolve_item(&mut catalogue, &id, options.unknown_items, &events_path, line_no)?;
+            let item = resolve_item(
+                &mut catalogue,
+                &event.item,
+                options.unknown_items,
+                &events_path,
+                line_no,
+            )?;
             let query = event.query.map(|q| clean_text(&q)).filter(|q| !q.is_empty());
-            let kind = event.kind.unwrap_or(if query.is_some() {
-                EventKind::Search
-            } else {
-                EventKind::Rec
+            let kind = match (event.kind, &query) {
+                (Some(EventKind::Search), None) => {
+                    return Err(Error::malformed(
+                        &events_path,
+                        line_no,
+                        format!(
+                            "user {}, event {}: kind \"search\" needs a non-empty \
+                             \"query\" (give the query, or use kind \"rec\")",
+                            quote(&user),
+                            position + 1
+                        ),
+                    ));
+                }
+                (Some(kind), _) => kind,
+                (None, Some(_)) => EventKind::Search,
+                (None, None) => EventKind::Rec,
+            };
+            events.push(Event {
+                item,
+                timestamp: event.timestamp.map(Timestamp::to_i64),
+                query,
+                kind,
             });
-            events.push(Event { item, timestamp: event.timestamp, query, kind });
         }
         users.push(BehaviourSequence { user, events });
     }
-    Ok(Dataset { catalogue, users, inputs: vec![items_path, events_path] })
+    let dataset = Dataset { catalogue, users, inputs: vec![items_path.clone(), events_path] };
+    require_data(&dataset, &items_path, &dataset.inputs[1..])?;
+    Ok(dataset)
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{LoadOptions, read_text, resolve_item, single_file};
+use super::{
+    IdVisitor, LoadOptions, read_text, require_data, require_items, resolve_item, single_file,
+};
 use crate::error::{Error, Result};
 use crate::json_scan::ObjectEntries;
 use crate::model::{BehaviourSequence, Catalogue, Dataset, Event, EventKind, Item};
@@ -27,20 +29,12 @@ struct ItemRecord {
     categories: Option<String>,
 }
 
-/// An id written as a JSON number or string.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum IdValue {
-    Int(u64),
-    Str(String),
-}
+/// An item id in `inter.json`: a JSON string or integer (see [`IdVisitor`]).
+struct ItemId(String);
 
-impl IdValue {
-    fn into_string(self) -> String {
-        match self {
-            IdValue::Int(i) => i.to_string(),
-            IdValue::Str(s) => s,
-        }
+impl<'de> Deserialize<'de> for ItemId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(IdVisitor { field: "an item id in a user's list" }).map(ItemId)
     }
 }
 
@@ -67,11 +61,13 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             .map_err(|_| Error::malformed(&item_path, line, "duplicate item after cleaning"))?;
     }
 
+    require_items(&catalogue, &item_path, options)?;
+
     let text = read_text(&inter_path)?;
     let mut entries = ObjectEntries::new(&text, &inter_path);
     let mut users = Vec::new();
     let mut user_lines: HashMap<String, usize> = HashMap::new();
-    while let Some((user, line, items)) = entries.next_entry::<Vec<IdValue>>()? {
+    while let Some((user, line, items)) = entries.next_entry::<Vec<ItemId>>()? {
         if let Some(&first_line) = user_lines.get(&user) {
             return Err(Error::DuplicateUser { path: inter_path.clone(), line, user, first_line });
         }
@@ -80,14 +76,15 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             return Err(Error::EmptyUser { path: inter_path.clone(), line, user });
         }
         let mut events = Vec::with_capacity(items.len());
-        for id in items {
-            let id = id.into_string();
+        for ItemId(id) in items {
             let item = resolve_item(&mut catalogue, &id, options.unknown_items, &inter_path, line)?;
             events.push(Event { item, timestamp: None, query: None, kind: EventKind::Rec });
         }
         users.push(BehaviourSequence { user, events });
     }
-    Ok(Dataset { catalogue, users, inputs: vec![item_path, inter_path] })
+    let dataset = Dataset { catalogue, users, inputs: vec![item_path.clone(), inter_path] };
+    require_data(&dataset, &item_path, &dataset.inputs[1..])?;
+    Ok(dataset)
 }
 
 fn lcrec_item(id: String, record: ItemRecord) -> Item {

@@ -231,14 +231,139 @@ pub(crate) fn single_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
     }
 }
 
-/// Reads a whole file as UTF-8, naming the line of the first invalid byte.
+/// Checks the first bytes of a text file: the length of a UTF-8 byte-order mark to skip (0 or
+/// 3), or an error saying the file is UTF-16 (or UTF-32) and must be re-encoded as UTF-8.
+///
+/// UTF-16 without a byte-order mark is recognised by a NUL byte in one of the first two
+/// positions, which no text file of these layouts has in UTF-8.
+pub(crate) fn text_start(path: &Path, head: &[u8]) -> Result<usize> {
+    const UTF8_BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+    if head.starts_with(&UTF8_BOM) {
+        return Ok(UTF8_BOM.len());
+    }
+    let encoding = match head {
+        [0xFF, 0xFE, ..] => "UTF-16LE (byte-order mark FF FE)",
+        [0xFE, 0xFF, ..] => "UTF-16BE (byte-order mark FE FF)",
+        [0, 0, 0xFE, 0xFF, ..] => "UTF-32BE (byte-order mark 00 00 FE FF)",
+        [a, 0, ..] if *a != 0 => "UTF-16LE (every other byte is NUL)",
+        [0, b, ..] if *b != 0 => "UTF-16BE (every other byte is NUL)",
+        _ => return Ok(0),
+    };
+    Err(Error::malformed(
+        path,
+        1,
+        format!("the file is {encoding}, not UTF-8; re-encode it as UTF-8"),
+    ))
+}
+
+/// Reads a whole file as UTF-8, naming the line of the first invalid byte. A UTF-8
+/// byte-order mark is skipped; UTF-16 is reported as such (see [`text_start`]).
 pub(crate) fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bom = text_start(path, &bytes)?;
+    bytes.drain(..bom);
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
         Error::malformed(path, line, "not valid UTF-8")
     })
+}
+
+/// An id written as a JSON string or integer (negative integers included), kept as the string
+/// or the integer's decimal digits. Anything else (a float, `null`, a list) is an error that
+/// names the field and shows the value.
+pub(crate) struct IdVisitor {
+    /// The field, as the error message names it.
+    pub(crate) field: &'static str,
+}
+
+impl serde::de::Visitor<'_> for IdVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "a string or an integer for {}", self.field)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> std::result::Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<String, E> {
+        Ok(v.to_string())
+    }
+}
+
+/// Shortens an error message that may quote hostile input (serde quotes whole strings): at most
+/// about 200 characters, the head and the tail kept, the cut marked.
+pub(crate) fn shorten(message: String) -> String {
+    const HEAD: usize = 120;
+    const TAIL: usize = 80;
+    let chars = message.chars().count();
+    if chars <= HEAD + TAIL + 20 {
+        return message;
+    }
+    let head: String = message.chars().take(HEAD).collect();
+    let tail: String = message.chars().skip(chars - TAIL).collect();
+    format!("{head}... ({} characters cut) ...{tail}", chars - HEAD - TAIL)
+}
+
+/// The message of a `serde_json` error for one line or value: position suffix dropped (the
+/// caller names file and line), a truncation hint added, hostile quotes shortened.
+pub(crate) fn json_message(e: &serde_json::Error) -> String {
+    let mut message = e.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    if e.is_eof() {
+        message.push_str(" (truncated JSON?)");
+    }
+    shorten(message)
+}
+
+/// Fails right after reading a catalogue that has no items, unless unknown items become
+/// placeholders (then events alone can make the catalogue).
+pub(crate) fn require_items(
+    catalogue: &Catalogue,
+    catalogue_file: &Path,
+    options: &LoadOptions,
+) -> Result<()> {
+    if catalogue.is_empty() && options.unknown_items == UnknownItemPolicy::Error {
+        return Err(Error::empty(catalogue_file, "no items: the catalogue is empty"));
+    }
+    Ok(())
+}
+
+/// Fails when a loaded dataset holds nothing to learn from: no items (naming the catalogue
+/// file) or no user with events (naming the behaviour files).
+pub(crate) fn require_data(
+    dataset: &Dataset,
+    catalogue_file: &Path,
+    behaviour_files: &[PathBuf],
+) -> Result<()> {
+    if dataset.catalogue.is_empty() {
+        return Err(Error::empty(catalogue_file, "no items: the catalogue is empty"));
+    }
+    let behaviour = behaviour_files.first().map_or(catalogue_file, PathBuf::as_path);
+    if dataset.users.is_empty() {
+        let names: Vec<String> = behaviour_files.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::empty(
+            behaviour,
+            match names.len() {
+                0 => "no behaviour file, so no users".to_string(),
+                1 => "no users: the file has no user with events".to_string(),
+                _ => format!("no users: none of {} has a user with events", names.join(", ")),
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// Looks an item up, or applies the unknown-item policy.

@@ -3,6 +3,16 @@
 //! Qilin cells hold `str()` of Python objects: numpy arrays without commas
 //! (`[1328732  944054 ...]`), lists of dicts with single-quoted keys, `nan`, and `array([...])`
 //! wrappers. A real parser is more robust than regular expressions over such text.
+//!
+//! Hostile cells are bounded: nesting deeper than [`MAX_DEPTH`] is an error (never a stack
+//! overflow), every scan moves forward, and an error message quotes at most 100 characters of
+//! the input.
+
+use crate::error::quote;
+
+/// The deepest nesting of lists, dicts and `array(...)` calls a cell may have. Real Qilin cells
+/// nest three levels; the limit only keeps a hostile cell from exhausting the stack.
+pub(super) const MAX_DEPTH: usize = 256;
 
 /// A parsed Python literal.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +55,7 @@ impl PyValue {
 
 /// Parses one literal; the error says what was expected at which character offset.
 pub(super) fn parse(text: &str) -> Result<PyValue, String> {
-    let mut parser = Parser { s: text.as_bytes(), text, pos: 0 };
+    let mut parser = Parser { s: text.as_bytes(), text, pos: 0, depth: 0 };
     let value = parser.value()?;
     parser.ws();
     if parser.pos != parser.s.len() {
@@ -58,6 +68,8 @@ struct Parser<'a> {
     s: &'a [u8],
     text: &'a str,
     pos: usize,
+    /// Lists, dicts and calls currently open.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -69,6 +81,18 @@ impl Parser<'_> {
 
     fn err<T>(&self, what: &str) -> Result<T, String> {
         Err(format!("expected {what} at character {}", self.pos))
+    }
+
+    /// Opens one nesting level, refusing to go deeper than [`MAX_DEPTH`].
+    fn enter(&mut self) -> Result<(), String> {
+        if self.depth >= MAX_DEPTH {
+            return Err(format!(
+                "nested deeper than {MAX_DEPTH} levels at character {} (not a Qilin cell?)",
+                self.pos
+            ));
+        }
+        self.depth += 1;
+        Ok(())
     }
 
     fn value(&mut self) -> Result<PyValue, String> {
@@ -85,6 +109,13 @@ impl Parser<'_> {
     }
 
     fn list(&mut self) -> Result<PyValue, String> {
+        self.enter()?;
+        let value = self.list_items();
+        self.depth -= 1;
+        value
+    }
+
+    fn list_items(&mut self) -> Result<PyValue, String> {
         let close = if self.s[self.pos] == b'[' { b']' } else { b')' };
         self.pos += 1;
         let mut items = Vec::new();
@@ -103,6 +134,13 @@ impl Parser<'_> {
     }
 
     fn dict(&mut self) -> Result<PyValue, String> {
+        self.enter()?;
+        let value = self.dict_entries();
+        self.depth -= 1;
+        value
+    }
+
+    fn dict_entries(&mut self) -> Result<PyValue, String> {
         self.pos += 1;
         let mut entries = Vec::new();
         loop {
@@ -170,7 +208,7 @@ impl Parser<'_> {
         token
             .parse::<f64>()
             .map(PyValue::Num)
-            .map_err(|_| format!("bad number {token:?} at character {start}"))
+            .map_err(|_| format!("bad number {} at character {start}", quote(token)))
     }
 
     fn word(&mut self) -> Result<PyValue, String> {
@@ -191,7 +229,10 @@ impl Parser<'_> {
             // `array([...])`, `np.array([...], dtype=...)`: keep the first argument.
             _ if self.s.get(self.pos) == Some(&b'(') => {
                 self.pos += 1;
-                let inner = self.value()?;
+                self.enter()?;
+                let inner = self.value();
+                self.depth -= 1;
+                let inner = inner?;
                 let mut depth = 1;
                 while depth > 0 {
                     match self.s.get(self.pos) {
@@ -204,7 +245,7 @@ impl Parser<'_> {
                 }
                 Ok(inner)
             }
-            other => Err(format!("unknown word {other:?} at character {start}")),
+            other => Err(format!("unknown word {} at character {start}", quote(other))),
         }
     }
 }

@@ -11,11 +11,12 @@
 //! [`pylit`]: super::pylit
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::pylit::{self, PyValue};
-use super::{LoadOptions, resolve_item};
-use crate::error::{Error, Result};
+use super::{LoadOptions, require_data, require_items, resolve_item, text_start};
+use crate::error::{Error, Result, quote};
 use crate::model::{BehaviourSequence, Catalogue, Dataset, Event, EventKind, Item};
 use crate::text::clean_text;
 
@@ -34,7 +35,13 @@ struct Csv {
 
 impl Csv {
     fn open(path: PathBuf) -> Result<Self> {
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // A UTF-8 byte-order mark is skipped, UTF-16 reported (the CSV reader would only say
+        // "invalid UTF-8" or miss the first column's name).
+        let mut head = Vec::with_capacity(4);
+        (&mut file).take(4).read_to_end(&mut head).map_err(|e| Error::io(&path, e))?;
+        let bom = text_start(&path, &head)?;
+        file.seek(SeekFrom::Start(bom as u64)).map_err(|e| Error::io(&path, e))?;
         let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(file);
         let headers = reader.headers().map_err(|e| csv_error(&path, e))?.clone();
         Ok(Self { path, headers, reader })
@@ -104,9 +111,9 @@ fn id_list(raw: &str, path: &Path, line: usize, column: &str) -> Result<Vec<Stri
     values
         .iter()
         .map(|v| {
-            v.as_f64()
-                .and_then(|x| parse_id(&x.to_string()))
-                .ok_or_else(|| bad_cell(path, line, column, format!("{v:?} is not an id")))
+            v.as_f64().and_then(|x| parse_id(&x.to_string())).ok_or_else(|| {
+                bad_cell(path, line, column, format!("{} is not an id", quote(&format!("{v:?}"))))
+            })
         })
         .collect()
 }
@@ -134,7 +141,7 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     while let Some((record, line)) = notes.next()? {
         let raw_id = cell(&record, id_col, &notes_path, line)?;
         let id = parse_id(raw_id).ok_or_else(|| {
-            bad_cell(&notes_path, line, "note_idx", format!("{raw_id:?} is not an id"))
+            bad_cell(&notes_path, line, "note_idx", format!("{} is not an id", quote(raw_id)))
         })?;
         if let Some(&first_line) = note_lines.get(&id) {
             return Err(Error::DuplicateItem { path: notes_path, line, item: id, first_line });
@@ -159,6 +166,8 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         let _ = catalogue.push(Item { id, title, text, categories });
     }
 
+    require_items(&catalogue, &notes_path, options)?;
+
     let mut inputs = vec![notes_path];
     let mut user_order: Vec<String> = Vec::new();
     let mut accs: HashMap<String, UserAcc> = HashMap::new();
@@ -182,7 +191,7 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         while let Some((record, line)) = csv.next()? {
             let raw_user = cell(&record, user_col, &path, line)?;
             let user = parse_id(raw_user).ok_or_else(|| {
-                bad_cell(&path, line, "user_idx", format!("{raw_user:?} is not an id"))
+                bad_cell(&path, line, "user_idx", format!("{} is not an id", quote(raw_user)))
             })?;
             let query = match query_col {
                 Some(c) => {
@@ -261,5 +270,14 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
             users.push(BehaviourSequence { user, events });
         }
     }
-    Ok(Dataset { catalogue, users, inputs })
+    if inputs.len() == 1 && !catalogue.is_empty() {
+        let names: Vec<&str> = BEHAVIOUR_FILES.iter().map(|(name, _)| *name).collect();
+        return Err(Error::empty(
+            dir,
+            format!("no behaviour file, so no users: expected one of {}", names.join(", ")),
+        ));
+    }
+    let dataset = Dataset { catalogue, users, inputs };
+    require_data(&dataset, &dataset.inputs[0], &dataset.inputs[1..])?;
+    Ok(dataset)
 }
