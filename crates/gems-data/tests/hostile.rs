@@ -530,6 +530,64 @@ const CSV_TOKENS: &[&str] = &[
 
 const TXT_TOKENS: &[&str] = &[" ", "\t", "\n", "\r\n", "1", "12", "007", "-1", "a", "\u{feff}"];
 
+/// One JSON value of any type, biased to the ids, numbers and strings the loaders meet.
+fn json_leaf() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|i| i.to_string()),
+        any::<u64>().prop_map(|i| i.to_string()),
+        (0u8..4).prop_map(|i| i.to_string()),
+        any::<f64>().prop_map(|x| format!("{x:?}")),
+        "[a-z0-9&<>;# ]{0,12}".prop_map(|s| format!("\"{s}\"")),
+        prop::sample::select(&["null", "true", "[]", "{}", "\"search\"", "\"rec\"", "1e400"][..])
+            .prop_map(String::from),
+    ]
+}
+
+/// A field `"name": value` present or absent.
+fn json_field(name: &'static str) -> impl Strategy<Value = Option<String>> {
+    prop::option::of(json_leaf().prop_map(move |v| format!("\"{name}\": {v}")))
+}
+
+fn json_object(fields: Vec<Option<String>>) -> String {
+    format!("{{{}}}", fields.into_iter().flatten().collect::<Vec<_>>().join(", "))
+}
+
+/// `items.jsonl` and `events.jsonl` of the right shape with hostile values.
+fn structured_jsonl() -> impl Strategy<Value = (String, String)> {
+    let item = (json_field("id"), json_field("title"), json_field("categories"))
+        .prop_map(|(a, b, c)| json_object(vec![a, b, c]));
+    let event =
+        (json_field("item"), json_field("timestamp"), json_field("query"), json_field("kind"))
+            .prop_map(|(a, b, c, d)| json_object(vec![a, b, c, d]));
+    let user = (json_field("user"), prop::collection::vec(event, 0..5)).prop_map(|(u, events)| {
+        json_object(vec![u, Some(format!("\"events\": [{}]", events.join(", ")))])
+    });
+    (prop::collection::vec(item, 0..6), prop::collection::vec(user, 0..6))
+        .prop_map(|(items, users)| (items.join("\n"), users.join("\n")))
+}
+
+/// One Python literal leaf as Qilin cells hold them.
+fn py_leaf() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|i| i.to_string()),
+        (0u8..3).prop_map(|i| i.to_string()),
+        any::<f64>().prop_map(|x| format!("{x:?}")),
+        "[a-z0-9 ]{0,8}".prop_map(|s| format!("'{s}'")),
+        prop::sample::select(&["nan", "inf", "None", "True", "-0.0", "1e400", "[]"][..])
+            .prop_map(String::from),
+    ]
+}
+
+/// A results cell: a list of dicts with (some of) the keys the loader reads.
+fn py_results() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(
+        &["'click'", "'note_idx'", "'search_timestamp'", "'request_timestamp'", "'x'"][..],
+    );
+    let entry = (key, py_leaf()).prop_map(|(k, v)| format!("{k}: {v}"));
+    let dict = prop::collection::vec(entry, 0..6).prop_map(|e| format!("{{{}}}", e.join(", ")));
+    prop::collection::vec(dict, 0..4).prop_map(|d| format!("[{}]", d.join("\n ")))
+}
+
 const SEARCH_HEADER_LINE: &str =
     "query,recent_clicked_note_idxs,search_result_details_with_idx,user_idx\n";
 const REC_HEADER_LINE: &str = "recent_clicked_note_idxs,rec_result_details_with_idx,user_idx\n";
@@ -588,6 +646,48 @@ proptest! {
             let dir = dir_with(&[("notes.csv", QILIN_NOTES.as_bytes()), (name, row.as_bytes())]);
             check_outcome(load(dir.path(), DataFormat::Qilin), dir.path());
         }
+    }
+
+    /// Well-formed lines with hostile values: every semantic check (ids, timestamps, kinds,
+    /// queries, duplicates, unknown items) is reached.
+    #[test]
+    fn fuzz_jsonl_structured((items, events) in structured_jsonl()) {
+        let dir = dir_with(&[("items.jsonl", items.as_bytes()), ("events.jsonl", events.as_bytes())]);
+        check_outcome(load(dir.path(), DataFormat::Jsonl), dir.path());
+    }
+
+    #[test]
+    fn fuzz_lcrec_structured(lists in prop::collection::vec((json_leaf(), prop::collection::vec(json_leaf(), 0..5)), 0..5)) {
+        let entries: Vec<String> = lists
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ids))| format!("\"u{i}\": [{}]", ids.join(", ")))
+            .collect();
+        let items: Vec<String> = lists
+            .iter()
+            .map(|(id, _)| format!("{}: {{\"title\": {id}}}", if id.starts_with('"') { id.clone() } else { format!("\"{id}\"") }))
+            .collect();
+        let dir = dir_with(&[
+            ("T.item.json", format!("{{{}}}", items.join(",\n")).as_bytes()),
+            ("T.inter.json", format!("{{{}}}", entries.join(",\n")).as_bytes()),
+        ]);
+        check_outcome(load(dir.path(), DataFormat::LcRec), dir.path());
+    }
+
+    /// Well-formed rows whose results and history cells hold hostile literals.
+    #[test]
+    fn fuzz_qilin_structured(results in py_results(), history in prop::collection::vec(py_leaf(), 0..5), user in py_leaf()) {
+        let history = format!("[{}]", history.join(" "));
+        let search = format!("{SEARCH_HEADER_LINE}tea,\"{history}\",\"{results}\",{user}\n");
+        let rec = format!("{REC_HEADER_LINE}\"{history}\",\"{results}\",{user}\n");
+        let dir = dir_with(&[
+            ("notes.csv", QILIN_NOTES.as_bytes()),
+            ("search_train.csv", search.as_bytes()),
+            ("recommendation_test.csv", rec.as_bytes()),
+        ]);
+        check_outcome(load(dir.path(), DataFormat::Qilin), dir.path());
+        let placeholders = LoadOptions { unknown_items: gems_data::UnknownItemPolicy::Placeholder };
+        check_outcome(load_dataset(dir.path(), DataFormat::Qilin, &placeholders), dir.path());
     }
 
     #[test]
