@@ -96,7 +96,8 @@ fn read_chat_template(dir: &Path) -> Option<String> {
 }
 
 /// Saves `p` as a Hugging Face directory (f32 `model.safetensors`, `config.json`,
-/// `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`).
+/// `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` naming the
+/// beginning, end and padding tokens, `generation_config.json`).
 ///
 /// LoRA adapters still attached are not saved here: merge them first.
 pub fn save_hf_dir(p: &Pretrained, dir: &Path) -> Result<()> {
@@ -107,18 +108,26 @@ pub fn save_hf_dir(p: &Pretrained, dir: &Path) -> Result<()> {
     config.extra.insert("torch_dtype".into(), serde_json::json!("float32"));
     config.to_file(&dir.join("config.json"))?;
     let w = p.model.to_weights()?;
+    check_finite(&w.tensors, dir)?;
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     write_safetensors(&dir.join("model.safetensors"), &w.tensors, &meta)?;
     let tok = dir.join("tokenizer.json");
     p.tokenizer.save(&tok, false).map_err(|e| ModelError::tokenizer(Some(&tok), e))?;
-    let mut tc = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings});
+    let special = special_tokens(&config, &p.tokenizer);
+    let mut tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.max_position_embeddings,
+        "clean_up_tokenization_spaces": false,
+    });
+    for (k, v) in &special {
+        tc[k] = serde_json::json!(v);
+    }
     if let Some(t) = &p.chat_template {
         tc["chat_template"] = serde_json::json!(t);
     }
-    let tcp = dir.join("tokenizer_config.json");
-    std::fs::write(&tcp, serde_json::to_string_pretty(&tc).unwrap_or_default())
-        .map_err(|e| ModelError::io(&tcp, e))?;
+    write_json(&dir.join("tokenizer_config.json"), &tc)?;
+    write_json(&dir.join("special_tokens_map.json"), &serde_json::json!(special))?;
     let mut gc = serde_json::json!({});
     if let Some(b) = &config.bos_token_id {
         gc["bos_token_id"] = b.clone();
@@ -126,9 +135,61 @@ pub fn save_hf_dir(p: &Pretrained, dir: &Path) -> Result<()> {
     if let Some(e) = &config.eos_token_id {
         gc["eos_token_id"] = e.clone();
     }
-    let gcp = dir.join("generation_config.json");
-    std::fs::write(&gcp, serde_json::to_string_pretty(&gc).unwrap_or_default())
-        .map_err(|e| ModelError::io(&gcp, e))
+    if let Some(pad) = config.pad_token_id.clone().or_else(|| first_eos(&config).map(Into::into)) {
+        gc["pad_token_id"] = pad;
+    }
+    write_json(&dir.join("generation_config.json"), &gc)
+}
+
+/// Refuses to write weights holding NaN or infinity: a diverged model must never replace a good
+/// one on disk. The error names the tensor.
+pub(crate) fn check_finite(
+    tensors: &BTreeMap<String, crate::weights::HostTensor>,
+    dir: &Path,
+) -> Result<()> {
+    for (key, t) in tensors {
+        if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::input(
+                "save",
+                format!(
+                    "tensor `{key}` holds a non-finite value ({} at index {i}); refusing to write \
+                     {}",
+                    t.data[i],
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| ModelError::config(path, e.to_string()))?;
+    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+}
+
+fn first_eos(config: &LlamaConfig) -> Option<u32> {
+    config.eos_ids().first().copied()
+}
+
+/// The special tokens as `transformers` reads them from `tokenizer_config.json` and
+/// `special_tokens_map.json`: `bos_token`, `eos_token` and `pad_token` as token strings, taken
+/// from the configuration's ids (the first id when `eos_token_id` is a list). A model without a
+/// padding id pads with its end-of-sequence token, as SmolLM2's own tokenizer does. Ids that
+/// the tokenizer does not know are left out rather than written as a wrong string.
+pub fn special_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> BTreeMap<String, String> {
+    let first = |v: Option<&serde_json::Value>| crate::config::ids_of(v).first().copied();
+    let bos = first(config.bos_token_id.as_ref());
+    let eos = first_eos(config);
+    let pad = first(config.pad_token_id.as_ref()).or(eos);
+    let mut out = BTreeMap::new();
+    for (name, id) in [("bos_token", bos), ("eos_token", eos), ("pad_token", pad)] {
+        if let Some(token) = id.and_then(|i| tokenizer.id_to_token(i)) {
+            out.insert(name.to_string(), token);
+        }
+    }
+    out
 }
 
 fn arch_name(c: &LlamaConfig) -> &'static str {

@@ -32,5 +32,8 @@ pub use gguf::{GgufFile, load_gguf};
 pub use hf::{Pretrained, load_hf_dir, save_hf_dir};
 pub use items::{ItemInit, ItemSpec, add_items};
 pub use llama::{KvCache, Llama, TokenBatch};
-pub use lora::{LoraConfig, apply_lora, load_peft, merge_lora, save_peft};
+pub use lora::{
+    LoraConfig, TargetModules, TokenIndices, apply_lora, load_peft, merge_lora,
+    read_adapter_config, save_peft, write_adapter_config,
+};
 pub use weights::{HostTensor, WeightMap};

@@ -556,6 +556,133 @@ fn lora_merge_peft_round_trip_and_gradients() {
     );
 }
 
+/// The adapter a tied model saves: PEFT field names only, the head declared tied to the saved
+/// embedding, and that embedding under both PEFT keys, so that `PeftModel.from_pretrained`
+/// gives the head the trained table.
+#[test]
+fn tied_adapter_uses_the_peft_layout_and_round_trips() {
+    use burn::module::Param;
+    use gems_model::{LoraConfig, apply_lora, load_peft, save_peft};
+    let dev = Device::flex();
+    let p = load_hf_dir(&fixtures().join("tiny_qwen2"), &dev).unwrap();
+    assert!(p.model.lm_head.is_none(), "tiny_qwen2 ties its head");
+    let seq = sequences()[0].clone();
+    let mut cfg = LoraConfig::new(2, 4.0, &["q_proj"]).with_embeddings(true);
+    cfg.init_seed = 9;
+    let (mut m, _) = apply_lora(p.model, &cfg, true).unwrap();
+    // Change the embedding as training would: the head must follow it after the round trip.
+    m.embed_tokens.weight = Param::from_tensor(m.embed_tokens.weight.val().mul_scalar(1.5));
+    let tuned = alone(&m, &seq);
+    let dir = tempfile::tempdir().unwrap();
+    save_peft(&m, &cfg, dir.path()).unwrap();
+    let cfg_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg_json["modules_to_save"], serde_json::json!(["embed_tokens"]));
+    assert_eq!(cfg_json["ensure_weight_tying"], true);
+    assert_eq!(cfg_json["target_modules"], serde_json::json!(["q_proj"]));
+    assert!(cfg_json.get("init_seed").is_none(), "peft warns about fields it does not know");
+    let mut w = gems_model::WeightMap::new(dir.path());
+    w.read_safetensors(&dir.path().join("adapter_model.safetensors")).unwrap();
+    let embed = &w.tensors["base_model.model.model.embed_tokens.weight"];
+    let head = &w.tensors["base_model.model.lm_head.weight"];
+    assert_eq!(embed.shape, vec![64, 32]);
+    assert_eq!(embed, head, "the tied head is saved as the same table");
+
+    let fresh = load_hf_dir(&fixtures().join("tiny_qwen2"), &dev).unwrap();
+    let (loaded, back) = load_peft(fresh.model, dir.path()).unwrap();
+    assert_eq!(back.modules_to_save, cfg.modules_to_save);
+    assert!(max_diff(&alone(&loaded, &seq), &tuned) < 1e-6);
+
+    // A head that differs from the embedding cannot load onto a tied model.
+    let mut bad = w.tensors.clone();
+    bad.get_mut("base_model.model.lm_head.weight").unwrap().data[0] += 1.0;
+    gems_model::weights::write_safetensors(
+        &dir.path().join("adapter_model.safetensors"),
+        &bad,
+        &Default::default(),
+    )
+    .unwrap();
+    let fresh = load_hf_dir(&fixtures().join("tiny_qwen2"), &dev).unwrap();
+    let err = load_peft(fresh.model, dir.path()).unwrap_err().to_string();
+    assert!(err.contains("lm_head") && err.contains("ties its head"), "{err}");
+}
+
+/// Adapter options this crate does not compute are refused with the field named, and a
+/// regular-expression `target_modules` is read (loading uses the file's keys) but not applied.
+#[test]
+fn unsupported_adapter_options_are_named() {
+    use gems_model::{LoraConfig, TargetModules, apply_lora, read_adapter_config};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter_config.json");
+    let cases = [
+        (r#""use_dora": true"#, "use_dora"),
+        (r#""fan_in_fan_out": true"#, "fan_in_fan_out"),
+        (r#""rank_pattern": {"q_proj": 8}"#, "rank_pattern"),
+        (r#""bias": "all""#, "bias"),
+        (r#""peft_type": "IA3""#, "peft_type"),
+    ];
+    for (field, name) in cases {
+        let text = format!(r#"{{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], {field}}}"#);
+        std::fs::write(&path, text).unwrap();
+        let err = read_adapter_config(&path).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains("adapter_config.json"), "{err}");
+    }
+    std::fs::write(&path, r#"{"r": 2, "lora_alpha": 4, "target_modules": ".*q_proj", "use_rslora": true, "some_future_field": 1}"#).unwrap();
+    let cfg = read_adapter_config(&path).unwrap();
+    assert_eq!(cfg.target_modules, TargetModules::Pattern(".*q_proj".into()));
+    assert!((cfg.scale() - 4.0 / 2f64.sqrt()).abs() < 1e-12, "rsLoRA scales by alpha / sqrt(r)");
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &Device::flex()).unwrap();
+    let err = apply_lora(p.model, &cfg, true).unwrap_err().to_string();
+    assert!(err.contains("regular expression"), "{err}");
+    let all: LoraConfig =
+        serde_json::from_str(r#"{"r": 2, "lora_alpha": 4, "target_modules": "all-linear"}"#)
+            .unwrap();
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &Device::flex()).unwrap();
+    assert_eq!(apply_lora(p.model, &all, true).unwrap().1, 14, "7 projections x 2 layers");
+}
+
+/// Adapters written by PEFT itself (`gen_peft.py`, peft 0.21) load onto the same base and give
+/// PyTorch's logits: LoRA pairs with trainable-token rows of a tied embedding, and LoRA pairs
+/// with the whole embedding in `modules_to_save` tied to the head.
+#[test]
+fn adapters_written_by_peft_give_pytorch_logits() {
+    use gems_model::load_peft;
+    let text = std::fs::read_to_string(fixtures().join("peft_expected.json")).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for name in ["peft_tokens", "peft_tied_table"] {
+        let p = load_hf_dir(&fixtures().join("tiny_qwen2"), &Device::flex()).unwrap();
+        let (m, _) = load_peft(p.model, &fixtures().join(name)).unwrap();
+        for (i, seq) in sequences().iter().enumerate() {
+            let d = max_diff(&alone(&m, seq), &flat(&exp[name][i]));
+            println!("{name} sequence {i}: max |logit diff| vs PyTorch = {d:e}");
+            assert!(d < 1e-4, "{name} sequence {i}: {d}");
+        }
+    }
+}
+
+/// The exported tokenizer names its special tokens the way `transformers` reads them.
+#[test]
+fn exported_tokenizer_declares_special_tokens() {
+    let p = load_hf_dir(&fixtures().join("tiny_llama"), &Device::flex()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    gems_model::save_hf_dir(&p, dir.path()).unwrap();
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(f)).unwrap()).unwrap()
+    };
+    let bos = p.tokenizer.id_to_token(1).unwrap();
+    let eos = p.tokenizer.id_to_token(2).unwrap();
+    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let v = read(f);
+        assert_eq!(v["bos_token"], bos.as_str(), "{f}");
+        assert_eq!(v["eos_token"], eos.as_str(), "{f}");
+        assert_eq!(v["pad_token"], eos.as_str(), "{f}: no pad id, so eos pads");
+    }
+    assert_eq!(read("generation_config.json")["pad_token_id"], 2);
+    assert_eq!(read("tokenizer_config.json")["tokenizer_class"], "PreTrainedTokenizerFast");
+}
+
 #[test]
 fn k_quants_match_the_ggml_block_layout() {
     use gems_model::gguf::{GgmlType, dequantize};
