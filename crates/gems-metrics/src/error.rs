@@ -55,12 +55,12 @@ pub enum MetricsError {
         other: crate::ranking::NdcgNormaliser,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A line of a JSON-lines file is not a valid record.
     #[error("{path}:{line}: {message}")]
@@ -87,6 +87,6 @@ pub type Result<T> = std::result::Result<T, MetricsError>;
 
 impl MetricsError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io { path: path.into(), cause: source }
     }
 }

@@ -28,6 +28,24 @@ impl<const D: usize> AdamMoments<D> {
         Self { first: like.zeros_like(), second: like.zeros_like() }
     }
 
+    /// Checks that the moments have `gradient`'s shape (state restored from a file may not).
+    ///
+    /// # Errors
+    /// [`OptimError::MomentShape`] naming `path`.
+    pub fn check_shape(&self, gradient: &Tensor<D>, path: &str) -> crate::error::Result<()> {
+        let want = gradient.dims();
+        for m in [&self.first, &self.second] {
+            if m.dims() != want {
+                return Err(crate::error::OptimError::MomentShape {
+                    path: path.to_string(),
+                    moment: m.dims().to_vec(),
+                    gradient: want.to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Folds `gradient` into the moments and returns the normalised step N = M / (sqrt(V) + eps).
     pub fn update(&mut self, gradient: Tensor<D>, beta1: f64, beta2: f64, eps: f64) -> Tensor<D> {
         let first =

@@ -31,6 +31,19 @@ pub enum OptimError {
         /// Parameter shape.
         parameter: Vec<usize>,
     },
+    /// A saved Adam moment does not have the shape of the gradient it must follow (optimizer
+    /// state from another model, or damaged).
+    #[error(
+        "parameter `{path}`: saved Adam moment shape {moment:?} does not match its gradient's {gradient:?} (optimizer state from another model, or damaged)"
+    )]
+    MomentShape {
+        /// Dotted parameter path.
+        path: String,
+        /// The moment's shape.
+        moment: Vec<usize>,
+        /// The gradient's shape.
+        gradient: Vec<usize>,
+    },
     /// A null-space projector does not fit its matrix.
     #[error("parameter `{path}`: {detail}")]
     Projector {

@@ -164,6 +164,7 @@ impl MatrixState {
             };
             let r = basis.project_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
             let moments = state.moments.get_or_insert_with(|| AdamMoments::zeros_like(&r));
+            moments.check_shape(&r, path)?;
             let n = moments.update(r, config.beta1, config.beta2, config.eps);
             let gate = match state.kind {
                 Subspace::Shared => 1.0,

@@ -338,6 +338,7 @@ impl Optimizer {
                 let moments = adam
                     .entry(entry.path.clone())
                     .or_insert_with(|| AdamMoments::zeros_like(&shared));
+                moments.check_shape(&shared, &entry.path)?;
                 let n =
                     moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
                 let value =

@@ -62,13 +62,24 @@ struct Blob {
     bytes: Vec<u8>,
 }
 
-fn f32_blob<const D: usize>(tensor: &Tensor<D>) -> Result<Blob> {
+/// The bytes of a moment, refusing non-finite values: a corrupted state must never replace the
+/// last good one on disk.
+fn f32_blob<const D: usize>(key: &str, tensor: &Tensor<D>) -> Result<Blob> {
     let shape = tensor.dims().to_vec();
     let values = tensor
         .to_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| OptimError::TensorRead(format!("{e:?}")))?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(OptimError::State {
+            file: key.to_string(),
+            detail: format!(
+                "holds a non-finite value ({} at index {i}); refusing to save a corrupted state",
+                values[i]
+            ),
+        });
+    }
     Ok(Blob {
         dtype: Dtype::F32,
         shape,
@@ -111,8 +122,10 @@ impl Optimizer {
                     blobs.insert(format!("{key}/basis"), basis_blob(b));
                 }
                 if let Some(m) = &s.moments {
-                    blobs.insert(format!("{key}/m1"), f32_blob(&m.first)?);
-                    blobs.insert(format!("{key}/m2"), f32_blob(&m.second)?);
+                    for (name, t) in [("m1", &m.first), ("m2", &m.second)] {
+                        let k = format!("{key}/{name}");
+                        blobs.insert(k.clone(), f32_blob(&k, t)?);
+                    }
                 }
                 subspaces.push(SubspaceManifest {
                     kind: s.kind,
@@ -131,8 +144,10 @@ impl Optimizer {
             );
         }
         for (path, m) in &self.adam {
-            blobs.insert(format!("adam/{path}/m1"), f32_blob(&m.first)?);
-            blobs.insert(format!("adam/{path}/m2"), f32_blob(&m.second)?);
+            for (name, t) in [("m1", &m.first), ("m2", &m.second)] {
+                let k = format!("adam/{path}/{name}");
+                blobs.insert(k.clone(), f32_blob(&k, t)?);
+            }
         }
         let tensors_path = dir.join(TENSORS);
         let views: Vec<(String, TensorView<'_>)> = blobs

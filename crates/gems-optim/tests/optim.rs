@@ -408,6 +408,63 @@ fn resumed_run_continues_exactly() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Rewrites the saved state's tensors through `edit(name, shape, bytes)`.
+fn edit_state(dir: &std::path::Path, edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<u8>)) {
+    use safetensors::{SafeTensors, tensor::TensorView};
+    let path = dir.join("optimizer.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| (name, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    for (name, _, shape, data) in owned.iter_mut() {
+        edit(name, shape, data);
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// A restored state whose moments do not fit the gradients is an error naming the parameter
+/// (it used to panic inside Burn), and a state holding NaN is never written.
+#[test]
+fn damaged_moments_are_errors_and_never_saved() {
+    let fixture = reference();
+    let config =
+        config_for(&serde_json::json!({"method": "gems", "null_space": false}), &fixture["hyper"]);
+    let steps = fixture["steps"].as_array().unwrap();
+    let mut optimizer = Optimizer::new(config).unwrap();
+    let toy = toy_from(&fixture["init"]);
+    let toy = optimizer.step(1e-2, &toy, step_gradients(&toy, &steps[0])).unwrap().0;
+    let dir = tempfile::tempdir().unwrap();
+    optimizer.save(dir.path()).unwrap();
+
+    let transposed = tempfile::tempdir().unwrap();
+    optimizer.save(transposed.path()).unwrap();
+    edit_state(transposed.path(), |name, shape, _| {
+        if name.ends_with("/m1") && shape.len() == 2 && shape[0] != shape[1] {
+            shape.swap(0, 1);
+        }
+    });
+    let mut loaded = Optimizer::load(transposed.path(), &device()).unwrap();
+    let err = loaded.step(1e-2, &toy, step_gradients(&toy, &steps[1])).unwrap_err().to_string();
+    assert!(err.contains("saved Adam moment shape"), "{err}");
+
+    edit_state(dir.path(), |name, _, data| {
+        if name.ends_with("/m2") {
+            data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    });
+    let loaded = Optimizer::load(dir.path(), &device()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = loaded.save(out.path()).unwrap_err().to_string();
+    assert!(err.contains("/m2") && err.contains("non-finite"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real backward passes: accumulation, and a toy two-task problem trained by every method.
 // ---------------------------------------------------------------------------------------------

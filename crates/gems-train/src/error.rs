@@ -21,12 +21,12 @@ pub enum TrainError {
     #[error(transparent)]
     Metrics(#[from] gems_metrics::MetricsError),
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file exists but its content is not what was expected.
     #[error("{path}: {detail}")]
@@ -55,7 +55,7 @@ pub enum TrainError {
 impl TrainError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io { path: path.into(), cause: source }
     }
 
     /// A malformed file.
