@@ -13,7 +13,7 @@ use gems_optim::Method;
 use gems_subspace::ProjectionType;
 use gems_train::config::{StopMetric, TaskSelection};
 use gems_train::infer::{load_run, top_items, user_history};
-use gems_train::trainer::test_report;
+use gems_train::trainer::{eval_options, test_report};
 use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
 
 use crate::device::{Backend, device};
@@ -388,6 +388,10 @@ pub struct EvalArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Also write the evaluated examples (prompt ids, target, negatives) as JSON lines here,
+    /// to reproduce the metrics in another implementation (docs/python.md).
+    #[arg(long, value_name = "FILE")]
+    pub dump_examples: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -403,34 +407,22 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     }
     let tasks: Vec<gems_data::Task> =
         gems_data::Task::ALL.into_iter().filter(|&t| config.data.tasks.includes(t)).collect();
-    let report: EvalReport = match args.split.as_str() {
-        "test" => test_report(
-            &loaded.setup.pretrained.model,
-            &loaded.setup,
-            &config,
-            "eval",
-            &tasks,
-            !args.quiet,
-        )?,
-        "valid" => {
-            let options = gems_train::eval::EvalOptions {
-                label: "eval".into(),
-                split: gems_data::Split::Valid,
-                tasks,
-                max_examples: config.eval.valid_examples,
-                seed: config.seed ^ 0x7a11d,
-                batch_size: config.eval.batch_size,
-                sampled: config.eval.sampled,
-                normaliser: config.eval.ndcg_normaliser,
-                progress: !args.quiet,
-            };
-            gems_train::eval::evaluate(
-                &loaded.setup.pretrained.model,
-                &loaded.setup.corpus,
-                &options,
-            )?
-        }
+    let split = match args.split.as_str() {
+        "test" => gems_data::Split::Test,
+        "valid" => gems_data::Split::Valid,
         other => bail!("--split must be test or valid, not `{other}`"),
+    };
+    let options = eval_options(&config, split, "eval", &tasks, !args.quiet);
+    if let Some(path) = &args.dump_examples {
+        let n = gems_train::eval::dump_examples(&loaded.setup.corpus, &options, path)?;
+        eprintln!("{n} evaluated examples written to {}", path.display());
+    }
+    let model = &loaded.setup.pretrained.model;
+    let report: EvalReport = match split {
+        gems_data::Split::Test => {
+            test_report(model, &loaded.setup, &config, "eval", &tasks, !args.quiet)?
+        }
+        _ => gems_train::eval::evaluate(model, &loaded.setup.corpus, &options)?,
     };
     let json = serde_json::to_string_pretty(&report)?;
     match &args.out {
@@ -523,39 +515,19 @@ pub fn run_report(runs: &[PathBuf], out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `gems export`: the tuned model as a Hugging Face directory, or the LoRA adapter (PEFT).
+/// `gems export`: the tuned model as a Hugging Face directory, or the LoRA adapter (PEFT) with
+/// the base it applies to in `OUT/base`.
 pub fn run_export(run: &Path, out: &Path, adapter: bool) -> Result<()> {
     if adapter {
-        let src = gems_train::checkpoint::resolve_dir(&run.join("checkpoint"))
-            .map(|c| c.join("adapter"))
-            .filter(|a| a.is_dir())
-            .with_context(|| {
-                format!("{} has no LoRA adapter (was it a lora run?)", run.display())
-            })?;
-        copy_dir(&src, out)?;
+        gems_train::export::export_adapter(run, out)?;
         eprintln!(
-            "PEFT adapter (adapter_config.json, adapter_model.safetensors) in {}",
+            "PEFT adapter (adapter_config.json, adapter_model.safetensors) in {0}, its base model \
+             in {0}/base (see docs/python.md)",
             out.display()
         );
     } else {
-        let src = gems_train::trainer::tuned_model_dir(run)
-            .with_context(|| format!("{} has no tuned model (model/)", run.display()))?;
-        copy_dir(&src, out)?;
+        gems_train::export::export_model(run, out)?;
         eprintln!("merged model (Hugging Face layout) in {}", out.display());
-    }
-    Ok(())
-}
-
-fn copy_dir(src: &Path, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            let to = out.join(entry.file_name());
-            std::fs::copy(entry.path(), &to).with_context(|| {
-                format!("copying {} to {}", entry.path().display(), to.display())
-            })?;
-        }
     }
     Ok(())
 }

@@ -71,7 +71,7 @@ fn commands_work_on_a_finished_run() {
     assert!(stderr(&o).contains("unknown user `no-such-user`"), "{}", stderr(&o));
     let o = gems(&["export", run_s, exported.to_str().unwrap(), "--adapter"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("no LoRA adapter"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no PEFT adapter"), "{}", stderr(&o));
 }
 
 #[test]

@@ -114,6 +114,37 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
     Ok(report)
 }
 
+/// Writes the examples an evaluation with `options` ranks, one JSON object per line: `task`,
+/// `user`, `input_ids` (the prompt, exactly the ids the model sees), `target` (item index),
+/// `target_token_id` (its token id), `negatives` (the sampled protocol's items). With these,
+/// another implementation (docs/python.md) reproduces the full-catalogue metrics: score the
+/// item-token logits at the prompt's last position and rank the target against all items.
+///
+/// # Errors
+/// I/O failures naming the file.
+pub fn dump_examples(corpus: &Corpus, options: &EvalOptions, path: &Path) -> Result<usize> {
+    let base = corpus.base_vocab;
+    let mut out = String::new();
+    let mut n = 0;
+    for &task in &options.tasks {
+        for s in select(corpus.get(options.split, task), options.max_examples, options.seed) {
+            let line = serde_json::json!({
+                "task": task.name(),
+                "user": s.user,
+                "input_ids": &s.ids[..s.target_pos],
+                "target": s.target,
+                "target_token_id": base + s.target,
+                "negatives": &s.negatives,
+            });
+            out.push_str(&line.to_string());
+            out.push('\n');
+            n += 1;
+        }
+    }
+    crate::checkpoint::write_atomic(path, out.as_bytes())?;
+    Ok(n)
+}
+
 /// General text cut into windows for perplexity.
 #[derive(Debug, Clone)]
 pub struct TextWindows {

@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod eval;
+pub mod export;
 pub mod forward;
 pub mod infer;
 pub mod nullspace;

@@ -27,7 +27,7 @@ use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient}
 use gems_rng::SplitMix64;
 
 use crate::checkpoint::{
-    Cursor, TrainerState, read_json, replace_dir, resolve_dir, write_atomic, write_json,
+    Cursor, TrainerState, read_json, replace_dir, resolve_dir, verify_dir, write_atomic, write_json,
 };
 use crate::config::{StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
@@ -115,7 +115,18 @@ fn task_gradient(model: &Llama, samples: &[&Sample], pad: u32) -> Result<TaskGra
 }
 
 /// Saves a model as a Hugging Face directory (merged when it carries LoRA adapters).
-fn save_model(model: &Llama, pretrained: &Pretrained, dir: &Path) -> Result<()> {
+/// Writes the tuned model: merged, in the Hugging Face layout; for a LoRA run also the same
+/// weights as a PEFT adapter in `adapter/`, so that `gems export --adapter` ships the adapter of
+/// the model that was evaluated (the best validation step), not the last checkpoint's.
+fn save_model(
+    model: &Llama,
+    pretrained: &Pretrained,
+    config: &TrainConfig,
+    dir: &Path,
+) -> Result<()> {
+    if config.optimizer.method == Method::Lora {
+        gems_model::save_peft(model, &lora_config(config, model), &dir.join("adapter"))?;
+    }
     let merged = gems_model::merge_lora(model.clone().valid());
     let p = Pretrained {
         model: merged,
@@ -126,14 +137,11 @@ fn save_model(model: &Llama, pretrained: &Pretrained, dir: &Path) -> Result<()> 
     Ok(())
 }
 
-fn lora_config(config: &TrainConfig, untied_head: bool) -> LoraConfig {
+/// The LoRA configuration of a run, with the embedding (and an untied head) saved whole.
+fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
     let targets: Vec<&str> = config.lora.targets.iter().map(String::as_str).collect();
-    let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets);
-    let mut save = vec!["embed_tokens".to_string()];
-    if untied_head {
-        save.push("lm_head".into());
-    }
-    c.modules_to_save = Some(save);
+    let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets)
+        .with_embeddings(model.lm_head.is_none());
     c.init_seed = config.seed;
     c
 }
@@ -203,6 +211,33 @@ fn stop_value(metric: StopMetric, report: &EvalReport) -> f64 {
     }
 }
 
+/// The evaluation options of a run for `split`: the configured number of examples, drawn with
+/// the split's own seed (test and validation never share random numbers), so that the
+/// trainer, `gems eval` and `gems eval --dump-examples` evaluate the same examples.
+pub fn eval_options(
+    config: &TrainConfig,
+    split: Split,
+    label: &str,
+    tasks: &[Task],
+    show: bool,
+) -> EvalOptions {
+    let (max_examples, seed) = match split {
+        Split::Valid => (config.eval.valid_examples, config.seed ^ 0x7a11d),
+        _ => (config.eval.test_examples, config.seed ^ 0x7e57),
+    };
+    EvalOptions {
+        label: label.into(),
+        split,
+        tasks: tasks.to_vec(),
+        max_examples,
+        seed,
+        batch_size: config.eval.batch_size,
+        sampled: config.eval.sampled,
+        normaliser: config.eval.ndcg_normaliser,
+        progress: show,
+    }
+}
+
 /// Evaluates `model` on the test split (and perplexity), labelled `label`.
 ///
 /// # Errors
@@ -215,17 +250,7 @@ pub fn test_report(
     tasks: &[Task],
     show: bool,
 ) -> Result<EvalReport> {
-    let options = EvalOptions {
-        label: label.into(),
-        split: Split::Test,
-        tasks: tasks.to_vec(),
-        max_examples: config.eval.test_examples,
-        seed: config.seed ^ 0x7e57,
-        batch_size: config.eval.batch_size,
-        sampled: config.eval.sampled,
-        normaliser: config.eval.ndcg_normaliser,
-        progress: show,
-    };
+    let options = eval_options(config, Split::Test, label, tasks, show);
     let mut report = evaluate(model, &setup.corpus, &options)?;
     if let Some(text) = config.perplexity_text() {
         let windows = text_windows(
@@ -249,6 +274,33 @@ fn model_key(path: &Path, config: &TrainConfig) -> String {
     format!("{}|{bytes}|{:?}", path.display(), config.model.keep_layers)
 }
 
+/// The checkpoint `--resume` continues from, verified against its manifest; refuses, saying
+/// what the directory holds, when there is none (resuming must never start a different run).
+fn checkpoint_to_resume(run_dir: &Path) -> Result<PathBuf> {
+    let Some(ckpt) = resolve_dir(&run_dir.join("checkpoint")) else {
+        let mut found: Vec<String> = std::fs::read_dir(run_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        let found = if found.is_empty() {
+            "it is empty".to_string()
+        } else {
+            format!("it holds {}", found.join(", "))
+        };
+        return Err(TrainError::Config(format!(
+            "--resume: {} has no checkpoint/ to resume from ({found}); run without --resume to \
+             start a new run in an empty directory",
+            run_dir.display()
+        )));
+    };
+    verify_dir(&ckpt)?;
+    Ok(ckpt)
+}
+
 /// Trains one run into `run_dir`; see the module docs for what it writes.
 ///
 /// # Errors
@@ -259,7 +311,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let show = options.progress;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
     let checkpoint_dir = run_dir.join("checkpoint");
-    let resume_from = if options.resume { resolve_dir(&checkpoint_dir) } else { None };
+    let resume_from = if options.resume { Some(checkpoint_to_resume(run_dir)?) } else { None };
     let mut config = config.clone();
     if let Some(ckpt) = &resume_from {
         // The saved configuration decides the run; only `stop_after` may change.
@@ -310,11 +362,12 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         );
     }
 
-    // The untuned model's test evaluation (kept across resumes).
+    // The untuned model's test evaluation (kept across resumes; a new run computes its own,
+    // never one left by an earlier start with perhaps another configuration).
     let before_path = run_dir.join("before.json");
     let before: Option<EvalReport> = if !config.eval.before {
         None
-    } else if before_path.exists() {
+    } else if before_path.exists() && resume_from.is_some() {
         Some(read_json(&before_path)?)
     } else {
         let r = test_report(&setup.pretrained.model, &setup, &config, "before", &tasks, show)?;
@@ -368,8 +421,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         Some(ckpt) => {
             let base = gems_model::load_hf_dir(&ckpt.join("model"), &train_device)?.model;
             if config.optimizer.method == Method::Lora {
-                let untied = base.lm_head.is_some();
-                let (m, _) = gems_model::apply_lora(base, &lora_config(&config, untied), true)?;
+                let cfg = lora_config(&config, &base);
+                let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
                 gems_model::load_peft(m, &ckpt.join("adapter"))?.0
             } else {
                 base
@@ -378,8 +431,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         None => {
             let m = setup.pretrained.model.clone().to_device(&train_device).train();
             if config.optimizer.method == Method::Lora {
-                let untied = m.lm_head.is_some();
-                gems_model::apply_lora(m, &lora_config(&config, untied), true)?.0
+                let cfg = lora_config(&config, &m);
+                gems_model::apply_lora(m, &cfg, true)?.0
             } else {
                 m
             }
@@ -389,6 +442,19 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         Some(ckpt) => read_json(&ckpt.join("trainer.json"))?,
         None => TrainerState::default(),
     };
+    if let Some(ckpt) = &resume_from {
+        let optimizer_steps = optimizer.steps() + optimizer.skipped_steps();
+        if optimizer_steps != state.step || state.step > config.schedule.steps {
+            return Err(TrainError::format(
+                ckpt,
+                format!(
+                    "trainer.json is at step {} of {}, optimizer/ at step {optimizer_steps}: the \
+                     checkpoint does not hold one consistent state",
+                    state.step, config.schedule.steps
+                ),
+            ));
+        }
+    }
     let metrics_path = run_dir.join("metrics.jsonl");
     let conflict_path = run_dir.join("conflict.jsonl");
     if resume_from.is_some() {
@@ -503,17 +569,9 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         let validate =
             config.eval.every > 0 && (state.step.is_multiple_of(config.eval.every) || last);
         if validate {
-            let options = EvalOptions {
-                label: format!("valid@{}", state.step),
-                split: Split::Valid,
-                tasks: tasks.clone(),
-                max_examples: config.eval.valid_examples,
-                seed: config.seed ^ 0x7a11d,
-                batch_size: config.eval.batch_size,
-                sampled: false,
-                normaliser: config.eval.ndcg_normaliser,
-                progress: false,
-            };
+            let label = format!("valid@{}", state.step);
+            let mut options = eval_options(&config, Split::Valid, &label, &tasks, false);
+            options.sampled = false;
             let plain = model.valid();
             let report = evaluate(&plain, &setup.corpus, &options)?;
             let value = stop_value(config.eval.metric, &report);
@@ -546,7 +604,9 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
                 &MetricsLine::Valid(ValidRecord { step: state.step, report, best: new_best }),
             )?;
             if new_best {
-                replace_dir(&run_dir.join("model"), |d| save_model(&model, &setup.pretrained, d))?;
+                replace_dir(&run_dir.join("model"), |d| {
+                    save_model(&model, &setup.pretrained, &config, d)
+                })?;
             }
         }
         let stop_here = config.stop_after.is_some_and(|k| steps_here >= k);
@@ -565,7 +625,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     // The tuned model: the best validation checkpoint, else the final weights.
     let model_dir = run_dir.join("model");
     if resolve_dir(&model_dir).is_none() {
-        replace_dir(&model_dir, |d| save_model(&model, &setup.pretrained, d))?;
+        replace_dir(&model_dir, |d| save_model(&model, &setup.pretrained, &config, d))?;
     }
     let tuned_dir = resolve_dir(&model_dir).unwrap_or(model_dir);
     let tuned = gems_model::load_hf_dir(&tuned_dir, &device)?.model;
@@ -604,8 +664,7 @@ fn save_checkpoint(
             chat_template: setup.pretrained.chat_template.clone(),
         };
         if config.optimizer.method == Method::Lora {
-            let untied = model.lm_head.is_some();
-            gems_model::save_peft(model, &lora_config(config, untied), &d.join("adapter"))?;
+            gems_model::save_peft(model, &lora_config(config, model), &d.join("adapter"))?;
         }
         gems_model::save_hf_dir(&base, &d.join("model"))?;
         optimizer.save(d.join("optimizer"))?;

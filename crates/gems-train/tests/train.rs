@@ -203,3 +203,145 @@ fn bad_inputs_give_clear_errors() {
     let msg = train(&huge, &root.path().join("r4"), &options(false)).unwrap_err().to_string();
     assert!(msg.contains("non-finite") || msg.contains("not finite"), "{msg}");
 }
+
+/// A LoRA run exports a PEFT adapter of the evaluated model with its base beside it; the base
+/// plus the adapter gives the merged export's logits (the tiny model ties its head, so this is
+/// the tied-embedding layout), and the merged export carries no adapter.
+#[test]
+fn a_lora_run_exports_an_adapter_that_reproduces_the_merged_model() {
+    use burn::tensor::Tensor;
+    use gems_model::{TokenBatch, load_hf_dir, load_peft};
+    let (root, mut config) = setup(3);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.optimizer = OptimizerConfig::for_method(Method::Lora);
+    let run = root.path().join("runs/lora");
+    finished(train(&config, &run, &options(false)).unwrap());
+    assert!(run.join("model/adapter/adapter_config.json").is_file());
+    let merged_dir = root.path().join("out/merged");
+    let adapter_dir = root.path().join("out/adapter");
+    gems_train::export::export_model(&run, &merged_dir).unwrap();
+    gems_train::export::export_adapter(&run, &adapter_dir).unwrap();
+    assert!(!merged_dir.join("adapter").exists());
+    assert!(adapter_dir.join("base/model.safetensors").is_file());
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let base_path = std::path::absolute(adapter_dir.join("base")).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], base_path.display().to_string());
+    assert_eq!(cfg["ensure_weight_tying"], true);
+    assert!(cfg.get("init_seed").is_none());
+
+    let dev = Device::flex();
+    let merged = load_hf_dir(&merged_dir, &dev).unwrap().model;
+    let base = load_hf_dir(&adapter_dir.join("base"), &dev).unwrap().model;
+    let vocab = merged.embed_tokens.weight.dims()[0] as u32;
+    let (adapted, _) = load_peft(base, &adapter_dir).unwrap();
+    let seq: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % vocab).chain([vocab - 1]).collect();
+    let logits = |m: &gems_model::Llama| -> Vec<f32> {
+        let batch = TokenBatch::pad(std::slice::from_ref(&seq), 0, false).unwrap();
+        let t: Tensor<3> = m.forward(&batch).unwrap();
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    };
+    let (a, b) = (logits(&adapted), logits(&merged));
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(d < 1e-4, "adapter over base differs from the merged export by {d}");
+
+    // Exporting again replaces the directory as a whole; a run without an adapter is refused.
+    std::fs::write(adapter_dir.join("stale.txt"), "old").unwrap();
+    gems_train::export::export_adapter(&run, &adapter_dir).unwrap();
+    assert!(!adapter_dir.join("stale.txt").exists());
+    let (root2, mut plain) = setup(1);
+    plain.eval.before = false;
+    plain.eval.perplexity = false;
+    let other = root2.path().join("runs/full");
+    finished(train(&plain, &other, &options(false)).unwrap());
+    let err = gems_train::export::export_adapter(&other, &root2.path().join("a")).unwrap_err();
+    assert!(err.to_string().contains("no PEFT adapter"), "{err}");
+}
+
+/// `--resume` never starts a different run, and a damaged or inconsistent checkpoint is refused
+/// with the file named.
+#[test]
+fn resume_refuses_missing_damaged_and_mixed_checkpoints() {
+    let (root, mut config) = setup(4);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.eval.every = 0;
+
+    // Nothing to resume: an empty directory, then one a run was started in.
+    let empty = root.path().join("runs/empty");
+    let err = train(&config, &empty, &options(true)).unwrap_err().to_string();
+    assert!(err.contains("no checkpoint/") && err.contains("it is empty"), "{err}");
+    std::fs::write(empty.join("config.json"), "{}").unwrap();
+    let err = train(&config, &empty, &options(true)).unwrap_err().to_string();
+    assert!(err.contains("it holds config.json"), "{err}");
+    assert_eq!(std::fs::read_to_string(empty.join("config.json")).unwrap(), "{}");
+
+    let run = root.path().join("runs/r");
+    let mut first = config.clone();
+    first.stop_after = Some(2);
+    assert!(matches!(
+        train(&first, &run, &options(false)).unwrap(),
+        RunOutcome::Stopped { step: 2 }
+    ));
+    let ckpt = run.join("checkpoint");
+    let weights = ckpt.join("model/model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+
+    // One flipped bit in the weights.
+    let mut bad = good.clone();
+    let at = bad.len() - 5;
+    bad[at] ^= 0x10;
+    std::fs::write(&weights, &bad).unwrap();
+    let err = train(&config, &run, &options(true)).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("does not match"), "{err}");
+    std::fs::write(&weights, &good).unwrap();
+
+    // trainer.json from another step (re-sealed, so only the step check can catch it).
+    let trainer = ckpt.join("trainer.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trainer).unwrap()).unwrap();
+    state["step"] = serde_json::json!(100);
+    let tmp = root.path().join("resealed");
+    gems_train::checkpoint::replace_dir(&tmp, |d| {
+        for entry in walk(&ckpt) {
+            let rel = entry.strip_prefix(&ckpt).unwrap();
+            if rel == std::path::Path::new("MANIFEST.json") {
+                continue;
+            }
+            std::fs::create_dir_all(d.join(rel).parent().unwrap()).unwrap();
+            if rel == std::path::Path::new("trainer.json") {
+                std::fs::write(d.join(rel), state.to_string()).unwrap();
+            } else {
+                std::fs::copy(&entry, d.join(rel)).unwrap();
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    std::fs::rename(&ckpt, root.path().join("good-checkpoint")).unwrap();
+    std::fs::rename(&tmp, &ckpt).unwrap();
+    let err = train(&config, &run, &options(true)).unwrap_err().to_string();
+    assert!(err.contains("trainer.json is at step 100"), "{err}");
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    std::fs::rename(root.path().join("good-checkpoint"), &ckpt).unwrap();
+
+    // The intact checkpoint resumes and finishes.
+    let summary = finished(train(&config, &run, &options(true)).unwrap());
+    assert_eq!(summary.steps, 4);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
