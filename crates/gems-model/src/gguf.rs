@@ -2,9 +2,13 @@
 //! permutation undone, and the tokenizer rebuilt from metadata.
 //!
 //! The parser is written here and bounds-checked: every count and length is checked against the
-//! bytes that remain before anything is allocated, tensor data ranges are checked against the
-//! file, and element counts are checked for overflow, so a truncated or hostile file gives a
-//! [`ModelError`] naming the file and key, never a panic or an allocation larger than the file.
+//! bytes that remain before anything is allocated, element counts are checked for overflow, and
+//! the tensor directory must describe the data section exactly as llama.cpp writes it (unique
+//! names; each tensor's data right after the previous one's, padded to the alignment, with the
+//! byte size its type and shape imply; nothing left over). So a truncated, corrupted or hostile
+//! file gives a [`ModelError`] naming the file and key, never a panic, never data read from the
+//! wrong bytes, and never an allocation larger than a small multiple of the file: metadata
+//! arrays are stored as typed vectors ([`GgufArray`]), not one enum value per element.
 //!
 //! Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (the types real small
 //! models use), dequantized as llama.cpp's `ggml-quants.c` does.
@@ -38,8 +42,8 @@ pub enum GgufValue {
     Bool(bool),
     /// UTF-8 string (invalid bytes replaced).
     Str(String),
-    /// Array of values.
-    Array(Vec<GgufValue>),
+    /// Array of values, stored compactly by element type (boxed: scalars stay small).
+    Array(Box<GgufArray>),
 }
 
 impl GgufValue {
@@ -68,11 +72,179 @@ impl GgufValue {
         }
     }
     /// As an array.
-    pub fn as_array(&self) -> Option<&[GgufValue]> {
+    pub fn as_array(&self) -> Option<&GgufArray> {
         match self {
-            Self::Array(a) => Some(a),
+            Self::Array(a) => Some(a.as_ref()),
             _ => None,
         }
+    }
+    /// Bytes this value holds on the heap (its own inline size not included).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Str(s) => s.capacity(),
+            Self::Array(a) => std::mem::size_of::<GgufArray>() + a.heap_bytes(),
+            _ => 0,
+        }
+    }
+}
+
+/// A GGUF metadata array, one typed vector per element type.
+///
+/// A file's array of `n` one-byte elements costs `n` bytes here, not `n` enum values: a
+/// hostile array can cost no more memory than a small multiple of the bytes it occupies in the
+/// file (strings: their text plus one `usize` each; nested arrays: one `GgufArray` per 12-byte
+/// header).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufArray {
+    /// `uint8` elements.
+    U8(Vec<u8>),
+    /// `int8` elements.
+    I8(Vec<i8>),
+    /// `uint16` elements.
+    U16(Vec<u16>),
+    /// `int16` elements.
+    I16(Vec<i16>),
+    /// `uint32` elements.
+    U32(Vec<u32>),
+    /// `int32` elements.
+    I32(Vec<i32>),
+    /// `float32` elements.
+    F32(Vec<f32>),
+    /// `bool` elements.
+    Bool(Vec<bool>),
+    /// `string` elements.
+    Str(GgufStrings),
+    /// `uint64` elements.
+    U64(Vec<u64>),
+    /// `int64` elements.
+    I64(Vec<i64>),
+    /// `float64` elements.
+    F64(Vec<f64>),
+    /// Nested arrays.
+    Array(Vec<GgufArray>),
+}
+
+impl GgufArray {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::U8(v) => v.len(),
+            Self::I8(v) => v.len(),
+            Self::U16(v) => v.len(),
+            Self::I16(v) => v.len(),
+            Self::U32(v) => v.len(),
+            Self::I32(v) => v.len(),
+            Self::F32(v) => v.len(),
+            Self::Bool(v) => v.len(),
+            Self::Str(v) => v.len(),
+            Self::U64(v) => v.len(),
+            Self::I64(v) => v.len(),
+            Self::F64(v) => v.len(),
+            Self::Array(v) => v.len(),
+        }
+    }
+
+    /// Whether the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` as an unsigned integer, if the elements are integers and this one is
+    /// non-negative.
+    pub fn get_u64(&self, i: usize) -> Option<u64> {
+        match self {
+            Self::U8(v) => v.get(i).map(|&x| x.into()),
+            Self::U16(v) => v.get(i).map(|&x| x.into()),
+            Self::U32(v) => v.get(i).map(|&x| x.into()),
+            Self::U64(v) => v.get(i).copied(),
+            Self::I8(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Self::I16(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Self::I32(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            Self::I64(v) => v.get(i).and_then(|&x| u64::try_from(x).ok()),
+            _ => None,
+        }
+    }
+
+    /// Element `i` as a string, if the elements are strings.
+    pub fn get_str(&self, i: usize) -> Option<&str> {
+        self.as_strings().and_then(|s| s.get(i))
+    }
+
+    /// The elements as strings, if they are strings.
+    pub fn as_strings(&self) -> Option<&GgufStrings> {
+        match self {
+            Self::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Bytes this array holds on the heap (its own inline size not included).
+    pub fn heap_bytes(&self) -> usize {
+        fn cap<T>(v: &Vec<T>) -> usize {
+            v.capacity() * std::mem::size_of::<T>()
+        }
+        match self {
+            Self::U8(v) => cap(v),
+            Self::I8(v) => cap(v),
+            Self::U16(v) => cap(v),
+            Self::I16(v) => cap(v),
+            Self::U32(v) => cap(v),
+            Self::I32(v) => cap(v),
+            Self::F32(v) => cap(v),
+            Self::Bool(v) => cap(v),
+            Self::Str(v) => v.heap_bytes(),
+            Self::U64(v) => cap(v),
+            Self::I64(v) => cap(v),
+            Self::F64(v) => cap(v),
+            Self::Array(v) => cap(v) + v.iter().map(GgufArray::heap_bytes).sum::<usize>(),
+        }
+    }
+}
+
+/// The strings of a GGUF string array, concatenated in one buffer with their end offsets, so a
+/// vocabulary of 50,000 tokens is two allocations rather than 50,000.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GgufStrings {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl GgufStrings {
+    /// An empty list with room for `n` strings.
+    fn with_capacity(n: usize) -> Self {
+        Self { text: String::new(), ends: Vec::with_capacity(n) }
+    }
+
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    /// Number of strings.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are no strings.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// String `i`.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.text.get(start..end)
+    }
+
+    /// The strings in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    /// Bytes held on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
 }
 
@@ -124,6 +296,47 @@ impl GgmlType {
             Self::Q6K => (256, 210),
         }
     }
+}
+
+/// Name, elements per block and bytes per block of every GGML tensor type a GGUF file may
+/// hold (ggml's `type_traits`), dequantizable or not: the data layout is checked for all of
+/// them. `None` for ids that are no type.
+pub fn ggml_type_layout(id: u32) -> Option<(&'static str, usize, usize)> {
+    Some(match id {
+        0 => ("F32", 1, 4),
+        1 => ("F16", 1, 2),
+        2 => ("Q4_0", 32, 18),
+        3 => ("Q4_1", 32, 20),
+        6 => ("Q5_0", 32, 22),
+        7 => ("Q5_1", 32, 24),
+        8 => ("Q8_0", 32, 34),
+        9 => ("Q8_1", 32, 36),
+        10 => ("Q2_K", 256, 84),
+        11 => ("Q3_K", 256, 110),
+        12 => ("Q4_K", 256, 144),
+        13 => ("Q5_K", 256, 176),
+        14 => ("Q6_K", 256, 210),
+        15 => ("Q8_K", 256, 292),
+        16 => ("IQ2_XXS", 256, 66),
+        17 => ("IQ2_XS", 256, 74),
+        18 => ("IQ3_XXS", 256, 98),
+        19 => ("IQ1_S", 256, 50),
+        20 => ("IQ4_NL", 32, 18),
+        21 => ("IQ3_S", 256, 110),
+        22 => ("IQ2_S", 256, 82),
+        23 => ("IQ4_XS", 256, 136),
+        24 => ("I8", 1, 1),
+        25 => ("I16", 1, 2),
+        26 => ("I32", 1, 4),
+        27 => ("I64", 1, 8),
+        28 => ("F64", 1, 8),
+        29 => ("IQ1_M", 256, 56),
+        30 => ("BF16", 1, 2),
+        34 => ("TQ1_0", 256, 54),
+        35 => ("TQ2_0", 256, 66),
+        39 => ("MXFP4", 32, 17),
+        _ => return None,
+    })
 }
 
 /// One tensor's directory entry.
@@ -218,43 +431,7 @@ impl<'a> Reader<'a> {
             6 => GgufValue::F64(f32::from_bits(fixed(4)? as u32) as f64),
             7 => GgufValue::Bool(fixed(1)? != 0),
             8 => GgufValue::Str(self.string(key)?),
-            9 => {
-                if depth > 2 {
-                    return Err(ModelError::format(
-                        self.path,
-                        Some(key),
-                        "arrays nested too deeply",
-                    ));
-                }
-                let elem = self.u32(key)?;
-                let n = self.u64(key)?;
-                let min = match elem {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4..=6 => 4,
-                    8 | 10..=12 => 8,
-                    9 => 12,
-                    _ => {
-                        return Err(ModelError::format(
-                            self.path,
-                            Some(key),
-                            format!("unknown array element type {elem}"),
-                        ));
-                    }
-                };
-                if n.saturating_mul(min) > self.remaining() as u64 {
-                    return Err(ModelError::format(
-                        self.path,
-                        Some(key),
-                        format!("array of {n} elements exceeds the file"),
-                    ));
-                }
-                let mut v = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    v.push(self.value(elem, key, depth + 1)?);
-                }
-                GgufValue::Array(v)
-            }
+            9 => GgufValue::Array(Box::new(self.array(key, depth)?)),
             10 => GgufValue::U64(fixed(8)?),
             11 => GgufValue::I64(fixed(8)? as i64),
             12 => GgufValue::F64(f64::from_bits(fixed(8)?)),
@@ -265,6 +442,78 @@ impl<'a> Reader<'a> {
                     format!("unknown value type {ty}"),
                 ));
             }
+        })
+    }
+
+    /// An array value (element type, count, elements); `depth` counts enclosing arrays.
+    fn array(&mut self, key: &str, depth: usize) -> Result<GgufArray> {
+        if depth > 2 {
+            return Err(ModelError::format(self.path, Some(key), "arrays nested too deeply"));
+        }
+        let elem = self.u32(key)?;
+        let n = self.u64(key)?;
+        // The fewest bytes one element can occupy in the file.
+        let min: u64 = match elem {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            _ => {
+                return Err(ModelError::format(
+                    self.path,
+                    Some(key),
+                    format!("unknown array element type {elem}"),
+                ));
+            }
+        };
+        // Checked before anything is allocated: every allocation below is at most a small
+        // multiple of bytes the file really has.
+        if n.saturating_mul(min) > self.remaining() as u64 {
+            return Err(ModelError::format(
+                self.path,
+                Some(key),
+                format!("array of {n} elements exceeds the file ({} bytes left)", self.remaining()),
+            ));
+        }
+        let n = n as usize;
+        fn le<const W: usize, T>(raw: &[u8], f: impl Fn([u8; W]) -> T) -> Vec<T> {
+            raw.chunks_exact(W).map(|c| f(c.try_into().unwrap_or([0; W]))).collect()
+        }
+        Ok(match elem {
+            0 => GgufArray::U8(self.take(n, key)?.to_vec()),
+            1 => GgufArray::I8(self.take(n, key)?.iter().map(|&b| b as i8).collect()),
+            2 => GgufArray::U16(le(self.take(2 * n, key)?, u16::from_le_bytes)),
+            3 => GgufArray::I16(le(self.take(2 * n, key)?, i16::from_le_bytes)),
+            4 => GgufArray::U32(le(self.take(4 * n, key)?, u32::from_le_bytes)),
+            5 => GgufArray::I32(le(self.take(4 * n, key)?, i32::from_le_bytes)),
+            6 => GgufArray::F32(le(self.take(4 * n, key)?, f32::from_le_bytes)),
+            7 => GgufArray::Bool(self.take(n, key)?.iter().map(|&b| b != 0).collect()),
+            8 => {
+                let mut v = GgufStrings::with_capacity(n);
+                for _ in 0..n {
+                    let len = self.u64(key)?;
+                    if len > self.remaining() as u64 {
+                        return Err(ModelError::format(
+                            self.path,
+                            Some(key),
+                            format!("string length {len} exceeds the file"),
+                        ));
+                    }
+                    v.push(&String::from_utf8_lossy(self.take(len as usize, key)?));
+                }
+                GgufArray::Str(v)
+            }
+            9 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.array(key, depth + 1)?);
+                }
+                GgufArray::Array(v)
+            }
+            10 => GgufArray::U64(le(self.take(8 * n, key)?, u64::from_le_bytes)),
+            11 => GgufArray::I64(le(self.take(8 * n, key)?, i64::from_le_bytes)),
+            _ => GgufArray::F64(le(self.take(8 * n, key)?, f64::from_le_bytes)),
         })
     }
 }
@@ -298,7 +547,7 @@ impl GgufFile {
         let n_tensors = r.u64("tensor_count")?;
         let n_kv = r.u64("metadata_kv_count")?;
         if n_kv.saturating_mul(13) > r.remaining() as u64
-            || n_tensors.saturating_mul(24) > r.remaining() as u64
+            || n_tensors.saturating_mul(32) > r.remaining() as u64
         {
             return Err(ModelError::format(
                 path,
@@ -311,6 +560,9 @@ impl GgufFile {
             let key = r.string("metadata key")?;
             let ty = r.u32(&key)?;
             let v = r.value(ty, &key, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(ModelError::format(path, Some(&key), "duplicate metadata key"));
+            }
             metadata.insert(key, v);
         }
         let mut raw = Vec::with_capacity(n_tensors as usize);
@@ -347,51 +599,29 @@ impl GgufFile {
             ));
         }
         let data_start = r.pos.div_ceil(align) * align;
-        let mut tensors = Vec::with_capacity(raw.len());
-        for (name, dims, ty, off) in raw {
-            let count =
-                dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
-                    ModelError::format(path, Some(&name), format!("dims {dims:?} overflow"))
-                })?;
-            let size = match GgmlType::from_id(ty) {
-                Some(t) => {
-                    let (be, bb) = t.block();
-                    if dims[0] % be != 0 {
-                        return Err(ModelError::format(
-                            path,
-                            Some(&name),
-                            format!(
-                                "row length {} is not a multiple of the block size {be}",
-                                dims[0]
-                            ),
-                        ));
-                    }
-                    (count / be).checked_mul(bb)
-                }
-                None => None,
-            };
-            let (start, end) = match size {
-                Some(size) => {
-                    let start = usize::try_from(off).ok().and_then(|o| o.checked_add(data_start));
-                    match start.and_then(|s| s.checked_add(size).map(|e| (s, e))) {
-                        Some((s, e)) if e <= bytes.len() => (s, e),
-                        _ => {
-                            return Err(ModelError::format(
-                                path,
-                                Some(&name),
-                                format!(
-                                    "tensor data (offset {off}, {size} bytes) runs past the end of the file ({} bytes): truncated?",
-                                    bytes.len()
-                                ),
-                            ));
-                        }
-                    }
-                }
-                None => (0, 0),
-            };
-            tensors.push(GgufTensorInfo { name, dims, type_id: ty, range: (start, end) });
-        }
+        let tensors = tensor_layout(path, raw, align, data_start, bytes.len())?;
         Ok(Self { path: path.to_path_buf(), version, metadata, tensors, bytes })
+    }
+
+    /// Approximate bytes of memory the parsed metadata and tensor directory hold, the file's
+    /// own bytes (kept for the tensor data) not counted.
+    ///
+    /// Every element is stored compactly (see [`GgufArray`]), so this is at most a small
+    /// multiple of the header's size in the file, however hostile its counts: a GGUF header
+    /// cannot make the reader allocate much more memory than the file occupies.
+    pub fn parsed_bytes(&self) -> usize {
+        use std::mem::size_of;
+        // A B-tree entry: key and value inline, plus a share of the node (edges, lengths).
+        let entry = size_of::<String>() + size_of::<GgufValue>() + 16;
+        let meta: usize =
+            self.metadata.iter().map(|(k, v)| entry + k.capacity() + v.heap_bytes()).sum();
+        let dir: usize = self.tensors.capacity() * size_of::<GgufTensorInfo>()
+            + self
+                .tensors
+                .iter()
+                .map(|t| t.name.capacity() + t.dims.capacity() * size_of::<usize>())
+                .sum::<usize>();
+        size_of::<Self>() + meta + dir
     }
 
     /// A metadata value, or an error naming the key.
@@ -543,25 +773,20 @@ impl GgufFile {
                 format!("tokenizer model `{model}` (only byte-level BPE `gpt2`)"),
             ));
         }
-        let tokens = self.meta("tokenizer.ggml.tokens")?.as_array().ok_or_else(|| {
-            ModelError::format(&self.path, Some("tokenizer.ggml.tokens"), "not an array")
-        })?;
-        let merges = self.meta("tokenizer.ggml.merges")?.as_array().ok_or_else(|| {
-            ModelError::format(&self.path, Some("tokenizer.ggml.merges"), "not an array")
-        })?;
+        let strings = |key: &str| -> Result<&GgufStrings> {
+            self.meta(key)?
+                .as_array()
+                .and_then(GgufArray::as_strings)
+                .ok_or_else(|| ModelError::format(&self.path, Some(key), "not an array of strings"))
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
         let types = self.metadata.get("tokenizer.ggml.token_type").and_then(|v| v.as_array());
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
-        for (i, t) in tokens.iter().enumerate() {
-            let s = t.as_str().ok_or_else(|| {
-                ModelError::format(
-                    &self.path,
-                    Some("tokenizer.ggml.tokens"),
-                    format!("entry {i} is not a string"),
-                )
-            })?;
+        for (i, s) in tokens.iter().enumerate() {
             vocab.insert(s.to_string(), serde_json::json!(i));
-            let ty = types.and_then(|a| a.get(i)).and_then(|v| v.as_u64()).unwrap_or(1);
+            let ty = types.and_then(|a| a.get_u64(i)).unwrap_or(1);
             // 3 = control, 4 = user-defined: both are added tokens that are never split.
             if ty == 3 || ty == 4 {
                 added.push(
@@ -570,7 +795,7 @@ impl GgufFile {
                 );
             }
         }
-        let merges: Vec<&str> = merges.iter().filter_map(|m| m.as_str()).collect();
+        let merges: Vec<&str> = merges.iter().collect();
         let pre =
             self.metadata.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
         let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
@@ -610,6 +835,119 @@ impl GgufFile {
         });
         Ok(json.to_string())
     }
+}
+
+/// Checks the tensor directory against the data section and returns it with byte ranges.
+///
+/// As llama.cpp's reader requires, names are unique and the tensors' data lie one after the
+/// other in directory order, each starting at the previous one's end rounded up to `align`, the
+/// first at offset 0, the last ending the file (up to its padding). So a duplicated entry, two
+/// tensors sharing bytes, a gap, or a type or shape whose byte size differs from what the file
+/// holds for that tensor is an error naming the tensor, never data read from the wrong bytes.
+fn tensor_layout(
+    path: &Path,
+    raw: Vec<(String, Vec<usize>, u32, u64)>,
+    align: usize,
+    data_start: usize,
+    file_len: usize,
+) -> Result<Vec<GgufTensorInfo>> {
+    let fmt = |name: &str, d: String| ModelError::format(path, Some(name), d);
+    let align = align as u64;
+    let data_len = (file_len as u64).saturating_sub(data_start as u64);
+    let mut names = std::collections::HashSet::with_capacity(raw.len());
+    for (name, ..) in &raw {
+        if !names.insert(name.as_str()) {
+            return Err(fmt(name, "duplicate tensor entry".into()));
+        }
+    }
+    drop(names);
+    let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(raw.len());
+    // Where the next tensor must start, relative to the data section.
+    let mut next = 0u64;
+    // The previous tensor's type name and data range relative to the data section.
+    let mut prev: Option<(&'static str, u64, u64)> = None;
+    for (name, dims, ty, off) in raw {
+        let (tname, be, bb) = ggml_type_layout(ty).ok_or_else(|| {
+            ModelError::unsupported(path, Some(&name), format!("tensor type {ty}"))
+        })?;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| fmt(&name, format!("dims {dims:?} overflow")))?;
+        if !dims[0].is_multiple_of(be) {
+            return Err(fmt(
+                &name,
+                format!("row length {} is not a multiple of the {tname} block size {be}", dims[0]),
+            ));
+        }
+        let size = (count / be)
+            .checked_mul(bb)
+            .and_then(|x| u64::try_from(x).ok())
+            .ok_or_else(|| fmt(&name, format!("{tname} dims {dims:?} overflow")))?;
+        let end = off
+            .checked_add(size)
+            .ok_or_else(|| fmt(&name, format!("offset {off} plus {size} bytes overflows")))?;
+        if off != next {
+            let abs_off = (data_start as u64).saturating_add(off);
+            let abs_end = (data_start as u64).saturating_add(end).max(abs_off.saturating_add(1));
+            let overlapped = tensors.iter().find(|t| {
+                t.range.0 < t.range.1 && (t.range.0 as u64) < abs_end && abs_off < t.range.1 as u64
+            });
+            let (p, pd) = tensors.last().map_or(("", &[][..]), |t| (t.name.as_str(), &t.dims[..]));
+            let d = match (&prev, overlapped) {
+                (_, Some(t)) => format!(
+                    "data (bytes {off}..{end} of the data section) overlaps tensor `{}` (bytes \
+                     {}..{})",
+                    t.name,
+                    t.range.0 - data_start,
+                    t.range.1 - data_start
+                ),
+                (None, None) => format!(
+                    "data of the first tensor starts at offset {off} of the data section, not 0"
+                ),
+                (Some((pt, ps, pe)), None) => format!(
+                    "data starts at offset {off} of the data section, but the previous tensor \
+                     `{p}` ({pt} {pd:?}, bytes {ps}..{pe}) puts the next one at {next}: {} \
+                     (a wrong type or shape for `{p}`, or a shifted offset)",
+                    if off > next {
+                        format!("{} bytes belong to no tensor", off - next)
+                    } else {
+                        "tensor data must follow the directory order".to_string()
+                    }
+                ),
+            };
+            return Err(fmt(&name, d));
+        }
+        if end > data_len {
+            return Err(fmt(
+                &name,
+                format!(
+                    "tensor data ({tname} {dims:?}: {size} bytes at offset {off} of the data \
+                     section, which starts at byte {data_start}) runs past the end of the file \
+                     ({file_len} bytes): truncated?"
+                ),
+            ));
+        }
+        next = end.div_ceil(align) * align;
+        let range = ((data_start as u64 + off) as usize, (data_start as u64 + end) as usize);
+        tensors.push(GgufTensorInfo { name, dims, type_id: ty, range });
+        prev = Some((tname, off, end));
+    }
+    if let (Some((pt, ps, pe)), Some(last)) = (prev, tensors.last())
+        && data_len > next
+    {
+        let (p, pd) = (&last.name, &last.dims);
+        return Err(fmt(
+            p,
+            format!(
+                "the data section has {} bytes after the last tensor `{p}` ({pt} {pd:?}, bytes \
+                 {ps}..{pe}, padded to {next}) that belong to no tensor (a wrong type or shape \
+                 for `{p}`?)",
+                data_len - next
+            ),
+        ));
+    }
+    Ok(tensors)
 }
 
 /// Maps a GGUF tensor name to its Hugging Face key; `None` for tensors the decoder ignores.
