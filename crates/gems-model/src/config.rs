@@ -119,8 +119,21 @@ impl LlamaConfig {
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(path, &text)
+    }
+
+    /// Parses and validates `config.json` text; `path` only labels errors.
+    ///
+    /// A value of the wrong type is an error naming the field (`hidden_size: expected an
+    /// integer, got string "576"`), and [`LlamaConfig::validate`] names the field of a zero or
+    /// absurd size. A leading UTF-8 byte-order mark is skipped.
+    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ModelError::config(path, e.to_string()))?;
+        check_types(&value).map_err(|d| ModelError::config(path, d))?;
         let config: Self =
-            serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
+            serde_json::from_value(value).map_err(|e| ModelError::config(path, e.to_string()))?;
         config.validate(path)?;
         Ok(config)
     }
@@ -132,18 +145,37 @@ impl LlamaConfig {
         std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
     }
 
-    /// Checks that the sizes are consistent; `path` only labels the error.
+    /// Checks that every size is positive and plausible and that the sizes are consistent;
+    /// `path` only labels the error, which names the field.
+    ///
+    /// The upper limits ([`SIZE_LIMITS`]) are far above any released model and far below sizes
+    /// that would overflow or exhaust memory. `num_hidden_layers` has none: no allocation is sized
+    /// from it, and a count larger than the file holds fails on the first missing layer.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let err = |d: String| Err(ModelError::config(path, d));
-        if self.vocab_size == 0
-            || self.hidden_size == 0
-            || self.intermediate_size == 0
-            || self.num_attention_heads == 0
-        {
-            return err("vocab_size, hidden_size, intermediate_size and num_attention_heads must be positive".into());
+        let sizes = [
+            ("vocab_size", Some(self.vocab_size)),
+            ("hidden_size", Some(self.hidden_size)),
+            ("intermediate_size", Some(self.intermediate_size)),
+            ("num_hidden_layers", Some(self.num_hidden_layers)),
+            ("num_attention_heads", Some(self.num_attention_heads)),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", Some(self.max_position_embeddings)),
+        ];
+        for (name, value) in sizes {
+            let Some(v) = value else { continue };
+            if v == 0 {
+                return err(format!("{name} = 0: must be positive"));
+            }
+            if let Some(&(_, max)) = SIZE_LIMITS.iter().find(|(n, _)| *n == name)
+                && v > max
+            {
+                return err(format!("{name} = {v} is absurd (the limit is {max})"));
+            }
         }
         let kv = self.n_kv_heads();
-        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
+        if !self.num_attention_heads.is_multiple_of(kv) {
             return err(format!(
                 "num_attention_heads = {} is not a multiple of num_key_value_heads = {kv}",
                 self.num_attention_heads
@@ -161,18 +193,37 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return err(format!("hidden_act = {} is not supported (only silu)", self.hidden_act));
         }
-        if self.rms_norm_eps.is_nan()
-            || self.rms_norm_eps <= 0.0
-            || self.rope_theta.is_nan()
-            || self.rope_theta <= 0.0
-        {
-            return err("rms_norm_eps and rope_theta must be positive".into());
+        for (name, v) in [("rms_norm_eps", self.rms_norm_eps), ("rope_theta", self.rope_theta)] {
+            if !v.is_finite() || v <= 0.0 {
+                return err(format!("{name} = {v}: must be positive and finite"));
+            }
         }
-        if let Some(s) = &self.rope_scaling
-            && s.rope_type != "llama3"
-            && s.rope_type != "default"
-        {
-            return err(format!("rope_scaling type `{}` is not supported", s.rope_type));
+        if let Some(s) = &self.rope_scaling {
+            if s.rope_type != "llama3" && s.rope_type != "default" {
+                return err(format!("rope_scaling type `{}` is not supported", s.rope_type));
+            }
+            if s.rope_type == "llama3" {
+                for (name, v) in [
+                    ("rope_scaling.factor", s.factor),
+                    ("rope_scaling.low_freq_factor", s.low_freq_factor),
+                    ("rope_scaling.high_freq_factor", s.high_freq_factor),
+                ] {
+                    if !v.is_finite() || v <= 0.0 {
+                        return err(format!("{name} = {v}: must be positive and finite"));
+                    }
+                }
+                if s.high_freq_factor <= s.low_freq_factor {
+                    return err(format!(
+                        "rope_scaling.high_freq_factor = {} must exceed low_freq_factor = {}",
+                        s.high_freq_factor, s.low_freq_factor
+                    ));
+                }
+                if s.original_max_position_embeddings == 0 {
+                    return err("rope_scaling.original_max_position_embeddings = 0: must be \
+                                positive"
+                        .into());
+                }
+            }
         }
         Ok(())
     }
@@ -230,6 +281,133 @@ impl LlamaConfig {
             }
         }
         f
+    }
+}
+
+/// The largest value [`LlamaConfig::validate`] accepts for each size field: 16 to 1000 times the
+/// largest released Llama-family model, and small enough that products of two never overflow.
+pub const SIZE_LIMITS: [(&str, usize); 7] = [
+    ("vocab_size", 1 << 24),
+    ("hidden_size", 1 << 18),
+    ("intermediate_size", 1 << 20),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 12),
+    ("max_position_embeddings", 1 << 30),
+];
+
+/// What a field of `config.json` must hold.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A non-negative integer.
+    Size,
+    /// A number.
+    Number,
+    /// `true` or `false`.
+    Bool,
+    /// A string.
+    Str,
+    /// A JSON object.
+    Object,
+}
+
+/// Whether a field may be absent or `null`.
+#[derive(Clone, Copy, PartialEq)]
+enum Presence {
+    /// Must be present, not `null`.
+    Required,
+    /// May be absent (a default applies), not `null`.
+    Defaulted,
+    /// May be absent or `null`.
+    Nullable,
+}
+
+/// The fields this crate reads, with their kinds.
+const FIELDS: [(&str, Kind, Presence); 16] = [
+    ("model_type", Kind::Str, Presence::Defaulted),
+    ("vocab_size", Kind::Size, Presence::Required),
+    ("hidden_size", Kind::Size, Presence::Required),
+    ("intermediate_size", Kind::Size, Presence::Required),
+    ("num_hidden_layers", Kind::Size, Presence::Required),
+    ("num_attention_heads", Kind::Size, Presence::Required),
+    ("num_key_value_heads", Kind::Size, Presence::Nullable),
+    ("head_dim", Kind::Size, Presence::Nullable),
+    ("rms_norm_eps", Kind::Number, Presence::Defaulted),
+    ("rope_theta", Kind::Number, Presence::Defaulted),
+    ("rope_scaling", Kind::Object, Presence::Nullable),
+    ("max_position_embeddings", Kind::Size, Presence::Defaulted),
+    ("tie_word_embeddings", Kind::Bool, Presence::Defaulted),
+    ("attention_bias", Kind::Bool, Presence::Nullable),
+    ("mlp_bias", Kind::Bool, Presence::Nullable),
+    ("hidden_act", Kind::Str, Presence::Defaulted),
+];
+
+/// The fields of `rope_scaling`.
+const ROPE_FIELDS: [(&str, Kind); 6] = [
+    ("rope_type", Kind::Str),
+    ("type", Kind::Str),
+    ("factor", Kind::Number),
+    ("low_freq_factor", Kind::Number),
+    ("high_freq_factor", Kind::Number),
+    ("original_max_position_embeddings", Kind::Size),
+];
+
+/// Checks the JSON types of the fields this crate reads, so that a wrong type is reported with
+/// the field's name (serde's own message names only the type, and not at all through `flatten`).
+fn check_types(v: &serde_json::Value) -> std::result::Result<(), String> {
+    let obj =
+        v.as_object().ok_or_else(|| format!("expected a JSON object, got {}", describe(v)))?;
+    for (name, kind, presence) in FIELDS {
+        match (obj.get(name), presence) {
+            (None, Presence::Required) => return Err(format!("{name}: missing")),
+            (None, _) | (Some(serde_json::Value::Null), Presence::Nullable) => {}
+            (Some(x), _) => check_kind(name, x, kind)?,
+        }
+    }
+    if let Some(rs) = obj.get("rope_scaling").and_then(|x| x.as_object()) {
+        for (name, kind) in ROPE_FIELDS {
+            if let Some(x) = rs.get(name) {
+                check_kind(&format!("rope_scaling.{name}"), x, kind)?;
+            }
+        }
+        if !rs.contains_key("rope_type") && !rs.contains_key("type") {
+            return Err("rope_scaling.rope_type: missing".into());
+        }
+    }
+    Ok(())
+}
+
+fn check_kind(name: &str, x: &serde_json::Value, kind: Kind) -> std::result::Result<(), String> {
+    let (ok, want) = match kind {
+        Kind::Size => (
+            x.as_u64().is_some_and(|n| usize::try_from(n).is_ok()),
+            if x.as_i64().is_some_and(|n| n < 0) { "a non-negative integer" } else { "an integer" },
+        ),
+        Kind::Number => (x.is_number(), "a number"),
+        Kind::Bool => (x.is_boolean(), "true or false"),
+        Kind::Str => (x.is_string(), "a string"),
+        Kind::Object => (x.is_object(), "an object"),
+    };
+    if ok { Ok(()) } else { Err(format!("{name}: expected {want}, got {}", describe(x))) }
+}
+
+/// A JSON value's type and a short excerpt of it, for messages.
+fn describe(x: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let excerpt = |s: String| {
+        if s.chars().count() > 40 {
+            format!("{}...", s.chars().take(40).collect::<String>())
+        } else {
+            s
+        }
+    };
+    match x {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) => format!("string {}", excerpt(format!("{s:?}"))),
+        Value::Array(a) => format!("an array of {} elements", a.len()),
+        Value::Object(o) => format!("an object of {} fields", o.len()),
     }
 }
 
