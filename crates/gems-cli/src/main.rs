@@ -77,8 +77,20 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Errors print as their message chain (`error: what: why: cause`), never with a backtrace:
+/// they are about the user's input or environment, and resolving a backtrace costs about half
+/// a second and 150 MB. Bugs are panics, which keep Rust's own report (`RUST_BACKTRACE=1`).
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model_cmd::run(command),

@@ -180,7 +180,7 @@ pub struct TrainArgs {
     /// Use the authors' NDCG normaliser (ideal DCG from hits found in the top k).
     #[arg(long)]
     pub authors_ndcg: bool,
-    /// Write a checkpoint every N steps (0: at validations with a new best and at the end).
+    /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Stop cleanly after N steps of this process (resume later).
@@ -325,7 +325,9 @@ fn merge_file(base: TrainConfig, path: &Path) -> Result<TrainConfig> {
     };
     let mut merged = serde_json::to_value(&base)?;
     merge(&mut merged, overlay);
-    serde_json::from_value(merged).with_context(|| format!("in {}", path.display()))
+    // The error names the field (`schedule.steps: invalid type: string "many", expected u64`).
+    serde_path_to_error::deserialize(merged)
+        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
 }
 
 fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {

@@ -275,7 +275,7 @@ pub struct TrainConfig {
     pub eval: EvalSettings,
     /// Null-space projectors (used when `optimizer.gems.null_space`).
     pub null_space: NullSpaceBuild,
-    /// Write a checkpoint every N steps (0: only at the end and at each new best).
+    /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     pub checkpoint_every: u64,
     /// Stop (cleanly, with a checkpoint) after this many steps of this process; for tests of
     /// kill-and-resume. `None` runs to the end.

@@ -96,21 +96,40 @@ pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec
     Ok(items)
 }
 
+/// The longest search query [`top_items`] accepts, in characters: real queries are a few
+/// words, and the prompt's cost grows with its length.
+pub const MAX_QUERY_CHARS: usize = 1024;
+
 /// The top `k` items for a prompt of `history` (and `query` for search).
 ///
 /// # Errors
-/// An empty prompt, forward failures.
+/// `k` above the catalogue size, a query over [`MAX_QUERY_CHARS`], an empty prompt, forward
+/// failures.
 pub fn top_items(
     setup: &Setup,
     history: &[u32],
     query: Option<&str>,
     k: usize,
 ) -> Result<Vec<RankedItem>> {
+    let corpus = &setup.corpus;
+    if k > corpus.n_items() {
+        return Err(TrainError::Config(format!(
+            "top-k {k} exceeds the catalogue's {} items",
+            corpus.n_items()
+        )));
+    }
+    if let Some(q) = query
+        && q.chars().count() > MAX_QUERY_CHARS
+    {
+        return Err(TrainError::Config(format!(
+            "the query has {} characters; at most {MAX_QUERY_CHARS} are accepted",
+            q.chars().count()
+        )));
+    }
     let ids = setup.prompt_ids(history, query)?;
     if ids.is_empty() {
         return Err(TrainError::Config("the prompt is empty".into()));
     }
-    let corpus = &setup.corpus;
     let n = ids.len();
     let batch = TokenBatch::new(ids, vec![true; n], 1, n)?;
     let candidates: Vec<u32> =

@@ -134,14 +134,22 @@ impl std::fmt::Debug for Setup {
 /// `keep_layers` when it has more.
 ///
 /// # Errors
-/// The model does not load.
+/// The model does not load; `keep_layers` is more than the model has.
 pub fn load_model(path: &Path, keep_layers: Option<usize>, device: &Device) -> Result<Pretrained> {
     let mut p = gems_model::check::load(path, device)?;
-    if let Some(k) = keep_layers
-        && p.model.layers.len() > k
-    {
-        p.model.layers.truncate(k);
-        p.model.config.num_hidden_layers = k;
+    let n = p.model.layers.len();
+    match keep_layers {
+        Some(k) if k > n => {
+            return Err(TrainError::Config(format!(
+                "model.keep_layers {k} exceeds the {n} layers of {}",
+                path.display()
+            )));
+        }
+        Some(k) if k < n => {
+            p.model.layers.truncate(k);
+            p.model.config.num_hidden_layers = k;
+        }
+        _ => {}
     }
     Ok(p)
 }

@@ -274,6 +274,35 @@ fn model_key(path: &Path, config: &TrainConfig) -> String {
     format!("{}|{bytes}|{:?}", path.display(), config.model.keep_layers)
 }
 
+/// Refuses a subspace rank above the full rank of a tuned matrix (it used to be capped
+/// silently, so `--rank 100000` ran as full-rank GaLore without saying so).
+fn check_rank(config: &TrainConfig, model: &Llama) -> Result<()> {
+    if !config.optimizer.uses_subspaces() {
+        return Ok(());
+    }
+    let rank = config.optimizer.gems.rank;
+    let mut smallest: Option<(usize, String)> = None;
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (name, lin) in layer.projections() {
+            let path = format!("layers.{i}.{name}.weight");
+            if !config.optimizer.targets.iter().any(|t| gems_optim::path_matches(t, &path)) {
+                continue;
+            }
+            let [a, b] = lin.weight.dims();
+            if smallest.as_ref().is_none_or(|(full, _)| a.min(b) < *full) {
+                smallest = Some((a.min(b), format!("{path} ({a} x {b})")));
+            }
+        }
+    }
+    match smallest {
+        Some((full, what)) if rank > full => Err(TrainError::Config(format!(
+            "optimizer.gems.rank {rank} exceeds the full rank {full} of {what}; choose at most \
+             {full}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The checkpoint `--resume` continues from, verified against its manifest; refuses, saying
 /// what the directory holds, when there is none (resuming must never start a different run).
 fn checkpoint_to_resume(run_dir: &Path) -> Result<PathBuf> {
@@ -342,6 +371,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let device = options.device.clone();
     let started = Instant::now();
     let pretrained = load_model(&path, config.model.keep_layers, &device)?;
+    check_rank(&config, &pretrained.model)?;
     let setup = build(pretrained, &config)?;
     let tasks = active_tasks(&config, &setup.corpus);
     if tasks.is_empty() {
