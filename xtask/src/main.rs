@@ -34,6 +34,7 @@ use anyhow::{Context, Result, bail};
 /// benches) are tooling and may depend on anything.
 const LAYERS: &[(&str, u32)] = &[
     ("gems-rng", 0),
+    ("gems-io", 0),
     ("gems-subspace", 1),
     ("gems-metrics", 1),
     ("gems-optim", 2),

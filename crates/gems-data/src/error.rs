@@ -8,6 +8,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, building, tokenising or writing a dataset.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A crash-safe directory write or its checksum check failed.
+    #[error(transparent)]
+    Files(#[from] gems_io::Error),
     /// Reading or writing a file failed.
     ///
     /// The message already includes the cause, so the cause is not also reported as the error's

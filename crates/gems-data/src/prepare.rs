@@ -256,9 +256,16 @@ fn to_json<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|cause| Error::Serialize { what: what.into(), cause })
 }
 
-/// Writes a prepared dataset to `out` (created if missing) and returns its manifest.
+/// Writes a prepared dataset to `out` and returns its manifest.
 ///
+/// The directory is written whole beside `out` and renamed into place
+/// ([`gems_io::replace_dir`]): a crash leaves the previous dataset or the new one, never a mix,
+/// and `checksums.json` lets [`read_stats`] notice later damage. An existing `out` is replaced
+/// only when it is a prepared dataset itself (it holds `manifest.json`) or empty.
 /// `tokenizer_file` is hashed into the manifest when given.
+///
+/// # Errors
+/// `out` holds something else; I/O failures naming the file.
 pub fn write_prepared(
     prepared: &Prepared,
     source_dir: &Path,
@@ -267,7 +274,42 @@ pub fn write_prepared(
     tokenizer_file: Option<&Path>,
     out: &Path,
 ) -> Result<Manifest> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if out.is_dir() && !out.join("manifest.json").is_file() {
+        let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+        if entries.next().is_some() {
+            return Err(Error::io(
+                out,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "refusing to replace a directory that is not a prepared dataset (no \
+                     manifest.json); choose an empty or new directory",
+                ),
+            ));
+        }
+    }
+    let mut manifest = None;
+    gems_io::replace_dir(out, |dir| -> Result<()> {
+        manifest = Some(write_prepared_into(
+            prepared,
+            source_dir,
+            config,
+            tokenizer,
+            tokenizer_file,
+            dir,
+        )?);
+        Ok(())
+    })?;
+    manifest.ok_or_else(|| Error::io(out, std::io::Error::other("nothing was written")))
+}
+
+fn write_prepared_into(
+    prepared: &Prepared,
+    source_dir: &Path,
+    config: &PrepareConfig,
+    tokenizer: Option<&dyn TextTokenizer>,
+    tokenizer_file: Option<&Path>,
+    out: &Path,
+) -> Result<Manifest> {
     let dataset = &prepared.dataset;
     let mut files = BTreeMap::new();
     let mut example_counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
@@ -451,8 +493,13 @@ pub struct Stats {
     pub distinct_search_queries: usize,
 }
 
-/// Reads a prepared directory and computes [`Stats`] from its files.
+/// Reads a prepared directory and computes [`Stats`] from its files, after checking every file
+/// against the directory's `checksums.json`.
+///
+/// # Errors
+/// A file changed or missing since it was written, malformed files.
 pub fn read_stats(dir: &Path) -> Result<Stats> {
+    gems_io::verify_dir(dir)?;
     let manifest_path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
     let manifest: Manifest = serde_json::from_str(&text)

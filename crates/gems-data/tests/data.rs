@@ -342,7 +342,11 @@ fn prepared_directory_is_byte_identical_across_runs() {
         }
         digests.push(files);
     }
-    assert_eq!(digests[0].len(), 8, "6 example files, items.json, manifest.json, no temp files");
+    assert_eq!(
+        digests[0].len(),
+        9,
+        "6 example files, items.json, manifest.json, checksums.json, no temp files"
+    );
     assert_eq!(digests[0], digests[1]);
     // Tokenised: the target span is [item token, eos].
     let text = String::from_utf8(digests[0]["test.search.jsonl"].clone()).unwrap();
@@ -416,4 +420,43 @@ fn amazon_beauty_and_qilin_toy_load() {
     let err =
         load_dataset(&spec.dir, spec.format, &LoadOptions::default()).unwrap_err().to_string();
     assert!(err.contains("unknown item id"), "{err}");
+}
+
+/// A prepared directory is replaced whole, never mixed with the dataset it replaces; damage
+/// after the write is noticed by `data stats`; a directory that is not a prepared dataset is
+/// never replaced.
+#[test]
+fn prepared_directories_are_replaced_whole_and_verified() {
+    let spec =
+        resolve_dataset(fixture("jsonl_ok").to_str().unwrap(), Path::new("."), None).unwrap();
+    let mut config = PrepareConfig::from_spec(&spec);
+    config.build.n_negatives = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("prepared");
+    let prepared = prepare(&spec.dir, &config, None).unwrap();
+    write_prepared(&prepared, &spec.dir, &config, None, None, &out).unwrap();
+    read_stats(&out).unwrap();
+    // A stale file of an earlier dataset does not survive a new prepare into the directory.
+    std::fs::write(out.join("stale.jsonl"), "old").unwrap();
+    config.build.n_negatives = 3;
+    let prepared = prepare(&spec.dir, &config, None).unwrap();
+    write_prepared(&prepared, &spec.dir, &config, None, None, &out).unwrap();
+    assert!(!out.join("stale.jsonl").exists());
+    assert!(!tmp.path().join("prepared.tmp").exists() && !tmp.path().join("prepared.old").exists());
+    read_stats(&out).unwrap();
+    // Damage after the write.
+    let file = out.join("test.rec.jsonl");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&file, bytes).unwrap();
+    let err = read_stats(&out).unwrap_err().to_string();
+    assert!(err.contains("test.rec.jsonl") && err.contains("does not match"), "{err}");
+    // Someone else's directory is not replaced.
+    let other = tmp.path().join("mine");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "keep me").unwrap();
+    let err =
+        write_prepared(&prepared, &spec.dir, &config, None, None, &other).unwrap_err().to_string();
+    assert!(err.contains("not a prepared dataset"), "{err}");
+    assert_eq!(std::fs::read_to_string(other.join("notes.txt")).unwrap(), "keep me");
 }

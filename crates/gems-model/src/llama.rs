@@ -465,6 +465,21 @@ impl Llama {
                 )?,
             });
         }
+        // Weights for a layer past the declared count mean the configuration does not describe
+        // this checkpoint (loading only the first layers silently would be a different model).
+        let next = format!("layers.{}.", config.num_hidden_layers);
+        if let Some(k) =
+            w.tensors.keys().find(|k| k.starts_with(&next) || k.contains(&format!(".{next}")))
+        {
+            return Err(ModelError::config(
+                &w.source,
+                format!(
+                    "num_hidden_layers = {} but the weights hold `{k}`: the configuration does not \
+                     describe these weights",
+                    config.num_hidden_layers
+                ),
+            ));
+        }
         let norm = norm_of(w, "norm.weight".into())?;
         let lm_head = if config.tie_word_embeddings {
             None

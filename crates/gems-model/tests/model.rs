@@ -247,6 +247,14 @@ fn bad_hf_directories_are_errors_naming_file_and_key() {
     .unwrap();
     let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
     assert!(err.contains("layers.2."), "{err}");
+    // A config with fewer layers than the file holds: refused, not loaded in part.
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1"),
+    )
+    .unwrap();
+    let err = load_hf_dir(&d, &dev).unwrap_err().to_string();
+    assert!(err.contains("num_hidden_layers = 1") && err.contains("layers.1."), "{err}");
     // A hostile layer count fails on the first missing layer, without a huge allocation.
     std::fs::write(
         d.join("config.json"),

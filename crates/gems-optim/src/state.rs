@@ -99,9 +99,7 @@ fn basis_blob(basis: &SubspaceBasis) -> Blob {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| OptimError::state(tmp.display(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| OptimError::state(path.display(), e))
+    gems_io::write_atomic(path, bytes).map_err(|e| OptimError::state(path.display(), e))
 }
 
 impl Optimizer {

@@ -465,6 +465,51 @@ fn damaged_moments_are_errors_and_never_saved() {
     assert!(err.contains("/m2") && err.contains("non-finite"), "{err}");
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+    /// Hostile bytes in either state file (truncations, flips, huge shapes in the header):
+    /// loading returns an error naming the file, or a state, never a panic.
+    #[test]
+    fn fuzz_saved_state_files(
+        which in 0usize..2,
+        cut in proptest::prelude::any::<proptest::sample::Index>(),
+        flips in proptest::collection::vec(
+            (proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255), 0..8),
+        truncate in proptest::prelude::any::<bool>(),
+    ) {
+        let dir = saved_state();
+        let name = ["optimizer.safetensors", "optimizer.json"][which];
+        let path = dir.path().join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (at, x) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= x;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(e) = Optimizer::load(dir.path(), &device()) {
+            let msg = e.to_string();
+            proptest::prop_assert!(msg.contains("optimizer"), "{}", msg);
+            proptest::prop_assert!(msg.len() < 2000, "{} bytes", msg.len());
+        }
+    }
+}
+
+/// A small saved GEMS state (one step of the reference fixture).
+fn saved_state() -> tempfile::TempDir {
+    let fixture = reference();
+    let config =
+        config_for(&serde_json::json!({"method": "gems", "null_space": false}), &fixture["hyper"]);
+    let mut optimizer = Optimizer::new(config).unwrap();
+    let toy = toy_from(&fixture["init"]);
+    optimizer.step(1e-2, &toy, step_gradients(&toy, &fixture["steps"][0])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    optimizer.save(dir.path()).unwrap();
+    dir
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real backward passes: accumulation, and a toy two-task problem trained by every method.
 // ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ pub enum TrainError {
     /// A metric or record failed.
     #[error(transparent)]
     Metrics(#[from] gems_metrics::MetricsError),
+    /// A crash-safe write or a directory's manifest check failed.
+    #[error(transparent)]
+    Files(#[from] gems_io::Error),
     /// Reading or writing a file failed.
     #[error("{path}: {cause}")]
     Io {

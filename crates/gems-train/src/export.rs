@@ -51,7 +51,7 @@ pub fn export_adapter(run: &Path, out: &Path) -> Result<PathBuf> {
         ))
     })?;
     let absolute = std::path::absolute(out).map_err(|e| TrainError::io(out, e))?;
-    replace_dir(out, |d| {
+    replace_dir(out, |d| -> Result<()> {
         copy_files(&adapter, d)?;
         copy_files(&base, &d.join("base"))?;
         let path = d.join("adapter_config.json");

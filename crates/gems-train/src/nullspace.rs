@@ -259,7 +259,7 @@ fn write_cache(path: &Path, projectors: &Projectors) -> Result<()> {
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, Some(meta.into_iter().collect()))
         .map_err(|e| TrainError::format(path, e.to_string()))?;
-    crate::checkpoint::write_atomic(path, &bytes)
+    Ok(crate::checkpoint::write_atomic(path, &bytes)?)
 }
 
 fn read_cache(

@@ -42,7 +42,7 @@ pub fn slice_lc_rec(src: &Path, prefix: &str, users: usize, out: &Path) -> Resul
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let write = |name: String, v: Value| write_atomic(&out.join(name), v.to_string().as_bytes());
     write(format!("{prefix}.inter.json"), Value::Object(kept))?;
-    write(format!("{prefix}.item.json"), Value::Object(item_map))
+    Ok(write(format!("{prefix}.item.json"), Value::Object(item_map))?)
 }
 
 /// The words a tiny word-level tokenizer must know: prompt templates, item titles and

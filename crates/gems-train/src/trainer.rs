@@ -174,7 +174,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
             out.push('\n');
         }
     }
-    write_atomic(path, out.as_bytes())
+    Ok(write_atomic(path, out.as_bytes())?)
 }
 
 /// Keeps only the lines of a JSON-lines file whose `step` is at most `step`; a damaged last
@@ -195,7 +195,7 @@ fn truncate_steps(path: &Path, step: u64) -> Result<()> {
             out.push('\n');
         }
     }
-    write_atomic(path, out.as_bytes())
+    Ok(write_atomic(path, out.as_bytes())?)
 }
 
 /// The value early stopping watches, oriented so that lower is better.

@@ -110,9 +110,9 @@ fn every_method_and_ablation_trains_and_evaluates() {
         let mut config = base.clone();
         config.eval.before = false;
         config.eval.perplexity = false;
+        change(&mut config);
         config.optimizer.gems.rank = 4;
         config.optimizer.gems.update_proj_gap = 2;
-        change(&mut config);
         let run = root.path().join("runs").join(name);
         let summary = finished(train(&config, &run, &options(false)).unwrap());
         assert_eq!(summary.steps, 3, "{name}");
@@ -305,10 +305,10 @@ fn resume_refuses_missing_damaged_and_mixed_checkpoints() {
         serde_json::from_str(&std::fs::read_to_string(&trainer).unwrap()).unwrap();
     state["step"] = serde_json::json!(100);
     let tmp = root.path().join("resealed");
-    gems_train::checkpoint::replace_dir(&tmp, |d| {
+    gems_train::checkpoint::replace_dir(&tmp, |d| -> gems_train::Result<()> {
         for entry in walk(&ckpt) {
             let rel = entry.strip_prefix(&ckpt).unwrap();
-            if rel == std::path::Path::new("MANIFEST.json") {
+            if rel == std::path::Path::new("checksums.json") {
                 continue;
             }
             std::fs::create_dir_all(d.join(rel).parent().unwrap()).unwrap();
