@@ -180,6 +180,10 @@ pub struct TrainArgs {
     /// Use the authors' NDCG normaliser (ideal DCG from hits found in the top k).
     #[arg(long)]
     pub authors_ndcg: bool,
+    /// Leave each example's history items out of the full-catalogue ranking (the common
+    /// protocol); by default every item is ranked.
+    #[arg(long)]
+    pub exclude_history: bool,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -295,6 +299,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.authors_ndcg {
         c.eval.ndcg_normaliser = gems_metrics::NdcgNormaliser::Authors;
     }
+    if args.exclude_history {
+        c.eval.exclude_history = true;
+    }
     set(&mut c.checkpoint_every, args.checkpoint_every);
     if args.stop_after.is_some() {
         c.stop_after = args.stop_after;
@@ -390,6 +397,10 @@ pub struct EvalArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Leave each example's history items out of the full-catalogue ranking (default: the
+    /// run's own setting, which ranks every item unless it was trained with this flag).
+    #[arg(long)]
+    pub exclude_history: bool,
     /// Also write the evaluated examples (prompt ids, target, negatives) as JSON lines here,
     /// to reproduce the metrics in another implementation (docs/python.md).
     #[arg(long, value_name = "FILE")]
@@ -403,6 +414,9 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let dev = device(args.device.device, args.device.device_index)?;
     let loaded = load_run(&args.run, &dev)?;
     let mut config = loaded.config.clone();
+    if args.exclude_history {
+        config.eval.exclude_history = true;
+    }
     if let Some(n) = args.examples {
         config.eval.test_examples = n;
         config.eval.valid_examples = n;
@@ -448,6 +462,9 @@ pub struct RankArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also list items already in the user's history (by default they are left out).
+    #[arg(long)]
+    pub include_history: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -463,7 +480,7 @@ pub fn run_rank(args: RankArgs, query: Option<&str>) -> Result<()> {
     let dev = device(args.device.device, args.device.device_index)?;
     let loaded = load_run(&args.run, &dev)?;
     let history = user_history(&loaded.setup, &args.user, loaded.config.data.max_history)?;
-    let items = top_items(&loaded.setup, &history, query, args.top_k)?;
+    let items = top_items(&loaded.setup, &history, query, args.top_k, !args.include_history)?;
     if args.json {
         for it in &items {
             println!("{}", serde_json::to_string(it)?);
@@ -471,9 +488,10 @@ pub fn run_rank(args: RankArgs, query: Option<&str>) -> Result<()> {
         return Ok(());
     }
     println!(
-        "user {} ({} history items{})",
+        "user {} ({} history items, {}{})",
         args.user,
         history.len(),
+        if args.include_history { "ranked with the rest" } else { "left out of the list" },
         query.map(|q| format!(", query \"{q}\"")).unwrap_or_default()
     );
     println!("| rank | item | log p | title |");

@@ -61,6 +61,11 @@ pub struct EvalReport {
     /// The NDCG normaliser used for every NDCG value in this report.
     #[serde(default)]
     pub ndcg_normaliser: NdcgNormaliser,
+    /// Whether the full-catalogue ranking left out the items of each example's history (the
+    /// common protocol of sequential recommendation) rather than ranking the whole catalogue.
+    /// Written only when set, so reports of the default protocol are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub history_excluded: bool,
     /// Wall-clock seconds the evaluation took.
     #[serde(deserialize_with = "nullable_f64")]
     pub seconds: f64,

@@ -350,6 +350,24 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
         runs.len(),
         n_groups
     );
+    let excluded: Vec<&str> = runs
+        .iter()
+        .filter(|r| r.summary.after.as_ref().is_some_and(|a| a.history_excluded))
+        .map(|r| r.summary.label.as_str())
+        .collect();
+    if excluded.is_empty() {
+        md.push_str(
+            "Protocol: every item of the catalogue is ranked, including those already in the \
+             user's history.\n\n",
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "Protocol: the full-catalogue ranking leaves out each example's history items (the \
+             target kept) for {}; the other runs rank every item.\n",
+            excluded.join(", ")
+        );
+    }
     md.push_str("## Runs\n\n");
     md.push_str(&markdown_table(runs));
     md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");

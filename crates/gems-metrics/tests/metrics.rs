@@ -201,6 +201,7 @@ fn eval_report(label: &str, base: f64, perplexity: Option<f64>, search: bool) ->
         loss: BTreeMap::from([("rec".to_owned(), 2.5), ("search".to_owned(), 3.25)]),
         perplexity,
         ndcg_normaliser: NdcgNormaliser::Standard,
+        history_excluded: false,
         seconds: 12.5,
     }
 }

@@ -175,6 +175,11 @@ pub struct EvalSettings {
     pub perplexity_window: usize,
     /// Evaluate the untuned model on the test set before training.
     pub before: bool,
+    /// Leave the items of each example's history (the items in its prompt) out of the
+    /// full-catalogue ranking, as sequential-recommendation papers commonly do; the target is
+    /// kept even when it repeats a history item. Off by default: the whole catalogue is ranked.
+    #[serde(default)]
+    pub exclude_history: bool,
 }
 
 impl Default for EvalSettings {
@@ -193,6 +198,7 @@ impl Default for EvalSettings {
             perplexity_tokens: 16_384,
             perplexity_window: 256,
             before: true,
+            exclude_history: false,
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct EvalOptions {
     pub sampled: bool,
     /// NDCG normaliser.
     pub normaliser: NdcgNormaliser,
+    /// Leave each example's history items (but not its target) out of the full-catalogue
+    /// ranking.
+    pub exclude_history: bool,
     /// Show progress on stderr.
     pub progress: bool,
 }
@@ -56,6 +59,18 @@ pub fn select(samples: &[Sample], max: usize, seed: u64) -> Vec<&Sample> {
     chosen.into_iter().map(|i| &samples[i]).collect()
 }
 
+/// Takes `items` out of a ranking by scoring them below everything (`f32::MIN`, which every
+/// finite score ties or beats), except `keep` (the target, which a user may buy again).
+pub fn exclude_items(scores: &mut [f32], items: &[u32], keep: u32) {
+    for &i in items {
+        if i != keep
+            && let Some(s) = scores.get_mut(i as usize)
+        {
+            *s = f32::MIN;
+        }
+    }
+}
+
 /// Ranks every selected sample's target among all items (and among its sampled negatives),
 /// and measures the target loss. `perplexity` is filled in separately.
 ///
@@ -74,6 +89,7 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
         loss: BTreeMap::new(),
         perplexity: None,
         ndcg_normaliser: options.normaliser,
+        history_excluded: options.exclude_history,
         seconds: 0.0,
     };
     for &task in &options.tasks {
@@ -91,7 +107,13 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
             let scored = score_samples(model, chunk, pad, base, n_items)?;
             for (r, s) in chunk.iter().enumerate() {
                 let row = &scored.item_scores[r * n_items..(r + 1) * n_items];
-                full.add_scores(row, &[s.target as usize])?;
+                if options.exclude_history {
+                    let mut masked = row.to_vec();
+                    exclude_items(&mut masked, &s.history, s.target);
+                    full.add_scores(&masked, &[s.target as usize])?;
+                } else {
+                    full.add_scores(row, &[s.target as usize])?;
+                }
                 if options.sampled && !s.negatives.is_empty() {
                     let mut cand = Vec::with_capacity(1 + s.negatives.len());
                     cand.push(row[s.target as usize]);
@@ -233,6 +255,16 @@ mod tests {
                 negatives: vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn excluded_items_fall_below_every_score_but_the_target_stays() {
+        let mut scores = vec![0.5, 3.0, -2.0, 7.0, 1.0];
+        exclude_items(&mut scores, &[1, 3, 4, 99], 4);
+        assert_eq!(scores, vec![0.5, f32::MIN, -2.0, f32::MIN, 1.0]);
+        // The target (item 4) ranked 3rd among all items, 1st once the history is out.
+        let ranks = gems_metrics::ranking::ranks_of(&scores, &[4]).unwrap();
+        assert_eq!(ranks, vec![1]);
     }
 
     #[test]

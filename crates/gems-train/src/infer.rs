@@ -100,7 +100,8 @@ pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec
 /// words, and the prompt's cost grows with its length.
 pub const MAX_QUERY_CHARS: usize = 1024;
 
-/// The top `k` items for a prompt of `history` (and `query` for search).
+/// The top `k` items for a prompt of `history` (and `query` for search); with
+/// `exclude_history`, items of `history` are not listed (the usual "what next" question).
 ///
 /// # Errors
 /// `k` above the catalogue size, a query over [`MAX_QUERY_CHARS`], an empty prompt, forward
@@ -110,6 +111,7 @@ pub fn top_items(
     history: &[u32],
     query: Option<&str>,
     k: usize,
+    exclude_history: bool,
 ) -> Result<Vec<RankedItem>> {
     let corpus = &setup.corpus;
     if k > corpus.n_items() {
@@ -137,6 +139,9 @@ pub fn top_items(
     let lp = setup.pretrained.model.candidate_log_probs(&batch, &[n - 1], &candidates)?;
     let lp = crate::forward::read_f32(lp, "top_items")?;
     let mut order: Vec<usize> = (0..lp.len()).collect();
+    if exclude_history {
+        order.retain(|&i| !history.contains(&(i as u32)));
+    }
     order.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
     Ok(order
         .into_iter()

@@ -234,6 +234,7 @@ pub fn eval_options(
         batch_size: config.eval.batch_size,
         sampled: config.eval.sampled,
         normaliser: config.eval.ndcg_normaliser,
+        exclude_history: config.eval.exclude_history,
         progress: show,
     }
 }

@@ -345,3 +345,45 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The common protocol: history items out of the ranking. `recommend` never lists them, and
+/// the evaluation with them left out ranks every target at least as high.
+#[test]
+fn history_items_can_be_left_out_of_rankings() {
+    use gems_train::eval::evaluate;
+    use gems_train::infer::{load_run, top_items, user_history};
+    use gems_train::trainer::eval_options;
+    let (root, mut config) = setup(1);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    let run = root.path().join("runs/h");
+    finished(train(&config, &run, &options(false)).unwrap());
+    let loaded = load_run(&run, &Device::flex()).unwrap();
+    let setup = &loaded.setup;
+    let n = setup.corpus.n_items();
+    let user = setup.corpus.users[0].clone();
+    let history = user_history(setup, &user, config.data.max_history).unwrap();
+    assert!(!history.is_empty());
+    let all = top_items(setup, &history, None, n, false).unwrap();
+    assert_eq!(all.len(), n);
+    let fresh = top_items(setup, &history, None, n, true).unwrap();
+    assert!(fresh.iter().all(|it| !history.contains(&it.index)));
+    let distinct: std::collections::BTreeSet<u32> = history.iter().copied().collect();
+    assert_eq!(fresh.len(), n - distinct.len());
+
+    let tasks = [gems_data::Task::Rec, gems_data::Task::Search];
+    let mut opts = eval_options(&config, gems_data::Split::Test, "t", &tasks, false);
+    let plain = evaluate(&setup.pretrained.model, &setup.corpus, &opts).unwrap();
+    opts.exclude_history = true;
+    let excluded = evaluate(&setup.pretrained.model, &setup.corpus, &opts).unwrap();
+    assert!(excluded.history_excluded && !plain.history_excluded);
+    for task in ["rec", "search"] {
+        for k in ["recall@20", "mrr@20"] {
+            let (a, b) = (plain.full[task].values[k], excluded.full[task].values[k]);
+            assert!(b >= a - 1e-12, "{task} {k}: {a} -> {b}");
+        }
+    }
+    // Reports of the default protocol do not mention it (summary.json unchanged).
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(!json.contains("history_excluded"));
+}
