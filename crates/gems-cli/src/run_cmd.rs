@@ -184,6 +184,9 @@ pub struct TrainArgs {
     /// protocol); by default every item is ranked.
     #[arg(long)]
     pub exclude_history: bool,
+    /// Which embedding rows train: all, items (text-token rows frozen) or none.
+    #[arg(long, value_parser = str::parse::<gems_train::config::EmbeddingPolicy>)]
+    pub embeddings: Option<gems_train::config::EmbeddingPolicy>,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -302,6 +305,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.exclude_history {
         c.eval.exclude_history = true;
     }
+    set(&mut c.model.embeddings, args.embeddings);
     set(&mut c.checkpoint_every, args.checkpoint_every);
     if args.stop_after.is_some() {
         c.stop_after = args.stop_after;

@@ -48,11 +48,55 @@ pub struct ModelSettings {
     pub keep_layers: Option<usize>,
     /// Item-token rows start as the mean of their title's token rows (`true`) or seeded random.
     pub title_init: bool,
+    /// Which rows of the token embedding (and of an untied output head) training may change.
+    pub embeddings: EmbeddingPolicy,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
-        Self { path: None, keep_layers: None, title_init: true }
+        Self { path: None, keep_layers: None, title_init: true, embeddings: EmbeddingPolicy::All }
+    }
+}
+
+/// Which embedding rows train, for every method. The embedding is outside GEMS's tuned
+/// matrices (GEMS-SPEC §3), so whatever trains there is updated by plain AdamW and is not
+/// protected by the null space.
+///
+/// With a tied head (SmolLM2) the embedding row of a token is also its output row, so `items`
+/// keeps every text token's input and output vectors as pretrained: the text model changes only
+/// through the tuned matrices. An untied head follows the same rule on its own rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingPolicy {
+    /// Every row trains (text tokens and item tokens).
+    #[default]
+    All,
+    /// Only the item-token rows train; text-token rows stay as pretrained.
+    Items,
+    /// No row trains: item tokens keep their initial rows.
+    None,
+}
+
+impl EmbeddingPolicy {
+    /// The name used in configuration files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Items => "items",
+            Self::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for EmbeddingPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "items" => Ok(Self::Items),
+            "none" => Ok(Self::None),
+            other => Err(format!("`{other}`: expected all, items or none")),
+        }
     }
 }
 
@@ -363,6 +407,10 @@ impl TrainConfig {
             if o.gems.complement {
                 label.push_str("-complement");
             }
+        }
+        match self.model.embeddings {
+            EmbeddingPolicy::All => {}
+            other => label.push_str(&format!("-emb-{}", other.as_str())),
         }
         match self.data.tasks {
             TaskSelection::Both => {}

@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
+use burn::module::Param;
 use burn::optim::GradientsParams;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use gems_data::{Split, Task};
 use gems_metrics::{EvalReport, MetricsLine, RunSummary, TrainRecord, ValidRecord};
 use gems_model::{Llama, LoraConfig, Pretrained};
@@ -29,7 +30,7 @@ use gems_rng::SplitMix64;
 use crate::checkpoint::{
     Cursor, TrainerState, read_json, replace_dir, resolve_dir, verify_dir, write_atomic, write_json,
 };
-use crate::config::{StopMetric, TrainConfig};
+use crate::config::{EmbeddingPolicy, StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
@@ -140,8 +141,10 @@ fn save_model(
 /// The LoRA configuration of a run, with the embedding (and an untied head) saved whole.
 fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
     let targets: Vec<&str> = config.lora.targets.iter().map(String::as_str).collect();
-    let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets)
-        .with_embeddings(model.lm_head.is_none());
+    let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets);
+    if config.model.embeddings != EmbeddingPolicy::None {
+        c = c.with_embeddings(model.lm_head.is_none());
+    }
     c.init_seed = config.seed;
     c
 }
@@ -273,6 +276,82 @@ fn model_key(path: &Path, config: &TrainConfig) -> String {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let bytes = if path.is_dir() { size(&path.join("model.safetensors")) } else { size(path) };
     format!("{}|{bytes}|{:?}", path.display(), config.model.keep_layers)
+}
+
+/// `--embeddings none`: the embedding (and an untied head) stop requiring gradients, so no
+/// gradient is computed for them at all.
+fn freeze_embeddings(mut model: Llama, policy: EmbeddingPolicy) -> Llama {
+    if policy == EmbeddingPolicy::None {
+        model.embed_tokens.weight = model.embed_tokens.weight.set_require_grad(false);
+        if let Some(h) = model.lm_head.as_mut() {
+            h.weight = h.weight.clone().set_require_grad(false);
+        }
+    }
+    model
+}
+
+/// `--embeddings items`: the pretrained text-token rows of the embedding (`[0, base)` of
+/// `[vocab, d]`) and of an untied head (`[d, vocab]`, columns), written back after every
+/// optimizer step, so AdamW (its update and its weight decay) never moves them.
+struct FrozenRows {
+    base: usize,
+    embed: Tensor<2>,
+    head: Option<Tensor<2>>,
+}
+
+impl FrozenRows {
+    fn new(
+        pretrained: &Llama,
+        policy: EmbeddingPolicy,
+        base: usize,
+        device: &Device,
+    ) -> Option<Self> {
+        if policy != EmbeddingPolicy::Items {
+            return None;
+        }
+        let plain = device.clone().inner();
+        let embed = pretrained.embed_tokens.weight.val();
+        let d = embed.dims()[1];
+        let embed = embed.slice([0..base, 0..d]).to_device(&plain);
+        let head = pretrained.lm_head.as_ref().map(|h| {
+            let w = h.weight.val();
+            let rows = w.dims()[0];
+            w.slice([0..rows, 0..base]).to_device(&plain)
+        });
+        Some(Self { base, embed, head })
+    }
+
+    fn restore(&self, mut model: Llama) -> Llama {
+        let d = self.embed.dims()[1];
+        model.embed_tokens.weight =
+            keep_block(model.embed_tokens.weight, [0..self.base, 0..d], &self.embed);
+        if let (Some(h), Some(frozen)) = (model.lm_head.as_mut(), &self.head) {
+            let rows = frozen.dims()[0];
+            h.weight = keep_block(h.weight.clone(), [0..rows, 0..self.base], frozen);
+        }
+        model
+    }
+}
+
+/// `param` with the block `at` set to `values`, as a fresh leaf that keeps the parameter's id
+/// and gradient setting (the optimizer's own writer does the same).
+fn keep_block(
+    param: Param<Tensor<2>>,
+    at: [std::ops::Range<usize>; 2],
+    values: &Tensor<2>,
+) -> Param<Tensor<2>> {
+    let (id, tensor, mapper) = param.consume();
+    let require_grad = tensor.is_require_grad();
+    let autodiff = tensor.is_autodiff();
+    let inner = if autodiff { tensor.inner() } else { tensor };
+    let mut updated = inner.slice_assign(at, values.clone());
+    if autodiff {
+        updated = Tensor::from_inner(updated);
+    }
+    if require_grad {
+        updated = updated.require_grad();
+    }
+    Param::from_mapped_value(id, updated, mapper)
 }
 
 /// Refuses a subspace rank above the full rank of a tuned matrix (it used to be capped
@@ -448,7 +527,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
 
     // The model to train, on the autodiff device.
     let train_device = device.clone().autodiff();
-    let mut model = match &resume_from {
+    let model = match &resume_from {
         Some(ckpt) => {
             let base = gems_model::load_hf_dir(&ckpt.join("model"), &train_device)?.model;
             if config.optimizer.method == Method::Lora {
@@ -469,6 +548,13 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             }
         }
     };
+    let model = freeze_embeddings(model, config.model.embeddings);
+    let frozen = FrozenRows::new(
+        &setup.pretrained.model,
+        config.model.embeddings,
+        setup.corpus.base_vocab as usize,
+        &train_device,
+    );
     let mut state: TrainerState = match &resume_from {
         Some(ckpt) => read_json(&ckpt.join("trainer.json"))?,
         None => TrainerState::default(),
@@ -499,6 +585,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         }
     }
 
+    let mut model = model;
     let pad = setup.corpus.eos_id;
     let total = config.schedule.steps;
     let mut perms: Vec<Option<(u64, Vec<usize>)>> = vec![None; Task::ALL.len()];
@@ -536,7 +623,10 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         }
         let lr = config.schedule.lr_at(state.step + 1);
         let (next, report) = optimizer.step(lr, &model, grads)?;
-        model = next;
+        model = match &frozen {
+            Some(f) => f.restore(next),
+            None => next,
+        };
         state.step += 1;
         steps_here += 1;
         let seconds = step_started.elapsed().as_secs_f64();

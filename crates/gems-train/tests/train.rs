@@ -387,3 +387,45 @@ fn history_items_can_be_left_out_of_rankings() {
     let json = serde_json::to_string(&plain).unwrap();
     assert!(!json.contains("history_excluded"));
 }
+
+/// `--embeddings`: `items` leaves every text-token row (the tied head's too) as pretrained and
+/// trains the item rows; `none` trains no row; `all` trains both.
+#[test]
+fn embedding_policies_touch_only_what_they_say() {
+    use gems_train::config::EmbeddingPolicy;
+    use gems_train::setup::{build, load_model};
+    let (root, base_config) = setup(2);
+    let host = |m: &gems_model::Llama| -> (Vec<f32>, usize) {
+        let w = m.embed_tokens.weight.val();
+        let d = w.dims()[1];
+        (w.into_data().convert::<f32>().try_into_vec::<f32>().unwrap(), d)
+    };
+    let dev = Device::flex();
+    let pretrained = load_model(base_config.model.path.as_ref().unwrap(), None, &dev).unwrap();
+    let untuned = build(pretrained, &base_config).unwrap();
+    let base = untuned.corpus.base_vocab as usize;
+    let (before, d) = host(&untuned.pretrained.model);
+    assert!(untuned.pretrained.model.lm_head.is_none(), "the tiny model ties its head");
+    for policy in [EmbeddingPolicy::All, EmbeddingPolicy::Items, EmbeddingPolicy::None] {
+        let mut config = base_config.clone();
+        config.eval.before = false;
+        config.eval.perplexity = false;
+        config.model.embeddings = policy;
+        let run = root.path().join(format!("runs/emb-{}", policy.as_str()));
+        let summary = finished(train(&config, &run, &options(false)).unwrap());
+        assert!(
+            summary.label.contains(&format!("emb-{}", policy.as_str()))
+                || policy == EmbeddingPolicy::All
+        );
+        let tuned = gems_model::load_hf_dir(&run.join("model"), &dev).unwrap().model;
+        let (after, _) = host(&tuned);
+        let text_same = before[..base * d] == after[..base * d];
+        let items_same = before[base * d..] == after[base * d..];
+        let want = match policy {
+            EmbeddingPolicy::All => (false, false),
+            EmbeddingPolicy::Items => (true, false),
+            EmbeddingPolicy::None => (true, true),
+        };
+        assert_eq!((text_same, items_same), want, "{policy:?}: (text rows kept, item rows kept)");
+    }
+}
