@@ -88,7 +88,7 @@ pub struct GemsSettings {
     /// Rank of each task subspace; `None` means max(1, rank / 2).
     pub task_rank: Option<usize>,
     /// Steps between basis refreshes, T_svd (GaLore's `update_proj_gap`); bases are computed at
-    /// t = 1, 1 + T, 1 + 2T, ...
+    /// t = 1, T, 2T, ... as in the authors' code ([`is_refresh_step`]).
     pub update_proj_gap: u64,
     /// Back-projection scale alpha (GaLore's `scale`).
     pub scale: f64,
@@ -301,6 +301,15 @@ impl Subspace {
     }
 }
 
+/// Whether optimizer step `t` (1-based) recomputes the subspace bases: t = 1, then every
+/// multiple of `gap` (t = 1, T, 2T, ...). This is the authors' schedule: their step counter is
+/// incremented before the projector's `iter % update_proj_gap == 0` test, so the first basis
+/// comes from step 1 and the next ones from steps T, 2T; until 2026-11 gems refreshed at
+/// t = 1, 1 + T, 1 + 2T.
+pub fn is_refresh_step(t: u64, gap: u64) -> bool {
+    t == 1 || (gap > 0 && t.is_multiple_of(gap))
+}
+
 /// Glob match of a parameter path: `*` matches any (possibly empty) run of characters.
 pub fn path_matches(pattern: &str, path: &str) -> bool {
     let (p, s) = (pattern.as_bytes(), path.as_bytes());
@@ -328,6 +337,14 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refreshes_follow_the_authors_schedule() {
+        let at = |gap| (1..=12).filter(|&t| is_refresh_step(t, gap)).collect::<Vec<u64>>();
+        assert_eq!(at(5), [1, 5, 10]);
+        assert_eq!(at(1), (1..=12).collect::<Vec<_>>());
+        assert_eq!(at(50), [1]);
+    }
 
     #[test]
     fn globs() {

@@ -5,8 +5,9 @@
 //!
 //! 1. G_sh = (n_rec G_rec + n_src G_src) / N, or a separately computed shared gradient;
 //! 2. G_X <- P G_X with the layer's [`gems_subspace::NullSpaceProjector`] (if enabled);
-//! 3. at t = 1, 1 + T, ...: top-r_X singular subspace of each G_X (ranks r, r/2, r/2, clipped;
-//!    side by GaLore's `proj_type`; exact or randomized SVD; optional complement bases);
+//! 3. at t = 1, T, 2T, ... (the authors' schedule): top-r_X singular subspace of each G_X
+//!    (ranks r, r/2, r/2, clipped; side by GaLore's `proj_type`; exact or randomized SVD;
+//!    optional complement bases);
 //! 4. R_X = projection of G_X; 5. Adam moments per subspace; 6. U_X = alpha * back-projection;
 //! 7. W <- W - lr c_t (U_sh + g_rec U_rec + g_src U_src), then decoupled weight decay;
 //! 8. optionally re-apply P to the update (strict mode).
@@ -34,7 +35,7 @@ pub mod state;
 pub use accumulate::GradientWindow;
 pub use config::{
     GatePolicy, GemsSettings, Method, MomentPolicy, NullSpaceSettings, OptimizerConfig, Subspace,
-    WeightLayout, default_targets, path_matches,
+    WeightLayout, default_targets, is_refresh_step, path_matches,
 };
 pub use error::{OptimError, Result};
 pub use matrix::{MatrixGradients, MatrixState, RefreshReport, SubspaceState};

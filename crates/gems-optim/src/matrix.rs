@@ -141,8 +141,8 @@ impl MatrixState {
             grads.push(project_null(g)?);
         }
 
-        // 3. Refresh at t = 1, 1 + T, 1 + 2T, ...
-        let refresh = (step - 1).is_multiple_of(settings.update_proj_gap);
+        // 3. Refresh at t = 1, T, 2T, ... (the authors' schedule).
+        let refresh = crate::config::is_refresh_step(step, settings.update_proj_gap);
         // P G has rank at most rank(P): directions beyond it would be arbitrary, and Adam
         // would amplify the rounding noise the gradient has along them.
         let rank_cap = projector.map(NullSpaceProjector::null_directions);

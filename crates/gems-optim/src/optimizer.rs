@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{AdamMoments, apply_scaled_update, apply_update, bias_correction, update_scale};
-use crate::config::{GatePolicy, Method, OptimizerConfig, path_matches};
+use crate::config::{GatePolicy, Method, OptimizerConfig, is_refresh_step, path_matches};
 use crate::error::{OptimError, Result};
 use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
 
@@ -356,7 +356,7 @@ impl Optimizer {
             }
         };
         let refresh_step =
-            config.uses_subspaces() && (t - 1).is_multiple_of(config.gems.update_proj_gap);
+            config.uses_subspaces() && is_refresh_step(t, config.gems.update_proj_gap);
         if refresh_step {
             work.par_iter_mut().for_each(run);
         } else {
