@@ -58,6 +58,9 @@ fn commands_work_on_a_finished_run() {
     for f in ["report.md", "loss.svg", "valid.svg", "cosine.svg"] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Floors without a language model") && md.contains("| bm25 |"), "{md}");
+    assert!(md.contains("Protocol: every item of the catalogue is ranked"), "{md}");
 
     let exported = root.path().join("exported");
     let o = gems(&["export", run_s, exported.to_str().unwrap()]);

@@ -42,4 +42,4 @@ pub use record::{
     EvalReport, MetricsLine, RunSummary, TrainRecord, ValidRecord, append_metrics_line,
     read_metrics_lines, read_summary, write_summary,
 };
-pub use report::{Run, Series, load_run, load_runs, write_report};
+pub use report::{BASELINES_FILE, Run, Series, load_run, load_runs, markdown_floors, write_report};

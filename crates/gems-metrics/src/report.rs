@@ -14,7 +14,8 @@ use crate::error::{MetricsError, Result};
 use crate::fsutil::write_atomic;
 use crate::ranking::NdcgNormaliser;
 use crate::record::{
-    METRICS_FILE, MetricsLine, RunSummary, SUMMARY_FILE, read_metrics_lines, read_summary,
+    EvalReport, METRICS_FILE, MetricsLine, RunSummary, SUMMARY_FILE, read_metrics_lines,
+    read_summary,
 };
 
 pub use crate::plot::{Series, svg_line_plot};
@@ -38,7 +39,13 @@ pub struct Run {
     pub summary: RunSummary,
     /// `metrics.jsonl`, empty when the run has none.
     pub lines: Vec<MetricsLine>,
+    /// `baselines.json`: floors that need no language model (most popular, BM25) evaluated on
+    /// the run's own test examples, by name; empty when the run has none.
+    pub floors: BTreeMap<String, EvalReport>,
 }
+
+/// The file of a run directory that holds its floors.
+pub const BASELINES_FILE: &str = "baselines.json";
 
 /// Reads a run directory: `summary.json` (required) and `metrics.jsonl` (optional).
 ///
@@ -48,7 +55,16 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     let summary = read_summary(dir)?;
     let metrics = dir.join(METRICS_FILE);
     let lines = if metrics.is_file() { read_metrics_lines(&metrics)? } else { Vec::new() };
-    Ok(Run { dir: dir.to_owned(), summary, lines })
+    let floors_path = dir.join(BASELINES_FILE);
+    let floors = if floors_path.is_file() {
+        let text = std::fs::read_to_string(&floors_path)
+            .map_err(|source| MetricsError::io(&floors_path, source))?;
+        serde_json::from_str(&text)
+            .map_err(|source| MetricsError::Json { path: floors_path.clone(), source })?
+    } else {
+        BTreeMap::new()
+    };
+    Ok(Run { dir: dir.to_owned(), summary, lines, floors })
 }
 
 /// Reads every run directory directly under `root` (those holding `summary.json`), sorted by
@@ -158,6 +174,45 @@ pub fn markdown_table(runs: &[Run]) -> String {
         ));
         row.push(format!("{:.2}", megabytes(s.optimizer_state_bytes)));
         row.push(format!("{:.3}", s.median_step_seconds));
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
+/// The floors of the runs (most popular, BM25) as a table, one row per distinct evaluation
+/// (runs on the same data and test examples share one), full-catalogue metrics at k = 10.
+/// Empty when no run has floors.
+pub fn markdown_floors(runs: &[Run]) -> String {
+    let mut seen: Vec<(String, &EvalReport)> = Vec::new();
+    for run in runs {
+        for (name, report) in &run.floors {
+            if !seen.iter().any(|(n, r)| n == name && *r == report) {
+                seen.push((name.clone(), report));
+            }
+        }
+    }
+    if seen.is_empty() {
+        return String::new();
+    }
+    let mut columns: Vec<String> =
+        ["floor", "examples per task"].into_iter().map(String::from).collect();
+    metric_columns(&mut columns);
+    let mut out = String::new();
+    header(&mut out, &columns, 1);
+    for (name, report) in seen {
+        let examples: Vec<String> = TASKS
+            .iter()
+            .map(|t| report.full.get(*t).map_or(MISSING.to_owned(), |m| m.examples.to_string()))
+            .collect();
+        let mut row = vec![cell(&name), examples.join(" / ")];
+        for task in TASKS {
+            for (metric, _) in TABLE_METRICS {
+                row.push(number(report.full_metric(task, metric), 4));
+            }
+        }
+        for task in TASKS {
+            row.push(number(report.sampled_metric(task, "ndcg@10"), 4));
+        }
         let _ = writeln!(out, "| {} |", row.join(" | "));
     }
     out
@@ -370,6 +425,16 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     }
     md.push_str("## Runs\n\n");
     md.push_str(&markdown_table(runs));
+    let floors = markdown_floors(runs);
+    if !floors.is_empty() {
+        md.push_str(
+            "\n## Floors without a language model (same test examples and protocol)\n\n\
+             `popular`: the most frequent training targets first, for every user and query; \
+             `bm25`: the search query against each item's title and category path (search \
+             only).\n\n",
+        );
+        md.push_str(&floors);
+    }
     md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
     md.push_str(&markdown_groups(runs));
     md.push_str("\n## Plots\n\n");

@@ -77,10 +77,34 @@ pub fn exclude_items(scores: &mut [f32], items: &[u32], keep: u32) {
 /// # Errors
 /// Forward failures, non-finite scores.
 pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result<EvalReport> {
-    let started = Instant::now();
     let n_items = corpus.n_items();
     let base = corpus.base_vocab as usize;
     let pad = corpus.eos_id;
+    rank_samples(corpus, options, |_, chunk| {
+        let scored = score_samples(model, chunk, pad, base, n_items)?;
+        Ok((scored.item_scores, Some(scored.loss_sum)))
+    })
+}
+
+/// Item scores of a chunk of samples (`rows x n_items`) and, for a model, each row's target
+/// loss.
+pub type ChunkScores = (Vec<f32>, Option<Vec<f64>>);
+
+/// The evaluation protocol with any scorer: selects the samples of `options`, asks `score` for
+/// the item scores of each chunk (of one task), and ranks every target in the whole catalogue
+/// (minus its history with `exclude_history`) and among its sampled negatives. Target losses
+/// are reported when the scorer gives them. A model ([`evaluate`]) and the baselines
+/// (`crate::baselines`) share it, so their numbers are comparable by construction.
+///
+/// # Errors
+/// The scorer's errors; a score row of the wrong length or non-finite.
+pub fn rank_samples(
+    corpus: &Corpus,
+    options: &EvalOptions,
+    mut score: impl FnMut(Task, &[&Sample]) -> Result<ChunkScores>,
+) -> Result<EvalReport> {
+    let started = Instant::now();
+    let n_items = corpus.n_items();
     let mut report = EvalReport {
         label: options.label.clone(),
         split: options.split.name().to_string(),
@@ -99,14 +123,22 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
         }
         let mut full = RankingAccumulator::new(options.normaliser);
         let mut sampled = RankingAccumulator::new(options.normaliser);
-        let (mut loss, mut tokens) = (0.0, 0usize);
+        let (mut loss, mut tokens, mut has_loss) = (0.0, 0usize, true);
         let phase = format!("eval {} {} {}", options.label, options.split.name(), task.name());
         let mut progress = Progress::new(&phase, samples.len() as u64, options.progress);
         let mut done = 0;
         for chunk in samples.chunks(options.batch_size) {
-            let scored = score_samples(model, chunk, pad, base, n_items)?;
+            let (item_scores, loss_sum) = score(task, chunk)?;
+            if item_scores.len() != chunk.len() * n_items {
+                return Err(TrainError::Training(format!(
+                    "a scorer returned {} scores for {} samples of {n_items} items",
+                    item_scores.len(),
+                    chunk.len()
+                )));
+            }
+            has_loss &= loss_sum.is_some();
             for (r, s) in chunk.iter().enumerate() {
-                let row = &scored.item_scores[r * n_items..(r + 1) * n_items];
+                let row = &item_scores[r * n_items..(r + 1) * n_items];
                 if options.exclude_history {
                     let mut masked = row.to_vec();
                     exclude_items(&mut masked, &s.history, s.target);
@@ -120,7 +152,9 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
                     cand.extend(s.negatives.iter().map(|&n| row[n as usize]));
                     sampled.add_scores(&cand, &[0])?;
                 }
-                loss += scored.loss_sum[r];
+                if let Some(l) = &loss_sum {
+                    loss += l[r];
+                }
                 tokens += s.ids.len() - s.target_pos;
             }
             done += chunk.len() as u64;
@@ -130,7 +164,9 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
         if options.sampled && !sampled.is_empty() {
             report.sampled.insert(task.name().to_string(), sampled.finish());
         }
-        report.loss.insert(task.name().to_string(), loss / tokens.max(1) as f64);
+        if has_loss {
+            report.loss.insert(task.name().to_string(), loss / tokens.max(1) as f64);
+        }
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

@@ -13,6 +13,7 @@
 //!
 //! This crate never chooses a backend: every entry point takes a `Device`.
 
+pub mod baselines;
 pub mod checkpoint;
 pub mod config;
 mod error;

@@ -87,6 +87,8 @@ pub struct Corpus {
     pub eos_id: u32,
     /// Item titles by index.
     pub titles: Vec<String>,
+    /// Item categories by index (the category path, as in the source data).
+    pub categories: Vec<Vec<String>>,
     /// Item ids as in the source data.
     pub item_ids: Vec<String>,
     /// User ids as in the source data, by user index.
@@ -223,6 +225,7 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         base_vocab: base,
         eos_id: text.eos_id(),
         titles: catalogue.iter().map(|i| i.title.clone()).collect(),
+        categories: catalogue.iter().map(|i| i.categories.clone()).collect(),
         item_ids: catalogue.iter().map(|i| i.id.clone()).collect(),
         users: prepared.dataset.users.iter().map(|u| u.user.clone()).collect(),
         samples,

@@ -485,6 +485,13 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         Some(r)
     };
 
+    // Floors without a language model on the same test examples (cheap: no forward pass).
+    let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
+    if !floors_path.exists() {
+        let options = eval_options(&config, Split::Test, "floor", &tasks, false);
+        write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
+    }
+
     let mut optimizer = match &resume_from {
         Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &device.clone().autodiff())?,
         None => Optimizer::new(config.optimizer.clone())?,

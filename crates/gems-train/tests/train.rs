@@ -72,9 +72,40 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
     let cosines = first["cosine_rec_search"].as_object().unwrap();
     assert_eq!(cosines.len(), 14);
     assert!(cosines.values().all(|c| c.as_f64().is_some_and(|c| (-1.0..=1.0).contains(&c))));
-    for f in ["config.json", "nullspace.json", "before.json", "summary.json"] {
+    for f in ["config.json", "nullspace.json", "before.json", "summary.json", "baselines.json"] {
         assert!(run.join(f).is_file(), "{f}");
     }
+    // Floors on the same test examples: popularity for both tasks, BM25 for search only.
+    let floors: std::collections::BTreeMap<String, gems_metrics::EvalReport> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("baselines.json")).unwrap())
+            .unwrap();
+    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "popular"]);
+    assert_eq!(floors["popular"].full.keys().collect::<Vec<_>>(), ["rec", "search"]);
+    assert_eq!(floors["bm25"].full.keys().collect::<Vec<_>>(), ["search"]);
+    assert_eq!(floors["popular"].full["rec"].examples, 32);
+    assert!(floors["popular"].loss.is_empty(), "no language model, no target loss");
+    // The popularity floor by hand: rank of each test target in the training-target counts.
+    let loaded = gems_train::infer::load_run(&run, &Device::flex()).unwrap();
+    let corpus = &loaded.setup.corpus;
+    let counts = gems_train::baselines::popularity(corpus);
+    let opts = gems_train::trainer::eval_options(
+        &config,
+        gems_data::Split::Test,
+        "x",
+        &[gems_data::Task::Rec],
+        false,
+    );
+    let chosen = gems_train::eval::select(
+        corpus.get(gems_data::Split::Test, gems_data::Task::Rec),
+        opts.max_examples,
+        opts.seed,
+    );
+    let hits = chosen
+        .iter()
+        .filter(|s| counts.iter().filter(|&&c| c >= counts[s.target as usize]).count() <= 10)
+        .count();
+    let recall = floors["popular"].full["rec"].values["recall@10"];
+    assert!((recall - hits as f64 / chosen.len() as f64).abs() < 1e-12, "{recall} vs {hits}");
     assert!(run.join("model/model.safetensors").is_file());
     assert!(run.join("checkpoint/optimizer/optimizer.json").is_file());
     let ns: serde_json::Value =
