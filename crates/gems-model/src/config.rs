@@ -142,7 +142,7 @@ impl LlamaConfig {
     pub fn to_file(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| ModelError::config(path, e.to_string()))?;
-        std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+        crate::error::write_file(path, text.as_ref())
     }
 
     /// Checks that every size is positive and plausible and that the sizes are consistent;

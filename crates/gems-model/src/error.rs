@@ -143,3 +143,12 @@ impl ModelError {
         Self::TensorRead { op, detail: format!("{detail:?}") }
     }
 }
+
+/// Writes a file through [`gems_io::write_atomic`] (temporary sibling, fsync, rename), so a
+/// crash never leaves half a model file.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    gems_io::write_atomic(path, bytes).map_err(|e| match e {
+        gems_io::Error::Io { path, cause } => ModelError::io(&path, cause),
+        other => ModelError::io(path, std::io::Error::other(other.to_string())),
+    })
+}

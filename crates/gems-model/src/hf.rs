@@ -166,7 +166,7 @@ pub(crate) fn check_finite(
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text =
         serde_json::to_string_pretty(value).map_err(|e| ModelError::config(path, e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+    crate::error::write_file(path, text.as_ref())
 }
 
 fn first_eos(config: &LlamaConfig) -> Option<u32> {

@@ -355,7 +355,7 @@ pub fn save_peft(model: &Llama, cfg: &LoraConfig, dir: &Path) -> Result<()> {
 pub fn write_adapter_config(cfg: &LoraConfig, path: &Path) -> Result<()> {
     let text =
         serde_json::to_string_pretty(cfg).map_err(|e| ModelError::config(path, e.to_string()))?;
-    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+    crate::error::write_file(path, text.as_ref())
 }
 
 /// Reads and checks `adapter_config.json`.

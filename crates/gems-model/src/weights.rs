@@ -356,5 +356,5 @@ pub fn write_safetensors(
             buf.extend_from_slice(&v.to_le_bytes());
         }
     }
-    std::fs::write(path, buf).map_err(|e| ModelError::io(path, e))
+    crate::error::write_file(path, buf.as_ref())
 }
