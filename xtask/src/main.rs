@@ -125,6 +125,8 @@ const VARIANTS: &[(&str, &[&str])] = &[
     ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
     ("gems-single-subspace", &["--method", "gems", "--single-subspace"]),
     ("gems-complement", &["--method", "gems", "--complement"]),
+    ("gems-strict", &["--method", "gems", "--strict-null-space"]),
+    ("gems-emb-items", &["--method", "gems", "--embeddings", "items"]),
     ("galore", &["--method", "galore"]),
     ("full", &["--method", "full"]),
     ("lora", &["--method", "lora"]),
@@ -200,7 +202,9 @@ fn reproduce(args: &[String]) -> Result<()> {
         "# Results\n\nWritten by `cargo xtask reproduce` (do not edit by hand). Every method and \
          ablation of GEMS-SPEC §5 runs with the CPU preset of `gems train` (docs/training.md) on \
          Amazon Scientific, with the same data, steps and seeds. Rerun with\n\n```\ncargo xtask \
-         reproduce\n```\n\nwhich skips finished runs and resumes interrupted ones.\n\n",
+         reproduce\n```\n\nwhich skips finished runs and resumes interrupted ones. Measurements \
+         outside this reproduction, each with its command: [retention.md](retention.md) \
+         (embedding policy, strict null space and perplexity on the full 30-layer model).\n\n",
     );
     doc.push_str(&format!(
         "Flags added to every run: `{}`\n\n",

@@ -407,6 +407,9 @@ impl TrainConfig {
             if o.gems.complement {
                 label.push_str("-complement");
             }
+            if o.gems.strict_null_space {
+                label.push_str("-strict");
+            }
         }
         match self.model.embeddings {
             EmbeddingPolicy::All => {}
