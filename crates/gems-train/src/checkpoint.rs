@@ -59,3 +59,37 @@ pub struct TrainerState {
     /// Consecutive skipped (non-finite) steps.
     pub consecutive_skips: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run re-reads its floats bit for bit (serde_json's `float_roundtrip`): without
+    /// it, values such as step times came back 1 ulp off.
+    #[test]
+    fn floats_survive_a_json_round_trip_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trainer.json");
+        let mut rng = gems_rng::SplitMix64::new(11);
+        let values: Vec<f64> = (0..4000)
+            .map(|i| {
+                let x = f64::from_bits(rng.next_u64() >> 2);
+                if i % 2 == 0 { x } else { rng.next_u64() as f64 / 3.0e7 }
+            })
+            .filter(|x| x.is_finite())
+            .collect();
+        let state = TrainerState {
+            train_seconds: 0.1 + 0.2,
+            step_seconds: values,
+            best: Some((3, 4.726_012_345_678_901)),
+            ..Default::default()
+        };
+        write_json(&path, &state).unwrap();
+        let back: TrainerState = read_json(&path).unwrap();
+        assert_eq!(back.train_seconds.to_bits(), state.train_seconds.to_bits());
+        assert_eq!(back.best.unwrap().1.to_bits(), state.best.unwrap().1.to_bits());
+        for (a, b) in back.step_seconds.iter().zip(&state.step_seconds) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{a:e} vs {b:e}");
+        }
+    }
+}
