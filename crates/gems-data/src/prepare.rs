@@ -302,17 +302,18 @@ pub fn write_prepared(
     manifest.ok_or_else(|| Error::io(out, std::io::Error::other("nothing was written")))
 }
 
-fn write_prepared_into(
+/// Per-split example counts by task.
+type ExampleCounts = BTreeMap<String, BTreeMap<String, usize>>;
+
+/// Writes the six `{split}.{task}.jsonl` files into `out`; returns them (with their record
+/// counts and checksums) and the example counts.
+fn write_example_files(
     prepared: &Prepared,
-    source_dir: &Path,
-    config: &PrepareConfig,
-    tokenizer: Option<&dyn TextTokenizer>,
-    tokenizer_file: Option<&Path>,
     out: &Path,
-) -> Result<Manifest> {
+) -> Result<(BTreeMap<String, OutputFile>, ExampleCounts)> {
     let dataset = &prepared.dataset;
     let mut files = BTreeMap::new();
-    let mut example_counts: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut example_counts = ExampleCounts::new();
 
     for split in Split::ALL {
         for task in Task::ALL {
@@ -351,6 +352,19 @@ fn write_prepared_into(
                 .insert(task.name().into(), records);
         }
     }
+    Ok((files, example_counts))
+}
+
+fn write_prepared_into(
+    prepared: &Prepared,
+    source_dir: &Path,
+    config: &PrepareConfig,
+    tokenizer: Option<&dyn TextTokenizer>,
+    tokenizer_file: Option<&Path>,
+    out: &Path,
+) -> Result<Manifest> {
+    let dataset = &prepared.dataset;
+    let (mut files, example_counts) = write_example_files(prepared, out)?;
 
     let base = tokenizer.map(|t| t.vocab_size());
     let vocab: Vec<VocabEntry> = dataset

@@ -383,6 +383,9 @@ fn check_rank(config: &TrainConfig, model: &Llama) -> Result<()> {
     }
 }
 
+/// The run's metrics file (`train` and `valid` lines).
+const METRICS: &str = "metrics.jsonl";
+
 /// The checkpoint `--resume` continues from, verified against its manifest; refuses, saying
 /// what the directory holds, when there is none (resuming must never start a different run).
 fn checkpoint_to_resume(run_dir: &Path) -> Result<PathBuf> {
@@ -410,19 +413,16 @@ fn checkpoint_to_resume(run_dir: &Path) -> Result<PathBuf> {
     Ok(ckpt)
 }
 
-/// Trains one run into `run_dir`; see the module docs for what it writes.
-///
-/// # Errors
-/// Invalid configuration, missing model or data, non-finite training, I/O failures. Files
-/// already written stay valid.
-pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Result<RunOutcome> {
-    config.validate()?;
-    let show = options.progress;
-    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
-    let checkpoint_dir = run_dir.join("checkpoint");
-    let resume_from = if options.resume { Some(checkpoint_to_resume(run_dir)?) } else { None };
+/// The configuration a run uses (the saved one when resuming; only `stop_after` may change),
+/// with the model path filled in, written to `config.json`; and that model path.
+fn resolve_config(
+    config: &TrainConfig,
+    run_dir: &Path,
+    resume_from: Option<&Path>,
+    show: bool,
+) -> Result<(TrainConfig, PathBuf)> {
     let mut config = config.clone();
-    if let Some(ckpt) = &resume_from {
+    if let Some(ckpt) = resume_from {
         // The saved configuration decides the run; only `stop_after` may change.
         let saved: TrainConfig = read_json(&run_dir.join("config.json"))?;
         let stop_after = config.stop_after;
@@ -447,6 +447,366 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         }
     }
     write_json(&run_dir.join("config.json"), &config)?;
+    Ok((config, path))
+}
+
+/// The untuned model's test evaluation (kept across resumes; a new run computes its own, never
+/// one left by an earlier start with perhaps another configuration), and the floors without a
+/// language model on the same test examples (`baselines.json`; cheap: no forward pass).
+fn before_and_floors(
+    run_dir: &Path,
+    setup: &Setup,
+    config: &TrainConfig,
+    tasks: &[Task],
+    resumed: bool,
+    show: bool,
+) -> Result<Option<EvalReport>> {
+    let before_path = run_dir.join("before.json");
+    let before: Option<EvalReport> = if !config.eval.before {
+        None
+    } else if before_path.exists() && resumed {
+        Some(read_json(&before_path)?)
+    } else {
+        let r = test_report(&setup.pretrained.model, setup, config, "before", tasks, show)?;
+        write_json(&before_path, &r)?;
+        Some(r)
+    };
+
+    let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
+    if !floors_path.exists() {
+        let options = eval_options(config, Split::Test, "floor", tasks, false);
+        write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
+    }
+    Ok(before)
+}
+
+/// Null-space projectors from the pretrained model (cached), registered with the optimizer;
+/// `nullspace.json` reports them.
+fn register_null_space(
+    optimizer: &mut Optimizer,
+    setup: &Setup,
+    config: &TrainConfig,
+    path: &Path,
+    run_dir: &Path,
+    show: bool,
+) -> Result<()> {
+    let cache = config
+        .null_space
+        .cache
+        .clone()
+        .unwrap_or_else(|| run_dir.parent().unwrap_or(Path::new(".")).join("nullspace-cache"));
+    let text = config.null_space_text();
+    let source = GeneralText {
+        tokenizer: &setup.text,
+        text: &text,
+        model_key: &model_key(path, config),
+        cache_dir: &cache,
+    };
+    let (projectors, report) = projectors(
+        &setup.pretrained.model,
+        &source,
+        &config.optimizer.targets,
+        &config.null_space,
+        show,
+    )?;
+    if show {
+        let kept: usize = report.layers.iter().map(|l| l.null_directions).sum();
+        let dims: usize = report.layers.iter().map(|l| l.dim).sum();
+        eprintln!(
+            "null space: {} matrices, {kept} of {dims} directions free ({}, {:.1}s)",
+            report.layers.len(),
+            if report.from_cache { "cached" } else { "built" },
+            report.seconds
+        );
+    }
+    write_json(&run_dir.join("nullspace.json"), &report)?;
+    for (p, proj) in projectors {
+        optimizer.set_null_space_projector(p, proj);
+    }
+    Ok(())
+}
+
+/// The model to train, on the autodiff `device`: the checkpoint's when resuming, else the
+/// pretrained one; with LoRA adapters for `lora`, and the embedding policy applied.
+fn model_to_train(
+    setup: &Setup,
+    config: &TrainConfig,
+    resume_from: Option<&Path>,
+    device: &Device,
+) -> Result<Llama> {
+    let model = match resume_from {
+        Some(ckpt) => {
+            let base = gems_model::load_hf_dir(&ckpt.join("model"), device)?.model;
+            if config.optimizer.method == Method::Lora {
+                let cfg = lora_config(config, &base);
+                let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
+                gems_model::load_peft(m, &ckpt.join("adapter"))?.0
+            } else {
+                base
+            }
+        }
+        None => {
+            let m = setup.pretrained.model.clone().to_device(device).train();
+            if config.optimizer.method == Method::Lora {
+                let cfg = lora_config(config, &m);
+                gems_model::apply_lora(m, &cfg, true)?.0
+            } else {
+                m
+            }
+        }
+    };
+    Ok(freeze_embeddings(model, config.model.embeddings))
+}
+
+/// The trainer's state: the checkpoint's when resuming, checked against the optimizer's step
+/// (a checkpoint must hold one consistent state), else a fresh one.
+fn trainer_state(
+    resume_from: Option<&Path>,
+    optimizer: &Optimizer,
+    config: &TrainConfig,
+) -> Result<TrainerState> {
+    let state: TrainerState = match resume_from {
+        Some(ckpt) => read_json(&ckpt.join("trainer.json"))?,
+        None => TrainerState::default(),
+    };
+    if let Some(ckpt) = resume_from {
+        let optimizer_steps = optimizer.steps() + optimizer.skipped_steps();
+        if optimizer_steps != state.step || state.step > config.schedule.steps {
+            return Err(TrainError::format(
+                ckpt,
+                format!(
+                    "trainer.json is at step {} of {}, optimizer/ at step {optimizer_steps}: the \
+                     checkpoint does not hold one consistent state",
+                    state.step, config.schedule.steps
+                ),
+            ));
+        }
+    }
+    Ok(state)
+}
+
+/// One validation: evaluates `model` on the validation sample, updates the best value and
+/// early stopping, appends the `valid` line, and writes `model/` at a new best.
+fn validate_step(
+    model: &Llama,
+    setup: &Setup,
+    config: &TrainConfig,
+    tasks: &[Task],
+    state: &mut TrainerState,
+    run_dir: &Path,
+    show: bool,
+) -> Result<()> {
+    let label = format!("valid@{}", state.step);
+    let mut options = eval_options(config, Split::Valid, &label, tasks, false);
+    options.sampled = false;
+    let plain = model.valid();
+    let report = evaluate(&plain, &setup.corpus, &options)?;
+    let value = stop_value(config.eval.metric, &report);
+    let new_best = state.best.is_none_or(|(_, b)| value < b);
+    if new_best {
+        state.best = Some((state.step, value));
+        state.bad_validations = 0;
+    } else {
+        state.bad_validations += 1;
+        if config.eval.patience > 0 && state.bad_validations >= config.eval.patience {
+            state.stopped_early = true;
+        }
+    }
+    if show {
+        let ndcg: Vec<String> = report
+            .full
+            .iter()
+            .map(|(t, m)| format!("{t} {:.4}", m.get("ndcg@10").unwrap_or(0.0)))
+            .collect();
+        eprintln!(
+            "\nvalid step {}: NDCG@10 {} | loss {:.4}{}",
+            state.step,
+            ndcg.join(", "),
+            stop_value(StopMetric::Loss, &report),
+            if new_best { " (best)" } else { "" }
+        );
+    }
+    gems_metrics::record::append_metrics_line(
+        &run_dir.join(METRICS),
+        &MetricsLine::Valid(ValidRecord { step: state.step, report, best: new_best }),
+    )?;
+    if new_best {
+        replace_dir(&run_dir.join("model"), |d| save_model(model, &setup.pretrained, config, d))?;
+    }
+    Ok(())
+}
+
+/// The end of a run: the tuned model (the best validation's, else the final weights), its
+/// test evaluation, and `summary.json`.
+#[allow(clippy::too_many_arguments)]
+fn finish_run(
+    model: &Llama,
+    setup: &Setup,
+    config: &TrainConfig,
+    tasks: &[Task],
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    before: Option<EvalReport>,
+    run_dir: &Path,
+    show: bool,
+) -> Result<RunSummary> {
+    // The tuned model: the best validation checkpoint, else the final weights.
+    let model_dir = run_dir.join("model");
+    if resolve_dir(&model_dir).is_none() {
+        replace_dir(&model_dir, |d| save_model(model, &setup.pretrained, config, d))?;
+    }
+    let tuned_dir = resolve_dir(&model_dir).unwrap_or(model_dir);
+    let tuned = gems_model::load_hf_dir(&tuned_dir, &setup.pretrained.model.device())?.model;
+    let after = test_report(&tuned, setup, config, "after", tasks, show)?;
+    let mut step_seconds = state.step_seconds.clone();
+    step_seconds.sort_by(f64::total_cmp);
+    let summary = RunSummary {
+        label: format!("{}-seed{}", config.label(), config.seed),
+        group: config.label(),
+        method: config.optimizer.method.as_str().into(),
+        seed: config.seed,
+        steps: state.step,
+        train_seconds: state.train_seconds,
+        median_step_seconds: step_seconds.get(step_seconds.len() / 2).copied().unwrap_or(0.0),
+        optimizer_state_bytes: optimizer.state_bytes() as u64,
+        before,
+        after: Some(after),
+        best_step: state.best.map(|(s, _)| s),
+    };
+    gems_metrics::record::write_summary(run_dir, &summary)?;
+    Ok(summary)
+}
+/// One optimizer step's gradients: `grad_accum` micro-batches of every trained task, drawn from
+/// the tasks' data cursors; and the tokens they held.
+fn step_gradients(
+    model: &Llama,
+    setup: &Setup,
+    config: &TrainConfig,
+    tasks: &[Task],
+    state: &mut TrainerState,
+    perms: &mut [Option<(u64, Vec<usize>)>],
+) -> Result<(StepGradients, usize)> {
+    let mut windows: Vec<GradientWindow> = tasks.iter().map(|_| GradientWindow::new()).collect();
+    let mut tokens = 0usize;
+    for _ in 0..config.schedule.grad_accum {
+        for (k, &task) in tasks.iter().enumerate() {
+            let cursor = state.cursors.entry(task.name().to_string()).or_default();
+            let batch = next_batch(
+                setup.corpus.get(Split::Train, task),
+                cursor,
+                config.schedule.batch_size,
+                config.seed,
+                task,
+                &mut perms[task as usize],
+            );
+            tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
+            let g = task_gradient(model, &batch, setup.corpus.eos_id)?;
+            windows[k].add(model, g);
+        }
+    }
+    let mut grads = StepGradients::default();
+    for (k, w) in windows.into_iter().enumerate() {
+        match tasks[k] {
+            Task::Rec => grads.rec = w.finish(model),
+            Task::Search => grads.search = w.finish(model),
+        }
+    }
+    Ok((grads, tokens))
+}
+
+/// What one optimizer step did, for its log line.
+struct StepLog<'a> {
+    lr: f64,
+    tokens: usize,
+    seconds: f64,
+    report: &'a gems_optim::StepReport,
+}
+
+/// Appends a step's `train` line to `metrics.jsonl` and its per-matrix cosines to
+/// `conflict.jsonl`, and updates the progress line.
+fn log_step(
+    step: &StepLog<'_>,
+    state: &TrainerState,
+    tasks: &[Task],
+    n_train: &[usize],
+    run_dir: &Path,
+    progress: &mut Progress,
+) -> Result<()> {
+    let epoch = tasks
+        .iter()
+        .zip(n_train)
+        .map(|(t, &n)| {
+            let c = state.cursors.get(t.name()).copied().unwrap_or_default();
+            c.epoch as f64 + c.index as f64 / n.max(1) as f64
+        })
+        .fold(0.0, f64::max);
+    let record = TrainRecord {
+        step: state.step,
+        epoch,
+        lr: step.lr,
+        loss_rec: step.report.losses.0,
+        loss_search: step.report.losses.1,
+        mean_cosine: step.report.mean_cosine,
+        tokens_per_s: step.tokens as f64 / step.seconds.max(1e-9),
+        step_seconds: step.seconds,
+        elapsed_seconds: state.train_seconds,
+        skipped: step.report.skipped.is_some(),
+    };
+    gems_metrics::record::append_metrics_line(
+        &run_dir.join(METRICS),
+        &MetricsLine::Train(record.clone()),
+    )?;
+    if !step.report.matrices.is_empty() {
+        let cosines: std::collections::BTreeMap<&str, Option<f64>> =
+            step.report.matrices.iter().map(|m| (m.path.as_str(), m.cosine_rec_search)).collect();
+        let line = serde_json::json!({ "step": state.step, "cosine_rec_search": cosines });
+        append_text(&run_dir.join("conflict.jsonl"), &line.to_string())?;
+    }
+    let fmt = |l: Option<f64>| l.map_or("-".into(), |v| format!("{v:.3}"));
+    progress.update(
+        state.step,
+        &format!(
+            "loss rec {} search {} | cos {} | lr {:.2e} | {:.0} tok/s",
+            fmt(record.loss_rec),
+            fmt(record.loss_search),
+            record.mean_cosine.map_or("-".into(), |c| format!("{c:+.3}")),
+            step.lr,
+            record.tokens_per_s
+        ),
+    );
+    Ok(())
+}
+
+/// The run's log files at the start of a process: a resumed run keeps the lines of the steps
+/// its checkpoint holds (later ones are rewritten); a new run starts them empty.
+fn prepare_logs(run_dir: &Path, resumed: bool, step: u64) -> Result<()> {
+    let metrics_path = run_dir.join(METRICS);
+    let conflict_path = run_dir.join("conflict.jsonl");
+    if resumed {
+        truncate_metrics(&metrics_path, step)?;
+        truncate_steps(&conflict_path, step)?;
+    } else {
+        for p in [&metrics_path, &conflict_path] {
+            if p.exists() {
+                std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Trains one run into `run_dir`; see the module docs for what it writes.
+///
+/// # Errors
+/// Invalid configuration, missing model or data, non-finite training, I/O failures. Files
+/// already written stay valid.
+pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Result<RunOutcome> {
+    config.validate()?;
+    let show = options.progress;
+    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    let checkpoint_dir = run_dir.join("checkpoint");
+    let resume_from = if options.resume { Some(checkpoint_to_resume(run_dir)?) } else { None };
+    let (config, path) = resolve_config(config, run_dir, resume_from.as_deref(), show)?;
 
     let device = options.device.clone();
     let started = Instant::now();
@@ -472,128 +832,27 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         );
     }
 
-    // The untuned model's test evaluation (kept across resumes; a new run computes its own,
-    // never one left by an earlier start with perhaps another configuration).
-    let before_path = run_dir.join("before.json");
-    let before: Option<EvalReport> = if !config.eval.before {
-        None
-    } else if before_path.exists() && resume_from.is_some() {
-        Some(read_json(&before_path)?)
-    } else {
-        let r = test_report(&setup.pretrained.model, &setup, &config, "before", &tasks, show)?;
-        write_json(&before_path, &r)?;
-        Some(r)
-    };
-
-    // Floors without a language model on the same test examples (cheap: no forward pass).
-    let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
-    if !floors_path.exists() {
-        let options = eval_options(&config, Split::Test, "floor", &tasks, false);
-        write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
-    }
+    let before = before_and_floors(run_dir, &setup, &config, &tasks, resume_from.is_some(), show)?;
 
     let mut optimizer = match &resume_from {
         Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &device.clone().autodiff())?,
         None => Optimizer::new(config.optimizer.clone())?,
     };
-    // Null-space projectors from the pretrained model (cached).
     if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
-        let cache =
-            config.null_space.cache.clone().unwrap_or_else(|| {
-                run_dir.parent().unwrap_or(Path::new(".")).join("nullspace-cache")
-            });
-        let text = config.null_space_text();
-        let source = GeneralText {
-            tokenizer: &setup.text,
-            text: &text,
-            model_key: &model_key(&path, &config),
-            cache_dir: &cache,
-        };
-        let (projectors, report) = projectors(
-            &setup.pretrained.model,
-            &source,
-            &config.optimizer.targets,
-            &config.null_space,
-            show,
-        )?;
-        if show {
-            let kept: usize = report.layers.iter().map(|l| l.null_directions).sum();
-            let dims: usize = report.layers.iter().map(|l| l.dim).sum();
-            eprintln!(
-                "null space: {} matrices, {kept} of {dims} directions free ({}, {:.1}s)",
-                report.layers.len(),
-                if report.from_cache { "cached" } else { "built" },
-                report.seconds
-            );
-        }
-        write_json(&run_dir.join("nullspace.json"), &report)?;
-        for (p, proj) in projectors {
-            optimizer.set_null_space_projector(p, proj);
-        }
+        register_null_space(&mut optimizer, &setup, &config, &path, run_dir, show)?;
     }
 
-    // The model to train, on the autodiff device.
     let train_device = device.clone().autodiff();
-    let model = match &resume_from {
-        Some(ckpt) => {
-            let base = gems_model::load_hf_dir(&ckpt.join("model"), &train_device)?.model;
-            if config.optimizer.method == Method::Lora {
-                let cfg = lora_config(&config, &base);
-                let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
-                gems_model::load_peft(m, &ckpt.join("adapter"))?.0
-            } else {
-                base
-            }
-        }
-        None => {
-            let m = setup.pretrained.model.clone().to_device(&train_device).train();
-            if config.optimizer.method == Method::Lora {
-                let cfg = lora_config(&config, &m);
-                gems_model::apply_lora(m, &cfg, true)?.0
-            } else {
-                m
-            }
-        }
-    };
-    let model = freeze_embeddings(model, config.model.embeddings);
+    let mut model = model_to_train(&setup, &config, resume_from.as_deref(), &train_device)?;
     let frozen = FrozenRows::new(
         &setup.pretrained.model,
         config.model.embeddings,
         setup.corpus.base_vocab as usize,
         &train_device,
     );
-    let mut state: TrainerState = match &resume_from {
-        Some(ckpt) => read_json(&ckpt.join("trainer.json"))?,
-        None => TrainerState::default(),
-    };
-    if let Some(ckpt) = &resume_from {
-        let optimizer_steps = optimizer.steps() + optimizer.skipped_steps();
-        if optimizer_steps != state.step || state.step > config.schedule.steps {
-            return Err(TrainError::format(
-                ckpt,
-                format!(
-                    "trainer.json is at step {} of {}, optimizer/ at step {optimizer_steps}: the \
-                     checkpoint does not hold one consistent state",
-                    state.step, config.schedule.steps
-                ),
-            ));
-        }
-    }
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let conflict_path = run_dir.join("conflict.jsonl");
-    if resume_from.is_some() {
-        truncate_metrics(&metrics_path, state.step)?;
-        truncate_steps(&conflict_path, state.step)?;
-    } else {
-        for p in [&metrics_path, &conflict_path] {
-            if p.exists() {
-                std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
-            }
-        }
-    }
+    let mut state = trainer_state(resume_from.as_deref(), &optimizer, &config)?;
+    prepare_logs(run_dir, resume_from.is_some(), state.step)?;
 
-    let mut model = model;
-    let pad = setup.corpus.eos_id;
     let total = config.schedule.steps;
     let mut perms: Vec<Option<(u64, Vec<usize>)>> = vec![None; Task::ALL.len()];
     let mut progress = Progress::new("train", total, show);
@@ -602,32 +861,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         tasks.iter().map(|&t| setup.corpus.get(Split::Train, t).len()).collect();
     while state.step < total && !state.stopped_early {
         let step_started = Instant::now();
-        let mut windows: Vec<GradientWindow> =
-            tasks.iter().map(|_| GradientWindow::new()).collect();
-        let mut tokens = 0usize;
-        for _ in 0..config.schedule.grad_accum {
-            for (k, &task) in tasks.iter().enumerate() {
-                let cursor = state.cursors.entry(task.name().to_string()).or_default();
-                let batch = next_batch(
-                    setup.corpus.get(Split::Train, task),
-                    cursor,
-                    config.schedule.batch_size,
-                    config.seed,
-                    task,
-                    &mut perms[task as usize],
-                );
-                tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-                let g = task_gradient(&model, &batch, pad)?;
-                windows[k].add(&model, g);
-            }
-        }
-        let mut grads = StepGradients::default();
-        for (k, w) in windows.into_iter().enumerate() {
-            match tasks[k] {
-                Task::Rec => grads.rec = w.finish(&model),
-                Task::Search => grads.search = w.finish(&model),
-            }
-        }
+        let (grads, tokens) =
+            step_gradients(&model, &setup, &config, &tasks, &mut state, &mut perms)?;
         let lr = config.schedule.lr_at(state.step + 1);
         let (next, report) = optimizer.step(lr, &model, grads)?;
         model = match &frozen {
@@ -651,91 +886,14 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         } else {
             state.consecutive_skips = 0;
         }
-        let epoch = tasks
-            .iter()
-            .zip(&n_train)
-            .map(|(t, &n)| {
-                let c = state.cursors.get(t.name()).copied().unwrap_or_default();
-                c.epoch as f64 + c.index as f64 / n.max(1) as f64
-            })
-            .fold(0.0, f64::max);
-        let record = TrainRecord {
-            step: state.step,
-            epoch,
-            lr,
-            loss_rec: report.losses.0,
-            loss_search: report.losses.1,
-            mean_cosine: report.mean_cosine,
-            tokens_per_s: tokens as f64 / seconds.max(1e-9),
-            step_seconds: seconds,
-            elapsed_seconds: state.train_seconds,
-            skipped: report.skipped.is_some(),
-        };
-        gems_metrics::record::append_metrics_line(
-            &metrics_path,
-            &MetricsLine::Train(record.clone()),
-        )?;
-        if !report.matrices.is_empty() {
-            let cosines: std::collections::BTreeMap<&str, Option<f64>> =
-                report.matrices.iter().map(|m| (m.path.as_str(), m.cosine_rec_search)).collect();
-            let line = serde_json::json!({ "step": state.step, "cosine_rec_search": cosines });
-            append_text(&run_dir.join("conflict.jsonl"), &line.to_string())?;
-        }
-        let fmt = |l: Option<f64>| l.map_or("-".into(), |v| format!("{v:.3}"));
-        progress.update(
-            state.step,
-            &format!(
-                "loss rec {} search {} | cos {} | lr {lr:.2e} | {:.0} tok/s",
-                fmt(record.loss_rec),
-                fmt(record.loss_search),
-                record.mean_cosine.map_or("-".into(), |c| format!("{c:+.3}")),
-                record.tokens_per_s
-            ),
-        );
+        let step = StepLog { lr, tokens, seconds, report: &report };
+        log_step(&step, &state, &tasks, &n_train, run_dir, &mut progress)?;
 
         let last = state.step == total;
         let validate =
             config.eval.every > 0 && (state.step.is_multiple_of(config.eval.every) || last);
         if validate {
-            let label = format!("valid@{}", state.step);
-            let mut options = eval_options(&config, Split::Valid, &label, &tasks, false);
-            options.sampled = false;
-            let plain = model.valid();
-            let report = evaluate(&plain, &setup.corpus, &options)?;
-            let value = stop_value(config.eval.metric, &report);
-            let new_best = state.best.is_none_or(|(_, b)| value < b);
-            if new_best {
-                state.best = Some((state.step, value));
-                state.bad_validations = 0;
-            } else {
-                state.bad_validations += 1;
-                if config.eval.patience > 0 && state.bad_validations >= config.eval.patience {
-                    state.stopped_early = true;
-                }
-            }
-            if show {
-                let ndcg: Vec<String> = report
-                    .full
-                    .iter()
-                    .map(|(t, m)| format!("{t} {:.4}", m.get("ndcg@10").unwrap_or(0.0)))
-                    .collect();
-                eprintln!(
-                    "\nvalid step {}: NDCG@10 {} | loss {:.4}{}",
-                    state.step,
-                    ndcg.join(", "),
-                    stop_value(StopMetric::Loss, &report),
-                    if new_best { " (best)" } else { "" }
-                );
-            }
-            gems_metrics::record::append_metrics_line(
-                &metrics_path,
-                &MetricsLine::Valid(ValidRecord { step: state.step, report, best: new_best }),
-            )?;
-            if new_best {
-                replace_dir(&run_dir.join("model"), |d| {
-                    save_model(&model, &setup.pretrained, &config, d)
-                })?;
-            }
+            validate_step(&model, &setup, &config, &tasks, &mut state, run_dir, show)?;
         }
         let stop_here = config.stop_after.is_some_and(|k| steps_here >= k);
         let periodic =
@@ -750,30 +908,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     }
     progress.finish(&format!("{} steps", state.step));
 
-    // The tuned model: the best validation checkpoint, else the final weights.
-    let model_dir = run_dir.join("model");
-    if resolve_dir(&model_dir).is_none() {
-        replace_dir(&model_dir, |d| save_model(&model, &setup.pretrained, &config, d))?;
-    }
-    let tuned_dir = resolve_dir(&model_dir).unwrap_or(model_dir);
-    let tuned = gems_model::load_hf_dir(&tuned_dir, &device)?.model;
-    let after = test_report(&tuned, &setup, &config, "after", &tasks, show)?;
-    let mut step_seconds = state.step_seconds.clone();
-    step_seconds.sort_by(f64::total_cmp);
-    let summary = RunSummary {
-        label: format!("{}-seed{}", config.label(), config.seed),
-        group: config.label(),
-        method: config.optimizer.method.as_str().into(),
-        seed: config.seed,
-        steps: state.step,
-        train_seconds: state.train_seconds,
-        median_step_seconds: step_seconds.get(step_seconds.len() / 2).copied().unwrap_or(0.0),
-        optimizer_state_bytes: optimizer.state_bytes() as u64,
-        before,
-        after: Some(after),
-        best_step: state.best.map(|(s, _)| s),
-    };
-    gems_metrics::record::write_summary(run_dir, &summary)?;
+    let summary =
+        finish_run(&model, &setup, &config, &tasks, &optimizer, &state, before, run_dir, show)?;
     Ok(RunOutcome::Finished(Box::new(summary)))
 }
 
