@@ -291,17 +291,18 @@ impl Optimizer {
             ),
         };
 
-        // Pass 2: compute on copies of the state.
+        // Pass 2: compute. Nothing in `self` changes until every fallible part has succeeded:
+        // tuned matrices step on their own copy of their state (cheap: bases are shared, not
+        // copied, and keep their device copies; moments are tensor handles), and AdamW
+        // parameters are checked here and updated in place after the matrices.
         let t = self.step + 1;
         let correction = bias_correction(t, self.config.beta1, self.config.beta2);
-        let mut matrices = self.matrices.clone();
-        let mut adam = self.adam.clone();
         let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
-        // AdamW parameters are updated in this loop; tuned matrices are collected as work
-        // items that own their state, so that refresh steps (hundreds of host SVDs) can run
-        // across threads.
+        // Tuned matrices are collected as work items that own their state, so that refresh
+        // steps (hundreds of host SVDs) can run across threads.
         let step_scale = update_scale(lr, correction, self.config.weight_decay);
         let mut work: Vec<MatrixWork<'_>> = Vec::new();
+        let mut plain: Vec<(usize, Tensor<1>)> = Vec::new();
         for (index, (entry, (&id, &is_tuned))) in
             entries.iter().zip(ids.iter().zip(&tuned)).enumerate()
         {
@@ -314,9 +315,10 @@ impl Optimizer {
             if is_tuned {
                 let [rows, cols] = [entry.dims[0], entry.dims[1]];
                 let as_matrix = |g: Tensor<1>| -> Tensor<2> { g.reshape([rows, cols]) };
-                let state = matrices
-                    .remove(&entry.path)
-                    .unwrap_or_else(|| MatrixState::new([rows, cols], &self.config));
+                let state = match self.matrices.get(&entry.path) {
+                    Some(state) => state.clone(),
+                    None => MatrixState::new([rows, cols], &self.config),
+                };
                 let projector = if self.config.gems.null_space {
                     self.projectors.get(&entry.path).map(Arc::as_ref)
                 } else {
@@ -335,15 +337,10 @@ impl Optimizer {
                     result: None,
                 });
             } else {
-                let moments = adam
-                    .entry(entry.path.clone())
-                    .or_insert_with(|| AdamMoments::zeros_like(&shared));
-                moments.check_shape(&shared, &entry.path)?;
-                let n =
-                    moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
-                let value =
-                    apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
-                new_values.insert(id, value);
+                if let Some(moments) = self.adam.get(&entry.path) {
+                    moments.check_shape(&shared, &entry.path)?;
+                }
+                plain.push((index, shared));
             }
         }
         let gates = report.gates;
@@ -363,6 +360,7 @@ impl Optimizer {
             work.iter_mut().for_each(run);
         }
         let mut cosines = Vec::new();
+        let mut stepped: Vec<(String, MatrixState)> = Vec::with_capacity(work.len());
         for w in work {
             let entry = &entries[w.index];
             let stat = &stats[w.index];
@@ -386,7 +384,21 @@ impl Optimizer {
                 self.config.weight_decay,
             );
             new_values.insert(w.id, value);
-            matrices.insert(entry.path.clone(), w.state);
+            stepped.push((entry.path.clone(), w.state));
+        }
+        // Every fallible part is done: commit the matrices' states and update the AdamW
+        // parameters in place (their shapes were checked above).
+        self.matrices.extend(stepped);
+        for (index, shared) in plain {
+            let entry = &entries[index];
+            let moments = self
+                .adam
+                .entry(entry.path.clone())
+                .or_insert_with(|| AdamMoments::zeros_like(&shared));
+            let n = moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
+            let value =
+                apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
+            new_values.insert(ids[index], value);
         }
         report.mean_cosine =
             (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
@@ -395,8 +407,6 @@ impl Optimizer {
         // Pass 3: write.
         let mut writer = Writer { values: new_values };
         let module = module.clone().map(&mut writer);
-        self.matrices = matrices;
-        self.adam = adam;
         self.step = t;
         report.step = t;
         Ok((module, report))

@@ -135,14 +135,21 @@ impl Default for SvdMethod {
 #[derive(Debug, Clone)]
 pub struct SubspaceBasis {
     side: Side,
-    q: Mat<f64>,
+    /// Shared by clones: a basis never changes after construction, so cloning one (as the
+    /// optimizer does with its states every step) copies no matrix and keeps the device copy.
+    q: std::sync::Arc<Mat<f64>>,
     singular_values: Vec<f64>,
     device_copy: DeviceCopy,
 }
 
 impl SubspaceBasis {
     fn new_unchecked(side: Side, q: Mat<f64>, singular_values: Vec<f64>) -> Self {
-        Self { side, q, singular_values, device_copy: DeviceCopy::default() }
+        Self {
+            side,
+            q: std::sync::Arc::new(q),
+            singular_values,
+            device_copy: DeviceCopy::default(),
+        }
     }
 
     /// The top-`rank` singular subspace of `gradient` on `side`.
@@ -290,7 +297,7 @@ impl SubspaceBasis {
 
     /// The basis Q, dim x rank, orthonormal columns.
     pub fn matrix(&self) -> MatRef<'_, f64> {
-        self.q.as_ref()
+        (*self.q).as_ref()
     }
 
     /// The singular values belonging to the basis vectors (NaN when the basis was restored with
@@ -316,7 +323,7 @@ impl SubspaceBasis {
         self.check_gradient("SubspaceBasis::project", &[gradient.nrows(), gradient.ncols()])?;
         Ok(match self.side {
             Side::Left => self.q.transpose() * gradient,
-            Side::Right => gradient * &self.q,
+            Side::Right => gradient * &*self.q,
         })
     }
 
@@ -330,7 +337,7 @@ impl SubspaceBasis {
             &[projected.nrows(), projected.ncols()],
         )?;
         let mut update = match self.side {
-            Side::Left => &self.q * projected,
+            Side::Left => &*self.q * projected,
             Side::Right => projected * self.q.transpose(),
         };
         if scale != 1.0 {
@@ -387,7 +394,7 @@ impl SubspaceBasis {
 
     /// Q as an f32 tensor on `device`, uploaded on first use and cached (one device at a time).
     pub fn device_matrix(&self, device: &Device) -> Tensor<2> {
-        self.device_copy.get(self.q.as_ref(), device)
+        self.device_copy.get((*self.q).as_ref(), device)
     }
 
     fn check_gradient(&self, op: &'static str, shape: &[usize]) -> Result<()> {

@@ -67,25 +67,37 @@ pub(crate) fn ensure_rank(op: &'static str, rank: usize) -> Result<()> {
 }
 
 /// A host matrix's f32 copy on one device, uploaded on first use and reused after, so that
-/// per-step projections never cross the host-device boundary. Cloning gives an empty cache.
-#[derive(Debug, Default)]
-pub(crate) struct DeviceCopy(std::sync::Mutex<Option<Tensor<2>>>);
+/// per-step projections never cross the host-device boundary. The matrices it caches never
+/// change after construction, so clones share the cache: cloning a
+/// basis or an optimizer state does not upload again.
+/// Uploads of cached host matrices (bases, null-space projectors) to a device in this process.
+static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-impl Clone for DeviceCopy {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
+/// How many times, in this process, a basis or null-space projector was copied from the host
+/// to a device. A training step between refreshes should add nothing; for tests and
+/// diagnostics.
+pub fn device_uploads() -> u64 {
+    UPLOADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DeviceCopy(std::sync::Arc<DeviceCopyInner>);
+
+#[derive(Debug, Default)]
+pub(crate) struct DeviceCopyInner {
+    tensor: std::sync::Mutex<Option<Tensor<2>>>,
 }
 
 impl DeviceCopy {
     /// The cached tensor when it lives on `device`, else a fresh upload of `matrix`.
     pub(crate) fn get(&self, matrix: MatRef<'_, f64>, device: &Device) -> Tensor<2> {
         // A poisoned lock only means another thread panicked mid-upload: rebuild the cache.
-        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.0.tensor.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tensor) = cache.as_ref().filter(|t| t.device() == *device) {
             return tensor.clone();
         }
         let tensor = tensor_from_matrix(matrix, device);
+        UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *cache = Some(tensor.clone());
         tensor
     }

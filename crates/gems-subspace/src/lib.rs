@@ -47,5 +47,5 @@ pub use diagnostics::{
     subspace_overlap,
 };
 pub use error::{Result, SubspaceError};
-pub use host::{matrix_from_tensor, tensor_from_matrix, tensor_values_f32};
+pub use host::{device_uploads, matrix_from_tensor, tensor_from_matrix, tensor_values_f32};
 pub use nullspace::{NullSpaceProjector, NullSpaceRule, ProjectorSide, SecondMomentAccumulator};
