@@ -384,6 +384,13 @@ fn bad_gguf_files_are_errors_never_panics() {
 #[test]
 fn real_smollm2_when_fetched() {
     let Some(path) = gems_model::fetch::cached_gguf() else {
+        // CI fetches the model first (.ci/run sets GEMS_REQUIRE_MODEL): there, absence is an
+        // error, not a skip.
+        assert!(
+            std::env::var_os("GEMS_REQUIRE_MODEL").is_none(),
+            "GEMS_REQUIRE_MODEL is set but no SmolLM2 GGUF is cached in {}",
+            gems_model::fetch::cache_dir().display()
+        );
         println!(
             "SKIPPED real_smollm2_when_fetched: no SmolLM2 GGUF in the cache ({}); run `cargo gems model fetch`",
             gems_model::fetch::cache_dir().display()

@@ -161,8 +161,19 @@ fn every_method_matches_the_numpy_reference() {
     let lr = hyper["lr"].as_f64().unwrap();
     let tau = hyper["tau"].as_f64().unwrap();
     let mut failures = Vec::new();
-    for case in fixture["cases"].as_array().unwrap() {
+    let cases = fixture["cases"].as_array().unwrap();
+    let steps = fixture["steps"].as_array().unwrap();
+    // An empty or truncated fixture would make the loop below pass without comparing anything.
+    assert!(cases.len() >= 5, "the fixture has {} cases", cases.len());
+    assert!(steps.len() >= 3, "the fixture has {} steps", steps.len());
+    let mut compared = 0usize;
+    for case in cases {
         let name = case["name"].as_str().unwrap();
+        assert_eq!(
+            case["expected"].as_array().unwrap().len(),
+            steps.len(),
+            "{name}: expected values for every step"
+        );
         let config = config_for(&case["config"], hyper);
         let mut optimizer = Optimizer::new(config).unwrap();
         for path in ["tall", "wide"] {
@@ -185,13 +196,17 @@ fn every_method_matches_the_numpy_reference() {
                 ("wide", values(toy.wide.val())),
                 ("bias", values(toy.bias.val())),
             ] {
-                let diff = max_diff(&got, &flatten(&expected[path]));
+                let want = flatten(&expected[path]);
+                assert_eq!(got.len(), want.len(), "{name}: `{path}` size");
+                compared += 1;
+                let diff = max_diff(&got, &want);
                 if diff > 1e-5 {
                     failures.push(format!("{name}: step {} `{path}` differs by {diff:.2e}", i + 1));
                 }
             }
         }
     }
+    assert_eq!(compared, cases.len() * steps.len() * 3);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
