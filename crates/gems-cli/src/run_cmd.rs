@@ -156,7 +156,7 @@ pub struct TrainArgs {
     /// History items per prompt.
     #[arg(long)]
     pub max_history: Option<usize>,
-    /// Validate every N steps (0: only at the end).
+    /// Validate every N steps and at the last (0: never; the final model is kept).
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Early-stopping patience in validations (0: never).
@@ -381,6 +381,51 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Arguments of `gems parity`: a run's configuration (as `gems train` takes it; `--out` gets
+/// parity.json) and the number of optimizer steps compared.
+#[derive(Debug, Args)]
+pub struct ParityArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Optimizer steps taken on the same gradients on both devices.
+    #[arg(long, default_value_t = 2)]
+    pub parity_steps: u64,
+}
+
+/// `gems parity`: `--device` against flex on the same model, batches and steps
+/// (`gems_train::parity`); prints one summary line per comparison and writes parity.json.
+pub fn run_parity(args: ParityArgs) -> Result<()> {
+    let config = resolve_config(&args.train)?;
+    let dev = device(args.train.device.device, args.train.device.device_index)?;
+    let report = gems_train::parity::backend_parity(
+        &config,
+        &burn::tensor::Device::flex(),
+        &dev,
+        args.parity_steps,
+        &args.train.out,
+        !args.train.quiet,
+    )?;
+    for (task, (a, b)) in &report.losses {
+        println!("loss {task}: flex {a:.6}, {} {b:.6}", args.train.device.device);
+    }
+    println!(
+        "gradients: max relative difference {:.3e} ({})",
+        report.gradient_max_rel_diff, report.gradient_worst
+    );
+    println!(
+        "{} {} steps: update max relative difference {:.3e} ({})",
+        report.method, report.steps, report.update_max_rel_diff, report.update_worst
+    );
+    println!("evaluation: max metric difference {:.3e}", report.eval_max_abs_diff);
+    eprintln!(
+        "parity of {} against flex: {:.1} s, report in {}",
+        args.train.device.device,
+        report.seconds,
+        args.train.out.join("parity.json").display()
+    );
     Ok(())
 }
 

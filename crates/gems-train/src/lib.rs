@@ -22,6 +22,8 @@ pub mod export;
 pub mod forward;
 pub mod infer;
 pub mod nullspace;
+pub mod parity;
+pub mod peer;
 pub mod progress;
 pub mod setup;
 pub mod tiny;

@@ -62,7 +62,7 @@ pub enum RunOutcome {
 }
 
 /// Tasks a configuration trains (and evaluates) that have training samples.
-fn active_tasks(config: &TrainConfig, corpus: &Corpus) -> Vec<Task> {
+pub(crate) fn active_tasks(config: &TrainConfig, corpus: &Corpus) -> Vec<Task> {
     Task::ALL
         .into_iter()
         .filter(|&t| config.data.tasks.includes(t) && !corpus.get(Split::Train, t).is_empty())
@@ -139,7 +139,7 @@ fn save_model(
 }
 
 /// The LoRA configuration of a run, with the embedding (and an untied head) saved whole.
-fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
+pub fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
     let targets: Vec<&str> = config.lora.targets.iter().map(String::as_str).collect();
     let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets);
     if config.model.embeddings != EmbeddingPolicy::None {
@@ -482,7 +482,7 @@ fn before_and_floors(
 
 /// Null-space projectors from the pretrained model (cached), registered with the optimizer;
 /// `nullspace.json` reports them.
-fn register_null_space(
+pub fn register_null_space(
     optimizer: &mut Optimizer,
     setup: &Setup,
     config: &TrainConfig,
@@ -676,20 +676,19 @@ fn finish_run(
     gems_metrics::record::write_summary(run_dir, &summary)?;
     Ok(summary)
 }
-/// One optimizer step's gradients: `grad_accum` micro-batches of every trained task, drawn from
-/// the tasks' data cursors; and the tokens they held.
-fn step_gradients(
-    model: &Llama,
-    setup: &Setup,
+/// The batches of one optimizer step, in the order the trainer computes them: `grad_accum`
+/// micro-batches, each holding `batch_size` samples of every trained task (task order as in
+/// `tasks`), drawn from the tasks' data cursors, which advance across epochs.
+pub(crate) fn step_batches<'a>(
+    setup: &'a Setup,
     config: &TrainConfig,
     tasks: &[Task],
     state: &mut TrainerState,
     perms: &mut [Option<(u64, Vec<usize>)>],
-) -> Result<(StepGradients, usize)> {
-    let mut windows: Vec<GradientWindow> = tasks.iter().map(|_| GradientWindow::new()).collect();
-    let mut tokens = 0usize;
+) -> Vec<(Task, Vec<&'a Sample>)> {
+    let mut batches = Vec::with_capacity(config.schedule.grad_accum * tasks.len());
     for _ in 0..config.schedule.grad_accum {
-        for (k, &task) in tasks.iter().enumerate() {
+        for &task in tasks {
             let cursor = state.cursors.entry(task.name().to_string()).or_default();
             let batch = next_batch(
                 setup.corpus.get(Split::Train, task),
@@ -699,10 +698,28 @@ fn step_gradients(
                 task,
                 &mut perms[task as usize],
             );
-            tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-            let g = task_gradient(model, &batch, setup.corpus.eos_id)?;
-            windows[k].add(model, g);
+            batches.push((task, batch));
         }
+    }
+    batches
+}
+
+/// One optimizer step's gradients (see [`step_batches`]) and the tokens they held.
+pub(crate) fn step_gradients(
+    model: &Llama,
+    setup: &Setup,
+    config: &TrainConfig,
+    tasks: &[Task],
+    state: &mut TrainerState,
+    perms: &mut [Option<(u64, Vec<usize>)>],
+) -> Result<(StepGradients, usize)> {
+    let mut windows: Vec<GradientWindow> = tasks.iter().map(|_| GradientWindow::new()).collect();
+    let mut tokens = 0usize;
+    for (task, batch) in step_batches(setup, config, tasks, state, perms) {
+        let k = tasks.iter().position(|&t| t == task).unwrap_or_default();
+        tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
+        let g = task_gradient(model, &batch, setup.corpus.eos_id)?;
+        windows[k].add(model, g);
     }
     let mut grads = StepGradients::default();
     for (k, w) in windows.into_iter().enumerate() {

@@ -1,0 +1,114 @@
+//! Inputs for a peer implementation of the training step (benches/peer/step_torch.py): the
+//! model exactly as a run starts training it, and the batches of its first steps, so that
+//! another framework computes the same thing and the two can be timed side by side.
+//!
+//! `DIR/model/` is a Hugging Face directory (item tokens appended with their initial rows,
+//! `keep_layers` applied). `DIR/batches.json` is a [`PeerBatches`]: per step, per task, the
+//! unpadded token rows and where each row's target starts. A peer pads rows on the right with
+//! `pad_id`; the loss of a task batch is the mean cross-entropy of the tokens from `target_pos`
+//! to the end of every row, each predicted from the position before it (forward.rs).
+
+use std::path::Path;
+
+use gems_data::Task;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{TrainerState, write_json};
+use crate::config::TrainConfig;
+use crate::error::Result;
+use crate::setup::{Sample, Setup, build, load_model, model_path};
+use crate::trainer::{active_tasks, step_batches};
+
+/// One task's batch of one step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerBatch {
+    /// `rec` or `search`.
+    pub task: String,
+    /// Token rows, unpadded.
+    pub ids: Vec<Vec<u32>>,
+    /// Per row, the index in `ids` of the first target token.
+    pub target_pos: Vec<usize>,
+}
+
+/// The batches of a run's first steps and what a peer needs to reproduce the step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerBatches {
+    /// Right-padding id (end-of-sequence).
+    pub pad_id: u32,
+    /// Rows of the original vocabulary (item tokens follow).
+    pub base_vocab: u32,
+    /// Total vocabulary, items included.
+    pub vocab: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Learning rate of each step (cosine schedule with warm-up).
+    pub lr: Vec<f64>,
+    /// Adam beta1.
+    pub beta1: f64,
+    /// Adam beta2.
+    pub beta2: f64,
+    /// Adam epsilon (added to sqrt(v) before the bias correction, as gems-optim does).
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Per step, its task batches in the order the trainer computes them.
+    pub steps: Vec<Vec<PeerBatch>>,
+}
+
+/// Writes `dir/model/` and `dir/batches.json` for the first `steps` steps of `config`, and
+/// returns the setup (for callers that go on to time the step themselves).
+///
+/// # Errors
+/// Missing model or data, I/O failures.
+pub fn dump(config: &TrainConfig, dir: &Path, steps: u64) -> Result<(Setup, PeerBatches)> {
+    config.validate()?;
+    let path = model_path(config)?;
+    let setup =
+        build(load_model(&path, config.model.keep_layers, &burn::tensor::Device::flex())?, config)?;
+    let batches = batches(&setup, config, steps);
+    gems_model::save_hf_dir(&setup.pretrained, &dir.join("model"))?;
+    write_json(&dir.join("batches.json"), &batches)?;
+    Ok((setup, batches))
+}
+
+/// The samples of the first `steps` steps of `config` over `setup`, per step in the order the
+/// trainer computes them (the trainer's own batch stream).
+pub fn sample_steps<'a>(
+    setup: &'a Setup,
+    config: &TrainConfig,
+    steps: u64,
+) -> Vec<Vec<(Task, Vec<&'a Sample>)>> {
+    let tasks = active_tasks(config, &setup.corpus);
+    let mut state = TrainerState::default();
+    let mut perms = vec![None; Task::ALL.len()];
+    (0..steps).map(|_| step_batches(setup, config, &tasks, &mut state, &mut perms)).collect()
+}
+
+/// The first `steps` steps' batches of `config` over `setup`.
+pub fn batches(setup: &Setup, config: &TrainConfig, steps: u64) -> PeerBatches {
+    let steps_out = sample_steps(setup, config, steps)
+        .into_iter()
+        .map(|step| {
+            step.into_iter()
+                .map(|(task, rows)| PeerBatch {
+                    task: task.name().to_string(),
+                    ids: rows.iter().map(|s| s.ids.clone()).collect(),
+                    target_pos: rows.iter().map(|s| s.target_pos).collect(),
+                })
+                .collect()
+        })
+        .collect();
+    let o = &config.optimizer;
+    PeerBatches {
+        pad_id: setup.corpus.eos_id,
+        base_vocab: setup.corpus.base_vocab,
+        vocab: setup.pretrained.model.embed_tokens.weight.val().dims()[0],
+        layers: setup.pretrained.model.layers.len(),
+        lr: (1..=steps).map(|t| config.schedule.lr_at(t)).collect(),
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        steps: steps_out,
+    }
+}
