@@ -1,0 +1,212 @@
+//! The real training step, timed by phase, on prepared Amazon Scientific batches.
+//!
+//! What runs is what `gems train` runs for one step: the CPU preset's configuration (SmolLM2
+//! cut to `--layers`, item tokens with title-mean rows, 16 rows per task, right padding, loss
+//! on the target tokens), the trainer's own batch stream (`gems_train::peer`), per-task forward
+//! and backward, the gradient window, and the chosen method's optimizer step (gems with its
+//! null-space projectors). Phases per step:
+//!
+//! - `decoder`: embedding lookup and decoder layers (`Llama::hidden_states`), both tasks;
+//! - `head`: gathering the target positions, the output head over the whole vocabulary and the
+//!   cross-entropy, both tasks;
+//! - `backward`: `loss.backward()`, both tasks;
+//! - `grads`: collecting the gradients by parameter and the task window (host bookkeeping);
+//! - `optimizer`: `Optimizer::step`;
+//! - `head_backward` (measured apart, not part of the step): forward and backward of the head
+//!   alone on detached hidden states, i.e. the dense 53,496 x 576 embedding gradient's share.
+//!
+//! Tokens/s counts real (unpadded) tokens. Peak memory is the process's peak resident set.
+//! `--dump DIR` also writes the model and batches for the PyTorch peer
+//! (benches/peer/step_torch.py), which times the same step on the same batches.
+//!
+//! `cargo bench -p gems-benches --bench step -- [--method gems] [--layers 8] [--steps 6]
+//! [--warmup 1] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
+//! the peer, alternating, and writes the table (docs/benchmarks.md).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::Device;
+use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
+use gems_train::TrainConfig;
+use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
+use gems_train::peer;
+use serde_json::json;
+
+struct Args {
+    method: Method,
+    layers: usize,
+    steps: u64,
+    warmup: usize,
+    dump: Option<PathBuf>,
+    json: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a =
+        Args { method: Method::Gems, layers: 8, steps: 6, warmup: 1, dump: None, json: None };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(x) = it.next() {
+        let mut v = || it.next().cloned().unwrap_or_else(|| panic!("{x} needs a value"));
+        match x.as_str() {
+            "--method" => {
+                a.method = serde_json::from_value(json!(v()))
+                    .expect("--method: gems, galore, full, lora, pcgrad")
+            }
+            "--layers" => a.layers = v().parse().expect("--layers N"),
+            "--steps" => a.steps = v().parse().expect("--steps N"),
+            "--warmup" => a.warmup = v().parse().expect("--warmup N"),
+            "--dump" => a.dump = Some(v().into()),
+            "--json" => a.json = Some(v().into()),
+            "--bench" => {} // passed by `cargo bench`
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn data_root() -> PathBuf {
+    std::env::var_os("GEMS_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn main() {
+    let a = args();
+    let mut config = TrainConfig::cpu_preset();
+    config.model.keep_layers = (a.layers < 30).then_some(a.layers);
+    config.data.data_root = data_root();
+    config.optimizer.method = a.method;
+    let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));
+    let started = Instant::now();
+    let (setup, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
+    eprintln!("setup {:.1} s; dumped to {}", started.elapsed().as_secs_f64(), dump.display());
+    let device = Device::flex();
+    let mut optimizer = Optimizer::new(config.optimizer.clone()).expect("optimizer config");
+    if a.method == Method::Gems && config.optimizer.gems.null_space {
+        let path = gems_train::setup::model_path(&config).expect("model");
+        gems_train::trainer::register_null_space(
+            &mut optimizer,
+            &setup,
+            &config,
+            &path,
+            &dump,
+            false,
+        )
+        .expect("null space");
+    }
+    let mut model = setup.pretrained.model.clone().to_device(&device.clone().autodiff()).train();
+    if a.method == Method::Lora {
+        let lora = gems_train::trainer::lora_config(&config, &model);
+        model = gems_model::apply_lora(model, &lora, true).expect("lora").0;
+    }
+    let samples = peer::sample_steps(&setup, &config, a.steps);
+    let pad = setup.corpus.eos_id;
+    let mut rows = Vec::new();
+    for (step, batches) in samples.iter().enumerate() {
+        let mut t = [0.0f64; 5]; // decoder, head, backward, grads, optimizer
+        let mut windows = [GradientWindow::new(), GradientWindow::new()];
+        let (mut real, mut padded) = (0usize, 0usize);
+        let mut losses = serde_json::Map::new();
+        let step_started = Instant::now();
+        for (task, batch) in batches {
+            real += batch.iter().map(|s| s.ids.len()).sum::<usize>();
+            let tb = sample_batch(batch, pad).expect("batch");
+            padded += tb.batch_size * tb.seq_len;
+            let (at, ids) = target_positions(batch);
+            let c = Instant::now();
+            let hidden = model.hidden_states(&tb).expect("forward");
+            let _ = read_f32(hidden.clone().slice([0..1, 0..1, 0..1]), "sync");
+            t[0] += c.elapsed().as_secs_f64();
+            let c = Instant::now();
+            let picked = gems_model::llama::gather_rows(hidden, &at, "bench").expect("gather");
+            let loss = cross_entropy(model.head(picked), &ids);
+            let value = read_f32(loss.clone(), "loss").expect("loss")[0] as f64;
+            t[1] += c.elapsed().as_secs_f64();
+            losses.insert(task.name().into(), json!(value));
+            let c = Instant::now();
+            let grads = loss.backward();
+            t[2] += c.elapsed().as_secs_f64();
+            let c = Instant::now();
+            let grads = GradientsParams::from_grads(grads, &model);
+            windows[*task as usize]
+                .add(&model, TaskGradient { grads, samples: batch.len(), loss: value });
+            t[3] += c.elapsed().as_secs_f64();
+        }
+        let c = Instant::now();
+        let [w_rec, w_src] = windows;
+        let grads =
+            StepGradients { rec: w_rec.finish(&model), search: w_src.finish(&model), shared: None };
+        t[3] += c.elapsed().as_secs_f64();
+        let c = Instant::now();
+        let lr = config.schedule.lr_at(step as u64 + 1);
+        model = optimizer.step(lr, &model, grads).expect("optimizer step").0;
+        t[4] += c.elapsed().as_secs_f64();
+        let total = step_started.elapsed().as_secs_f64();
+        let row = json!({
+            "step": step + 1, "losses": losses, "decoder": t[0], "head": t[1], "backward": t[2],
+            "grads": t[3], "optimizer": t[4], "total": total, "real_tokens": real,
+            "padded_tokens": padded, "tokens_per_s": real as f64 / total,
+        });
+        println!("{row}");
+        rows.push(row);
+    }
+    // The head and its dense embedding gradient alone, on detached hidden states of the first
+    // batch (what the tied 53,496-row table costs per task pass).
+    let head_backward = {
+        let (_, batch) = &samples[0][0];
+        let tb = sample_batch(batch, pad).expect("batch");
+        let (at, ids) = target_positions(batch);
+        let hidden = model.hidden_states(&tb).expect("forward").detach();
+        let picked = gems_model::llama::gather_rows(hidden, &at, "bench").expect("gather");
+        let c = Instant::now();
+        let loss = cross_entropy(model.head(picked), &ids);
+        let _ = loss.backward();
+        c.elapsed().as_secs_f64()
+    };
+    let after: Vec<&serde_json::Value> = rows.iter().skip(a.warmup).collect();
+    let med = |k: &str| median(after.iter().filter_map(|r| r[k].as_f64()).collect());
+    let summary = json!({
+        "summary": true, "method": a.method.as_str(), "layers": batches.layers,
+        "steps": a.steps, "warmup": a.warmup,
+        "median": {
+            "decoder": med("decoder"), "head": med("head"), "backward": med("backward"),
+            "grads": med("grads"), "optimizer": med("optimizer"), "total": med("total"),
+            "tokens_per_s": med("tokens_per_s"),
+        },
+        "head_backward_one_task": head_backward,
+        "optimizer_state_bytes": optimizer.state_bytes(),
+        "peak_rss_bytes": peak_rss(),
+        "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+    });
+    println!("{summary}");
+    if let Some(path) = a.json {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&json!({"steps": rows, "summary": summary}))
+                .expect("json"),
+        )
+        .expect("writing --json");
+    }
+}
