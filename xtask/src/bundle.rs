@@ -2,7 +2,8 @@
 //! internet, no cargo and receives at most 64 MiB per call (docs/backends.md).
 //!
 //! Built here, on a CPU machine:
-//! - the `gems` binary with `--features cuda` and the `xtask` binary, release, stripped and
+//! - the `gems` binary with `--features cuda,cpu` (the build `cargo xtask llvm` enables; cpu
+//!   lets the GPU machine's cores try cubecl-cpu too) and the `xtask` binary, release, stripped and
 //!   xz-compressed;
 //! - `libdevice.10.bc` from the `nvidia-nvvm` wheel (cubecl's NVPTX path links it for math
 //!   functions; used only when the machine's CUDA toolkit has none);
@@ -51,7 +52,7 @@ pub fn bundle(args: &[String]) -> Result<()> {
     }
     let started = std::time::Instant::now();
     crate::llvm::llvm(&[])?;
-    crate::run("cargo", &["build", "--release", "-p", "gems-cli", "--features", "cuda"])?;
+    crate::run("cargo", &["build", "--release", "-p", "gems-cli", "--features", "cuda,cpu"])?;
     crate::run("cargo", &["build", "--release", "-p", "xtask"])?;
     let model = match model {
         Some(m) => m,
@@ -275,12 +276,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 out=${{OUT:-$PWD/gpu-out}}
 mkdir -p "$out"
 status=0
-"$work/xtask" gpu --gems "$work/gems" --model "$work/model.gguf" --data-root "$data" \
-  --out "$work/out" --device cuda "$@" || status=$?
+# Stop a little before the device call's own limit, so the results below are still copied back.
+timeout "${{GEMS_GPU_SECONDS:-540}}" "$work/xtask" gpu --gems "$work/gems" --model "$work/model.gguf" \
+  --data-root "$data" --out "$work/out" --device cuda "$@" || status=$?
 for f in gpu.md gpu.json results-gpu.md parity.json model-check.json; do
   [ -f "$work/out/$f" ] && cp "$work/out/$f" "$out/"
 done
-tar czf "$out/gpu-all.tar.gz" -C "$work" --exclude=model --exclude=checkpoint --exclude=adapter out
+# Text only (logs, metrics, summaries, reports, plots): models, checkpoints and the null-space
+# cache stay behind (one file back may hold 16 MiB).
+(cd "$work" && find out -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \
+  -o -name '*.svg' -o -name '*.toml' \) -not -path '*/model/*' -not -path '*/checkpoint/*' \
+  -not -path '*/nullspace-cache/*' -print0 | tar czf "$out/gpu-all.tar.gz" --null -T -)
 exit $status
 "#,
         last = chunks - 1

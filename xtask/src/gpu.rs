@@ -449,7 +449,7 @@ fn compare(env: &Env<'_>, parts: &[Part]) -> Result<(Value, String)> {
         if env.o.smoke { " (smoke: toy size, not a result)" } else { "" },
         "`budget.toml` (500 validation and 1,000 test examples per task, 65,536 WikiText-2 tokens of perplexity, null space from 32,768 tokens)",
         env.o.minutes,
-        table.replace("](", "](gpu/")
+        demote_headings(&table.replace("](", "](gpu/"))
     );
     std::fs::write(env.o.out.join("results-gpu.md"), &fragment)?;
     if env.o.append_docs {
@@ -462,6 +462,14 @@ fn compare(env: &Env<'_>, parts: &[Part]) -> Result<(Value, String)> {
         json!({"steps": steps, "device": device}),
         format!("{} methods, {steps} steps each; table in results-gpu.md", COMPARED.len()),
     ))
+}
+
+/// Every Markdown heading two levels down, to sit under this section's `##` heading.
+fn demote_headings(text: &str) -> String {
+    text.lines()
+        .map(|l| if l.starts_with('#') { format!("##{l}") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The GPU's name and driver from `nvidia-smi`, else the backend's name.
@@ -635,6 +643,11 @@ fn process_peak_rss(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headings_go_two_levels_down() {
+        assert_eq!(demote_headings("# a\ntext #1\n## b"), "### a\ntext #1\n#### b");
+    }
 
     #[test]
     fn options_are_checked() {

@@ -38,6 +38,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod bench_step;
 mod bundle;
 mod gpu;
 mod llvm;
@@ -71,9 +72,10 @@ fn main() -> Result<()> {
         Some("llvm") => llvm::llvm(&args[1..]),
         Some("gpu") => gpu::gpu(&args[1..]),
         Some("gpu-bundle") => bundle::bundle(&args[1..]),
+        Some("bench-step") => bench_step::bench_step(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci|layers|demo|reproduce|check-backends|llvm|gpu|gpu-bundle>"
+                "usage: cargo xtask <ci|layers|demo|reproduce|check-backends|llvm|gpu|gpu-bundle|bench-step>"
             );
             eprintln!(
                 "  ci      fmt check, layering check, clippy -D warnings, tests, bench build"
@@ -103,6 +105,10 @@ fn main() -> Result<()> {
             eprintln!(
                 "  gpu-bundle [--out .gpu]  the cuda binary, data, model and run.sh for a GPU \
                  machine without internet, in folders of at most 56 MiB"
+            );
+            eprintln!(
+                "  bench-step [--rounds 3] [--layers 8] [--methods full,gems] [--python python3]  \
+                 the real training step beside the PyTorch peer, alternating"
             );
             std::process::exit(2);
         }
