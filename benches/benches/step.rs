@@ -16,7 +16,8 @@
 //!   alone on detached hidden states, i.e. the dense 53,496 x 576 embedding gradient's share.
 //!
 //! Tokens/s counts real (unpadded) tokens. Peak memory is the process's peak resident set.
-//! `--dump DIR` also writes the model and batches for the PyTorch peer
+//! `--dump DIR` (relative paths from the workspace root) also writes the model and batches for
+//! the PyTorch peer
 //! (benches/peer/step_torch.py), which times the same step on the same batches.
 //!
 //! `cargo bench -p gems-benches --bench step -- [--method gems] [--layers 8] [--steps 6]
@@ -59,13 +60,19 @@ fn args() -> Args {
             "--layers" => a.layers = v().parse().expect("--layers N"),
             "--steps" => a.steps = v().parse().expect("--steps N"),
             "--warmup" => a.warmup = v().parse().expect("--warmup N"),
-            "--dump" => a.dump = Some(v().into()),
-            "--json" => a.json = Some(v().into()),
+            "--dump" => a.dump = Some(from_workspace(v())),
+            "--json" => a.json = Some(from_workspace(v())),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
     }
     a
+}
+
+/// A relative path taken from the workspace root: `cargo bench` runs this binary in benches/.
+fn from_workspace(path: String) -> PathBuf {
+    let p = PathBuf::from(path);
+    if p.is_absolute() { p } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(p) }
 }
 
 fn data_root() -> PathBuf {

@@ -134,7 +134,10 @@ pub fn bench_step(args: &[String]) -> Result<()> {
     let o = parse(args)?;
     std::fs::create_dir_all(&o.out)?;
     crate::run("cargo", &["bench", "-p", "gems-benches", "--bench", "step", "--no-run"])?;
-    let dump = o.out.join(format!("peer-{}", o.layers));
+    // Absolute: `cargo bench` runs the bench binary in the package directory (benches/).
+    let out =
+        std::fs::canonicalize(&o.out).with_context(|| format!("resolving {}", o.out.display()))?;
+    let dump = out.join(format!("peer-{}", o.layers));
     let (steps, layers, threads) =
         (o.steps.to_string(), o.layers.to_string(), o.threads.to_string());
     let dump_text = dump.display().to_string();
