@@ -291,7 +291,7 @@ fn parity(env: &Env<'_>, _: &[Part]) -> Result<(Value, String)> {
         "--out",
         &out_text,
         "--valid-examples",
-        if env.o.smoke { "16" } else { "256" },
+        if env.o.smoke { "16" } else { "64" },
         "--parity-steps",
         "2",
         "--quiet",
