@@ -46,16 +46,23 @@ impl<const D: usize> AdamMoments<D> {
         Ok(())
     }
 
-    /// Folds `gradient` into the moments and returns the normalised step N = M / (sqrt(V) + eps).
-    pub fn update(&mut self, gradient: Tensor<D>, beta1: f64, beta2: f64, eps: f64) -> Tensor<D> {
-        let first =
-            self.first.clone().mul_scalar(beta1).add(gradient.clone().mul_scalar(1.0 - beta1));
-        let second =
-            self.second.clone().mul_scalar(beta2).add(gradient.square().mul_scalar(1.0 - beta2));
+    /// Folds `gradient` into the moments; returns them with the normalised step
+    /// N = M / (sqrt(V) + eps).
+    ///
+    /// Takes the moments (and the gradient) by value: a backend may then update them in place
+    /// (flex does when a tensor is held once), so a step allocates two temporaries instead of
+    /// five full-size tensors. The arithmetic, and so every result, is the same either way.
+    pub fn advance(
+        self,
+        gradient: Tensor<D>,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    ) -> (Self, Tensor<D>) {
+        let first = self.first.mul_scalar(beta1).add(gradient.clone().mul_scalar(1.0 - beta1));
+        let second = self.second.mul_scalar(beta2).add(gradient.square().mul_scalar(1.0 - beta2));
         let step = first.clone().div(second.clone().sqrt().add_scalar(eps));
-        self.first = first;
-        self.second = second;
-        step
+        (Self { first, second }, step)
     }
 
     /// Number of f32 values held.

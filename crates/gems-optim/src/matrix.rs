@@ -163,9 +163,14 @@ impl MatrixState {
                 ));
             };
             let r = basis.project_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
-            let moments = state.moments.get_or_insert_with(|| AdamMoments::zeros_like(&r));
+            // Taken out and put back (this state is the step's own copy: an error discards it).
+            let moments = match state.moments.take() {
+                Some(m) => m,
+                None => AdamMoments::zeros_like(&r),
+            };
             moments.check_shape(&r, path)?;
-            let n = moments.update(r, config.beta1, config.beta2, config.eps);
+            let (moments, n) = moments.advance(r, config.beta1, config.beta2, config.eps);
+            state.moments = Some(moments);
             let gate = match state.kind {
                 Subspace::Shared => 1.0,
                 Subspace::Rec => gates.0,

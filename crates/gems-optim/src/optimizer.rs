@@ -391,11 +391,13 @@ impl Optimizer {
         self.matrices.extend(stepped);
         for (index, shared) in plain {
             let entry = &entries[index];
-            let moments = self
-                .adam
-                .entry(entry.path.clone())
-                .or_insert_with(|| AdamMoments::zeros_like(&shared));
-            let n = moments.update(shared, self.config.beta1, self.config.beta2, self.config.eps);
+            let moments = match self.adam.remove(&entry.path) {
+                Some(m) => m,
+                None => AdamMoments::zeros_like(&shared),
+            };
+            let (moments, n) =
+                moments.advance(shared, self.config.beta1, self.config.beta2, self.config.eps);
+            self.adam.insert(entry.path.clone(), moments);
             let value =
                 apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
             new_values.insert(ids[index], value);
