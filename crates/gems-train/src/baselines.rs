@@ -4,23 +4,29 @@
 //! - `popular`: every item scored by how often it is the target of a training example (both
 //!   tasks), the same list for every user and query;
 //! - `bm25`: search only, Okapi BM25 (k1 = 1.2, b = 0.75) of the query against each item's text
-//!   (title and category path), lowercased alphanumeric words.
+//!   (title and category path), lowercased alphanumeric words;
+//! - `sasrec`: recommendation only, SASRec ([`crate::sasrec`], Kang & McAuley 2018) trained on
+//!   the training rec examples with [`SasrecConfig::for_corpus`], on `flex`, seeded from the
+//!   evaluation seed ([`sasrec_seed`]). It is trained on the CPU backend whatever device the
+//!   run uses, so a run's floors are the same numbers on every machine.
 //!
-//! A sequential recommender (SASRec) is not here yet. BM25 is implemented here rather than
-//! taken from a search library: the catalogue is a few thousand short documents held in memory,
-//! and thirty lines keep the tokenisation and the scoring visible next to the protocol.
+//! BM25 is implemented here rather than taken from a search library: the catalogue is a few
+//! thousand short documents held in memory, and thirty lines keep the tokenisation and the
+//! scoring visible next to the protocol.
 //!
 //! Ties count against the target, as for every method, so an item with the same score as many
 //! others (a BM25 score of 0, say) ranks behind all of them.
 
 use std::collections::{BTreeMap, HashMap};
 
+use burn::tensor::Device;
 use gems_data::{Split, Task};
 use gems_metrics::EvalReport;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::eval::{EvalOptions, rank_samples};
+use crate::sasrec::SasrecConfig;
 use crate::setup::Corpus;
 
 /// A floor.
@@ -31,17 +37,20 @@ pub enum Baseline {
     Popular,
     /// BM25 of the query against item title and categories (search only).
     Bm25,
+    /// SASRec on the item history (recommendation only).
+    Sasrec,
 }
 
 impl Baseline {
     /// Every floor.
-    pub const ALL: [Baseline; 2] = [Baseline::Popular, Baseline::Bm25];
+    pub const ALL: [Baseline; 3] = [Baseline::Popular, Baseline::Bm25, Baseline::Sasrec];
 
     /// Its name in reports.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Popular => "popular",
             Self::Bm25 => "bm25",
+            Self::Sasrec => "sasrec",
         }
     }
 }
@@ -127,16 +136,27 @@ impl Bm25 {
     }
 }
 
+/// The seed of the SASRec floor: a stream of `options.seed` (the seed of the evaluation's
+/// example sample, itself derived from the run's seed), so the floor changes with the run's
+/// seed and never shares random numbers with the sample.
+pub fn sasrec_seed(options: &EvalOptions) -> u64 {
+    gems_rng::SplitMix64::for_stream(options.seed, &[0x5a5_4ec]).next_u64()
+}
+
 /// Evaluates `baseline` with `options` (the same examples a model's evaluation ranks). BM25
-/// ranks only search examples; its report has no recommendation entry.
+/// ranks only search examples and SASRec only recommendation examples; the other task is
+/// absent from their reports. SASRec is trained first (on `flex`; with a progress line when
+/// `options.progress` is set), unless no rec task is evaluated; a corpus without training rec
+/// examples gives it nothing to learn from, and its report has no task.
 ///
 /// # Errors
-/// Ranking failures (none expected for finite scores).
+/// Ranking failures (none expected for finite scores); a non-finite SASRec training loss.
 pub fn evaluate_baseline(
     corpus: &Corpus,
     baseline: Baseline,
     options: &EvalOptions,
 ) -> Result<EvalReport> {
+    let show = options.progress;
     let mut options = options.clone();
     options.label = baseline.as_str().to_string();
     options.progress = false;
@@ -157,6 +177,17 @@ pub fn evaluate_baseline(
                 }
                 Ok((out, None))
             })
+        }
+        Baseline::Sasrec => {
+            options.tasks.retain(|&t| t == Task::Rec);
+            if options.tasks.is_empty() || corpus.get(Split::Train, Task::Rec).is_empty() {
+                // Nothing to rank, or nothing to learn from: a report without tasks.
+                options.tasks.clear();
+                return rank_samples(corpus, &options, |_, _| Ok((Vec::new(), None)));
+            }
+            let config = SasrecConfig::for_corpus(corpus, sasrec_seed(&options));
+            let model = crate::sasrec::train(corpus, &config, &Device::flex(), show)?;
+            rank_samples(corpus, &options, |_, chunk| Ok((model.score(chunk)?, None)))
         }
     }
 }

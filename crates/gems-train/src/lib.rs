@@ -9,9 +9,12 @@
 //! - [`trainer`]: the loop, validation, early stopping, checkpoints, resume.
 //! - [`checkpoint`]: atomic files and directories, the trainer's resumable state.
 //! - [`progress`]: the progress line.
+//! - [`sasrec`]: SASRec, the sequential floor of the recommendation task ([`baselines`]).
 //! - [`tiny`]: a tiny random model and data slice for tests and `gems selftest`.
 //!
-//! This crate never chooses a backend: every entry point takes a `Device`.
+//! This crate never chooses a backend: every entry point takes a `Device`. The one exception is
+//! the SASRec floor of [`baselines`], trained on `flex` (the CPU backend of every build) so that
+//! a run's floors are the same numbers on every machine.
 
 pub mod baselines;
 pub mod checkpoint;
@@ -25,6 +28,7 @@ pub mod nullspace;
 pub mod parity;
 pub mod peer;
 pub mod progress;
+pub mod sasrec;
 pub mod setup;
 pub mod tiny;
 pub mod trainer;
