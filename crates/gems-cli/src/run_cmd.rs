@@ -147,6 +147,13 @@ pub struct TrainArgs {
     /// Keep all decoder layers (overrides the preset's truncation).
     #[arg(long, conflicts_with = "keep_layers")]
     pub all_layers: bool,
+    /// Train only the top k decoder layers; the layers below are frozen and run without an
+    /// autodiff graph (the embedding then learns through the tied head only).
+    #[arg(long)]
+    pub tune_layers: Option<usize>,
+    /// Train every decoder layer (overrides the preset's --tune-layers).
+    #[arg(long, conflicts_with = "tune_layers")]
+    pub tune_all_layers: bool,
     /// Dataset name (scientific, beauty, qilin_toy) or directory.
     #[arg(long)]
     pub dataset: Option<String>,
@@ -279,6 +286,12 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if args.all_layers {
         c.model.keep_layers = None;
+    }
+    if args.tune_layers.is_some() {
+        c.model.tune_layers = args.tune_layers;
+    }
+    if args.tune_all_layers {
+        c.model.tune_layers = None;
     }
     set(&mut c.data.dataset, args.dataset.clone());
     set(&mut c.data.data_root, args.data_root.clone());

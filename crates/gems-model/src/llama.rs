@@ -161,6 +161,10 @@ pub struct Llama {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// How many of the lowest layers are frozen ([`Llama::freeze_lower_layers`]); 0 when all
+    /// layers may train.
+    #[module(skip)]
+    pub frozen_layers: usize,
 }
 
 /// Token ids of a batch with its attention mask, row-major `[batch_size, seq_len]`.
@@ -492,6 +496,7 @@ impl Llama {
             norm,
             lm_head,
             config: config.clone(),
+            frozen_layers: 0,
         })
     }
 
@@ -542,6 +547,32 @@ impl Llama {
             put("lm_head.weight".into(), lin(head)?.0);
         }
         Ok(w)
+    }
+
+    /// Freezes the lowest `k` decoder layers: their parameters stop requiring gradients, and
+    /// every forward pass runs the embedding lookup and those layers outside the autodiff graph
+    /// (the embedding's output is detached), so training records a graph, and keeps
+    /// activations, for the upper layers only. The token embedding then receives gradients only
+    /// through a tied output head, never through the input side. `k = 0` changes nothing.
+    ///
+    /// # Errors
+    /// `k` is more than the model's layers.
+    pub fn freeze_lower_layers(mut self, k: usize) -> Result<Self> {
+        let n = self.layers.len();
+        if k > n {
+            return Err(ModelError::input(
+                "Llama::freeze_lower_layers",
+                format!("cannot freeze {k} layers of a model with {n}"),
+            ));
+        }
+        self.layers = self
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| if i < k { layer.no_grad() } else { layer })
+            .collect();
+        self.frozen_layers = k;
+        Ok(self)
     }
 
     /// The device holding the weights.
@@ -619,6 +650,10 @@ impl Llama {
         let rope = self.rope_tables(&batch.positions(), b, t);
         let bias = self.padding_bias(batch);
         let mut x = self.embed(&batch.ids, b, t);
+        if self.frozen_layers > 0 {
+            // Nothing below the first trainable layer needs a graph (see freeze_lower_layers).
+            x = x.detach();
+        }
         for layer in &self.layers {
             x = layer.forward(x, &rope, bias.clone(), None, None);
         }

@@ -226,6 +226,7 @@ impl LoraConfig {
 }
 
 /// Attaches fresh adapters to every matching projection; returns how many were attached.
+/// Layers frozen by [`Llama::freeze_lower_layers`] get none.
 ///
 /// When `freeze_base` is true, every existing parameter stops requiring gradients except
 /// `embed_tokens` and `lm_head` when listed in `modules_to_save` (item embeddings train
@@ -253,7 +254,8 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
     let mut rng = Rng::new(cfg.init_seed);
     let scale = cfg.scale();
     let mut n = 0;
-    for (i, layer) in model.layers.iter_mut().enumerate() {
+    let frozen = model.frozen_layers;
+    for (i, layer) in model.layers.iter_mut().enumerate().skip(frozen) {
         for (name, lin) in layer.projections_mut() {
             if !cfg.matches(&format!("layers.{i}.{name}"))? {
                 continue;

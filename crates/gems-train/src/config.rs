@@ -46,6 +46,11 @@ pub struct ModelSettings {
     pub path: Option<PathBuf>,
     /// Keep only the first k decoder layers (a cheaper model for CPU runs); `None` keeps all.
     pub keep_layers: Option<usize>,
+    /// Train only the top k decoder layers (after `keep_layers`): the layers below are frozen
+    /// and run without an autodiff graph, and the embedding then learns only through the tied
+    /// head ([`gems_model::Llama::freeze_lower_layers`]); `None` trains every layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tune_layers: Option<usize>,
     /// Item-token rows start as the mean of their title's token rows (`true`) or seeded random.
     pub title_init: bool,
     /// Which rows of the token embedding (and of an untied output head) training may change.
@@ -54,7 +59,13 @@ pub struct ModelSettings {
 
 impl Default for ModelSettings {
     fn default() -> Self {
-        Self { path: None, keep_layers: None, title_init: true, embeddings: EmbeddingPolicy::All }
+        Self {
+            path: None,
+            keep_layers: None,
+            tune_layers: None,
+            title_init: true,
+            embeddings: EmbeddingPolicy::All,
+        }
     }
 }
 
@@ -456,6 +467,9 @@ impl TrainConfig {
         }
         if self.model.keep_layers == Some(0) {
             return bad("model.keep_layers must be at least 1".into());
+        }
+        if self.model.tune_layers == Some(0) {
+            return bad("model.tune_layers must be at least 1 (to train nothing, evaluate)".into());
         }
         if self.optimizer.method == Method::Lora && self.lora.rank == 0 {
             return bad("lora.rank must be positive".into());

@@ -60,10 +60,10 @@ pub struct NullSpaceReport {
 pub type Projectors = BTreeMap<String, Arc<NullSpaceProjector>>;
 
 /// The parameter paths of a decoder's projections that match `targets`, with
-/// `(layer, projection name)`.
+/// `(layer, projection name)`; layers frozen by [`Llama::freeze_lower_layers`] are left out.
 pub fn tuned_projections(model: &Llama, targets: &[String]) -> Vec<(String, usize, &'static str)> {
     let mut out = Vec::new();
-    for (i, layer) in model.layers.iter().enumerate() {
+    for (i, layer) in model.layers.iter().enumerate().skip(model.frozen_layers) {
         for (name, _) in layer.projections() {
             let path = format!("layers.{i}.{name}.weight");
             if targets.iter().any(|t| path_matches(t, &path)) {

@@ -502,13 +502,10 @@ pub fn register_null_space(
         model_key: &model_key(path, config),
         cache_dir: &cache,
     };
-    let (projectors, report) = projectors(
-        &setup.pretrained.model,
-        &source,
-        &config.optimizer.targets,
-        &config.null_space,
-        show,
-    )?;
+    // Only the trained layers need projectors.
+    let model = freeze_lower_layers(setup.pretrained.model.clone(), config)?;
+    let (projectors, report) =
+        projectors(&model, &source, &config.optimizer.targets, &config.null_space, show)?;
     if show {
         let kept: usize = report.layers.iter().map(|l| l.null_directions).sum();
         let dims: usize = report.layers.iter().map(|l| l.dim).sum();
@@ -527,35 +524,48 @@ pub fn register_null_space(
 }
 
 /// The model to train, on the autodiff `device`: the checkpoint's when resuming, else the
-/// pretrained one; with LoRA adapters for `lora`, and the embedding policy applied.
+/// pretrained one; its lower layers frozen when `model.tune_layers` says so, with LoRA adapters
+/// (on the trained layers) for `lora`, and the embedding policy applied.
 fn model_to_train(
     setup: &Setup,
     config: &TrainConfig,
     resume_from: Option<&Path>,
     device: &Device,
 ) -> Result<Llama> {
-    let model = match resume_from {
-        Some(ckpt) => {
-            let base = gems_model::load_hf_dir(&ckpt.join("model"), device)?.model;
-            if config.optimizer.method == Method::Lora {
-                let cfg = lora_config(config, &base);
-                let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
-                gems_model::load_peft(m, &ckpt.join("adapter"))?.0
-            } else {
-                base
-            }
+    let base = match resume_from {
+        Some(ckpt) => gems_model::load_hf_dir(&ckpt.join("model"), device)?.model,
+        None => setup.pretrained.model.clone().to_device(device).train(),
+    };
+    let base = freeze_lower_layers(base, config)?;
+    let model = if config.optimizer.method == Method::Lora {
+        let cfg = lora_config(config, &base);
+        let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
+        match resume_from {
+            Some(ckpt) => gems_model::load_peft(m, &ckpt.join("adapter"))?.0,
+            None => m,
         }
-        None => {
-            let m = setup.pretrained.model.clone().to_device(device).train();
-            if config.optimizer.method == Method::Lora {
-                let cfg = lora_config(config, &m);
-                gems_model::apply_lora(m, &cfg, true)?.0
-            } else {
-                m
-            }
-        }
+    } else {
+        base
     };
     Ok(freeze_embeddings(model, config.model.embeddings))
+}
+
+/// `model` with the layers below the top `model.tune_layers` frozen (none when it is unset).
+///
+/// # Errors
+/// `model.tune_layers` exceeds the model's layers.
+pub fn freeze_lower_layers(model: Llama, config: &TrainConfig) -> Result<Llama> {
+    let n = model.layers.len();
+    let frozen = match config.model.tune_layers {
+        None => 0,
+        Some(k) if k > n => {
+            return Err(TrainError::Config(format!(
+                "model.tune_layers {k} exceeds the model's {n} layers (after keep_layers)"
+            )));
+        }
+        Some(k) => n - k,
+    };
+    Ok(model.freeze_lower_layers(frozen)?)
 }
 
 /// The trainer's state: the checkpoint's when resuming, checked against the optimizer's step
@@ -829,6 +839,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let started = Instant::now();
     let pretrained = load_model(&path, config.model.keep_layers, &device)?;
     check_rank(&config, &pretrained.model)?;
+    freeze_lower_layers(pretrained.model.clone(), &config)?;
     let setup = build(pretrained, &config)?;
     let tasks = active_tasks(&config, &setup.corpus);
     if tasks.is_empty() {

@@ -75,11 +75,13 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
     for f in ["config.json", "nullspace.json", "before.json", "summary.json", "baselines.json"] {
         assert!(run.join(f).is_file(), "{f}");
     }
-    // Floors on the same test examples: popularity for both tasks, BM25 for search only.
+    // Floors on the same test examples: popularity for both tasks, BM25 for search only,
+    // SASRec for recommendation only.
     let floors: std::collections::BTreeMap<String, gems_metrics::EvalReport> =
         serde_json::from_str(&std::fs::read_to_string(run.join("baselines.json")).unwrap())
             .unwrap();
-    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "popular"]);
+    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "popular", "sasrec"]);
+    assert_eq!(floors["sasrec"].full.keys().collect::<Vec<_>>(), ["rec"]);
     assert_eq!(floors["popular"].full.keys().collect::<Vec<_>>(), ["rec", "search"]);
     assert_eq!(floors["bm25"].full.keys().collect::<Vec<_>>(), ["search"]);
     assert_eq!(floors["popular"].full["rec"].examples, 32);
@@ -459,4 +461,54 @@ fn embedding_policies_touch_only_what_they_say() {
         };
         assert_eq!((text_same, items_same), want, "{policy:?}: (text rows kept, item rows kept)");
     }
+}
+
+/// `--tune-layers 1` on the 2-layer model: the lower layer stays exactly as pretrained (no
+/// gradient, no weight decay), the top layer and the item rows (through the tied head) train,
+/// for a subspace method and for LoRA; more layers than the model has is refused.
+#[test]
+fn tune_layers_trains_only_the_top_layers() {
+    use gems_train::setup::{build, load_model};
+    let (root, base_config) = setup(2);
+    let dev = Device::flex();
+    let host = |t: burn::tensor::Tensor<2>| -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    };
+    let layer_weights = |m: &gems_model::Llama, i: usize| -> Vec<Vec<f32>> {
+        m.layers[i].projections().iter().map(|(_, l)| host(l.weight.val())).collect()
+    };
+    let pretrained = load_model(base_config.model.path.as_ref().unwrap(), None, &dev).unwrap();
+    let untuned = build(pretrained, &base_config).unwrap();
+    let base = untuned.corpus.base_vocab as usize;
+    let before = &untuned.pretrained.model;
+    for method in [Method::Gems, Method::Lora] {
+        let mut config = base_config.clone();
+        config.eval.before = false;
+        config.eval.perplexity = false;
+        if method == Method::Lora {
+            config.optimizer = OptimizerConfig::for_method(method);
+        }
+        config.model.tune_layers = Some(1);
+        let run = root.path().join(format!("runs/top1-{}", method.as_str()));
+        finished(train(&config, &run, &options(false)).unwrap());
+        // A LoRA run keeps base and adapter apart: compare the merged export.
+        let dir = if method == Method::Lora {
+            let merged = root.path().join("out/top1-lora");
+            gems_train::export::export_model(&run, &merged).unwrap();
+            merged
+        } else {
+            run.join("model")
+        };
+        let tuned = gems_model::load_hf_dir(&dir, &dev).unwrap().model;
+        assert_eq!(layer_weights(&tuned, 0), layer_weights(before, 0), "{method:?}: layer 0 moved");
+        assert_ne!(layer_weights(&tuned, 1), layer_weights(before, 1), "{method:?}: layer 1 kept");
+        let (e0, e1) =
+            (host(before.embed_tokens.weight.val()), host(tuned.embed_tokens.weight.val()));
+        let d = before.config.hidden_size;
+        assert_ne!(e0[base * d..], e1[base * d..], "{method:?}: item rows did not train");
+    }
+    let mut config = base_config.clone();
+    config.model.tune_layers = Some(3);
+    let err = train(&config, &root.path().join("runs/top3"), &options(false)).unwrap_err();
+    assert!(err.to_string().contains("tune_layers 3"), "{err}");
 }
