@@ -102,7 +102,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let a = args();
     let mut config = TrainConfig::cpu_preset();
+    // The step as docs/benchmarks.md measures it: every kept layer and embedding row trained.
     config.model.keep_layers = (a.layers < 30).then_some(a.layers);
+    config.model.tune_layers = None;
+    config.model.embeddings = gems_train::config::EmbeddingPolicy::All;
     config.data.data_root = data_root();
     config.optimizer.method = a.method;
     let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));

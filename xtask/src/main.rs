@@ -175,7 +175,7 @@ const VARIANTS: &[(&str, &[&str])] = &[
     ("gems-single-subspace", &["--method", "gems", "--single-subspace"]),
     ("gems-complement", &["--method", "gems", "--complement"]),
     ("gems-strict", &["--method", "gems", "--strict-null-space"]),
-    ("gems-emb-items", &["--method", "gems", "--embeddings", "items"]),
+    ("gems-emb-all", &["--method", "gems", "--embeddings", "all"]),
     ("galore", &["--method", "galore"]),
     ("full", &["--method", "full"]),
     ("lora", &["--method", "lora"]),

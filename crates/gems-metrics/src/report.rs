@@ -431,7 +431,8 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
             "\n## Floors without a language model (same test examples and protocol)\n\n\
              `popular`: the most frequent training targets first, for every user and query; \
              `bm25`: the search query against each item's title and category path (search \
-             only).\n\n",
+             only); `sasrec`: a self-attentive sequential recommender trained on the run's \
+             training histories (recommendation only).\n\n",
         );
         md.push_str(&floors);
     }

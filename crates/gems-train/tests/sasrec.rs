@@ -187,7 +187,7 @@ fn scientific(config: &TrainConfig) -> Corpus {
 }
 
 /// The floor on Amazon Scientific as the main job's run trains it (the CPU preset: history 20,
-/// its seed, 500 test examples), ranked on every validation user, on those 500 test examples
+/// its seed and test sample), ranked on every validation user, on those test examples
 /// and on every test user, with and without history exclusion: prints the training and
 /// ranking times and the metrics of `popular` and `sasrec`.
 #[test]
