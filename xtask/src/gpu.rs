@@ -205,12 +205,13 @@ impl Env<'_> {
     }
 
     /// The model's depth and evaluation sizes: 2 layers and tiny evaluations in smoke mode,
-    /// the full model otherwise.
+    /// the full model otherwise; every layer trained (the CPU preset, which `parity` starts
+    /// from, tunes only the top 4).
     fn size_args(&self) -> Vec<String> {
         let v: &[&str] = if self.o.smoke {
-            &["--keep-layers", "2", "--batch-size", "2", "--grad-accum", "1"]
+            &["--keep-layers", "2", "--tune-all-layers", "--batch-size", "2", "--grad-accum", "1"]
         } else {
-            &["--all-layers"]
+            &["--all-layers", "--tune-all-layers"]
         };
         v.iter().map(|s| s.to_string()).collect()
     }
