@@ -222,7 +222,7 @@ impl Env<'_> {
         let path = self.o.out.join("budget.toml");
         let text = if self.o.smoke {
             "[eval]\nvalid_examples = 16\ntest_examples = 16\nperplexity_tokens = 256\n\
-             every = 0\n\n[null_space]\nmax_tokens = 512\n"
+             every = 0\nfloors = false\n\n[null_space]\nmax_tokens = 512\n"
         } else {
             "[eval]\nvalid_examples = 500\ntest_examples = 1000\nperplexity_tokens = 65536\n\n\
              [null_space]\nmax_tokens = 32768\n"

@@ -236,6 +236,10 @@ pub struct EvalSettings {
     /// kept even when it repeats a history item. Off by default: the whole catalogue is ranked.
     #[serde(default)]
     pub exclude_history: bool,
+    /// Evaluate the floors without a language model (`baselines.json`: most popular, BM25,
+    /// SASRec, which trains for about a minute). Off only where a run's floors are not wanted
+    /// (the GPU command's smoke runs).
+    pub floors: bool,
 }
 
 impl Default for EvalSettings {
@@ -255,6 +259,7 @@ impl Default for EvalSettings {
             perplexity_window: 256,
             before: true,
             exclude_history: false,
+            floors: true,
         }
     }
 }

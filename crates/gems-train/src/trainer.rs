@@ -473,7 +473,7 @@ fn before_and_floors(
     };
 
     let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
-    if !floors_path.exists() {
+    if config.eval.floors && !floors_path.exists() {
         let options = eval_options(config, Split::Test, "floor", tasks, false);
         write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
     }
