@@ -9,7 +9,11 @@
 //! 4. the type checks of the `cuda,cpu` and `wgpu` builds of the binary
 //! 5. `cargo test --workspace`
 //! 6. `cargo xtask gpu --smoke --device flex` (every part of the GPU command at toy size)
-//! 7. `cargo bench --no-run` (benchmarks must compile; they are not run in CI)
+//!
+//! The benchmarks are type-checked and linted by step 3 (`--all-targets`), not built in
+//! release: a cold release build takes about 18 minutes on our 2-core machines, CI took 74
+//! minutes in stop 17 with it, and CI must finish within 90. They are run by hand
+//! (docs/benchmarks.md).
 //!
 //! `cargo xtask layers` runs only the layering check.
 //!
@@ -78,7 +82,7 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <ci|layers|demo|reproduce|check-backends|llvm|gpu|gpu-bundle|bench-step>"
             );
             eprintln!(
-                "  ci      fmt check, layering check, clippy -D warnings, tests, bench build"
+                "  ci      fmt check, layering check, clippy -D warnings, backend checks, tests, GPU smoke"
             );
             eprintln!(
                 "  layers  fail when a crate depends on a crate of its own or a higher layer"
@@ -137,7 +141,6 @@ fn ci() -> Result<()> {
     for dir in ["compare", "throughput", "parity", "nullspace-cache"] {
         let _ = std::fs::remove_dir_all(Path::new("target/gpu-smoke").join(dir));
     }
-    run("cargo", &["bench", "--workspace", "--no-run"])?;
     eprintln!("xtask ci: all checks passed");
     Ok(())
 }
