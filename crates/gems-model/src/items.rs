@@ -19,7 +19,9 @@ use tokenizers::AddedToken;
 
 use crate::error::{ModelError, Result};
 use crate::hf::Pretrained;
-use crate::llama::{Rng, to_host};
+use gems_rng::SplitMix64;
+
+use crate::llama::{init_rng, to_host};
 
 /// How new item rows are initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -105,7 +107,7 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
         ids.push(id);
     }
     let new_v = old_v.max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
-    let grow = |table: &[f32], ids: &[u32], rng: &mut Rng| -> Vec<f32> {
+    let grow = |table: &[f32], ids: &[u32], rng: &mut SplitMix64| -> Vec<f32> {
         let mut out = table.to_vec();
         out.resize(new_v * d, 0.0);
         let n = old_v as f64;
@@ -145,7 +147,7 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
         ItemInit::Random { seed } => seed,
         ItemInit::TitleMean => 0,
     };
-    let mut rng = Rng::new(seed);
+    let mut rng = init_rng(seed);
     let device = p.model.device();
     let new_emb = grow(&emb.data, &ids, &mut rng);
     p.model.embed_tokens.weight =

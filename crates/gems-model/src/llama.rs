@@ -17,6 +17,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use gems_rng::SplitMix64;
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -834,37 +835,16 @@ pub fn gather_rows(
     Ok(hidden.reshape([b * t, d]).select(0, idx))
 }
 
-/// Seeded SplitMix64 with Box-Muller normals: small, portable, no dependency.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    /// Standard normal.
-    pub fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
+/// The workspace generator seeded for model initialisation (random weights, new item rows,
+/// LoRA `A` matrices). The seed is offset by the SplitMix64 increment, as the crate's former
+/// private generator did, so a recorded seed keeps giving the same values.
+pub(crate) fn init_rng(seed: u64) -> SplitMix64 {
+    SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15)
 }
 
 /// Random host weights for `config` with Hugging Face keys (for tests and benchmarks).
 pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
-    let mut rng = Rng::new(seed);
+    let mut rng = init_rng(seed);
     let mut w = WeightMap::new("<random>");
     let d = config.hidden_size;
     let (h, kv, hd, ff) = (
@@ -873,7 +853,7 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
         config.head_dim(),
         config.intermediate_size,
     );
-    let mut put = |k: String, shape: Vec<usize>, std: f64, mean: f64, rng: &mut Rng| {
+    let mut put = |k: String, shape: Vec<usize>, std: f64, mean: f64, rng: &mut SplitMix64| {
         let n: usize = shape.iter().product();
         let data = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
         w.tensors.insert(k, HostTensor { shape, data });
@@ -903,4 +883,42 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
         put("lm_head.weight".into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
     }
     w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The generator this crate used before it drew from `gems_rng`, kept to prove the streams
+    /// (and so random weights, new item rows and LoRA initialisations) did not change.
+    struct FormerRng(u64);
+
+    impl FormerRng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn uniform(&mut self) -> f64 {
+            ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f64 {
+            let (u1, u2) = (self.uniform(), self.uniform());
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        }
+    }
+
+    #[test]
+    fn init_rng_reproduces_the_former_stream_bit_for_bit() {
+        for seed in [0, 1, 3, 42, u64::MAX] {
+            let mut old = FormerRng(seed ^ 0x9E37_79B9_7F4A_7C15);
+            let mut new = init_rng(seed);
+            for _ in 0..1000 {
+                assert_eq!(old.normal().to_bits(), new.normal().to_bits());
+                assert_eq!(old.uniform().to_bits(), new.next_open01().to_bits());
+            }
+        }
+    }
 }

@@ -22,7 +22,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{Llama, LoraAdapter, Rng, tensor2, to_host};
+use crate::llama::{Llama, LoraAdapter, init_rng, tensor2, to_host};
 use crate::weights::{HostTensor, WeightMap, write_safetensors};
 
 /// LoRA settings, serialised as PEFT's `adapter_config.json` (peft 0.21 field names).
@@ -251,7 +251,7 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
         }
     }
     let device = model.device();
-    let mut rng = Rng::new(cfg.init_seed);
+    let mut rng = init_rng(cfg.init_seed);
     let scale = cfg.scale();
     let mut n = 0;
     let frozen = model.frozen_layers;
@@ -263,8 +263,9 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
             let [d_in, d_out] = lin.weight.dims();
             // PEFT: kaiming_uniform_(a = sqrt(5)) on [r, d_in] gives U(-1/sqrt(d_in), 1/sqrt(d_in)).
             let bound = 1.0 / (d_in as f64).sqrt();
-            let a: Vec<f32> =
-                (0..d_in * cfg.r).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect();
+            let a: Vec<f32> = (0..d_in * cfg.r)
+                .map(|_| ((2.0 * rng.next_open01() - 1.0) * bound) as f32)
+                .collect();
             lin.lora = Some(LoraAdapter {
                 lora_a: Param::from_tensor(Tensor::from_data(
                     TensorData::new(a, [d_in, cfg.r]),

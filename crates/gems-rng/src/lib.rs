@@ -62,6 +62,14 @@ impl SplitMix64 {
         ((self.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// One standard normal draw (Box-Muller, cosine branch): consumes two uniforms from
+    /// [`SplitMix64::next_open01`] and returns `sqrt(-2 ln u1) * cos(2 pi u2)`; the sine branch
+    /// is discarded, so consecutive draws are independent and each costs two `next_u64` calls.
+    /// (Use [`SplitMix64::fill_standard_normal`] to use both branches.)
+    pub fn normal(&mut self) -> f64 {
+        self.normal_pair().0
+    }
+
     /// Fills `out` with independent standard normal draws (Box-Muller, both outputs used).
     pub fn fill_standard_normal(&mut self, out: &mut [f64]) {
         let mut chunks = out.chunks_exact_mut(2);
@@ -126,6 +134,24 @@ mod tests {
         a.fill_standard_normal(&mut x);
         b.fill_standard_normal(&mut y);
         assert_eq!(x, y);
+    }
+
+    #[test]
+    fn single_normal_is_the_cosine_branch_and_plausible() {
+        // `normal()` is the first output of a Box-Muller pair from the same two uniforms.
+        let mut a = SplitMix64::new(11);
+        let mut b = SplitMix64::new(11);
+        let mut pair = [0.0; 2];
+        for _ in 0..100 {
+            b.fill_standard_normal(&mut pair);
+            assert_eq!(a.normal().to_bits(), pair[0].to_bits());
+        }
+        let mut g = SplitMix64::new(5);
+        let x: Vec<f64> = (0..200_000).map(|_| g.normal()).collect();
+        let mean = x.iter().sum::<f64>() / x.len() as f64;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / x.len() as f64;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.02, "variance {var}");
     }
 
     #[test]
