@@ -7,7 +7,7 @@
 //! `BTreeMap`s, and nothing iterates a hash map.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -235,20 +235,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes `contents` to `dir/name` atomically (temporary file in `dir`, then rename).
-fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<OutputFile> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
+/// Writes `contents` to `dir/name` ([`gems_io::write_atomic`]) and returns its checksum.
+fn write_output(dir: &Path, name: &str, contents: &[u8]) -> Result<OutputFile> {
+    gems_io::write_atomic(&dir.join(name), contents)?;
     Ok(OutputFile { records: 0, sha256: hex(&Sha256::digest(contents)) })
 }
 
@@ -343,7 +332,7 @@ fn write_example_files(
                 records += 1;
             }
             let name = format!("{}.{}.jsonl", split.name(), task.name());
-            let mut written = write_atomic(out, &name, &buffer)?;
+            let mut written = write_output(out, &name, &buffer)?;
             written.records = records;
             files.insert(name, written);
             example_counts
@@ -381,7 +370,7 @@ fn write_prepared_into(
             categories: item.categories.clone(),
         })
         .collect();
-    let mut written = write_atomic(out, "items.json", &to_json(&vocab, "items.json")?)?;
+    let mut written = write_output(out, "items.json", &to_json(&vocab, "items.json")?)?;
     written.records = vocab.len();
     files.insert("items.json".into(), written);
 
@@ -434,7 +423,7 @@ fn write_prepared_into(
     };
     let json = serde_json::to_vec_pretty(&manifest)
         .map_err(|cause| Error::Serialize { what: "manifest.json".into(), cause })?;
-    write_atomic(out, "manifest.json", &json)?;
+    write_output(out, "manifest.json", &json)?;
     Ok(manifest)
 }
 

@@ -85,6 +85,18 @@ pub enum MetricsError {
 /// `Result` with this crate's [`MetricsError`].
 pub type Result<T> = std::result::Result<T, MetricsError>;
 
+/// A failed [`gems_io::write_atomic`], reported as [`MetricsError::Io`] with its path.
+impl From<gems_io::Error> for MetricsError {
+    fn from(e: gems_io::Error) -> Self {
+        match e {
+            gems_io::Error::Io { path, cause } => Self::Io { path, cause },
+            gems_io::Error::Corrupt { path, detail } => {
+                Self::Io { path, cause: std::io::Error::other(detail) }
+            }
+        }
+    }
+}
+
 impl MetricsError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), cause: source }

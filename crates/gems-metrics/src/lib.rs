@@ -30,7 +30,6 @@
 #![warn(missing_docs)]
 
 mod error;
-mod fsutil;
 mod plot;
 pub mod ranking;
 pub mod record;

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{MetricsError, Result};
-use crate::fsutil::write_atomic;
 use crate::ranking::{NdcgNormaliser, TaskMetrics};
+use gems_io::write_atomic;
 
 /// File name of the per-step log in a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";

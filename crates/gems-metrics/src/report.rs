@@ -11,12 +11,12 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::error::{MetricsError, Result};
-use crate::fsutil::write_atomic;
 use crate::ranking::NdcgNormaliser;
 use crate::record::{
     EvalReport, METRICS_FILE, MetricsLine, RunSummary, SUMMARY_FILE, read_metrics_lines,
     read_summary,
 };
+use gems_io::write_atomic;
 
 pub use crate::plot::{Series, svg_line_plot};
 

@@ -65,6 +65,16 @@ pub enum OptimError {
     TensorRead(String),
 }
 
+/// A failed [`gems_io::write_atomic`] of saved state, as [`OptimError::State`] naming the file.
+impl From<gems_io::Error> for OptimError {
+    fn from(e: gems_io::Error) -> Self {
+        match e {
+            gems_io::Error::Io { path, cause } => Self::state(path.display(), cause),
+            gems_io::Error::Corrupt { path, detail } => Self::state(path.display(), detail),
+        }
+    }
+}
+
 impl OptimError {
     pub(crate) fn subspace(path: &str, source: SubspaceError) -> Self {
         Self::Subspace { path: path.to_string(), source }

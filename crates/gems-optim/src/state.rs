@@ -98,10 +98,6 @@ fn basis_blob(basis: &SubspaceBasis) -> Blob {
     Blob { dtype: Dtype::F64, shape: vec![q.nrows(), q.ncols()], bytes }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    gems_io::write_atomic(path, bytes).map_err(|e| OptimError::state(path.display(), e))
-}
-
 impl Optimizer {
     /// Writes the state into `dir` (created if missing); see the module docs for the layout.
     ///
@@ -158,7 +154,7 @@ impl Optimizer {
             .collect::<Result<_>>()?;
         let bytes = safetensors::serialize(views, None)
             .map_err(|e| OptimError::state(tensors_path.display(), e))?;
-        write_atomically(&tensors_path, &bytes)?;
+        gems_io::write_atomic(&tensors_path, &bytes)?;
         let manifest = Manifest {
             format: FORMAT.into(),
             config: self.config.clone(),
@@ -170,7 +166,7 @@ impl Optimizer {
         let json_path = dir.join(JSON);
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| OptimError::state(json_path.display(), e))?;
-        write_atomically(&json_path, &json)
+        Ok(gems_io::write_atomic(&json_path, &json)?)
     }
 
     /// Restores a state saved by [`save`](Self::save), with tensors on `device`. Null-space
