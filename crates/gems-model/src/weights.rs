@@ -2,11 +2,11 @@
 //! safetensors reader and writer.
 //!
 //! Every loader (Hugging Face directory, GGUF) produces a [`WeightMap`], and the decoder is built
-//! from one, so key checks, shape checks and error messages live in one place. The safetensors
-//! parser is written here (the format is an 8-byte header length, a JSON header and raw data) so
-//! that every offset is checked against the file length and the others: a truncated, corrupted
-//! or hostile file is an error naming the file and key, never a panic, never data read from the
-//! wrong bytes, and never an allocation larger than the file.
+//! from one, so key checks, shape checks and error messages live in one place. Safetensors files
+//! are read with the `safetensors` crate, which checks every offset against the file length and
+//! the others; [`parse_safetensors`] adds a duplicate-key check and names the file and the tensor
+//! in every error: a truncated, corrupted or hostile file is an error, never a panic, never data
+//! read from the wrong bytes, and never an allocation larger than the file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,231 +97,282 @@ impl WeightMap {
     }
 }
 
-/// One tensor's header entry as written; unknown fields are skipped without being stored.
-#[derive(serde::Deserialize)]
-struct RawEntry {
-    dtype: String,
-    shape: Vec<u64>,
-    data_offsets: [u64; 2],
-}
-
-/// The header's tensor entries in file order, duplicates kept (a JSON map would keep only the
-/// last) and `__metadata__` skipped without being stored, so a hostile header costs memory only
-/// for what this reader uses.
-struct HeaderEntries(Vec<(String, RawEntry)>);
-
-impl<'de> serde::Deserialize<'de> for HeaderEntries {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = HeaderEntries;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<HeaderEntries, A::Error> {
-                use serde::de::Error as _;
-                let mut v = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    if key == "__metadata__" {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                        continue;
-                    }
-                    let entry = map
-                        .next_value::<RawEntry>()
-                        .map_err(|e| A::Error::custom(format!("tensor `{key}`: {e}")))?;
-                    v.push((key, entry));
-                }
-                Ok(HeaderEntries(v))
-            }
-        }
-        d.deserialize_map(Visit)
-    }
-}
-
-/// One header entry of a safetensors file, checked on its own.
-struct SafetensorsEntry {
-    key: String,
-    dtype: &'static str,
-    width: usize,
-    shape: Vec<usize>,
-    start: usize,
-    end: usize,
-}
-
-/// Parses safetensors bytes into f32 tensors; `path` labels errors.
+/// Parses safetensors bytes into f32 tensors (F32, F16, BF16 and F64 are read, F16/BF16/F64
+/// cast to f32), in data order; `path` labels errors.
 ///
-/// As the safetensors specification requires, the tensors' `data_offsets` must cover the data
-/// section exactly: each range `[begin, end)` with `begin <= end` and the byte size its dtype and
-/// shape imply, no two ranges sharing a byte, no gap between them and nothing after the last.
-/// Any other layout (overlapping, shifted or reversed offsets, a wrong dtype or shape, a
-/// duplicated key) is an error naming the file and the tensor; "truncated file?" is suggested
-/// only when the file really ends before the data the header describes.
+/// The `safetensors` crate parses the header and checks the layout: the tensors' `data_offsets`
+/// must cover the data section exactly, each range the byte size its dtype and shape imply, no
+/// two ranges sharing a byte, no gap between them and nothing after the last. This function adds
+/// a check the crate leaves out (a key that appears twice in the header, which a JSON map would
+/// silently collapse to its last entry) and, when the crate rejects a file, works out which
+/// tensor is at fault so that the error names the file and the tensor (overlapping, shifted or
+/// reversed offsets, a dtype or shape that does not match the bytes, a truncated file). No
+/// input panics, and nothing is allocated beyond the header and the returned values.
 pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, HostTensor)>> {
-    let fmt = |key: Option<&str>, d: String| ModelError::format(path, key, d);
-    if bytes.len() < 8 {
-        return Err(fmt(
-            None,
-            format!("{} bytes, shorter than the 8-byte header length", bytes.len()),
+    if let Some(header) = header_bytes(bytes)
+        && let Some(key) = duplicate_key(header)
+    {
+        return Err(ModelError::format(
+            path,
+            Some(&key),
+            "duplicate tensor entry in the header".to_string(),
         ));
     }
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
-    let header_end = 8u64.checked_add(n).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| {
-        fmt(
-            None,
-            format!("header length {n} exceeds the file ({} bytes): truncated file?", bytes.len()),
-        )
-    })? as usize;
-    let HeaderEntries(header) = serde_json::from_slice(&bytes[8..header_end])
-        .map_err(|e| fmt(None, format!("header: {e}")))?;
-    let data = &bytes[header_end..];
-    let mut entries = Vec::with_capacity(header.len());
-    let mut seen = std::collections::HashSet::with_capacity(header.len());
-    for (key, _) in &header {
-        if !seen.insert(key.as_str()) {
-            return Err(fmt(Some(key), "duplicate tensor entry in the header".into()));
-        }
-    }
-    drop(seen);
-    for (key, info) in header {
-        let k = Some(key.as_str());
-        let (dtype, width) = match info.dtype.as_str() {
-            "F32" => ("F32", 4),
-            "F16" => ("F16", 2),
-            "BF16" => ("BF16", 2),
-            "F64" => ("F64", 8),
-            other => {
-                return Err(ModelError::unsupported(
-                    path,
-                    k,
-                    format!("dtype {other} (only F32, F16, BF16, F64)"),
-                ));
-            }
-        };
-        let shape: Vec<usize> = info
-            .shape
-            .iter()
-            .map(|&d| {
-                usize::try_from(d).map_err(|_| fmt(k, format!("shape entry {d} is too large")))
-            })
-            .collect::<Result<_>>()?;
-        let (start, end) = match info.data_offsets.map(usize::try_from) {
-            [Ok(s), Ok(e)] if s <= e => (s, e),
-            [Ok(s), Ok(e)] => {
-                return Err(fmt(k, format!("data_offsets [{s}, {e}] are reversed (begin > end)")));
-            }
-            _ => {
-                return Err(fmt(k, format!("data_offsets {:?} are too large", info.data_offsets)));
-            }
-        };
-        let count = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| fmt(k, format!("shape {shape:?} overflows")))?;
-        if count.checked_mul(width) != Some(end - start) {
-            return Err(fmt(
-                k,
-                format!(
-                    "shape {shape:?} of {dtype} needs {} bytes, data_offsets [{start}, {end}] hold {}",
-                    count.saturating_mul(width),
-                    end - start
-                ),
-            ));
-        }
-        entries.push(SafetensorsEntry { key, dtype, width, shape, start, end });
-    }
-    check_safetensors_layout(path, &mut entries, data.len())?;
-    let mut out = Vec::with_capacity(entries.len());
-    for e in entries {
-        let raw = &data[e.start..e.end];
-        let values: Vec<f32> = match e.dtype {
-            "F32" => {
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| explain_safetensors_error(path, bytes, e))?;
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for key in meta.offset_keys() {
+        let Some(info) = meta.info(&key) else { continue };
+        let (start, end) = info.data_offsets;
+        let raw = &data[start..end];
+        use safetensors::Dtype;
+        let values: Vec<f32> = match info.dtype {
+            Dtype::F32 => {
                 raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
             }
-            "F16" => raw
+            Dtype::F16 => raw
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            "BF16" => raw
+            Dtype::BF16 => raw
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            _ => raw
-                .chunks_exact(e.width)
+            Dtype::F64 => raw
+                .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
                 .collect(),
+            other => {
+                return Err(ModelError::unsupported(
+                    path,
+                    Some(&key),
+                    format!("dtype {other:?} (only F32, F16, BF16, F64)"),
+                ));
+            }
         };
-        out.push((e.key, HostTensor { shape: e.shape, data: values }));
+        out.push((key, HostTensor { shape: info.shape.clone(), data: values }));
     }
     Ok(out)
 }
 
-/// Checks that the entries' ranges tile `[0, data_len)` exactly; sorts them by offset.
-fn check_safetensors_layout(
+/// The JSON header of safetensors bytes, when the length prefix fits the file.
+fn header_bytes(bytes: &[u8]) -> Option<&[u8]> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = usize::try_from(n).ok()?.checked_add(8)?;
+    bytes.get(8..end)
+}
+
+/// The first key that appears twice in a JSON object header; `None` for a header without
+/// duplicates or one that is not a JSON object (the crate then reports it).
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    struct Keys(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Keys, A::Error> {
+                    let mut seen = std::collections::HashSet::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        if let Some(k) = seen.replace(key) {
+                            return Ok(Keys(Some(k)));
+                        }
+                    }
+                    Ok(Keys(None))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_slice::<Keys>(header).ok().and_then(|k| k.0)
+}
+
+/// One tensor entry of a header the crate rejected, read leniently to name the culprit.
+struct Entry {
+    key: String,
+    dtype: String,
+    shape: Vec<u64>,
+    start: u64,
+    end: u64,
+}
+
+/// Turns the crate's error into one naming the file and, where one is at fault, the tensor.
+fn explain_safetensors_error(
     path: &Path,
-    entries: &mut [SafetensorsEntry],
-    data_len: usize,
-) -> Result<()> {
-    let fmt = |key: &str, d: String| ModelError::format(path, Some(key), d);
-    entries.sort_by_key(|e| (e.start, e.end));
-    let mut covered = 0usize;
-    let mut prev: Option<&SafetensorsEntry> = None;
-    for e in entries.iter() {
-        if e.start < covered {
-            let p = prev.map_or("", |p| p.key.as_str());
-            let (ps, pe) = prev.map_or((0, 0), |p| (p.start, p.end));
-            return Err(fmt(
-                &e.key,
-                format!(
-                    "data_offsets [{}, {}] overlap tensor `{p}` at [{ps}, {pe}]",
-                    e.start, e.end
-                ),
-            ));
+    bytes: &[u8],
+    e: safetensors::SafeTensorError,
+) -> ModelError {
+    use safetensors::SafeTensorError as E;
+    let fmt = |key: Option<&str>, d: String| ModelError::format(path, key, d);
+    let len = bytes.len();
+    let declared =
+        || bytes.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    match e {
+        E::HeaderTooSmall => {
+            return fmt(None, format!("{len} bytes, shorter than the 8-byte header length"));
         }
-        if e.start > covered {
-            let after = prev.map_or("the start of the data section".to_string(), |p| {
-                format!("tensor `{}` at [{}, {}]", p.key, p.start, p.end)
-            });
-            return Err(fmt(
-                &e.key,
+        E::InvalidHeaderLength => {
+            let n = declared();
+            return fmt(
+                None,
+                format!("header length {n} exceeds the file ({len} bytes): truncated file?"),
+            );
+        }
+        E::HeaderTooLarge => {
+            let n = declared();
+            return fmt(None, format!("header length {n} is over the safetensors limit (100 MB)"));
+        }
+        _ => {}
+    }
+    let Some(header) = header_bytes(bytes) else {
+        return fmt(None, format!("header: {e}"));
+    };
+    let entries = match header_entries(header) {
+        Ok(entries) => entries,
+        Err((key, detail)) => return fmt(key.as_deref(), detail),
+    };
+    let data_len = (len - 8 - header.len()) as u64;
+    // An unknown dtype, then each entry on its own: offsets in order, size matching dtype and shape.
+    for x in &entries {
+        let k = Some(x.key.as_str());
+        let Ok(dtype) = serde_json::from_value::<safetensors::Dtype>(x.dtype.clone().into()) else {
+            return ModelError::unsupported(path, k, format!("dtype {}", x.dtype));
+        };
+        if x.start > x.end {
+            return fmt(
+                k,
+                format!("data_offsets [{}, {}] are reversed (begin > end)", x.start, x.end),
+            );
+        }
+        let bits = x
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.bitsize() as u64));
+        let Some(bits) = bits.filter(|b| usize::try_from(*b).is_ok()) else {
+            return fmt(k, format!("shape {:?} overflows", x.shape));
+        };
+        if bits % 8 != 0 || bits / 8 != x.end - x.start {
+            return fmt(
+                k,
                 format!(
-                    "data_offsets [{}, {}] leave bytes {covered}..{} after {after} covered by no \
+                    "shape {:?} of {} needs {} bytes, data_offsets [{}, {}] hold {}",
+                    x.shape,
+                    x.dtype,
+                    bits.div_ceil(8),
+                    x.start,
+                    x.end,
+                    x.end - x.start
+                ),
+            );
+        }
+    }
+    // The ranges in data order must tile the data section.
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| (a.start, a.end, &a.key).cmp(&(b.start, b.end, &b.key)));
+    let mut covered = 0u64;
+    let mut prev: Option<&Entry> = None;
+    for x in &sorted {
+        let at = |p: Option<&Entry>| {
+            p.map(|p| format!("tensor `{}` at [{}, {}]", p.key, p.start, p.end))
+        };
+        if x.start < covered {
+            return fmt(
+                Some(&x.key),
+                format!(
+                    "data_offsets [{}, {}] overlap {}",
+                    x.start,
+                    x.end,
+                    at(prev).unwrap_or_default()
+                ),
+            );
+        }
+        if x.start > covered {
+            return fmt(
+                Some(&x.key),
+                format!(
+                    "data_offsets [{}, {}] leave bytes {covered}..{} after {} covered by no \
                      tensor (shifted offsets?)",
-                    e.start, e.end, e.start
+                    x.start,
+                    x.end,
+                    x.start,
+                    at(prev).unwrap_or_else(|| "the start of the data section".into())
                 ),
-            ));
+            );
         }
-        covered = e.end;
-        if e.end > e.start {
-            prev = Some(e);
+        covered = x.end;
+        if x.end > x.start {
+            prev = Some(x);
         }
     }
     if covered > data_len {
-        // The offsets tile a range longer than the file holds: the file was cut short.
-        let e = entries.iter().find(|e| e.end > data_len).map_or("", |e| e.key.as_str());
-        return Err(fmt(
-            e,
+        let k = sorted.iter().find(|x| x.end > data_len).map(|x| x.key.as_str());
+        return fmt(
+            k,
             format!(
                 "the header describes {covered} bytes of tensor data, the file holds {data_len}: \
                  truncated file?"
             ),
-        ));
+        );
     }
     if covered < data_len {
         let after = prev.map_or(String::new(), |p| format!(" after tensor `{}`", p.key));
-        return Err(ModelError::format(
-            path,
+        return fmt(
             prev.map(|p| p.key.as_str()),
             format!(
                 "{} bytes at the end of the data section{after} are covered by no tensor \
                  (data section {data_len} bytes, tensors end at {covered})",
                 data_len - covered
             ),
-        ));
+        );
     }
-    Ok(())
+    let key = match &e {
+        E::InvalidOffset(k) => Some(k.as_str()),
+        _ => None,
+    };
+    fmt(key, e.to_string())
+}
+
+/// The tensor entries of a header, or the key (if any) and a description of what is malformed.
+fn header_entries(header: &[u8]) -> std::result::Result<Vec<Entry>, (Option<String>, String)> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| (None, format!("header: {e}")))?;
+    let mut entries = Vec::new();
+    for (key, v) in map {
+        if key == "__metadata__" {
+            continue;
+        }
+        let bad = |what: &str| (Some(key.clone()), format!("header entry: {what}"));
+        let dtype =
+            v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype string"))?;
+        let shape = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(serde_json::Value::as_u64).collect::<Option<Vec<u64>>>())
+            .ok_or_else(|| bad("shape is not a list of non-negative integers"))?;
+        let offsets = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(serde_json::Value::as_u64).collect::<Option<Vec<u64>>>())
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| bad("data_offsets is not a pair of non-negative integers"))?;
+        entries.push(Entry {
+            dtype: dtype.to_string(),
+            shape,
+            start: offsets[0],
+            end: offsets[1],
+            key,
+        });
+    }
+    Ok(entries)
 }
 
 /// Serialises f32 tensors as a safetensors file (keys sorted, 8-byte aligned header).

@@ -393,6 +393,32 @@ fn safetensors_duplicate_key_is_rejected() {
 }
 
 #[test]
+fn safetensors_unsupported_or_unknown_dtype_is_named() {
+    // A dtype the safetensors crate knows but this reader does not convert.
+    let b = safetensors(&[("a", "F32", &[2], [0, 8]), ("q", "I8", &[4], [8, 12])], 12);
+    let e = st_err(&b);
+    assert!(e.contains("`q`") && e.contains("dtype I8"), "{e}");
+    // A dtype no one knows (the crate's JSON error would name neither file nor tensor).
+    let b = safetensors(&[("a", "F32", &[2], [0, 8]), ("q", "Q4_K", &[4], [8, 12])], 12);
+    let e = st_err(&b);
+    assert!(e.contains("`q`") && e.contains("dtype Q4_K"), "{e}");
+}
+
+#[test]
+fn safetensors_widened_dtypes_read_the_right_values() {
+    let mut b = safetensors(
+        &[("h", "F16", &[1], [0, 2]), ("b", "BF16", &[1], [2, 4]), ("d", "F64", &[1], [4, 12])],
+        0,
+    );
+    b.extend_from_slice(&half::f16::from_f32(1.5).to_le_bytes());
+    b.extend_from_slice(&half::bf16::from_f32(-2.0).to_le_bytes());
+    b.extend_from_slice(&0.25f64.to_le_bytes());
+    let t: BTreeMap<String, HostTensor> =
+        parse_safetensors(Path::new("w.safetensors"), &b).unwrap().into_iter().collect();
+    assert_eq!((t["h"].data[0], t["b"].data[0], t["d"].data[0]), (1.5, -2.0, 0.25));
+}
+
+#[test]
 fn safetensors_truncated_file_gets_the_hint() {
     let b = safetensors(&[("a", "F32", &[4], [0, 16]), ("b", "F32", &[4], [16, 32])], 32);
     let e = st_err(&b[..b.len() - 5]);
