@@ -157,6 +157,11 @@ pub struct TrainArgs {
     /// Dataset name (scientific, beauty, qilin_toy) or directory.
     #[arg(long)]
     pub dataset: Option<String>,
+    /// Train on a directory written by `gems data prepare` (checksums verified) instead of
+    /// preparing --dataset here; its manifest decides the dataset, history length, negatives
+    /// and seed.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["dataset", "max_history"])]
+    pub data: Option<PathBuf>,
     /// Where dataset names are looked up.
     #[arg(long, env = "GEMS_DATA_DIR")]
     pub data_root: Option<PathBuf>,
@@ -296,6 +301,10 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut c.data.dataset, args.dataset.clone());
     set(&mut c.data.data_root, args.data_root.clone());
     set(&mut c.data.max_history, args.max_history);
+    if let Some(dir) = &args.data {
+        gems_train::setup::adopt_prepared(&mut c.data, dir)
+            .with_context(|| format!("--data {}", dir.display()))?;
+    }
     set(&mut c.eval.every, args.eval_every);
     set(&mut c.eval.patience, args.patience);
     if let Some(m) = args.stop_metric {

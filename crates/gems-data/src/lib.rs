@@ -4,7 +4,8 @@
 //! SASRec text, Qilin CSV, a generic JSONL), but the trainer needs one thing: plain `Vec<u32>`
 //! prompts with a target span. This crate turns every layout into one canonical in-memory model
 //! ([`Dataset`]), builds leave-one-out examples from it ([`build_examples`]), tokenises them
-//! ([`tokenize_examples`]) and writes a prepared-dataset directory ([`write_prepared`]).
+//! ([`tokenize_examples`]) and writes a prepared-dataset directory ([`write_prepared`]), which
+//! [`read_prepared`] reads back (checksums verified) for training.
 //!
 //! Invariants it keeps, stated as absences:
 //! - it never creates a tensor and depends on no workspace crate but `gems-rng` (the seeded
@@ -40,7 +41,10 @@ pub use load::{
     resolve_dataset,
 };
 pub use model::{BehaviourSequence, Catalogue, Dataset, Event, EventKind, Item};
-pub use prepare::{Manifest, PrepareConfig, Prepared, Stats, prepare, read_stats, write_prepared};
+pub use prepare::{
+    Manifest, PrepareConfig, Prepared, PreparedDir, Stats, prepare, read_manifest, read_prepared,
+    read_stats, write_prepared,
+};
 pub use prompt::{TokenizedExample, tokenize_examples};
 pub use text::{QuerySynthesis, clean_text, synthesize_queries};
 pub use tokenizer::{HfTokenizer, TextTokenizer};

@@ -553,3 +553,184 @@ pub fn read_stats(dir: &Path) -> Result<Stats> {
         distinct_search_queries: all_queries.len(),
     })
 }
+
+/// A prepared directory read back ([`read_prepared`]): what `gems train --data` trains on.
+#[derive(Debug, Clone)]
+pub struct PreparedDir {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The item vocabulary, by index.
+    pub items: Vec<VocabEntry>,
+    /// User ids by user index (`manifest.counts.users` of them). A user with a single event has
+    /// no example, so its id is not in the directory: its entry is empty.
+    pub users: Vec<String>,
+    /// The examples, in split then task order and in build order within each file: the order
+    /// of [`Prepared::examples`] once grouped by split and task.
+    pub examples: Vec<Example>,
+    /// The stored tokenisation of each example, when the directory was tokenised.
+    pub tokenized: Option<Vec<TokenizedExample>>,
+    /// The file and 1-based line each example was read from (for error messages).
+    pub origins: Vec<(PathBuf, usize)>,
+}
+
+/// Reads a prepared directory written by [`write_prepared`] (`gems data prepare`).
+///
+/// The checks, in order: `dir` is a directory; it holds `manifest.json` with this crate's
+/// [`FORMAT_VERSION`]; every file matches `checksums.json` ([`gems_io::verify_dir`]); the
+/// vocabulary and example files are well formed and their indices in range.
+///
+/// # Errors
+/// The first failed check, naming the file (and the line for malformed records).
+pub fn read_prepared(dir: &Path) -> Result<PreparedDir> {
+    let (manifest_path, text) = manifest_text(dir)?;
+    gems_io::verify_dir(dir)?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| Error::malformed(&manifest_path, e.line(), format!("bad manifest: {e}")))?;
+
+    let items_path = dir.join("items.json");
+    let items_text = std::fs::read_to_string(&items_path).map_err(|e| Error::io(&items_path, e))?;
+    let items: Vec<VocabEntry> = serde_json::from_str(&items_text)
+        .map_err(|e| Error::malformed(&items_path, e.line(), format!("bad vocabulary: {e}")))?;
+    if let Some((i, entry)) = items.iter().enumerate().find(|(i, e)| e.index as usize != *i) {
+        return Err(Error::malformed(
+            &items_path,
+            1,
+            format!("entry {i} has index {} (indices must be 0, 1, 2, ...)", entry.index),
+        ));
+    }
+    if items.len() != manifest.counts.items {
+        return Err(Error::malformed(
+            &items_path,
+            1,
+            format!("{} items, but manifest.json counts {}", items.len(), manifest.counts.items),
+        ));
+    }
+    let n_items = items.len() as u32;
+    let n_users = manifest.counts.users;
+    let mut users = vec![String::new(); n_users];
+    let mut examples = Vec::new();
+    let mut tokenized = Vec::new();
+    let mut origins = Vec::new();
+    for split in Split::ALL {
+        for task in Task::ALL {
+            let path = dir.join(format!("{}.{}.jsonl", split.name(), task.name()));
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+                let line = line.map_err(|e| Error::io(&path, e))?;
+                let bad = |message: String| Error::malformed(&path, index + 1, message);
+                let record: ExampleRecord =
+                    serde_json::from_str(&line).map_err(|e| bad(format!("bad example: {e}")))?;
+                if record.split != split || record.task != task {
+                    return Err(bad(format!(
+                        "a {} {} example in the {} {} file",
+                        record.split.name(),
+                        record.task.name(),
+                        split.name(),
+                        task.name()
+                    )));
+                }
+                let user = record.user_index as usize;
+                if user >= n_users {
+                    return Err(bad(format!(
+                        "user_index {user} out of range ({n_users} users in manifest.json)"
+                    )));
+                }
+                if users[user].is_empty() {
+                    users[user] = record.user.clone();
+                } else if users[user] != record.user {
+                    return Err(bad(format!(
+                        "user_index {user} is user {:?} here but {:?} elsewhere",
+                        record.user, users[user]
+                    )));
+                }
+                let all_items = record.history.iter().chain(&record.negatives);
+                if let Some(bad_item) = all_items.chain([&record.target]).find(|&&i| i >= n_items) {
+                    return Err(bad(format!(
+                        "item index {bad_item} out of range ({n_items} items in items.json)"
+                    )));
+                }
+                match (manifest.tokenized, record.input_ids, record.target_span) {
+                    (true, Some(input_ids), Some(target_span)) => {
+                        tokenized.push(TokenizedExample { input_ids, target_span });
+                    }
+                    (true, _, _) => {
+                        return Err(bad(
+                            "no input_ids or target_span, but manifest.json says tokenized".into(),
+                        ));
+                    }
+                    (false, _, _) => {}
+                }
+                examples.push(Example {
+                    user: record.user_index,
+                    position: record.position,
+                    split,
+                    task,
+                    history: record.history,
+                    query: record.query,
+                    target: record.target,
+                    negatives: record.negatives,
+                });
+                origins.push((path.clone(), index + 1));
+            }
+        }
+    }
+    Ok(PreparedDir {
+        dir: dir.to_path_buf(),
+        tokenized: manifest.tokenized.then_some(tokenized),
+        manifest,
+        items,
+        users,
+        examples,
+        origins,
+    })
+}
+
+/// `dir/manifest.json` and its text, after checking that `dir` exists, holds it, and that it is
+/// of this crate's [`FORMAT_VERSION`].
+fn manifest_text(dir: &Path) -> Result<(PathBuf, String)> {
+    if !dir.is_dir() {
+        return Err(Error::Dataset {
+            path: dir.to_path_buf(),
+            message: "not a directory (expected one written by `gems data prepare --out`)".into(),
+        });
+    }
+    let manifest_path = dir.join("manifest.json");
+    if !manifest_path.is_file() {
+        return Err(Error::Dataset {
+            path: manifest_path,
+            message: "missing: not a prepared dataset (write one with `gems data prepare`)".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+    // The version first, from the raw JSON, so another layout is named as such rather than
+    // reported as a parse error of its first unexpected field.
+    let raw: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::malformed(&manifest_path, e.line(), format!("bad manifest: {e}")))?;
+    match raw.get("format_version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(FORMAT_VERSION) => Ok((manifest_path, text)),
+        other => {
+            let found = other.map_or_else(|| "none".to_string(), |v| v.to_string());
+            Err(Error::Dataset {
+                path: manifest_path,
+                message: format!(
+                    "format_version {found}, but this gems reads version {FORMAT_VERSION}: \
+                     prepare the dataset again with this version"
+                ),
+            })
+        }
+    }
+}
+
+/// The manifest of a prepared directory, checked as [`read_prepared`] checks it but without
+/// reading (or verifying) the other files: for settings that must be known before training.
+///
+/// # Errors
+/// `dir` is not a prepared directory, its manifest is missing, malformed or of another
+/// [`FORMAT_VERSION`].
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let (path, text) = manifest_text(dir)?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::malformed(&path, e.line(), format!("bad manifest: {e}")))
+}

@@ -117,6 +117,12 @@ impl std::str::FromStr for EmbeddingPolicy {
 pub struct DataSettings {
     /// A dataset name (`scientific`, `beauty`, `qilin_toy`) or a dataset directory.
     pub dataset: String,
+    /// A directory written by `gems data prepare` to train on instead of preparing `dataset`
+    /// here. Its manifest then decides the examples (format, queries, unknown items, task
+    /// assignment), and `max_history`, `negatives` and `seed` must equal its settings
+    /// (`gems train --data DIR` copies them, and the dataset name, from the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PathBuf>,
     /// Where dataset names are looked up.
     pub data_root: PathBuf,
     /// History items kept per prompt (most recent last).
@@ -133,6 +139,7 @@ impl Default for DataSettings {
     fn default() -> Self {
         Self {
             dataset: "scientific".into(),
+            prepared: None,
             data_root: PathBuf::from("../shared/data"),
             max_history: 20,
             negatives: 99,

@@ -14,7 +14,7 @@ use gems_data::{
 };
 use gems_model::{ItemInit, ItemSpec, Pretrained, add_items};
 
-use crate::config::TrainConfig;
+use crate::config::{DataSettings, TrainConfig};
 use crate::error::{Result, TrainError};
 
 /// The path of the model a configuration names (the fetched default when none is given).
@@ -156,33 +156,145 @@ pub fn load_model(path: &Path, keep_layers: Option<usize>, device: &Device) -> R
     Ok(p)
 }
 
-/// Builds the corpus with `pretrained`'s tokenizer and adds missing item tokens to the model.
-///
-/// # Errors
-/// The dataset does not load; the model's item tokens do not match the catalogue.
-pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> {
-    let d = &config.data;
+/// The data of a run before it meets the model: the catalogue, the users and the examples with
+/// their tokenisation, from a raw dataset or a prepared directory.
+struct Source {
+    name: String,
+    prepare: PrepareConfig,
+    titles: Vec<String>,
+    categories: Vec<Vec<String>>,
+    item_ids: Vec<String>,
+    users: Vec<String>,
+    examples: Vec<Example>,
+    tokenized: Vec<gems_data::TokenizedExample>,
+}
+
+/// Loads and prepares `data.dataset` (a name or a raw dataset directory) here.
+fn from_dataset(d: &DataSettings, text: &TextVocab) -> Result<Source> {
     let spec = resolve_dataset(&d.dataset, &d.data_root, None)?;
     let mut prep = PrepareConfig::from_spec(&spec);
     prep.build.max_history = d.max_history;
     prep.build.n_negatives = d.negatives;
     prep.build.seed = d.seed;
+    let prepared = prepare(&spec.dir, &prep, Some(text))?;
+    let tokenized = prepared
+        .tokenized
+        .ok_or_else(|| TrainError::Training("preparation returned no tokenisation".into()))?;
+    let catalogue = prepared.dataset.catalogue.items();
+    Ok(Source {
+        name: spec.name.clone(),
+        prepare: prep,
+        titles: catalogue.iter().map(|i| i.title.clone()).collect(),
+        categories: catalogue.iter().map(|i| i.categories.clone()).collect(),
+        item_ids: catalogue.iter().map(|i| i.id.clone()).collect(),
+        users: prepared.dataset.users.iter().map(|u| u.user.clone()).collect(),
+        examples: prepared.examples,
+        tokenized,
+    })
+}
 
+/// The settings of `data` that a prepared directory decides, for `gems train --data`: the
+/// dataset name, `max_history`, `negatives` and `seed` are copied from `dir`'s manifest and
+/// `prepared` is set to `dir`.
+///
+/// # Errors
+/// `dir` is not a prepared directory of this format version.
+pub fn adopt_prepared(data: &mut DataSettings, dir: &Path) -> Result<()> {
+    let manifest = gems_data::read_manifest(dir)?;
+    let build = &manifest.config.build;
+    data.prepared = Some(dir.to_path_buf());
+    data.dataset = manifest.config.dataset.clone();
+    data.max_history = build.max_history;
+    data.negatives = build.n_negatives;
+    data.seed = build.seed;
+    Ok(())
+}
+
+/// Reads the directory `gems data prepare` wrote (checksums verified) and tokenises its examples
+/// with `text`, exactly as [`from_dataset`] does. Token ids stored in the directory must equal
+/// those: a directory tokenised with another tokenizer is refused.
+fn from_prepared(dir: &Path, d: &DataSettings, text: &TextVocab) -> Result<Source> {
+    let p = gems_data::read_prepared(dir)?;
+    let manifest_path = dir.join("manifest.json");
+    let build = &p.manifest.config.build;
+    let settings = [
+        ("max_history", d.max_history as u64, build.max_history as u64),
+        ("negatives", d.negatives as u64, build.n_negatives as u64),
+        ("seed", d.seed, build.seed),
+    ];
+    if let Some((field, ours, theirs)) = settings.iter().find(|(_, a, b)| a != b) {
+        return Err(TrainError::Config(format!(
+            "data.{field} is {ours} but {} was prepared with {theirs}: the prepared directory \
+             decides it, so set data.{field} to {theirs} (`gems train --data` does)",
+            manifest_path.display()
+        )));
+    }
+    let tokenized = gems_data::tokenize_examples(&p.examples, text)?;
+    if let Some(stored) = &p.tokenized {
+        if let Some(info) = &p.manifest.tokenizer
+            && (info.vocab_size, info.eos_id) != (text.vocab_size(), text.eos_id())
+        {
+            return Err(TrainError::Config(format!(
+                "{} was tokenised with a tokenizer of {} text tokens and end-of-sequence id {}, \
+                 but the model's has {} and {}: prepare the dataset again with the model's \
+                 tokenizer.json, or without --tokenizer",
+                manifest_path.display(),
+                info.vocab_size,
+                info.eos_id,
+                text.vocab_size(),
+                text.eos_id()
+            )));
+        }
+        if let Some(i) = (0..stored.len()).find(|&i| stored[i] != tokenized[i]) {
+            let (file, line) = &p.origins[i];
+            return Err(TrainError::Config(format!(
+                "{}:{line}: the stored input_ids differ from the model's tokenisation of the \
+                 same prompt (prepared with another tokenizer): prepare the dataset again with \
+                 the model's tokenizer.json, or without --tokenizer",
+                file.display()
+            )));
+        }
+    }
+    Ok(Source {
+        name: p.manifest.config.dataset.clone(),
+        prepare: p.manifest.config.clone(),
+        titles: p.items.iter().map(|i| i.title.clone()).collect(),
+        categories: p.items.iter().map(|i| i.categories.clone()).collect(),
+        item_ids: p.items.iter().map(|i| i.id.clone()).collect(),
+        users: p.users,
+        examples: p.examples,
+        tokenized,
+    })
+}
+
+/// Builds the corpus with `pretrained`'s tokenizer and adds missing item tokens to the model.
+///
+/// The data is `config.data.prepared` (a directory written by `gems data prepare`) when set,
+/// else `config.data.dataset` prepared here with the configuration's settings.
+///
+/// # Errors
+/// The dataset does not load; the prepared directory is damaged or disagrees with the
+/// configuration or the model's tokenizer; the model's item tokens do not match the catalogue.
+pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> {
+    let d = &config.data;
     let existing = pretrained.tokenizer.token_to_id(&gems_data::prompt::item_token(0));
     let tokenizer = HfTokenizer::new(pretrained.tokenizer.clone(), None)?;
     let base = existing.unwrap_or_else(|| tokenizer.vocab_size());
     let text = TextVocab { inner: tokenizer, base };
-    let prepared = prepare(&spec.dir, &prep, Some(&text))?;
-    let catalogue = prepared.dataset.catalogue.items();
-    let n = catalogue.len();
+    let source = match &d.prepared {
+        Some(dir) => from_prepared(dir, d, &text)?,
+        None => from_dataset(d, &text)?,
+    };
+    let n = source.titles.len();
 
     if existing.is_none() {
-        let specs: Vec<ItemSpec> = catalogue
+        let specs: Vec<ItemSpec> = source
+            .titles
             .iter()
             .enumerate()
-            .map(|(i, it)| ItemSpec {
+            .map(|(i, title)| ItemSpec {
                 id: i.to_string(),
-                title: (!it.title.is_empty()).then(|| it.title.clone()),
+                title: (!title.is_empty()).then(|| title.clone()),
             })
             .collect();
         let init = if config.model.title_init {
@@ -212,24 +324,20 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         )));
     }
 
-    let tokenized = prepared
-        .tokenized
-        .as_ref()
-        .ok_or_else(|| TrainError::Training("preparation returned no tokenisation".into()))?;
     let mut samples: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
-    for (example, tok) in prepared.examples.iter().zip(tokenized) {
+    for (example, tok) in source.examples.iter().zip(&source.tokenized) {
         samples.entry((example.split, example.task)).or_default().push(sample(example, tok));
     }
     let corpus = Corpus {
-        dataset: spec.name.clone(),
+        dataset: source.name,
         base_vocab: base,
         eos_id: text.eos_id(),
-        titles: catalogue.iter().map(|i| i.title.clone()).collect(),
-        categories: catalogue.iter().map(|i| i.categories.clone()).collect(),
-        item_ids: catalogue.iter().map(|i| i.id.clone()).collect(),
-        users: prepared.dataset.users.iter().map(|u| u.user.clone()).collect(),
+        titles: source.titles,
+        categories: source.categories,
+        item_ids: source.item_ids,
+        users: source.users,
         samples,
-        prepare: prep,
+        prepare: source.prepare,
     };
     Ok(Setup { pretrained, corpus, text })
 }
