@@ -221,16 +221,12 @@ impl OptimizerConfig {
 
     /// Whether tuned matrices go through subspaces.
     pub fn uses_subspaces(&self) -> bool {
-        matches!(self.method, Method::Gems | Method::Galore)
+        !self.subspaces().is_empty()
     }
 
-    /// The subspaces each tuned matrix keeps.
+    /// The subspaces each tuned matrix keeps (none for the methods without subspaces).
     pub fn subspaces(&self) -> &'static [Subspace] {
-        if self.method == Method::Galore || self.gems.single_subspace {
-            &[Subspace::Shared]
-        } else {
-            &[Subspace::Shared, Subspace::Rec, Subspace::Search]
-        }
+        self.method.rule().subspaces(&self.gems)
     }
 
     /// Checks ranges; called by [`crate::Optimizer::new`].

@@ -29,6 +29,7 @@ pub mod adam;
 pub mod config;
 pub mod error;
 pub mod matrix;
+pub mod methods;
 pub mod optimizer;
 pub mod state;
 
@@ -39,6 +40,7 @@ pub use config::{
 };
 pub use error::{OptimError, Result};
 pub use matrix::{MatrixGradients, MatrixState, RefreshReport, SubspaceState};
+pub use methods::{MethodRule, TaskTotals};
 pub use optimizer::{
     MatrixReport, Optimizer, StepGradients, StepReport, TaskGradient, heuristic_gates,
 };

@@ -1,4 +1,5 @@
-//! The module-level optimizer: every method behind one `step`.
+//! The module-level optimizer: every method behind one `step`; what distinguishes the methods
+//! is in [`crate::methods`].
 //!
 //! A step runs in three passes so that a failure never leaves a half-updated model:
 //!
@@ -22,9 +23,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{AdamMoments, apply_scaled_update, apply_update, bias_correction, update_scale};
-use crate::config::{GatePolicy, Method, OptimizerConfig, is_refresh_step, path_matches};
+use crate::config::{GatePolicy, OptimizerConfig, is_refresh_step, path_matches};
 use crate::error::{OptimError, Result};
 use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
+use crate::methods::{MethodRule, TaskTotals};
 
 /// One task's gradient for a step: the mean over its rows (or over the accumulation window),
 /// with the number of rows and the mean loss.
@@ -198,15 +200,7 @@ impl Optimizer {
         gradients: StepGradients,
     ) -> Result<(M, StepReport)> {
         // Pass 1: read.
-        let mut reader = Reader {
-            path: Vec::new(),
-            gradients: &gradients,
-            entries: Vec::new(),
-            ids: Vec::new(),
-        };
-        module.visit(&mut reader);
-        let Reader { entries, ids, .. } = reader;
-
+        let (entries, ids) = read_module(module, &gradients);
         let losses =
             (gradients.rec.as_ref().map(|g| g.loss), gradients.search.as_ref().map(|g| g.loss));
         let stats = read_statistics(&entries)?;
@@ -224,72 +218,28 @@ impl Optimizer {
             updated_parameters: 0,
             matrices: Vec::new(),
         };
-        let non_finite_loss = [losses.0, losses.1].into_iter().flatten().any(|l| !l.is_finite());
-        let non_finite_grad = stats.iter().position(|s| !s.finite());
-        if non_finite_loss || non_finite_grad.is_some() {
+        if let Some(reason) = non_finite(&entries, &stats, losses) {
             self.skipped += 1;
-            report.skipped = Some(match non_finite_grad {
-                Some(i) => format!("non-finite gradient in `{}`", entries[i].path),
-                None => format!("non-finite loss (rec {:?}, search {:?})", losses.0, losses.1),
-            });
+            report.skipped = Some(reason);
             report.step = self.step;
             report.skipped_total = self.skipped;
             return Ok((module.clone(), report));
         }
-
-        // Shared gradients (and PCGrad surgery).
-        let n_rec = gradients.rec.as_ref().map_or(0, |g| g.samples) as f64;
-        let n_src = gradients.search.as_ref().map_or(0, |g| g.samples) as f64;
-        let total = n_rec + n_src;
-        let (w_rec, w_src) = if total > 0.0 { (n_rec / total, n_src / total) } else { (0.5, 0.5) };
-        let dot: f64 = stats.iter().map(|s| s.dot).sum();
-        let (rec_sq, src_sq): (f64, f64) =
-            (stats.iter().map(|s| s.rec_sq).sum(), stats.iter().map(|s| s.search_sq).sum());
-        // PCGrad with two tasks: each gradient loses its component along the other when the
-        // global dot product is negative (both use the originals).
-        let (pc_rec, pc_src) = if self.config.method == Method::PcGrad && dot < 0.0 {
-            (
-                if src_sq > 0.0 { dot / src_sq } else { 0.0 },
-                if rec_sq > 0.0 { dot / rec_sq } else { 0.0 },
-            )
-        } else {
-            (0.0, 0.0)
-        };
-        let shared_of = |e: &ParamEntry| -> Option<Tensor<1>> {
-            if e.shared.is_some() && self.config.method != Method::PcGrad {
-                return e.shared.clone();
-            }
-            let rec = e.rec.clone().map(|r| match (&e.search, pc_rec != 0.0) {
-                (Some(s), true) => r.sub(s.clone().mul_scalar(pc_rec)),
-                _ => r,
-            });
-            let src = e.search.clone().map(|s| match (&e.rec, pc_src != 0.0) {
-                (Some(r), true) => s.sub(r.clone().mul_scalar(pc_src)),
-                _ => s,
-            });
-            match (rec, src) {
-                (Some(r), Some(s)) => Some(r.mul_scalar(w_rec).add(s.mul_scalar(w_src))),
-                (Some(r), None) => Some(r),
-                (None, Some(s)) => Some(s),
-                (None, None) => e.shared.clone(),
-            }
-        };
-
-        // Gates from the tuned matrices' gradient norms.
-        let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
-        let (tuned_rec, tuned_src) = stats
-            .iter()
-            .zip(&tuned)
-            .filter(|(_, t)| **t)
-            .fold((0.0, 0.0), |acc, (s, _)| (acc.0 + s.rec_sq, acc.1 + s.search_sq));
-        report.gates = match self.config.gems.gates {
-            GatePolicy::Unit => (1.0, 1.0),
-            GatePolicy::Heuristic => heuristic_gates(
-                (losses.0.unwrap_or(0.0), losses.1.unwrap_or(0.0)),
-                (tuned_rec.sqrt(), tuned_src.sqrt()),
-                (n_rec, n_src),
+        let samples = (
+            gradients.rec.as_ref().map_or(0, |g| g.samples) as f64,
+            gradients.search.as_ref().map_or(0, |g| g.samples) as f64,
+        );
+        let totals = TaskTotals {
+            samples,
+            squared_norms: (
+                stats.iter().map(|s| s.rec_sq).sum(),
+                stats.iter().map(|s| s.search_sq).sum(),
             ),
+            dot: stats.iter().map(|s| s.dot).sum(),
         };
+        let combine = Combine::new(self.config.method.rule(), &totals);
+        let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
+        report.gates = self.gates(losses, samples, &stats, &tuned);
 
         // Pass 2: compute. Nothing in `self` changes until every fallible part has succeeded:
         // tuned matrices step on their own copy of their state (cheap: bases are shared, not
@@ -297,53 +247,118 @@ impl Optimizer {
         // parameters are checked here and updated in place after the matrices.
         let t = self.step + 1;
         let correction = bias_correction(t, self.config.beta1, self.config.beta2);
-        let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
-        // Tuned matrices are collected as work items that own their state, so that refresh
-        // steps (hundreds of host SVDs) can run across threads.
+        let (mut work, plain) = self.collect_work(&entries, &ids, &tuned, &combine)?;
         let step_scale = update_scale(lr, correction, self.config.weight_decay);
-        let mut work: Vec<MatrixWork<'_>> = Vec::new();
-        let mut plain: Vec<(usize, Tensor<1>)> = Vec::new();
+        self.run_matrices(&mut work, &entries, t, report.gates, step_scale);
+        let stepped = self.finish_matrices(work, &entries, &stats, lr, &mut report)?;
+        // Every fallible part is done: commit the matrices' states and update the AdamW
+        // parameters in place (their shapes were checked by `collect_work`).
+        let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
+        for (path, id, state, value) in stepped {
+            self.matrices.insert(path, state);
+            new_values.insert(id, value);
+        }
+        for (index, shared) in plain {
+            let value = self.adamw(&entries[index], shared, lr, correction);
+            new_values.insert(ids[index], value);
+        }
+        report.updated_parameters = new_values.len();
+
+        // Pass 3: write.
+        let mut writer = Writer { values: new_values };
+        let module = module.clone().map(&mut writer);
+        self.step = t;
+        report.step = t;
+        Ok((module, report))
+    }
+
+    /// The task gates from the tuned matrices' gradient norms (GEMS-SPEC §3 step 7).
+    fn gates(
+        &self,
+        losses: (Option<f64>, Option<f64>),
+        samples: (f64, f64),
+        stats: &[GradStats],
+        tuned: &[bool],
+    ) -> (f64, f64) {
+        let (tuned_rec, tuned_src) = stats
+            .iter()
+            .zip(tuned)
+            .filter(|(_, t)| **t)
+            .fold((0.0, 0.0), |acc, (s, _)| (acc.0 + s.rec_sq, acc.1 + s.search_sq));
+        match self.config.gems.gates {
+            GatePolicy::Unit => (1.0, 1.0),
+            GatePolicy::Heuristic => heuristic_gates(
+                (losses.0.unwrap_or(0.0), losses.1.unwrap_or(0.0)),
+                (tuned_rec.sqrt(), tuned_src.sqrt()),
+                samples,
+            ),
+        }
+    }
+
+    /// Sorts the parameters with a gradient the method updates into tuned matrices (work items
+    /// that own a copy of their state) and AdamW parameters (index, shared gradient), checking
+    /// the AdamW moments' shapes.
+    fn collect_work<'a>(
+        &'a self,
+        entries: &[ParamEntry],
+        ids: &[ParamId],
+        tuned: &[bool],
+        combine: &Combine,
+    ) -> Result<(Vec<MatrixWork<'a>>, Vec<PlainGradient>)> {
+        let rule = self.config.method.rule();
+        let mut work = Vec::new();
+        let mut plain = Vec::new();
         for (index, (entry, (&id, &is_tuned))) in
-            entries.iter().zip(ids.iter().zip(&tuned)).enumerate()
+            entries.iter().zip(ids.iter().zip(tuned)).enumerate()
         {
-            let Some(shared) = shared_of(entry) else { continue };
-            if self.config.method == Method::Lora
-                && !self.config.trainable.iter().any(|p| path_matches(p, &entry.path))
-            {
+            let Some(shared) = combine.shared(entry) else { continue };
+            if !rule.updates(&self.config, &entry.path) {
                 continue;
             }
-            if is_tuned {
-                let [rows, cols] = [entry.dims[0], entry.dims[1]];
-                let as_matrix = |g: Tensor<1>| -> Tensor<2> { g.reshape([rows, cols]) };
-                let state = match self.matrices.get(&entry.path) {
-                    Some(state) => state.clone(),
-                    None => MatrixState::new([rows, cols], &self.config),
-                };
-                let projector = if self.config.gems.null_space {
-                    self.projectors.get(&entry.path).map(Arc::as_ref)
-                } else {
-                    None
-                };
-                work.push(MatrixWork {
-                    index,
-                    id,
-                    state,
-                    projector,
-                    gradients: Some(MatrixGradients {
-                        shared: as_matrix(shared),
-                        rec: entry.rec.clone().map(as_matrix),
-                        search: entry.search.clone().map(as_matrix),
-                    }),
-                    result: None,
-                });
-            } else {
+            if !is_tuned {
                 if let Some(moments) = self.adam.get(&entry.path) {
                     moments.check_shape(&shared, &entry.path)?;
                 }
                 plain.push((index, shared));
+                continue;
             }
+            let [rows, cols] = [entry.dims[0], entry.dims[1]];
+            let as_matrix = |g: Tensor<1>| -> Tensor<2> { g.reshape([rows, cols]) };
+            let state = match self.matrices.get(&entry.path) {
+                Some(state) => state.clone(),
+                None => MatrixState::new([rows, cols], &self.config),
+            };
+            let projector = if self.config.gems.null_space {
+                self.projectors.get(&entry.path).map(Arc::as_ref)
+            } else {
+                None
+            };
+            work.push(MatrixWork {
+                index,
+                id,
+                state,
+                projector,
+                gradients: Some(MatrixGradients {
+                    shared: as_matrix(shared),
+                    rec: entry.rec.clone().map(as_matrix),
+                    search: entry.search.clone().map(as_matrix),
+                }),
+                result: None,
+            });
         }
-        let gates = report.gates;
+        Ok((work, plain))
+    }
+
+    /// Steps every tuned matrix on its own state; across threads on refresh steps, whose host
+    /// SVDs dominate.
+    fn run_matrices(
+        &self,
+        work: &mut [MatrixWork<'_>],
+        entries: &[ParamEntry],
+        t: u64,
+        gates: (f64, f64),
+        step_scale: f64,
+    ) {
         let config = &self.config;
         let run = |w: &mut MatrixWork<'_>| {
             if let Some(gradients) = w.gradients.take() {
@@ -352,15 +367,25 @@ impl Optimizer {
                     Some(w.state.step(path, t, gradients, w.projector, gates, step_scale, config));
             }
         };
-        let refresh_step =
-            config.uses_subspaces() && is_refresh_step(t, config.gems.update_proj_gap);
-        if refresh_step {
+        if config.uses_subspaces() && is_refresh_step(t, config.gems.update_proj_gap) {
             work.par_iter_mut().for_each(run);
         } else {
             work.iter_mut().for_each(run);
         }
+    }
+
+    /// The tuned matrices' new values and states (path, id, state, value), with their reports;
+    /// the first failure is returned and nothing is committed.
+    fn finish_matrices(
+        &self,
+        work: Vec<MatrixWork<'_>>,
+        entries: &[ParamEntry],
+        stats: &[GradStats],
+        lr: f64,
+        report: &mut StepReport,
+    ) -> Result<Vec<(String, ParamId, MatrixState, Tensor<1>)>> {
         let mut cosines = Vec::new();
-        let mut stepped: Vec<(String, MatrixState)> = Vec::with_capacity(work.len());
+        let mut stepped = Vec::with_capacity(work.len());
         for w in work {
             let entry = &entries[w.index];
             let stat = &stats[w.index];
@@ -383,36 +408,105 @@ impl Optimizer {
                 lr,
                 self.config.weight_decay,
             );
-            new_values.insert(w.id, value);
-            stepped.push((entry.path.clone(), w.state));
-        }
-        // Every fallible part is done: commit the matrices' states and update the AdamW
-        // parameters in place (their shapes were checked above).
-        self.matrices.extend(stepped);
-        for (index, shared) in plain {
-            let entry = &entries[index];
-            let moments = match self.adam.remove(&entry.path) {
-                Some(m) => m,
-                None => AdamMoments::zeros_like(&shared),
-            };
-            let (moments, n) =
-                moments.advance(shared, self.config.beta1, self.config.beta2, self.config.eps);
-            self.adam.insert(entry.path.clone(), moments);
-            let value =
-                apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
-            new_values.insert(ids[index], value);
+            stepped.push((entry.path.clone(), w.id, w.state, value));
         }
         report.mean_cosine =
             (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
-        report.updated_parameters = new_values.len();
-
-        // Pass 3: write.
-        let mut writer = Writer { values: new_values };
-        let module = module.clone().map(&mut writer);
-        self.step = t;
-        report.step = t;
-        Ok((module, report))
+        Ok(stepped)
     }
+
+    /// AdamW on one parameter: advances (or creates) its moments and returns its new value.
+    fn adamw(
+        &mut self,
+        entry: &ParamEntry,
+        shared: Tensor<1>,
+        lr: f64,
+        correction: f64,
+    ) -> Tensor<1> {
+        let moments = match self.adam.remove(&entry.path) {
+            Some(m) => m,
+            None => AdamMoments::zeros_like(&shared),
+        };
+        let (moments, n) =
+            moments.advance(shared, self.config.beta1, self.config.beta2, self.config.eps);
+        self.adam.insert(entry.path.clone(), moments);
+        apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay)
+    }
+}
+
+/// An AdamW parameter of a step: its index among the entries and its shared gradient.
+type PlainGradient = (usize, Tensor<1>);
+
+/// Why a step must be skipped, if it must: a non-finite loss or gradient.
+fn non_finite(
+    entries: &[ParamEntry],
+    stats: &[GradStats],
+    losses: (Option<f64>, Option<f64>),
+) -> Option<String> {
+    let non_finite_loss = [losses.0, losses.1].into_iter().flatten().any(|l| !l.is_finite());
+    match stats.iter().position(|s| !s.finite()) {
+        Some(i) => Some(format!("non-finite gradient in `{}`", entries[i].path)),
+        None if non_finite_loss => {
+            Some(format!("non-finite loss (rec {:?}, search {:?})", losses.0, losses.1))
+        }
+        None => None,
+    }
+}
+
+/// How a parameter's shared gradient is formed: the method's surgery on the task gradients,
+/// then the mean weighted by rows, or the separately computed shared gradient where the method
+/// accepts it (GEMS-SPEC §3 step 1).
+struct Combine {
+    weights: (f64, f64),
+    surgery: (f64, f64),
+    accepts_shared: bool,
+}
+
+impl Combine {
+    fn new(rule: &dyn MethodRule, totals: &TaskTotals) -> Self {
+        let (n_rec, n_src) = totals.samples;
+        let total = n_rec + n_src;
+        let weights = if total > 0.0 { (n_rec / total, n_src / total) } else { (0.5, 0.5) };
+        Self {
+            weights,
+            surgery: rule.surgery(totals),
+            accepts_shared: rule.accepts_shared_gradient(),
+        }
+    }
+
+    /// The shared gradient of one parameter (None when it has no gradient at all).
+    fn shared(&self, e: &ParamEntry) -> Option<Tensor<1>> {
+        if e.shared.is_some() && self.accepts_shared {
+            return e.shared.clone();
+        }
+        let (pc_rec, pc_src) = self.surgery;
+        let rec = e.rec.clone().map(|r| match (&e.search, pc_rec != 0.0) {
+            (Some(s), true) => r.sub(s.clone().mul_scalar(pc_rec)),
+            _ => r,
+        });
+        let src = e.search.clone().map(|s| match (&e.rec, pc_src != 0.0) {
+            (Some(r), true) => s.sub(r.clone().mul_scalar(pc_src)),
+            _ => s,
+        });
+        let (w_rec, w_src) = self.weights;
+        match (rec, src) {
+            (Some(r), Some(s)) => Some(r.mul_scalar(w_rec).add(s.mul_scalar(w_src))),
+            (Some(r), None) => Some(r),
+            (None, Some(s)) => Some(s),
+            (None, None) => e.shared.clone(),
+        }
+    }
+}
+
+/// Pass 1: the paths, values and gradients of every float parameter that has a gradient, and
+/// their ids.
+fn read_module<M: Module>(
+    module: &M,
+    gradients: &StepGradients,
+) -> (Vec<ParamEntry>, Vec<ParamId>) {
+    let mut reader = Reader { path: Vec::new(), gradients, entries: Vec::new(), ids: Vec::new() };
+    module.visit(&mut reader);
+    (reader.entries, reader.ids)
 }
 
 /// w_k = 0.4 l_k + 0.4 q_k + 0.2 s_k, g_k = w_k / (w_rec + w_src); 0.5 for a share whose
