@@ -26,7 +26,7 @@ use tokenizers::Tokenizer;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::hf::Pretrained;
-use crate::llama::Llama;
+use crate::llama::{self, Llama};
 use crate::weights::{HostTensor, WeightMap};
 
 /// A GGUF metadata value.
@@ -953,9 +953,9 @@ fn tensor_layout(
 /// Maps a GGUF tensor name to its Hugging Face key; `None` for tensors the decoder ignores.
 pub fn hf_key(name: &str) -> Option<String> {
     let simple = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(llama::EMBED_TOKENS_KEY),
+        "output_norm.weight" => Some(llama::FINAL_NORM_KEY),
+        "output.weight" => Some(llama::LM_HEAD_KEY),
         _ => None,
     };
     if let Some(s) = simple {
@@ -977,7 +977,7 @@ pub fn hf_key(name: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    Some(format!("{}.{hf}.{suffix}", llama::layer_prefix(layer)))
 }
 
 /// Undoes llama.cpp's Q/K permutation: GGUF row `h*hd + 2i + j` holds HF row `h*hd + j*hd/2 + i`.

@@ -312,11 +312,12 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = traced(&self.q_proj, "self_attn.q_proj", x.clone(), trace);
+        let [q_path, k_path, v_path, o_path, ..] = PROJECTION_PATHS;
+        let q = traced(&self.q_proj, q_path, x.clone(), trace);
         let q = q.reshape([b, t, h, hd]).swap_dims(1, 2);
-        let k = traced(&self.k_proj, "self_attn.k_proj", x.clone(), trace);
+        let k = traced(&self.k_proj, k_path, x.clone(), trace);
         let k = k.reshape([b, t, kv, hd]).swap_dims(1, 2);
-        let v = traced(&self.v_proj, "self_attn.v_proj", x, trace);
+        let v = traced(&self.v_proj, v_path, x, trace);
         let v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
         let q = apply_rope(q, rope);
         let mut k = apply_rope(k, rope);
@@ -342,7 +343,7 @@ impl Attention {
         let bias = bias.map(|m| m.expand([b, h, t, tk]));
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: t > 1 };
         let out = burn::tensor::module::attention(q, k, v, None, bias, options);
-        traced(&self.o_proj, "self_attn.o_proj", out.swap_dims(1, 2).reshape([b, t, h * hd]), trace)
+        traced(&self.o_proj, o_path, out.swap_dims(1, 2).reshape([b, t, h * hd]), trace)
     }
 }
 
@@ -358,10 +359,94 @@ fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
 
 impl Mlp {
     fn forward(&self, x: Tensor<3>, trace: &mut Option<LayerTrace<'_>>) -> Tensor<3> {
-        let g = silu(traced(&self.gate_proj, "mlp.gate_proj", x.clone(), trace));
-        let u = traced(&self.up_proj, "mlp.up_proj", x, trace);
-        traced(&self.down_proj, "mlp.down_proj", g * u, trace)
+        let [.., gate_path, up_path, down_path] = PROJECTION_PATHS;
+        let g = silu(traced(&self.gate_proj, gate_path, x.clone(), trace));
+        let u = traced(&self.up_proj, up_path, x, trace);
+        traced(&self.down_proj, down_path, g * u, trace)
     }
+}
+
+/// Hugging Face key of the token embedding.
+pub const EMBED_TOKENS_KEY: &str = "model.embed_tokens.weight";
+/// Hugging Face key of the final norm.
+pub const FINAL_NORM_KEY: &str = "model.norm.weight";
+/// Hugging Face key of the untied output head.
+pub const LM_HEAD_KEY: &str = "lm_head.weight";
+/// Paths of a decoder layer's seven projections relative to the layer, in the fixed order of
+/// [`DecoderLayer::projections`] (attention q, k, v, o, then MLP gate, up, down).
+pub const PROJECTION_PATHS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+/// Paths of a decoder layer's two norms relative to the layer (before attention, before MLP).
+pub const LAYER_NORM_PATHS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+
+/// Hugging Face key prefix of decoder layer `i`, `model.layers.{i}`.
+pub fn layer_prefix(i: usize) -> String {
+    format!("model.layers.{i}")
+}
+
+/// One projection of a decoder layer as the checkpoint stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectionSpec {
+    /// Path relative to the layer, e.g. `self_attn.q_proj` (one of [`PROJECTION_PATHS`]).
+    pub path: &'static str,
+    /// PyTorch shape of `weight`, `[out, in]`.
+    pub shape: [usize; 2],
+    /// Whether the checkpoint has a `bias` of shape `[out]`.
+    pub bias: bool,
+}
+
+/// The checkpoint schema of one decoder layer: its seven projections in [`PROJECTION_PATHS`]
+/// order with their PyTorch shapes and biases (Qwen2 q/k/v bias, Llama `attention_bias`,
+/// `mlp_bias`). With [`LAYER_NORM_PATHS`] (each `[hidden_size]`) this is every tensor of a
+/// layer; [`layer_tensors`] lists them with full keys.
+pub fn layer_projections(config: &LlamaConfig) -> [ProjectionSpec; 7] {
+    let d = config.hidden_size;
+    let (h, kv, hd, ff) = (
+        config.num_attention_heads,
+        config.n_kv_heads(),
+        config.head_dim(),
+        config.intermediate_size,
+    );
+    let (qkv, o, mlp) = (config.qkv_bias(), config.o_bias(), config.mlp_bias());
+    let shapes = [
+        ([h * hd, d], qkv),
+        ([kv * hd, d], qkv),
+        ([kv * hd, d], qkv),
+        ([d, h * hd], o),
+        ([ff, d], mlp),
+        ([ff, d], mlp),
+        ([d, ff], mlp),
+    ];
+    let mut i = 0;
+    shapes.map(|(shape, bias)| {
+        let path = PROJECTION_PATHS[i];
+        i += 1;
+        ProjectionSpec { path, shape, bias }
+    })
+}
+
+/// Every tensor of decoder layer `i` as `(Hugging Face key, PyTorch shape)`, in checkpoint
+/// order: each projection's `weight` then its `bias` if any, then the two norms.
+pub fn layer_tensors(config: &LlamaConfig, i: usize) -> Vec<(String, Vec<usize>)> {
+    let p = layer_prefix(i);
+    let mut out = Vec::with_capacity(16);
+    for spec in layer_projections(config) {
+        out.push((format!("{p}.{}.weight", spec.path), spec.shape.to_vec()));
+        if spec.bias {
+            out.push((format!("{p}.{}.bias", spec.path), vec![spec.shape[0]]));
+        }
+    }
+    for norm in LAYER_NORM_PATHS {
+        out.push((format!("{p}.{norm}.weight"), vec![config.hidden_size]));
+    }
+    out
 }
 
 impl DecoderLayer {
@@ -369,28 +454,30 @@ impl DecoderLayer {
     /// order (attention q, k, v, o, then MLP gate, up, down).
     pub fn projections(&self) -> [(&'static str, &Linear); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
+        let [q, k, v, o, gate, up, down] = PROJECTION_PATHS;
         [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
+            (q, &a.q_proj),
+            (k, &a.k_proj),
+            (v, &a.v_proj),
+            (o, &a.o_proj),
+            (gate, &m.gate_proj),
+            (up, &m.up_proj),
+            (down, &m.down_proj),
         ]
     }
 
     /// [`projections`](Self::projections), mutable.
     pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let [q, k, v, o, gate, up, down] = PROJECTION_PATHS;
         [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
+            (q, &mut a.q_proj),
+            (k, &mut a.k_proj),
+            (v, &mut a.v_proj),
+            (o, &mut a.o_proj),
+            (gate, &mut m.gate_proj),
+            (up, &mut m.up_proj),
+            (down, &mut m.down_proj),
         ]
     }
 
@@ -423,56 +510,50 @@ impl Llama {
     pub fn from_weights(config: &LlamaConfig, w: &mut WeightMap, device: &Device) -> Result<Self> {
         config.validate(&w.source)?;
         let d = config.hidden_size;
-        let (h, kv, hd, ff) = (
-            config.num_attention_heads,
-            config.n_kv_heads(),
-            config.head_dim(),
-            config.intermediate_size,
-        );
-        let embed = w.take("embed_tokens.weight", &[config.vocab_size, d])?;
+        // `take` finds a key with or without `model.`; asking without it keeps the error's key
+        // as short as the checkpoint's own.
+        let rel = |key: &str| key.strip_prefix("model.").unwrap_or(key).to_string();
+        let embed = w.take(&rel(EMBED_TOKENS_KEY), &[config.vocab_size, d])?;
         let norm_of = |w: &mut WeightMap, key: String| -> Result<RmsNorm> {
             let t = w.take(&key, &[d])?;
             Ok(RmsNorm { weight: Param::from_tensor(tensor1(t, device)), eps: config.rms_norm_eps })
         };
-        let lin =
-            |w: &mut WeightMap, key: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                let wt = w.take(&format!("{key}.weight"), &[out, inp])?;
-                let b = if bias { Some(w.take(&format!("{key}.bias"), &[out])?) } else { None };
-                Ok(Linear::from_host(wt, b, device))
-            };
+        let lin = |w: &mut WeightMap, key: &str, shape: [usize; 2], bias: bool| -> Result<Linear> {
+            let wt = w.take(&format!("{key}.weight"), &shape)?;
+            let b = if bias { Some(w.take(&format!("{key}.bias"), &shape[..1])?) } else { None };
+            Ok(Linear::from_host(wt, b, device))
+        };
+        let specs = layer_projections(config);
+        let (h, kv, hd) = (config.num_attention_heads, config.n_kv_heads(), config.head_dim());
         // No capacity from the file: a hostile layer count must fail on a missing tensor, not allocate.
         let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
-            let p = format!("layers.{i}");
-            let qb = config.qkv_bias();
-            let self_attn = Attention {
-                q_proj: lin(w, &format!("{p}.self_attn.q_proj"), h * hd, d, qb)?,
-                k_proj: lin(w, &format!("{p}.self_attn.k_proj"), kv * hd, d, qb)?,
-                v_proj: lin(w, &format!("{p}.self_attn.v_proj"), kv * hd, d, qb)?,
-                o_proj: lin(w, &format!("{p}.self_attn.o_proj"), d, h * hd, config.o_bias())?,
-                n_heads: h,
-                n_kv_heads: kv,
-                head_dim: hd,
-            };
-            let mb = config.mlp_bias();
-            let mlp = Mlp {
-                gate_proj: lin(w, &format!("{p}.mlp.gate_proj"), ff, d, mb)?,
-                up_proj: lin(w, &format!("{p}.mlp.up_proj"), ff, d, mb)?,
-                down_proj: lin(w, &format!("{p}.mlp.down_proj"), d, ff, mb)?,
-            };
+            let p = rel(&layer_prefix(i));
+            // All seven are taken before the first error is reported: the same error as
+            // stopping at it, since they are checked in order.
+            let [q, k, v, o, gate, up, down] =
+                specs.map(|spec| lin(w, &format!("{p}.{}", spec.path), spec.shape, spec.bias));
+            let (q_proj, k_proj, v_proj, o_proj) = (q?, k?, v?, o?);
+            let (gate_proj, up_proj, down_proj) = (gate?, up?, down?);
+            let [input_norm, post_attention_norm] = LAYER_NORM_PATHS;
             layers.push(DecoderLayer {
-                self_attn,
-                mlp,
-                input_layernorm: norm_of(w, format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: norm_of(
-                    w,
-                    format!("{p}.post_attention_layernorm.weight"),
-                )?,
+                self_attn: Attention {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                    n_heads: h,
+                    n_kv_heads: kv,
+                    head_dim: hd,
+                },
+                mlp: Mlp { gate_proj, up_proj, down_proj },
+                input_layernorm: norm_of(w, format!("{p}.{input_norm}.weight"))?,
+                post_attention_layernorm: norm_of(w, format!("{p}.{post_attention_norm}.weight"))?,
             });
         }
         // Weights for a layer past the declared count mean the configuration does not describe
         // this checkpoint (loading only the first layers silently would be a different model).
-        let next = format!("layers.{}.", config.num_hidden_layers);
+        let next = format!("{}.", rel(&layer_prefix(config.num_hidden_layers)));
         if let Some(k) =
             w.tensors.keys().find(|k| k.starts_with(&next) || k.contains(&format!(".{next}")))
         {
@@ -485,11 +566,12 @@ impl Llama {
                 ),
             ));
         }
-        let norm = norm_of(w, "norm.weight".into())?;
+        let norm = norm_of(w, rel(FINAL_NORM_KEY))?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(lin(w, "lm_head", config.vocab_size, d, false)?)
+            let wt = w.take(LM_HEAD_KEY, &[config.vocab_size, d])?;
+            Some(Linear::from_host(wt, None, device))
         };
         Ok(Self {
             embed_tokens: Embedding { weight: Param::from_tensor(tensor2(embed, device)) },
@@ -516,7 +598,7 @@ impl Llama {
         let mut put = |k: String, t: HostTensor| {
             w.tensors.insert(k, t);
         };
-        put("model.embed_tokens.weight".into(), to_host(self.embed_tokens.weight.val(), op)?);
+        put(EMBED_TOKENS_KEY.into(), to_host(self.embed_tokens.weight.val(), op)?);
         let lin = |l: &Linear| -> Result<(HostTensor, Option<HostTensor>)> {
             let wt = to_host(l.weight.val(), op)?.transposed();
             let b = match &l.bias {
@@ -526,7 +608,7 @@ impl Llama {
             Ok((wt, b))
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
+            let p = layer_prefix(i);
             for (name, l) in layer.projections() {
                 let (wt, b) = lin(l)?;
                 put(format!("{p}.{name}.weight"), wt);
@@ -534,18 +616,14 @@ impl Llama {
                     put(format!("{p}.{name}.bias"), b);
                 }
             }
-            put(
-                format!("{p}.input_layernorm.weight"),
-                to_host(layer.input_layernorm.weight.val(), op)?,
-            );
-            put(
-                format!("{p}.post_attention_layernorm.weight"),
-                to_host(layer.post_attention_layernorm.weight.val(), op)?,
-            );
+            let norms = [&layer.input_layernorm, &layer.post_attention_layernorm];
+            for (name, norm) in LAYER_NORM_PATHS.into_iter().zip(norms) {
+                put(format!("{p}.{name}.weight"), to_host(norm.weight.val(), op)?);
+            }
         }
-        put("model.norm.weight".into(), to_host(self.norm.weight.val(), op)?);
+        put(FINAL_NORM_KEY.into(), to_host(self.norm.weight.val(), op)?);
         if let Some(head) = &self.lm_head {
-            put("lm_head.weight".into(), lin(head)?.0);
+            put(LM_HEAD_KEY.into(), lin(head)?.0);
         }
         Ok(w)
     }
@@ -847,40 +925,29 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
     let mut rng = init_rng(seed);
     let mut w = WeightMap::new("<random>");
     let d = config.hidden_size;
-    let (h, kv, hd, ff) = (
-        config.num_attention_heads,
-        config.n_kv_heads(),
-        config.head_dim(),
-        config.intermediate_size,
-    );
     let mut put = |k: String, shape: Vec<usize>, std: f64, mean: f64, rng: &mut SplitMix64| {
         let n: usize = shape.iter().product();
         let data = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
         w.tensors.insert(k, HostTensor { shape, data });
     };
-    put("model.embed_tokens.weight".into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
+    put(EMBED_TOKENS_KEY.into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
+    let specs = layer_projections(config);
     for i in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for (name, out, inp, bias) in [
-            ("self_attn.q_proj", h * hd, d, config.qkv_bias()),
-            ("self_attn.k_proj", kv * hd, d, config.qkv_bias()),
-            ("self_attn.v_proj", kv * hd, d, config.qkv_bias()),
-            ("self_attn.o_proj", d, h * hd, config.o_bias()),
-            ("mlp.gate_proj", ff, d, config.mlp_bias()),
-            ("mlp.up_proj", ff, d, config.mlp_bias()),
-            ("mlp.down_proj", d, ff, config.mlp_bias()),
-        ] {
+        let p = layer_prefix(i);
+        for spec in &specs {
+            let (name, [out, inp]) = (spec.path, spec.shape);
             put(format!("{p}.{name}.weight"), vec![out, inp], 0.02, 0.0, &mut rng);
-            if bias {
+            if spec.bias {
                 put(format!("{p}.{name}.bias"), vec![out], 0.02, 0.0, &mut rng);
             }
         }
-        put(format!("{p}.input_layernorm.weight"), vec![d], 0.0, 1.0, &mut rng);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.0, 1.0, &mut rng);
+        for name in LAYER_NORM_PATHS {
+            put(format!("{p}.{name}.weight"), vec![d], 0.0, 1.0, &mut rng);
+        }
     }
-    put("model.norm.weight".into(), vec![d], 0.0, 1.0, &mut rng);
+    put(FINAL_NORM_KEY.into(), vec![d], 0.0, 1.0, &mut rng);
     if !config.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
+        put(LM_HEAD_KEY.into(), vec![config.vocab_size, d], 0.02, 0.0, &mut rng);
     }
     w
 }
@@ -919,6 +986,42 @@ mod tests {
                 assert_eq!(old.normal().to_bits(), new.normal().to_bits());
                 assert_eq!(old.uniform().to_bits(), new.next_open01().to_bits());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    fn config(extra: &str) -> LlamaConfig {
+        let text = format!(
+            r#"{{"vocab_size": 16, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1{extra}}}"#
+        );
+        LlamaConfig::from_json(std::path::Path::new("config.json"), &text).unwrap()
+    }
+
+    #[test]
+    fn random_weights_and_to_weights_follow_the_schema() {
+        for extra in [r#", "tie_word_embeddings": true"#, r#", "model_type": "qwen2""#] {
+            let c = config(extra);
+            let mut want: Vec<(String, Vec<usize>)> = vec![(EMBED_TOKENS_KEY.into(), vec![16, 8])];
+            for i in 0..2 {
+                want.extend(layer_tensors(&c, i));
+            }
+            want.push((FINAL_NORM_KEY.into(), vec![8]));
+            if !c.tie_word_embeddings {
+                want.push((LM_HEAD_KEY.into(), vec![16, 8]));
+            }
+            want.sort();
+            let w = random_weights(&c, 1);
+            let got: Vec<(String, Vec<usize>)> =
+                w.tensors.iter().map(|(k, t)| (k.clone(), t.shape.clone())).collect();
+            assert_eq!(got, want, "{extra}");
+            let model = Llama::init_random(&c, 1, &Device::flex()).unwrap();
+            let back = model.to_weights().unwrap();
+            assert_eq!(back.tensors, w.tensors, "{extra}: round trip");
         }
     }
 }

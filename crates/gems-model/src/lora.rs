@@ -22,7 +22,7 @@ use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::llama::{Llama, LoraAdapter, init_rng, tensor2, to_host};
+use crate::llama::{Llama, LoraAdapter, init_rng, layer_prefix, tensor2, to_host};
 use crate::weights::{HostTensor, WeightMap, write_safetensors};
 
 /// LoRA settings, serialised as PEFT's `adapter_config.json` (peft 0.21 field names).
@@ -308,7 +308,7 @@ const EMBED_TOKENS_KEY: &str =
 const HEAD_TOKENS_KEY: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
 
 fn lora_prefix(layer: usize, name: &str) -> String {
-    format!("base_model.model.model.layers.{layer}.{name}")
+    format!("base_model.model.{}.{name}", layer_prefix(layer))
 }
 
 /// Saves the adapters (and `modules_to_save`) in the PEFT layout under `dir`.
