@@ -122,7 +122,7 @@ fn main() {
             &config,
             &path,
             &dump,
-            false,
+            &Default::default(),
         )
         .expect("null space");
     }

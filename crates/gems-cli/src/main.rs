@@ -7,6 +7,7 @@
 mod data;
 mod device;
 mod model_cmd;
+mod progress;
 mod run_cmd;
 
 use clap::{Parser, Subcommand};

@@ -17,6 +17,7 @@ use gems_train::trainer::{eval_options, test_report};
 use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
 
 use crate::device::{Backend, device};
+use crate::progress::reporter;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum MethodArg {
@@ -383,7 +384,7 @@ fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
 pub fn run_train(args: TrainArgs) -> Result<()> {
     let config = resolve_config(&args)?;
     let dev = device(args.device.device, args.device.device_index)?;
-    let options = RunOptions { device: dev, resume: args.resume, progress: !args.quiet };
+    let options = RunOptions { device: dev, resume: args.resume, progress: reporter(args.quiet) };
     match train(&config, &args.out, &options)? {
         RunOutcome::Stopped { step } => {
             eprintln!(
@@ -428,7 +429,7 @@ pub fn run_parity(args: ParityArgs) -> Result<()> {
         &dev,
         args.parity_steps,
         &args.train.out,
-        !args.train.quiet,
+        &reporter(args.train.quiet),
     )?;
     for (task, (a, b)) in &report.losses {
         println!("loss {task}: flex {a:.6}, {} {b:.6}", args.train.device.device);
@@ -499,7 +500,8 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         "valid" => gems_data::Split::Valid,
         other => bail!("--split must be test or valid, not `{other}`"),
     };
-    let options = eval_options(&config, split, "eval", &tasks, !args.quiet);
+    let progress = reporter(args.quiet);
+    let options = eval_options(&config, split, "eval", &tasks, &progress);
     if let Some(path) = &args.dump_examples {
         let n = gems_train::eval::dump_examples(&loaded.setup.corpus, &options, path)?;
         eprintln!("{n} evaluated examples written to {}", path.display());
@@ -507,7 +509,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let model = &loaded.setup.pretrained.model;
     let report: EvalReport = match split {
         gems_data::Split::Test => {
-            test_report(model, &loaded.setup, &config, "eval", &tasks, !args.quiet)?
+            test_report(model, &loaded.setup, &config, "eval", &tasks, &progress)?
         }
         _ => gems_train::eval::evaluate(model, &loaded.setup.corpus, &options)?,
     };
@@ -633,7 +635,7 @@ pub fn run_selftest(device_args: &DeviceArgs, data_root: &Path, steps: u64) -> R
     let outcome = train(
         &config,
         &root.path().join("run"),
-        &RunOptions { device: dev, resume: false, progress: true },
+        &RunOptions { device: dev, resume: false, progress: reporter(false) },
     )?;
     let RunOutcome::Finished(summary) = outcome else { bail!("selftest stopped early") };
     let after = summary.after.as_ref().context("no final evaluation")?;

@@ -30,7 +30,8 @@ fn commands_work_on_a_finished_run() {
     let mut config = tiny_run_config(root.path(), &data_root(), 3).unwrap();
     config.eval.perplexity = false;
     let run = root.path().join("run");
-    let options = RunOptions { device: Device::flex(), resume: false, progress: false };
+    let options =
+        RunOptions { device: Device::flex(), resume: false, progress: Default::default() };
     assert!(matches!(train(&config, &run, &options).unwrap(), RunOutcome::Finished(_)));
     let run_s = run.to_str().unwrap();
 
@@ -49,6 +50,7 @@ fn commands_work_on_a_finished_run() {
 
     let o = gems(&["eval", run_s, "--examples", "8", "--quiet"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "--quiet prints no progress");
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(report["full"]["rec"]["examples"], 8);
 

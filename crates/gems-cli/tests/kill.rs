@@ -129,7 +129,7 @@ fn prepare_and_export_killed_at_random_moments_leave_a_complete_directory() {
     let options = gems_train::RunOptions {
         device: burn::tensor::Device::flex(),
         resume: false,
-        progress: false,
+        progress: Default::default(),
     };
     gems_train::train(&config, &run, &options).unwrap();
     let exported = root.path().join("exported");

@@ -11,6 +11,7 @@ use crate::error::{OptimError, Result};
 
 /// The optimisation method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// AdamW on every parameter, on the shared gradient.
@@ -22,6 +23,7 @@ pub enum Method {
     /// PCGrad: project each task gradient off the other when they conflict, then AdamW.
     /// Saved as `pcgrad`, the command line's name (`pc_grad`, written before, still reads).
     #[serde(rename = "pcgrad", alias = "pc_grad")]
+    #[cfg_attr(feature = "clap", value(name = "pcgrad"))]
     PcGrad,
     /// The optimizer side of LoRA: AdamW on the parameters matched by
     /// [`OptimizerConfig::trainable`] (adapters, item embeddings); every other parameter is
@@ -219,6 +221,18 @@ impl OptimizerConfig {
         config
     }
 
+    /// This configuration switched to `method`: that method's defaults ([`Self::for_method`])
+    /// with the settings that do not depend on the method kept (subspace rank, refresh gap,
+    /// weight decay, seed). A preset's tuned values thus survive `--method`.
+    pub fn switch_method(&self, method: Method) -> Self {
+        let mut config = Self::for_method(method);
+        config.gems.rank = self.gems.rank;
+        config.gems.update_proj_gap = self.gems.update_proj_gap;
+        config.weight_decay = self.weight_decay;
+        config.seed = self.seed;
+        config
+    }
+
     /// Whether tuned matrices go through subspaces.
     pub fn uses_subspaces(&self) -> bool {
         !self.subspaces().is_empty()
@@ -352,6 +366,22 @@ mod tests {
         assert!(path_matches("layers.*.mlp.*", "layers.10.mlp.up_proj.weight"));
         assert!(!path_matches("layers.*.mlp.*", "norm.weight"));
         assert!(path_matches("*lora_*", "layers.0.self_attn.q_proj.lora_a"));
+    }
+
+    #[test]
+    fn switching_method_keeps_the_method_independent_settings() {
+        let mut tuned = OptimizerConfig::for_method(Method::Gems);
+        tuned.gems.rank = 7;
+        tuned.gems.update_proj_gap = 9;
+        tuned.weight_decay = 0.25;
+        tuned.seed = 3;
+        tuned.gems.null_space = true;
+        let galore = tuned.switch_method(Method::Galore);
+        assert_eq!(galore.method, Method::Galore);
+        assert_eq!((galore.gems.rank, galore.gems.update_proj_gap), (7, 9));
+        assert_eq!((galore.weight_decay, galore.seed), (0.25, 3));
+        // ...and the method's own defaults: GaLore has no null space.
+        assert!(!galore.gems.null_space && galore.gems.single_subspace);
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl Side {
 
 /// GaLore's `proj_type`: the rule that picks a [`Side`] from a matrix's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum ProjectionType {
     /// Project the smaller dimension: right if m >= n, else left (GaLore's and GEMS' default).

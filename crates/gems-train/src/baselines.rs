@@ -145,8 +145,8 @@ pub fn sasrec_seed(options: &EvalOptions) -> u64 {
 
 /// Evaluates `baseline` with `options` (the same examples a model's evaluation ranks). BM25
 /// ranks only search examples and SASRec only recommendation examples; the other task is
-/// absent from their reports. SASRec is trained first (on `flex`; with a progress line when
-/// `options.progress` is set), unless no rec task is evaluated; a corpus without training rec
+/// absent from their reports. SASRec is trained first (on `flex`; its training reported to
+/// `options.progress`, the rankings not), unless no rec task is evaluated; a corpus without training rec
 /// examples gives it nothing to learn from, and its report has no task.
 ///
 /// # Errors
@@ -156,10 +156,9 @@ pub fn evaluate_baseline(
     baseline: Baseline,
     options: &EvalOptions,
 ) -> Result<EvalReport> {
-    let show = options.progress;
     let mut options = options.clone();
+    let progress = std::mem::take(&mut options.progress);
     options.label = baseline.as_str().to_string();
-    options.progress = false;
     match baseline {
         Baseline::Popular => {
             let row = popularity(corpus);
@@ -186,7 +185,7 @@ pub fn evaluate_baseline(
                 return rank_samples(corpus, &options, |_, _| Ok((Vec::new(), None)));
             }
             let config = SasrecConfig::for_corpus(corpus, sasrec_seed(&options));
-            let model = crate::sasrec::train(corpus, &config, &Device::flex(), show)?;
+            let model = crate::sasrec::train(corpus, &config, &Device::flex(), &progress)?;
             rank_samples(corpus, &options, |_, chunk| Ok((model.score(chunk)?, None)))
         }
     }

@@ -13,7 +13,7 @@ use gems_rng::SplitMix64;
 
 use crate::error::{Result, TrainError};
 use crate::forward::{score_samples, text_nll};
-use crate::progress::Progress;
+use crate::progress::Reporter;
 use crate::setup::{Corpus, Sample};
 
 /// What to evaluate.
@@ -38,8 +38,8 @@ pub struct EvalOptions {
     /// Leave each example's history items (but not its target) out of the full-catalogue
     /// ranking.
     pub exclude_history: bool,
-    /// Show progress on stderr.
-    pub progress: bool,
+    /// Where progress events go (one phase per task).
+    pub progress: Reporter,
 }
 
 /// The samples an evaluation uses: all of them, or a seeded sample of `max` kept in order.
@@ -125,7 +125,7 @@ pub fn rank_samples(
         let mut sampled = RankingAccumulator::new(options.normaliser);
         let (mut loss, mut tokens, mut has_loss) = (0.0, 0usize, true);
         let phase = format!("eval {} {} {}", options.label, options.split.name(), task.name());
-        let mut progress = Progress::new(&phase, samples.len() as u64, options.progress);
+        let progress = options.progress.phase(&phase, samples.len() as u64);
         let mut done = 0;
         for chunk in samples.chunks(options.batch_size) {
             let (item_scores, loss_sum) = score(task, chunk)?;
@@ -155,6 +155,7 @@ pub fn rank_samples(
                 if let Some(l) = &loss_sum {
                     loss += l[r];
                 }
+        progress.finish(None);
                 tokens += s.ids.len() - s.target_pos;
             }
             done += chunk.len() as u64;
@@ -253,17 +254,18 @@ pub fn perplexity(
     text: &TextWindows,
     base_vocab: usize,
     batch: usize,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<f64> {
     let (mut nll, mut n) = (0.0, 0usize);
-    let mut progress = Progress::new("perplexity", text.windows.len() as u64, show);
+    let phase = progress.phase("perplexity", text.windows.len() as u64);
     let mut done = 0;
     for chunk in text.windows.chunks(batch.max(1)) {
         let (s, k) = text_nll(model, chunk, base_vocab)?;
+    phase.finish(None);
         nll += s;
         n += k;
         done += chunk.len() as u64;
-        progress.update(done, "");
+        phase.update(done, "");
     }
     let ppl = (nll / n.max(1) as f64).exp();
     if !ppl.is_finite() {

@@ -8,7 +8,8 @@
 //! - [`nullspace`]: null-space projectors from general text, cached per model.
 //! - [`trainer`]: the loop, validation, early stopping, checkpoints, resume.
 //! - [`checkpoint`]: atomic files and directories, the trainer's resumable state.
-//! - [`progress`]: the progress line.
+//! - [`progress`]: progress as events ([`Event`]) for an [`Observer`] the caller supplies;
+//!   silent by default. No code of this crate writes to the terminal.
 //! - [`sasrec`]: SASRec, the sequential floor of the recommendation task ([`baselines`]).
 //! - [`tiny`]: a tiny random model and data slice for tests and `gems selftest`.
 //!
@@ -35,5 +36,6 @@ pub mod trainer;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
+pub use progress::{Event, Observer, Reporter};
 pub use setup::{Corpus, Sample, Setup};
 pub use trainer::{RunOptions, RunOutcome, train};

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::config::NullSpaceBuild;
 use crate::error::{Result, TrainError};
 use crate::eval::text_windows;
-use crate::progress::Progress;
+use crate::progress::Reporter;
 
 /// Directions kept for one tuned matrix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,7 +106,7 @@ pub fn projectors(
     source: &GeneralText<'_>,
     targets: &[String],
     settings: &NullSpaceBuild,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<(Projectors, NullSpaceReport)> {
     let (tokenizer, text_path, model_key, cache_dir) =
         (source.tokenizer, source.text, source.model_key, source.cache_dir);
@@ -128,7 +128,7 @@ pub fn projectors(
         BTreeMap::new();
     let wanted: BTreeMap<(usize, &'static str), String> =
         tuned.iter().map(|(p, i, n)| ((*i, *n), p.clone())).collect();
-    let mut progress = Progress::new("null-space statistics", text.windows.len() as u64, show);
+    let phase = progress.phase("null-space statistics", text.windows.len() as u64);
     let device = model.device();
     let batch_rows = 8;
     let mut done = 0;
@@ -170,16 +170,18 @@ pub fn projectors(
             return Err(err);
         }
         done += chunk.len() as u64;
-        progress.update(done, "windows");
+        phase.update(done, "windows");
     }
+    phase.finish(None);
     let mut projectors = Projectors::new();
-    let mut progress = Progress::new("null-space eigendecompositions", tuned.len() as u64, show);
+    let phase = progress.phase("null-space eigendecompositions", tuned.len() as u64);
     for (k, ((layer, name), acc)) in accumulators.iter().enumerate() {
         let path = &wanted[&(*layer, *name)];
         let p = acc.projector(settings.rule, settings.side)?;
         projectors.insert(path.clone(), Arc::new(p));
-        progress.update(k as u64 + 1, path);
+        phase.update(k as u64 + 1, path);
     }
+    phase.finish(None);
     std::fs::create_dir_all(cache_dir).map_err(|e| TrainError::io(cache_dir, e))?;
     write_cache(&cache_file, &projectors)?;
     let report = report(cache_file, false, text.tokens, started, &projectors);

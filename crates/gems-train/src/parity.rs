@@ -31,6 +31,7 @@ use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::eval::evaluate;
 use crate::forward::read_f32;
+use crate::progress::Reporter;
 use crate::setup::{build, load_model, model_path};
 use crate::trainer::{active_tasks, eval_options, register_null_space, step_gradients};
 
@@ -80,7 +81,7 @@ pub fn backend_parity(
     device: &Device,
     steps: u64,
     out_dir: &Path,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<ParityReport> {
     config.validate()?;
     if steps == 0 {
@@ -103,7 +104,7 @@ pub fn backend_parity(
         [Optimizer::new(config.optimizer.clone())?, Optimizer::new(config.optimizer.clone())?];
     if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
         for optimizer in &mut optimizers {
-            register_null_space(optimizer, &setup, config, &path, out_dir, show)?;
+            register_null_space(optimizer, &setup, config, &path, out_dir, progress)?;
         }
     }
     let mut state = TrainerState::default();
@@ -155,7 +156,7 @@ pub fn backend_parity(
         }
     }
 
-    let options = eval_options(config, Split::Valid, "parity", &tasks, false);
+    let options = eval_options(config, Split::Valid, "parity", &tasks, &Reporter::silent());
     let eval_reference = evaluate(&model_ref.valid(), &setup.corpus, &options)?;
     let eval_device = evaluate(&model_dev.valid(), &setup.corpus, &options)?;
     let eval_max_abs_diff = max_metric_diff(&eval_reference, &eval_device);

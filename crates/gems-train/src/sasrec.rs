@@ -37,7 +37,7 @@ use gems_rng::SplitMix64;
 
 use crate::error::{Result, TrainError};
 use crate::forward::{cross_entropy, read_f32};
-use crate::progress::Progress;
+use crate::progress::Reporter;
 use crate::setup::{Corpus, Sample};
 
 /// Attention bias of padded keys (finite, as in `gems-model`, so an all-padding row stays
@@ -262,7 +262,7 @@ pub struct TrainedSasrec {
 }
 
 /// Trains SASRec on the training rec examples of `corpus` on `device` (a plain device: the
-/// autodiff wrapper is added here). With `show`, a progress line on stderr.
+/// autodiff wrapper is added here), reporting its progress to `progress` (phase `sasrec`).
 ///
 /// # Errors
 /// No training rec examples; a non-finite loss.
@@ -270,7 +270,7 @@ pub fn train(
     corpus: &Corpus,
     config: &SasrecConfig,
     device: &Device,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<TrainedSasrec> {
     let samples: Vec<&Sample> = corpus.get(Split::Train, Task::Rec).iter().collect();
     if samples.is_empty() {
@@ -286,7 +286,7 @@ pub fn train(
     let mut optim = AdamConfig::new().init();
     let mut order: Vec<usize> = (0..samples.len()).collect();
     let steps = samples.len().div_ceil(config.batch_size) * config.epochs;
-    let mut progress = Progress::new("sasrec", steps as u64, show);
+    let progress = progress.phase("sasrec", steps as u64);
     let mut done = 0;
     for _ in 0..config.epochs {
         for i in (1..order.len()).rev() {
@@ -312,7 +312,7 @@ pub fn train(
         let batches = samples.len().div_ceil(config.batch_size) as f64;
         progress.update(done as u64, &format!("loss {:.4}", loss_sum / batches));
     }
-    progress.finish(&format!("{steps} steps"));
+    progress.finish(Some(format!("{steps} steps")));
     Ok(TrainedSasrec { model: model.valid(), n_items })
 }
 

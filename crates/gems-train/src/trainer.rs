@@ -35,7 +35,7 @@ use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
 use crate::nullspace::{GeneralText, projectors};
-use crate::progress::Progress;
+use crate::progress::{Event, Phase, Reporter};
 use crate::setup::{Corpus, Sample, Setup, build, load_model, model_path};
 
 /// How a run is driven (not part of its configuration).
@@ -45,8 +45,8 @@ pub struct RunOptions {
     pub device: Device,
     /// Continue from the run directory's checkpoint when there is one.
     pub resume: bool,
-    /// Progress on stderr.
-    pub progress: bool,
+    /// Where progress events go ([`Reporter::silent`] by default).
+    pub progress: Reporter,
 }
 
 /// How a call to [`train`] ended.
@@ -222,7 +222,7 @@ pub fn eval_options(
     split: Split,
     label: &str,
     tasks: &[Task],
-    show: bool,
+    progress: &Reporter,
 ) -> EvalOptions {
     let (max_examples, seed) = match split {
         Split::Valid => (config.eval.valid_examples, config.seed ^ 0x7a11d),
@@ -238,7 +238,7 @@ pub fn eval_options(
         sampled: config.eval.sampled,
         normaliser: config.eval.ndcg_normaliser,
         exclude_history: config.eval.exclude_history,
-        progress: show,
+        progress: progress.clone(),
     }
 }
 
@@ -252,9 +252,9 @@ pub fn test_report(
     config: &TrainConfig,
     label: &str,
     tasks: &[Task],
-    show: bool,
+    progress: &Reporter,
 ) -> Result<EvalReport> {
-    let options = eval_options(config, Split::Test, label, tasks, show);
+    let options = eval_options(config, Split::Test, label, tasks, progress);
     let mut report = evaluate(model, &setup.corpus, &options)?;
     if let Some(text) = config.perplexity_text() {
         let windows = text_windows(
@@ -265,7 +265,7 @@ pub fn test_report(
         )?;
         let started = Instant::now();
         let base = setup.corpus.base_vocab as usize;
-        report.perplexity = Some(perplexity(model, &windows, base, 8, show)?);
+        report.perplexity = Some(perplexity(model, &windows, base, 8, progress)?);
         report.seconds += started.elapsed().as_secs_f64();
     }
     Ok(report)
@@ -419,7 +419,7 @@ fn resolve_config(
     config: &TrainConfig,
     run_dir: &Path,
     resume_from: Option<&Path>,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<(TrainConfig, PathBuf)> {
     let mut config = config.clone();
     if let Some(ckpt) = resume_from {
@@ -428,9 +428,7 @@ fn resolve_config(
         let stop_after = config.stop_after;
         config = saved;
         config.stop_after = stop_after;
-        if show {
-            eprintln!("resuming from {}", ckpt.display());
-        }
+        progress.note(|| format!("resuming from {}", ckpt.display()));
     } else if run_dir.join("checkpoint").exists() || run_dir.join("summary.json").exists() {
         return Err(TrainError::Config(format!(
             "{} already holds a run: pass --resume to continue it, or choose another directory",
@@ -459,7 +457,7 @@ fn before_and_floors(
     config: &TrainConfig,
     tasks: &[Task],
     resumed: bool,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<Option<EvalReport>> {
     let before_path = run_dir.join("before.json");
     let before: Option<EvalReport> = if !config.eval.before {
@@ -467,14 +465,14 @@ fn before_and_floors(
     } else if before_path.exists() && resumed {
         Some(read_json(&before_path)?)
     } else {
-        let r = test_report(&setup.pretrained.model, setup, config, "before", tasks, show)?;
+        let r = test_report(&setup.pretrained.model, setup, config, "before", tasks, progress)?;
         write_json(&before_path, &r)?;
         Some(r)
     };
 
     let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
     if config.eval.floors && !floors_path.exists() {
-        let options = eval_options(config, Split::Test, "floor", tasks, false);
+        let options = eval_options(config, Split::Test, "floor", tasks, &Reporter::silent());
         write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
     }
     Ok(before)
@@ -488,7 +486,7 @@ pub fn register_null_space(
     config: &TrainConfig,
     path: &Path,
     run_dir: &Path,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<()> {
     let cache = config
         .null_space
@@ -505,17 +503,17 @@ pub fn register_null_space(
     // Only the trained layers need projectors.
     let model = freeze_lower_layers(setup.pretrained.model.clone(), config)?;
     let (projectors, report) =
-        projectors(&model, &source, &config.optimizer.targets, &config.null_space, show)?;
-    if show {
+        projectors(&model, &source, &config.optimizer.targets, &config.null_space, progress)?;
+    progress.note(|| {
         let kept: usize = report.layers.iter().map(|l| l.null_directions).sum();
         let dims: usize = report.layers.iter().map(|l| l.dim).sum();
-        eprintln!(
+        format!(
             "null space: {} matrices, {kept} of {dims} directions free ({}, {:.1}s)",
             report.layers.len(),
             if report.from_cache { "cached" } else { "built" },
             report.seconds
-        );
-    }
+        )
+    });
     write_json(&run_dir.join("nullspace.json"), &report)?;
     for (p, proj) in projectors {
         optimizer.set_null_space_projector(p, proj);
@@ -604,10 +602,10 @@ fn validate_step(
     tasks: &[Task],
     state: &mut TrainerState,
     run_dir: &Path,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<()> {
     let label = format!("valid@{}", state.step);
-    let mut options = eval_options(config, Split::Valid, &label, tasks, false);
+    let mut options = eval_options(config, Split::Valid, &label, tasks, &Reporter::silent());
     options.sampled = false;
     let plain = model.valid();
     let report = evaluate(&plain, &setup.corpus, &options)?;
@@ -622,19 +620,17 @@ fn validate_step(
             state.stopped_early = true;
         }
     }
-    if show {
-        let ndcg: Vec<String> = report
-            .full
-            .iter()
-            .map(|(t, m)| format!("{t} {:.4}", m.get("ndcg@10").unwrap_or(0.0)))
-            .collect();
-        eprintln!(
-            "\nvalid step {}: NDCG@10 {} | loss {:.4}{}",
-            state.step,
-            ndcg.join(", "),
-            stop_value(StopMetric::Loss, &report),
-            if new_best { " (best)" } else { "" }
-        );
+    if !progress.is_silent() {
+        progress.emit(Event::Validated {
+            step: state.step,
+            ndcg10: report
+                .full
+                .iter()
+                .map(|(t, m)| (t.clone(), m.get("ndcg@10").unwrap_or(0.0)))
+                .collect(),
+            loss: stop_value(StopMetric::Loss, &report),
+            best: new_best,
+        });
     }
     gems_metrics::record::append_metrics_line(
         &run_dir.join(METRICS),
@@ -658,7 +654,7 @@ fn finish_run(
     state: &TrainerState,
     before: Option<EvalReport>,
     run_dir: &Path,
-    show: bool,
+    progress: &Reporter,
 ) -> Result<RunSummary> {
     // The tuned model: the best validation checkpoint, else the final weights.
     let model_dir = run_dir.join("model");
@@ -667,7 +663,7 @@ fn finish_run(
     }
     let tuned_dir = resolve_dir(&model_dir).unwrap_or(model_dir);
     let tuned = gems_model::load_hf_dir(&tuned_dir, &setup.pretrained.model.device())?.model;
-    let after = test_report(&tuned, setup, config, "after", tasks, show)?;
+    let after = test_report(&tuned, setup, config, "after", tasks, progress)?;
     let mut step_seconds = state.step_seconds.clone();
     step_seconds.sort_by(f64::total_cmp);
     let summary = RunSummary {
@@ -750,14 +746,14 @@ struct StepLog<'a> {
 }
 
 /// Appends a step's `train` line to `metrics.jsonl` and its per-matrix cosines to
-/// `conflict.jsonl`, and updates the progress line.
+/// `conflict.jsonl`, and reports the step's progress.
 fn log_step(
     step: &StepLog<'_>,
     state: &TrainerState,
     tasks: &[Task],
     n_train: &[usize],
     run_dir: &Path,
-    progress: &mut Progress,
+    progress: &Phase,
 ) -> Result<()> {
     let epoch = tasks
         .iter()
@@ -829,11 +825,11 @@ fn prepare_logs(run_dir: &Path, resumed: bool, step: u64) -> Result<()> {
 /// already written stay valid.
 pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Result<RunOutcome> {
     config.validate()?;
-    let show = options.progress;
+    let reporter = &options.progress;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
     let checkpoint_dir = run_dir.join("checkpoint");
     let resume_from = if options.resume { Some(checkpoint_to_resume(run_dir)?) } else { None };
-    let (config, path) = resolve_config(config, run_dir, resume_from.as_deref(), show)?;
+    let (config, path) = resolve_config(config, run_dir, resume_from.as_deref(), reporter)?;
 
     let device = options.device.clone();
     let started = Instant::now();
@@ -848,8 +844,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             setup.corpus.dataset, config.data.tasks
         )));
     }
-    if show {
-        eprintln!(
+    reporter.note(|| {
+        format!(
             "model {} ({} layers, {} parameters), {} items, tasks {:?}, setup {:.1}s",
             path.display(),
             setup.pretrained.model.layers.len(),
@@ -857,17 +853,18 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             setup.corpus.n_items(),
             tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
             started.elapsed().as_secs_f64()
-        );
-    }
+        )
+    });
 
-    let before = before_and_floors(run_dir, &setup, &config, &tasks, resume_from.is_some(), show)?;
+    let before =
+        before_and_floors(run_dir, &setup, &config, &tasks, resume_from.is_some(), reporter)?;
 
     let mut optimizer = match &resume_from {
         Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &device.clone().autodiff())?,
         None => Optimizer::new(config.optimizer.clone())?,
     };
     if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
-        register_null_space(&mut optimizer, &setup, &config, &path, run_dir, show)?;
+        register_null_space(&mut optimizer, &setup, &config, &path, run_dir, reporter)?;
     }
 
     let train_device = device.clone().autodiff();
@@ -883,7 +880,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
 
     let total = config.schedule.steps;
     let mut perms: Vec<Option<(u64, Vec<usize>)>> = vec![None; Task::ALL.len()];
-    let mut progress = Progress::new("train", total, show);
+    let progress = reporter.phase("train", total);
     let mut steps_here = 0u64;
     let n_train: Vec<usize> =
         tasks.iter().map(|&t| setup.corpus.get(Split::Train, t).len()).collect();
@@ -915,13 +912,13 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             state.consecutive_skips = 0;
         }
         let step = StepLog { lr, tokens, seconds, report: &report };
-        log_step(&step, &state, &tasks, &n_train, run_dir, &mut progress)?;
+        log_step(&step, &state, &tasks, &n_train, run_dir, &progress)?;
 
         let last = state.step == total;
         let validate =
             config.eval.every > 0 && (state.step.is_multiple_of(config.eval.every) || last);
         if validate {
-            validate_step(&model, &setup, &config, &tasks, &mut state, run_dir, show)?;
+            validate_step(&model, &setup, &config, &tasks, &mut state, run_dir, reporter)?;
         }
         let stop_here = config.stop_after.is_some_and(|k| steps_here >= k);
         let periodic =
@@ -930,14 +927,15 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             save_checkpoint(&checkpoint_dir, &model, &setup, &optimizer, &state, &config)?;
         }
         if stop_here && !last && !state.stopped_early {
-            progress.finish(&format!("stopped after step {} (resume to continue)", state.step));
+            progress
+                .finish(Some(format!("stopped after step {} (resume to continue)", state.step)));
             return Ok(RunOutcome::Stopped { step: state.step });
         }
     }
-    progress.finish(&format!("{} steps", state.step));
+    progress.finish(Some(format!("{} steps", state.step)));
 
     let summary =
-        finish_run(&model, &setup, &config, &tasks, &optimizer, &state, before, run_dir, show)?;
+        finish_run(&model, &setup, &config, &tasks, &optimizer, &state, before, run_dir, reporter)?;
     Ok(RunOutcome::Finished(Box::new(summary)))
 }
 

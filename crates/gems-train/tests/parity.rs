@@ -17,7 +17,9 @@ fn flex_against_flex_is_exact() {
     let root = tempfile::tempdir().unwrap();
     let config = tiny_run_config(root.path(), &data_root(), 3).unwrap();
     let out = root.path().join("parity");
-    let report = backend_parity(&config, &Device::flex(), &Device::flex(), 3, &out, false).unwrap();
+    let report =
+        backend_parity(&config, &Device::flex(), &Device::flex(), 3, &out, &Default::default())
+            .unwrap();
     assert_eq!(report.steps, 3);
     assert_eq!(report.method, "gems");
     assert_eq!(report.losses.len(), 2, "{:?}", report.losses);
@@ -37,8 +39,15 @@ fn flex_against_flex_is_exact() {
 fn zero_steps_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let config = tiny_run_config(root.path(), &data_root(), 3).unwrap();
-    let err = backend_parity(&config, &Device::flex(), &Device::flex(), 0, root.path(), false)
-        .unwrap_err()
-        .to_string();
+    let err = backend_parity(
+        &config,
+        &Device::flex(),
+        &Device::flex(),
+        0,
+        root.path(),
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("at least one optimizer step"), "{err}");
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -17,7 +18,7 @@ use gems_rng::SplitMix64;
 use gems_train::baselines::{Baseline, evaluate_baseline, evaluate_baselines};
 use gems_train::eval::{EvalOptions, rank_samples};
 use gems_train::sasrec::{self, SasrecConfig};
-use gems_train::{Corpus, Sample, TrainConfig};
+use gems_train::{Corpus, Event, Reporter, Sample, TrainConfig};
 
 fn sample(user: u32, history: &[u32], target: u32, query: Option<String>) -> Sample {
     Sample {
@@ -98,7 +99,7 @@ fn options(tasks: &[Task]) -> EvalOptions {
         sampled: false,
         normaliser: NdcgNormaliser::Standard,
         exclude_history: true,
-        progress: false,
+        progress: Reporter::silent(),
     }
 }
 
@@ -129,17 +130,34 @@ fn sasrec_learns_the_successor_rule_that_popularity_cannot_see() {
 fn sasrec_is_deterministic_and_follows_the_seed() {
     let corpus = successor_corpus(30, 150, 5);
     let opts = options(&[Task::Rec]);
-    let report = || {
-        let mut r = evaluate_baseline(&corpus, Baseline::Sasrec, &opts).unwrap();
+    let report = |opts: &EvalOptions| {
+        let mut r = evaluate_baseline(&corpus, Baseline::Sasrec, opts).unwrap();
         r.seconds = 0.0; // wall time is the one field allowed to differ
         serde_json::to_string(&r).unwrap()
     };
-    assert_eq!(report(), report());
+    assert_eq!(report(&opts), report(&opts));
+    // Observed, the same report; only SASRec's training is a phase (the ranking is not).
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
+    let observed = EvalOptions {
+        progress: Reporter::new(move |e: &Event| sink.lock().unwrap().push(e.clone())),
+        ..opts.clone()
+    };
+    assert_eq!(report(&observed), report(&opts));
+    let events = events.lock().unwrap();
+    assert!(matches!(&events[0], Event::PhaseStarted { phase, .. } if phase == "sasrec"));
+    assert!(
+        matches!(events.last(), Some(Event::PhaseFinished { phase, summary: Some(s), .. })
+            if phase == "sasrec" && s.ends_with(" steps")),
+        "{:?}",
+        events.last()
+    );
+    assert!(events[1..events.len() - 1].iter().all(|e| matches!(e, Event::Progress { .. })));
     // The scores themselves, bit for bit; another seed draws other weights and masks.
     let test: Vec<&Sample> = corpus.get(Split::Test, Task::Rec).iter().collect();
     let scores = |seed: u64| -> Vec<u32> {
         let config = SasrecConfig { epochs: 2, ..SasrecConfig::for_corpus(&corpus, seed) };
-        let model = sasrec::train(&corpus, &config, &Device::flex(), false).unwrap();
+        let model = sasrec::train(&corpus, &config, &Device::flex(), &Reporter::silent()).unwrap();
         model.score(&test).unwrap().into_iter().map(f32::to_bits).collect()
     };
     let seed = gems_train::baselines::sasrec_seed(&opts);
@@ -195,12 +213,19 @@ fn scientific(config: &TrainConfig) -> Corpus {
 fn sasrec_on_amazon_scientific() {
     let config = TrainConfig::cpu_preset();
     let corpus = scientific(&config);
-    let opts = gems_train::trainer::eval_options(&config, Split::Test, "floor", &[Task::Rec], true);
+    let opts = gems_train::trainer::eval_options(
+        &config,
+        Split::Test,
+        "floor",
+        &[Task::Rec],
+        &Reporter::silent(),
+    );
     let train_examples = corpus.get(Split::Train, Task::Rec).len();
     let sasrec_config =
         SasrecConfig::for_corpus(&corpus, gems_train::baselines::sasrec_seed(&opts));
     let started = Instant::now();
-    let model = sasrec::train(&corpus, &sasrec_config, &Device::flex(), true).unwrap();
+    let model =
+        sasrec::train(&corpus, &sasrec_config, &Device::flex(), &Reporter::silent()).unwrap();
     eprintln!(
         "sasrec: {train_examples} training rec examples, {} items, {sasrec_config:?}: trained \
          in {:.1} s",

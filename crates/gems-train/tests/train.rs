@@ -14,7 +14,7 @@ fn data_root() -> PathBuf {
 }
 
 fn options(resume: bool) -> RunOptions {
-    RunOptions { device: Device::flex(), resume, progress: false }
+    RunOptions { device: Device::flex(), resume, progress: Default::default() }
 }
 
 fn finished(outcome: RunOutcome) -> RunSummary {
@@ -95,7 +95,7 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
         gems_data::Split::Test,
         "x",
         &[gems_data::Task::Rec],
-        false,
+        &Default::default(),
     );
     let chosen = gems_train::eval::select(
         corpus.get(gems_data::Split::Test, gems_data::Task::Rec),
@@ -405,7 +405,7 @@ fn history_items_can_be_left_out_of_rankings() {
     assert_eq!(fresh.len(), n - distinct.len());
 
     let tasks = [gems_data::Task::Rec, gems_data::Task::Search];
-    let mut opts = eval_options(&config, gems_data::Split::Test, "t", &tasks, false);
+    let mut opts = eval_options(&config, gems_data::Split::Test, "t", &tasks, &Default::default());
     let plain = evaluate(&setup.pretrained.model, &setup.corpus, &opts).unwrap();
     opts.exclude_history = true;
     let excluded = evaluate(&setup.pretrained.model, &setup.corpus, &opts).unwrap();
