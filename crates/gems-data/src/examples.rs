@@ -226,17 +226,14 @@ fn sample_negatives(
     if eligible <= k {
         return (0..n_items as u32).filter(|&i| !excluded[i as usize]).collect();
     }
-    let mut chosen: Vec<u32> = Vec::with_capacity(k);
     if eligible < 4 * k {
         // Dense case: partial Fisher-Yates over the eligible list.
         let mut pool: Vec<u32> = (0..n_items as u32).filter(|&i| !excluded[i as usize]).collect();
-        for j in 0..k {
-            let pick = j + rng.below((pool.len() - j) as u64) as usize;
-            pool.swap(j, pick);
-            chosen.push(pool[j]);
-        }
-        return chosen;
+        rng.partial_shuffle(&mut pool, k);
+        pool.truncate(k);
+        return pool;
     }
+    let mut chosen: Vec<u32> = Vec::with_capacity(k);
     while chosen.len() < k {
         let candidate = rng.below(n_items as u64) as u32;
         if !excluded[candidate as usize] && !chosen.contains(&candidate) {

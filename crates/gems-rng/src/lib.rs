@@ -51,6 +51,35 @@ impl SplitMix64 {
         }
     }
 
+    /// Shuffles `items` in place, every order equally likely (Fisher-Yates from the back: for
+    /// `i` from `len - 1` down to 1, swap `items[i]` with `items[below(i + 1)]`).
+    ///
+    /// Draws exactly `len - 1` values (none for fewer than two items). The order of the draws
+    /// is part of the reproducibility contract (batch orders are recorded by seed), so it must
+    /// not change.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+
+    /// Moves a uniform sample of `k` distinct elements of `items`, in random order, to the
+    /// front and returns it (`&mut items[..k]`); `k` is capped at `items.len()`. The rest of
+    /// `items` holds the elements not drawn, in no particular order.
+    ///
+    /// This is the first `k` steps of a Fisher-Yates shuffle from the front: for `i` in `0..k`,
+    /// swap `items[i]` with `items[i + below(len - i)]`. Draws exactly `min(k, len)` values;
+    /// as for [`SplitMix64::shuffle`], that sequence must not change.
+    pub fn partial_shuffle<'a, T>(&mut self, items: &'a mut [T], k: usize) -> &'a mut [T] {
+        let (k, len) = (k.min(items.len()), items.len());
+        for i in 0..k {
+            let j = i + self.below((len - i) as u64) as usize;
+            items.swap(i, j);
+        }
+        &mut items[..k]
+    }
+
     /// A uniform float in `[0, 1)` with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -152,6 +181,75 @@ mod tests {
         let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / x.len() as f64;
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var - 1.0).abs() < 0.02, "variance {var}");
+    }
+
+    #[test]
+    fn shuffle_is_the_pinned_backward_fisher_yates() {
+        // The draw sequence is a contract: the same loop written out, and literal values
+        // (computed independently, from a Python SplitMix64).
+        for (seed, n) in [(1, 0), (1, 1), (2, 2), (3, 10), (4, 257)] {
+            let mut a = SplitMix64::new(seed);
+            let mut b = SplitMix64::new(seed);
+            let mut got: Vec<usize> = (0..n).collect();
+            a.shuffle(&mut got);
+            let mut want: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = b.below(i as u64 + 1) as usize;
+                want.swap(i, j);
+            }
+            assert_eq!(got, want, "seed {seed}, n {n}");
+            assert_eq!(a.next_u64(), b.next_u64(), "seed {seed}, n {n}: same number of draws");
+            let mut sorted = got.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+        }
+        let mut order: Vec<u32> = (0..10).collect();
+        SplitMix64::new(42).shuffle(&mut order);
+        assert_eq!(order, [8, 3, 6, 5, 4, 0, 9, 2, 1, 7]);
+    }
+
+    #[test]
+    fn partial_shuffle_is_the_pinned_forward_fisher_yates() {
+        for (seed, n, k) in [(1, 0, 3), (1, 5, 0), (2, 10, 3), (3, 10, 9), (4, 10, 10), (5, 4, 9)] {
+            let mut a = SplitMix64::new(seed);
+            let mut b = SplitMix64::new(seed);
+            let mut items: Vec<usize> = (0..n).collect();
+            let got = a.partial_shuffle(&mut items, k).to_vec();
+            let mut want: Vec<usize> = (0..n).collect();
+            for i in 0..k.min(n) {
+                let j = i + b.below((n - i) as u64) as usize;
+                want.swap(i, j);
+            }
+            assert_eq!(items, want, "seed {seed}, n {n}, k {k}");
+            assert_eq!(got, want[..k.min(n)], "seed {seed}, n {n}, k {k}");
+            assert_eq!(a.next_u64(), b.next_u64(), "seed {seed}, n {n}, k {k}: same draws");
+            let mut sorted = items.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "a permutation");
+        }
+        let mut pool: Vec<u32> = (0..10).collect();
+        assert_eq!(SplitMix64::new(42).partial_shuffle(&mut pool, 4), [7, 2, 4, 5]);
+    }
+
+    #[test]
+    fn shuffles_are_uniform() {
+        // Every order of three elements (and every ordered pair drawn from four) about equally
+        // often.
+        let mut g = SplitMix64::new(9);
+        let mut orders = std::collections::BTreeMap::new();
+        let mut pairs = std::collections::BTreeMap::new();
+        for _ in 0..60_000 {
+            let mut v = [0u8, 1, 2];
+            g.shuffle(&mut v);
+            *orders.entry(v).or_insert(0u32) += 1;
+            let mut w = [0u8, 1, 2, 3];
+            let pair = g.partial_shuffle(&mut w, 2).to_vec();
+            *pairs.entry(pair).or_insert(0u32) += 1;
+        }
+        assert_eq!(orders.len(), 6);
+        assert!(orders.values().all(|&c| c.abs_diff(10_000) < 500), "{orders:?}");
+        assert_eq!(pairs.len(), 12);
+        assert!(pairs.values().all(|&c| c.abs_diff(5_000) < 350), "{pairs:?}");
     }
 
     #[test]

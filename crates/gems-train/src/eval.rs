@@ -48,15 +48,10 @@ pub fn select(samples: &[Sample], max: usize, seed: u64) -> Vec<&Sample> {
         return samples.iter().collect();
     }
     let mut idx: Vec<usize> = (0..samples.len()).collect();
-    let mut rng = SplitMix64::new(seed);
-    // Partial Fisher-Yates: the first `max` positions are a uniform sample.
-    for i in 0..max {
-        let j = i + rng.below((samples.len() - i) as u64) as usize;
-        idx.swap(i, j);
-    }
-    let mut chosen = idx[..max].to_vec();
-    chosen.sort_unstable();
-    chosen.into_iter().map(|i| &samples[i]).collect()
+    SplitMix64::new(seed).partial_shuffle(&mut idx, max);
+    idx.truncate(max);
+    idx.sort_unstable();
+    idx.into_iter().map(|i| &samples[i]).collect()
 }
 
 /// Takes `items` out of a ranking by scoring them below everything (`f32::MIN`, which every

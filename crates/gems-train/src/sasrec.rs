@@ -289,9 +289,7 @@ pub fn train(
     let progress = progress.phase("sasrec", steps as u64);
     let mut done = 0;
     for _ in 0..config.epochs {
-        for i in (1..order.len()).rev() {
-            order.swap(i, draws.rng.below(i as u64 + 1) as usize);
-        }
+        draws.rng.shuffle(&mut order);
         let mut loss_sum = 0.0;
         for chunk in order.chunks(config.batch_size) {
             let histories: Vec<&[u32]> =

@@ -73,10 +73,7 @@ pub(crate) fn active_tasks(config: &TrainConfig, corpus: &Corpus) -> Vec<Task> {
 fn permutation(n: usize, seed: u64, task: Task, epoch: u64) -> Vec<usize> {
     let mut rng = SplitMix64::for_stream(seed, &[task as u64 + 1, epoch]);
     let mut idx: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        idx.swap(i, j);
-    }
+    rng.shuffle(&mut idx);
     idx
 }
 
