@@ -150,12 +150,12 @@ pub fn rank_samples(
                 if let Some(l) = &loss_sum {
                     loss += l[r];
                 }
-        progress.finish(None);
                 tokens += s.ids.len() - s.target_pos;
             }
             done += chunk.len() as u64;
             progress.update(done, "");
         }
+        progress.finish(None);
         report.full.insert(task.name().to_string(), full.finish());
         if options.sampled && !sampled.is_empty() {
             report.sampled.insert(task.name().to_string(), sampled.finish());
@@ -256,12 +256,12 @@ pub fn perplexity(
     let mut done = 0;
     for chunk in text.windows.chunks(batch.max(1)) {
         let (s, k) = text_nll(model, chunk, base_vocab)?;
-    phase.finish(None);
         nll += s;
         n += k;
         done += chunk.len() as u64;
         phase.update(done, "");
     }
+    phase.finish(None);
     let ppl = (nll / n.max(1) as f64).exp();
     if !ppl.is_finite() {
         return Err(TrainError::Training(format!(
