@@ -38,23 +38,36 @@ pub enum Segment<'a> {
     Item(u32),
 }
 
-/// The prompt of an example as segments, exactly the GEMS-SPEC §2 templates.
-pub fn segments(example: &Example) -> Vec<Segment<'_>> {
-    let mut out = Vec::with_capacity(2 * example.history.len() + 2);
+/// The prompt for `history` (item indices, oldest first) and an optional `query`, as segments:
+/// the search template of GEMS-SPEC §2 when a query is given, else the recommendation
+/// template. Every prompt goes through here: the examples' ([`segments`]) and those typed at
+/// run time ([`tokenize_prompt`]).
+pub fn prompt_segments<'a>(history: &[u32], query: Option<&'a str>) -> Vec<Segment<'a>> {
+    let mut out = Vec::with_capacity(2 * history.len() + 2);
     out.push(Segment::Text(PREFIX.into()));
-    for (i, &item) in example.history.iter().enumerate() {
+    for (i, &item) in history.iter().enumerate() {
         if i > 0 {
             out.push(Segment::Text(HISTORY_SEPARATOR.into()));
         }
         out.push(Segment::Item(item));
     }
-    match (example.task, &example.query) {
-        (Task::Search, Some(query)) => {
+    match query {
+        Some(query) => {
             out.push(Segment::Text(format!("{SEARCH_QUERY_INTRO}{query}{SEARCH_SUFFIX}").into()));
         }
-        _ => out.push(Segment::Text(REC_SUFFIX.into())),
+        None => out.push(Segment::Text(REC_SUFFIX.into())),
     }
     out
+}
+
+/// The prompt of an example as segments: [`prompt_segments`] of its history and, for a search
+/// example, its query (a recommendation example's query is not shown).
+pub fn segments(example: &Example) -> Vec<Segment<'_>> {
+    let query = match example.task {
+        Task::Search => example.query.as_deref(),
+        Task::Rec => None,
+    };
+    prompt_segments(&example.history, query)
 }
 
 /// The prompt as text with `<item_N>` tokens.
@@ -78,6 +91,51 @@ pub struct TokenizedExample {
     pub target_span: [u32; 2],
 }
 
+/// Appends the ids of `segments` to `ids`: text through `tokenizer` (memoised in `memo`), item
+/// `i` as `base + i` (`base` is the tokenizer's `vocab_size`).
+fn encode_segments(
+    segments: Vec<Segment<'_>>,
+    tokenizer: &dyn TextTokenizer,
+    base: u32,
+    memo: &mut HashMap<String, Vec<u32>>,
+    ids: &mut Vec<u32>,
+) -> Result<()> {
+    for segment in segments {
+        match segment {
+            Segment::Item(i) => ids.push(base + i),
+            Segment::Text(text) => {
+                if let Some(encoded) = memo.get(text.as_ref()) {
+                    ids.extend_from_slice(encoded);
+                } else {
+                    let encoded = tokenizer.encode(&text)?;
+                    ids.extend_from_slice(&encoded);
+                    memo.insert(text.into_owned(), encoded);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The prompt ids for `history` (item indices, oldest first) and an optional `query`
+/// ([`prompt_segments`]), without a target: exactly the ids before the target span of an
+/// example with that history (and, for a search example, that query). What a trained model
+/// is asked at run time (`gems recommend`, `gems search`).
+///
+/// # Errors
+/// The tokenizer fails.
+pub fn tokenize_prompt(
+    history: &[u32],
+    query: Option<&str>,
+    tokenizer: &dyn TextTokenizer,
+) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    let base = tokenizer.vocab_size();
+    let segments = prompt_segments(history, query);
+    encode_segments(segments, tokenizer, base, &mut HashMap::new(), &mut ids)?;
+    Ok(ids)
+}
+
 /// Tokenises examples in order; the text tokenizer sees each distinct segment once.
 pub fn tokenize_examples(
     examples: &[Example],
@@ -90,20 +148,7 @@ pub fn tokenize_examples(
     let mut out = Vec::with_capacity(examples.len());
     for example in examples {
         let mut ids = Vec::new();
-        for segment in segments(example) {
-            match segment {
-                Segment::Item(i) => ids.push(base + i),
-                Segment::Text(text) => {
-                    if let Some(encoded) = memo.get(text.as_ref()) {
-                        ids.extend_from_slice(encoded);
-                    } else {
-                        let encoded = tokenizer.encode(&text)?;
-                        ids.extend_from_slice(&encoded);
-                        memo.insert(text.into_owned(), encoded);
-                    }
-                }
-            }
-        }
+        encode_segments(segments(example), tokenizer, base, &mut memo, &mut ids)?;
         let start = ids.len() as u32;
         ids.push(base + example.target);
         ids.push(eos);
@@ -128,6 +173,38 @@ mod tests {
             target: 9,
             negatives: vec![],
         }
+    }
+
+    /// One id per byte: enough to compare token sequences.
+    struct Bytes;
+
+    impl TextTokenizer for Bytes {
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            Ok(text.bytes().map(u32::from).collect())
+        }
+        fn vocab_size(&self) -> u32 {
+            256
+        }
+        fn eos_id(&self) -> u32 {
+            0
+        }
+    }
+
+    #[test]
+    fn a_prompt_is_an_example_before_its_target() {
+        for (task, query) in [(Task::Rec, None), (Task::Search, Some("lab gloves"))] {
+            let e = example(task, query);
+            let tokenized = tokenize_examples(std::slice::from_ref(&e), &Bytes).unwrap();
+            let [start, _] = tokenized[0].target_span;
+            let prompt = tokenize_prompt(&e.history, query, &Bytes).unwrap();
+            assert_eq!(prompt, tokenized[0].input_ids[..start as usize]);
+        }
+        // A recommendation example does not show its query; a search example without one is
+        // a recommendation prompt.
+        let rec_with_query = example(Task::Rec, Some("lab gloves"));
+        let search_without = example(Task::Search, None);
+        assert_eq!(prompt_text(&rec_with_query), prompt_text(&example(Task::Rec, None)));
+        assert_eq!(prompt_text(&search_without), prompt_text(&example(Task::Rec, None)));
     }
 
     #[test]

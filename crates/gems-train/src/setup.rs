@@ -367,19 +367,6 @@ impl Setup {
                 self.corpus.n_items()
             )));
         }
-        let example = Example {
-            user: 0,
-            position: 0,
-            split: Split::Test,
-            task: if query.is_some() { Task::Search } else { Task::Rec },
-            history: history.to_vec(),
-            query: query.map(str::to_string),
-            target: 0,
-            negatives: Vec::new(),
-        };
-        let tok = gems_data::tokenize_examples(std::slice::from_ref(&example), &self.text)?;
-        let mut ids = tok.into_iter().next().map(|t| t.input_ids).unwrap_or_default();
-        ids.truncate(ids.len().saturating_sub(2));
-        Ok(ids)
+        Ok(gems_data::tokenize_prompt(history, query, &self.text)?)
     }
 }

@@ -183,3 +183,21 @@ impl TextTokenizer for Shifted {
         self.0.eos_id()
     }
 }
+
+#[test]
+fn run_time_prompts_are_the_samples_before_their_targets() {
+    let root = tempfile::tempdir().unwrap();
+    let config = tiny_run_config(root.path(), &data_root(), 2).unwrap();
+    let p = load_model(config.model.path.as_ref().unwrap(), None, &Device::flex()).unwrap();
+    let setup = build(p, &config).unwrap();
+    let mut checked = 0;
+    for ((_, task), samples) in &setup.corpus.samples {
+        for s in samples {
+            let query = (*task == gems_data::Task::Search).then_some(s.query.as_deref()).flatten();
+            let ids = setup.prompt_ids(&s.history, query).unwrap();
+            assert_eq!(ids, s.ids[..s.target_pos]);
+            checked += 1;
+        }
+    }
+    assert!(checked > 100);
+}
