@@ -13,9 +13,9 @@ use crate::error::{ModelError, Result};
 /// The configuration of a Llama-family decoder, with Hugging Face field names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama` or `qwen2` (Qwen2 implies q/k/v bias).
-    #[serde(default = "default_model_type")]
-    pub model_type: String,
+    /// `llama` or `qwen2` (Qwen2 implies q/k/v bias); defaults to `llama`.
+    #[serde(default)]
+    pub model_type: ModelType,
     /// Vocabulary size, including added tokens such as items.
     pub vocab_size: usize,
     /// Model width `d_model`.
@@ -58,13 +58,13 @@ pub struct LlamaConfig {
     pub hidden_act: String,
     /// Beginning-of-sequence id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bos_token_id: Option<serde_json::Value>,
+    pub bos_token_id: Option<TokenIds>,
     /// End-of-sequence id (an integer or a list of integers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<TokenIds>,
     /// Padding id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pad_token_id: Option<serde_json::Value>,
+    pub pad_token_id: Option<TokenIds>,
     /// Every other field of the file, kept for round trips.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -73,9 +73,9 @@ pub struct LlamaConfig {
 /// RoPE frequency scaling as Llama 3.1 defines it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
-    /// `llama3` is the only type implemented; others are rejected at validation.
+    /// `llama3` (or `default`, no scaling); any other type is an error when parsing.
     #[serde(alias = "type")]
-    pub rope_type: String,
+    pub rope_type: RopeType,
     /// Scale factor.
     #[serde(default = "one")]
     pub factor: f64,
@@ -90,9 +90,139 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-fn default_model_type() -> String {
-    "llama".into()
+/// A string-valued enum of `config.json`: (de)serialised as its name, and an unknown name is an
+/// error that names the field and the value and lists the supported names.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident, $field:literal, { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// The name as `config.json` writes it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!(
+                        concat!($field, " `{}` is not supported (only {})"),
+                        other,
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
+
+named_enum!(
+    /// The architecture of `config.json`'s `model_type` (`llama` when absent).
+    #[derive(Default)]
+    ModelType, "model_type", {
+        /// Llama 2/3, SmolLM2: optional `attention_bias` on q/k/v/o.
+        #[default]
+        Llama = "llama",
+        /// Qwen2: q/k/v always have a bias, o does not.
+        Qwen2 = "qwen2",
+    }
+);
+
+named_enum!(
+    /// The RoPE scaling of `rope_scaling.rope_type` (alias `type`).
+    RopeType, "rope_scaling.rope_type", {
+        /// No scaling.
+        Default = "default",
+        /// Llama 3.1 frequency-dependent scaling.
+        Llama3 = "llama3",
+    }
+);
+
+/// A token id field of `config.json` (`bos_token_id`, `eos_token_id`, `pad_token_id`): one
+/// integer or a list of integers, written back in the form it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// A list of ids (several end-of-sequence tokens, as Llama 3 declares).
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids, in the order given.
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+
+    /// The first id, if any.
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            Self::One(id) => Some(*id),
+            Self::Many(ids) => ids.first().copied(),
+        }
+    }
+
+    /// Reads an integer or a list of integers; anything else (a string, a negative or
+    /// fractional number, an id above `u32::MAX`) is an error describing the value.
+    fn from_value(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        let id = |x: &serde_json::Value| x.as_u64().and_then(|n| u32::try_from(n).ok());
+        let bad = || format!("expected a token id or a list of token ids, got {}", describe(v));
+        match v {
+            serde_json::Value::Array(a) => {
+                a.iter().map(id).collect::<Option<Vec<u32>>>().map(Self::Many).ok_or_else(bad)
+            }
+            x => id(x).map(Self::One).ok_or_else(bad),
+        }
+    }
+}
+
+impl Serialize for TokenIds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::One(id) => s.serialize_u32(*id),
+            Self::Many(ids) => ids.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Self::from_value(&v).map_err(serde::de::Error::custom)
+    }
+}
+
 fn default_eps() -> f64 {
     1e-6
 }
@@ -198,31 +328,28 @@ impl LlamaConfig {
                 return err(format!("{name} = {v}: must be positive and finite"));
             }
         }
-        if let Some(s) = &self.rope_scaling {
-            if s.rope_type != "llama3" && s.rope_type != "default" {
-                return err(format!("rope_scaling type `{}` is not supported", s.rope_type));
+        if let Some(s) = &self.rope_scaling
+            && s.rope_type == RopeType::Llama3
+        {
+            for (name, v) in [
+                ("rope_scaling.factor", s.factor),
+                ("rope_scaling.low_freq_factor", s.low_freq_factor),
+                ("rope_scaling.high_freq_factor", s.high_freq_factor),
+            ] {
+                if !v.is_finite() || v <= 0.0 {
+                    return err(format!("{name} = {v}: must be positive and finite"));
+                }
             }
-            if s.rope_type == "llama3" {
-                for (name, v) in [
-                    ("rope_scaling.factor", s.factor),
-                    ("rope_scaling.low_freq_factor", s.low_freq_factor),
-                    ("rope_scaling.high_freq_factor", s.high_freq_factor),
-                ] {
-                    if !v.is_finite() || v <= 0.0 {
-                        return err(format!("{name} = {v}: must be positive and finite"));
-                    }
-                }
-                if s.high_freq_factor <= s.low_freq_factor {
-                    return err(format!(
-                        "rope_scaling.high_freq_factor = {} must exceed low_freq_factor = {}",
-                        s.high_freq_factor, s.low_freq_factor
-                    ));
-                }
-                if s.original_max_position_embeddings == 0 {
-                    return err("rope_scaling.original_max_position_embeddings = 0: must be \
-                                positive"
-                        .into());
-                }
+            if s.high_freq_factor <= s.low_freq_factor {
+                return err(format!(
+                    "rope_scaling.high_freq_factor = {} must exceed low_freq_factor = {}",
+                    s.high_freq_factor, s.low_freq_factor
+                ));
+            }
+            if s.original_max_position_embeddings == 0 {
+                return err("rope_scaling.original_max_position_embeddings = 0: must be \
+                            positive"
+                    .into());
             }
         }
         Ok(())
@@ -240,12 +367,12 @@ impl LlamaConfig {
 
     /// Whether q/k/v projections have a bias (Qwen2 always; Llama when `attention_bias`).
     pub fn qkv_bias(&self) -> bool {
-        self.model_type == "qwen2" || self.attention_bias.unwrap_or(false)
+        self.model_type == ModelType::Qwen2 || self.attention_bias.unwrap_or(false)
     }
 
     /// Whether the output projection `o_proj` has a bias (Llama `attention_bias` only).
     pub fn o_bias(&self) -> bool {
-        self.model_type != "qwen2" && self.attention_bias.unwrap_or(false)
+        self.model_type != ModelType::Qwen2 && self.attention_bias.unwrap_or(false)
     }
 
     /// Whether the MLP projections have a bias.
@@ -255,7 +382,7 @@ impl LlamaConfig {
 
     /// The end-of-sequence ids declared by the config.
     pub fn eos_ids(&self) -> Vec<u32> {
-        ids_of(self.eos_token_id.as_ref())
+        self.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default()
     }
 
     /// Inverse RoPE frequencies, `head_dim / 2` values, with Llama 3 scaling applied.
@@ -264,7 +391,7 @@ impl LlamaConfig {
         let mut f: Vec<f64> =
             (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
         if let Some(s) = &self.rope_scaling
-            && s.rope_type == "llama3"
+            && s.rope_type == RopeType::Llama3
         {
             let old = s.original_max_position_embeddings as f64;
             let low_wavelen = old / s.low_freq_factor;
@@ -309,6 +436,8 @@ enum Kind {
     Str,
     /// A JSON object.
     Object,
+    /// A token id or a list of token ids.
+    TokenIds,
 }
 
 /// Whether a field may be absent or `null`.
@@ -323,7 +452,7 @@ enum Presence {
 }
 
 /// The fields this crate reads, with their kinds.
-const FIELDS: [(&str, Kind, Presence); 16] = [
+const FIELDS: [(&str, Kind, Presence); 19] = [
     ("model_type", Kind::Str, Presence::Defaulted),
     ("vocab_size", Kind::Size, Presence::Required),
     ("hidden_size", Kind::Size, Presence::Required),
@@ -340,6 +469,9 @@ const FIELDS: [(&str, Kind, Presence); 16] = [
     ("attention_bias", Kind::Bool, Presence::Nullable),
     ("mlp_bias", Kind::Bool, Presence::Nullable),
     ("hidden_act", Kind::Str, Presence::Defaulted),
+    ("bos_token_id", Kind::TokenIds, Presence::Nullable),
+    ("eos_token_id", Kind::TokenIds, Presence::Nullable),
+    ("pad_token_id", Kind::TokenIds, Presence::Nullable),
 ];
 
 /// The fields of `rope_scaling`.
@@ -387,6 +519,7 @@ fn check_kind(name: &str, x: &serde_json::Value, kind: Kind) -> std::result::Res
         Kind::Bool => (x.is_boolean(), "true or false"),
         Kind::Str => (x.is_string(), "a string"),
         Kind::Object => (x.is_object(), "an object"),
+        Kind::TokenIds => (TokenIds::from_value(x).is_ok(), "a token id or a list of token ids"),
     };
     if ok { Ok(()) } else { Err(format!("{name}: expected {want}, got {}", describe(x))) }
 }
@@ -408,17 +541,5 @@ fn describe(x: &serde_json::Value) -> String {
         Value::String(s) => format!("string {}", excerpt(format!("{s:?}"))),
         Value::Array(a) => format!("an array of {} elements", a.len()),
         Value::Object(o) => format!("an object of {} fields", o.len()),
-    }
-}
-
-pub(crate) fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => {
-            a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
-        }
-        _ => Vec::new(),
     }
 }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use tokenizers::Tokenizer;
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, ModelType, TokenIds};
 use crate::error::{ModelError, Result};
 use crate::hf::Pretrained;
 use crate::llama::{self, Llama};
@@ -667,13 +667,13 @@ impl GgufFile {
                 ModelError::format(&self.path, Some("general.architecture"), "not a string")
             })?
             .to_string();
-        if arch != "llama" && arch != "qwen2" {
-            return Err(ModelError::unsupported(
+        let model_type: ModelType = arch.parse().map_err(|_| {
+            ModelError::unsupported(
                 &self.path,
                 Some("general.architecture"),
                 format!("architecture `{arch}` (llama, qwen2)"),
-            ));
-        }
+            )
+        })?;
         let k = |s: &str| format!("{arch}.{s}");
         let embd = self.find("token_embd.weight")?;
         let vocab_size = *embd
@@ -685,7 +685,7 @@ impl GgufFile {
         let n_kv = self.meta_usize(&k("attention.head_count_kv")).unwrap_or(n_heads);
         let head_dim = self.meta_usize(&k("attention.key_length")).ok();
         let mut config = LlamaConfig {
-            model_type: arch.clone(),
+            model_type,
             vocab_size,
             hidden_size,
             intermediate_size: self.meta_usize(&k("feed_forward_length"))?,
@@ -705,17 +705,20 @@ impl GgufFile {
                 .metadata
                 .get("tokenizer.ggml.bos_token_id")
                 .and_then(|v| v.as_u64())
-                .map(|x| x.into()),
+                .and_then(|x| u32::try_from(x).ok())
+                .map(TokenIds::One),
             eos_token_id: self
                 .metadata
                 .get("tokenizer.ggml.eos_token_id")
                 .and_then(|v| v.as_u64())
-                .map(|x| x.into()),
+                .and_then(|x| u32::try_from(x).ok())
+                .map(TokenIds::One),
             pad_token_id: self
                 .metadata
                 .get("tokenizer.ggml.padding_token_id")
                 .and_then(|v| v.as_u64())
-                .map(|x| x.into()),
+                .and_then(|x| u32::try_from(x).ok())
+                .map(TokenIds::One),
             extra: serde_json::Map::new(),
         };
         // Round-trip f32 metadata to the decimal value a config.json would hold.
@@ -735,7 +738,7 @@ impl GgufFile {
     /// All tensors dequantized, renamed to Hugging Face keys, Q/K rows un-permuted (llama).
     pub fn weights(&self, config: &LlamaConfig) -> Result<WeightMap> {
         let mut w = WeightMap::new(&self.path);
-        let unpermute = config.model_type == "llama";
+        let unpermute = config.model_type == ModelType::Llama;
         for info in &self.tensors {
             let Some(key) = hf_key(&info.name) else { continue };
             let mut t = self.tensor(info)?;

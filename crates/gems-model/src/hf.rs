@@ -11,7 +11,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use tokenizers::Tokenizer;
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, ModelType, TokenIds};
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use crate::weights::{WeightMap, write_safetensors};
@@ -129,13 +129,16 @@ pub fn save_hf_dir(p: &Pretrained, dir: &Path) -> Result<()> {
     write_json(&dir.join("tokenizer_config.json"), &tc)?;
     write_json(&dir.join("special_tokens_map.json"), &serde_json::json!(special))?;
     let mut gc = serde_json::json!({});
+    let json = |ids: &TokenIds| serde_json::to_value(ids).unwrap_or_default();
     if let Some(b) = &config.bos_token_id {
-        gc["bos_token_id"] = b.clone();
+        gc["bos_token_id"] = json(b);
     }
     if let Some(e) = &config.eos_token_id {
-        gc["eos_token_id"] = e.clone();
+        gc["eos_token_id"] = json(e);
     }
-    if let Some(pad) = config.pad_token_id.clone().or_else(|| first_eos(&config).map(Into::into)) {
+    if let Some(pad) =
+        config.pad_token_id.as_ref().map(json).or_else(|| first_eos(&config).map(Into::into))
+    {
         gc["pad_token_id"] = pad;
     }
     write_json(&dir.join("generation_config.json"), &gc)
@@ -179,7 +182,7 @@ fn first_eos(config: &LlamaConfig) -> Option<u32> {
 /// padding id pads with its end-of-sequence token, as SmolLM2's own tokenizer does. Ids that
 /// the tokenizer does not know are left out rather than written as a wrong string.
 pub fn special_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> BTreeMap<String, String> {
-    let first = |v: Option<&serde_json::Value>| crate::config::ids_of(v).first().copied();
+    let first = |v: Option<&TokenIds>| v.and_then(TokenIds::first);
     let bos = first(config.bos_token_id.as_ref());
     let eos = first_eos(config);
     let pad = first(config.pad_token_id.as_ref()).or(eos);
@@ -193,5 +196,8 @@ pub fn special_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> BTreeMap<S
 }
 
 fn arch_name(c: &LlamaConfig) -> &'static str {
-    if c.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }
+    match c.model_type {
+        ModelType::Llama => "LlamaForCausalLM",
+        ModelType::Qwen2 => "Qwen2ForCausalLM",
+    }
 }

@@ -26,7 +26,7 @@ pub mod llama;
 pub mod lora;
 pub mod weights;
 
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, ModelType, RopeType, TokenIds};
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, load_gguf};
 pub use hf::{Pretrained, load_hf_dir, save_hf_dir};

@@ -450,6 +450,52 @@ fn config_err(text: &str) -> String {
 }
 
 #[test]
+fn config_unknown_enum_values_are_named() {
+    let e = config_err(&config_with("model_type", "\"mistral\""));
+    assert!(e.contains("model_type `mistral` is not supported (only llama, qwen2)"), "{e}");
+    let e = config_err(&config_with("rope_scaling", r#"{"rope_type": "yarn", "factor": 4}"#));
+    assert!(e.contains("rope_scaling.rope_type `yarn` is not supported"), "{e}");
+    let e = config_err(&config_with("rope_scaling", r#"{"type": "dynamic"}"#));
+    assert!(e.contains("rope_scaling.rope_type `dynamic`"), "{e}");
+    for bad in ["\"2\"", "-1", "1.5", "[1, \"2\"]", "4294967296", "{}"] {
+        let e = config_err(&config_with("eos_token_id", bad));
+        assert!(e.contains("eos_token_id: expected a token id or a list of token ids"), "{e}");
+    }
+}
+
+#[test]
+fn config_token_ids_and_enums_round_trip_in_their_json_form() {
+    use gems_model::{ModelType, RopeType, TokenIds};
+    let dir = tempfile::tempdir().unwrap();
+    for (eos, want) in [("2", TokenIds::One(2)), ("[2, 7]", TokenIds::Many(vec![2, 7]))] {
+        let mut text = config_with("eos_token_id", eos);
+        text = text.replace("\"llama\"", "\"qwen2\"");
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["rope_scaling"] = serde_json::json!({"type": "llama3", "factor": 8.0});
+        let c = LlamaConfig::from_json(Path::new("config.json"), &v.to_string()).unwrap();
+        assert_eq!(c.eos_token_id, Some(want.clone()));
+        assert_eq!(c.eos_ids(), want.ids());
+        assert_eq!(c.model_type, ModelType::Qwen2);
+        assert_eq!(c.rope_scaling.as_ref().unwrap().rope_type, RopeType::Llama3);
+        let path = dir.path().join("config.json");
+        c.to_file(&path).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(back["eos_token_id"], serde_json::from_str::<serde_json::Value>(eos).unwrap());
+        assert_eq!(
+            (back["model_type"].as_str(), back["rope_scaling"]["rope_type"].as_str()),
+            (Some("qwen2"), Some("llama3"))
+        );
+        assert_eq!(LlamaConfig::from_file(&path).unwrap(), c);
+    }
+    // Absent model_type: Llama.
+    let mut v: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    v.as_object_mut().unwrap().remove("model_type");
+    let c = LlamaConfig::from_json(Path::new("config.json"), &v.to_string()).unwrap();
+    assert_eq!(c.model_type, ModelType::Llama);
+}
+
+#[test]
 fn config_wrong_types_name_the_field() {
     let e = config_err(&config_with("hidden_size", "\"576\""));
     assert!(e.contains("hidden_size: expected an integer, got string \"576\""), "{e}");
