@@ -166,6 +166,87 @@ pub struct Llama {
     /// layers may train.
     #[module(skip)]
     pub frozen_layers: usize,
+    /// RoPE cosines and sines per position, computed once and shared by clones.
+    #[module(skip)]
+    rope: RopeCache,
+}
+
+/// Host table of RoPE cosines and sines, one row of `head_dim` values per position, grown on
+/// demand and shared by clones of a model: a forward pass copies the rows of its positions
+/// instead of evaluating `head_dim` cosines and sines per token.
+///
+/// Row `p` holds `cos(p * inv_freq[j % (head_dim / 2)])` and the sine, evaluated in f64 and
+/// rounded to f32, exactly as computing them per forward would. The table remembers the
+/// inverse frequencies it was built from and starts over if the configuration's differ.
+#[derive(Clone, Default)]
+struct RopeCache(std::sync::Arc<std::sync::Mutex<RopeTable>>);
+
+impl std::fmt::Debug for RopeCache {
+    /// The number of positions computed, not the values.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows = self.0.lock().map_or(0, |t| t.rows);
+        f.debug_struct("RopeCache").field("rows", &rows).finish()
+    }
+}
+
+#[derive(Default)]
+struct RopeTable {
+    /// Inverse frequencies the rows were computed from.
+    inv: Vec<f64>,
+    /// Row width.
+    head_dim: usize,
+    /// Number of positions computed.
+    rows: usize,
+    /// `rows * head_dim` cosines.
+    cos: Vec<f32>,
+    /// `rows * head_dim` sines.
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Computes rows up to (not including) position `rows`.
+    fn grow(&mut self, rows: usize) {
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        self.cos.reserve((rows - self.rows) * hd);
+        self.sin.reserve((rows - self.rows) * hd);
+        for p in self.rows..rows {
+            for j in 0..hd {
+                let a = p as f64 * self.inv[j % half];
+                self.cos.push(a.cos() as f32);
+                self.sin.push(a.sin() as f32);
+            }
+        }
+        self.rows = rows;
+    }
+}
+
+impl RopeCache {
+    /// The cosine and sine rows of `positions`, concatenated, for inverse frequencies `inv`
+    /// and rows of `head_dim` values.
+    fn gather(&self, inv: Vec<f64>, head_dim: usize, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        // A panic elsewhere while the lock was held leaves at worst a table whose `rows` lags
+        // its vectors: `rows` is written last, so the table stays usable.
+        let mut t = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.inv != inv || t.head_dim != head_dim {
+            *t = RopeTable { inv, head_dim, ..RopeTable::default() };
+        }
+        let needed = positions.iter().max().map_or(0, |&p| p + 1);
+        if needed > t.rows {
+            let (cos, sin, rows) = (t.cos.len(), t.sin.len(), t.rows * head_dim);
+            if cos != rows || sin != rows {
+                t.cos.truncate(rows);
+                t.sin.truncate(rows);
+            }
+            t.grow(needed.next_power_of_two().max(64));
+        }
+        let mut cos = Vec::with_capacity(positions.len() * head_dim);
+        let mut sin = Vec::with_capacity(positions.len() * head_dim);
+        for &p in positions {
+            cos.extend_from_slice(&t.cos[p * head_dim..(p + 1) * head_dim]);
+            sin.extend_from_slice(&t.sin[p * head_dim..(p + 1) * head_dim]);
+        }
+        (cos, sin)
+    }
 }
 
 /// Token ids of a batch with its attention mask, row-major `[batch_size, seq_len]`.
@@ -580,6 +661,7 @@ impl Llama {
             lm_head,
             config: config.clone(),
             frozen_layers: 0,
+            rope: RopeCache::default(),
         })
     }
 
@@ -682,19 +764,11 @@ impl Llama {
         Ok(())
     }
 
+    /// RoPE cosines and sines of `positions` (`b * t` of them), `[b, 1, t, head_dim]` each,
+    /// gathered from the model's table (computed once per position, see [`RopeCache`]).
     fn rope_tables(&self, positions: &[usize], b: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
-        let inv = self.config.inv_freq();
         let hd = self.config.head_dim();
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(b * t * hd);
-        let mut sin = Vec::with_capacity(b * t * hd);
-        for &p in positions {
-            for j in 0..hd {
-                let a = p as f64 * inv[j % half];
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = self.rope.gather(self.config.inv_freq(), hd, positions);
         let device = self.device();
         (
             Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), &device),
@@ -993,6 +1067,47 @@ mod tests {
 #[cfg(test)]
 mod schema_tests {
     use super::*;
+
+    /// The tables as every forward computed them before they were cached.
+    fn rope_per_forward(c: &LlamaConfig, positions: &[usize]) -> (Vec<u32>, Vec<u32>) {
+        let (inv, hd) = (c.inv_freq(), c.head_dim());
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &p in positions {
+            for j in 0..hd {
+                let a = p as f64 * inv[j % (hd / 2)];
+                cos.push((a.cos() as f32).to_bits());
+                sin.push((a.sin() as f32).to_bits());
+            }
+        }
+        (cos, sin)
+    }
+
+    #[test]
+    fn cached_rope_tables_are_bit_identical_to_per_forward_ones() {
+        let scaled = r#", "rope_theta": 500000.0, "max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}"#;
+        for extra in ["", scaled] {
+            let c = config(extra);
+            let mut model = Llama::init_random(&c, 1, &Device::flex()).unwrap();
+            let shared = model.clone();
+            // Small positions first, then ones that grow the table, then a changed config.
+            let batches: [&[usize]; 4] = [&[0, 1, 2, 3], &[5, 0, 63, 2], &[1000, 7], &[64, 4095]];
+            for (k, positions) in batches.into_iter().enumerate() {
+                if k == 3 {
+                    model.config.rope_theta = 1234.5;
+                }
+                for m in [&model, &shared] {
+                    let (cos, sin) = m.rope_tables(positions, 1, positions.len());
+                    let bits = |t: Tensor<4>| -> Vec<u32> {
+                        to_host(t, "test").unwrap().data.iter().map(|v| v.to_bits()).collect()
+                    };
+                    let want = rope_per_forward(&m.config, positions);
+                    assert_eq!((bits(cos), bits(sin)), want, "{extra} {positions:?}");
+                }
+            }
+        }
+    }
 
     fn config(extra: &str) -> LlamaConfig {
         let text = format!(
