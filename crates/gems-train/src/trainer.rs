@@ -157,40 +157,35 @@ fn append_text(path: &Path, line: &str) -> Result<()> {
     writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
 }
 
-/// Keeps only the metrics lines of steps up to `step` (a resumed run rewrites what followed).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let lines = gems_metrics::read_metrics_lines(path)?;
-    let mut out = String::new();
-    for line in lines {
-        let s = match &line {
-            MetricsLine::Train(t) => t.step,
-            MetricsLine::Valid(v) => v.step,
-        };
-        if s <= step {
-            out.push_str(&serde_json::to_string(&line).unwrap_or_default());
-            out.push('\n');
-        }
-    }
-    Ok(write_atomic(path, out.as_bytes())?)
-}
-
-/// Keeps only the lines of a JSON-lines file whose `step` is at most `step`; a damaged last
-/// line (a crash mid-write) is dropped.
+/// Keeps only the lines of a JSON-lines log (`metrics.jsonl`, `conflict.jsonl`) whose `step` is
+/// at most `step`: a resumed run rewrites what followed. Kept lines are copied byte for byte; a
+/// damaged last line (a crash mid-write: no final newline, or JSON cut short) is dropped.
+///
+/// # Errors
+/// I/O failures; any other line that is not a JSON object with a whole-number `step`, naming
+/// the file and the 1-based line.
 fn truncate_steps(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines.iter().rposition(|line| !line.trim().is_empty());
     let mut out = String::new();
-    for line in text.lines() {
-        let keep = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-            .is_some_and(|s| s <= step);
-        if keep {
+    for (index, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(value) => value,
+            Err(e) if Some(index) == last && (!text.ends_with('\n') || e.is_eof()) => continue,
+            Err(e) => return Err(TrainError::format(path, format!("line {}: {e}", index + 1))),
+        };
+        let Some(line_step) = value.get("step").and_then(serde_json::Value::as_u64) else {
+            let detail = format!("line {}: no whole-number `step`", index + 1);
+            return Err(TrainError::format(path, detail));
+        };
+        if line_step <= step {
             out.push_str(line);
             out.push('\n');
         }
@@ -803,7 +798,7 @@ fn prepare_logs(run_dir: &Path, resumed: bool, step: u64) -> Result<()> {
     let metrics_path = run_dir.join(METRICS);
     let conflict_path = run_dir.join("conflict.jsonl");
     if resumed {
-        truncate_metrics(&metrics_path, step)?;
+        truncate_steps(&metrics_path, step)?;
         truncate_steps(&conflict_path, step)?;
     } else {
         for p in [&metrics_path, &conflict_path] {
@@ -962,4 +957,37 @@ fn save_checkpoint(
 /// Where a run keeps its tuned model.
 pub fn tuned_model_dir(run_dir: &Path) -> Option<PathBuf> {
     resolve_dir(&run_dir.join("model"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_steps_keeps_earlier_lines_verbatim_and_drops_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        let text =
+            "{\"kind\":\"train\",\"step\":1,\"x\":1.50}\n\n{\"step\":2}\n{\"step\":3}\n{\"st";
+        std::fs::write(&path, text).unwrap();
+        truncate_steps(&path, 2).unwrap();
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(kept, "{\"kind\":\"train\",\"step\":1,\"x\":1.50}\n{\"step\":2}\n");
+        // A missing file is left missing.
+        truncate_steps(&dir.path().join("absent.jsonl"), 2).unwrap();
+        assert!(!dir.path().join("absent.jsonl").exists());
+    }
+
+    #[test]
+    fn truncate_steps_refuses_a_damaged_line_before_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        for (text, line) in [("{\"step\":1}\nnot json\n{\"step\":2}\n", 2), ("{\"no\":1}\n", 1)] {
+            std::fs::write(&path, text).unwrap();
+            let err = truncate_steps(&path, 5).unwrap_err().to_string();
+            assert!(err.contains("log.jsonl") && err.contains(&format!("line {line}")), "{err}");
+            // The file is left as it was.
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        }
+    }
 }
