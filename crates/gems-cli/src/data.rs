@@ -32,30 +32,9 @@ pub enum DataCommand {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum FormatArg {
-    LcRec,
-    Sasrec,
-    Qilin,
-    Jsonl,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 enum AssignmentArg {
     Both,
     Split,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum QueriesArg {
-    Off,
-    Categories,
-    CategoriesOrTitle,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum UnknownItemsArg {
-    Error,
-    Placeholder,
 }
 
 /// Arguments of `gems data prepare`.
@@ -72,7 +51,7 @@ pub struct PrepareArgs {
     data_root: PathBuf,
     /// Input layout (default: implied by the name, or detected from the directory).
     #[arg(long, value_enum)]
-    format: Option<FormatArg>,
+    format: Option<DataFormat>,
     /// A Hugging Face tokenizer.json; without it only untokenised examples are written.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -98,11 +77,11 @@ pub struct PrepareArgs {
     seed: u64,
     /// Query synthesis for events without a query (default: categories for lc-rec, off else).
     #[arg(long, value_enum)]
-    queries: Option<QueriesArg>,
+    queries: Option<QuerySynthesis>,
     /// What to do with events whose item is not in the catalogue (default: error, except
     /// placeholder for the qilin_toy schema sample).
     #[arg(long, value_enum)]
-    unknown_items: Option<UnknownItemsArg>,
+    unknown_items: Option<UnknownItemPolicy>,
 }
 
 /// Runs a data subcommand.
@@ -117,26 +96,13 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.search_probability) {
         bail!("--search-probability must be in [0, 1]");
     }
-    let format = args.format.map(|f| match f {
-        FormatArg::LcRec => DataFormat::LcRec,
-        FormatArg::Sasrec => DataFormat::Sasrec,
-        FormatArg::Qilin => DataFormat::Qilin,
-        FormatArg::Jsonl => DataFormat::Jsonl,
-    });
-    let spec = resolve_dataset(&args.dataset, &args.data_root, format)?;
+    let spec = resolve_dataset(&args.dataset, &args.data_root, args.format)?;
     let mut config = PrepareConfig::from_spec(&spec);
     if let Some(q) = args.queries {
-        config.query_synthesis = match q {
-            QueriesArg::Off => QuerySynthesis::Off,
-            QueriesArg::Categories => QuerySynthesis::Categories,
-            QueriesArg::CategoriesOrTitle => QuerySynthesis::CategoriesOrTitle,
-        };
+        config.query_synthesis = q;
     }
     if let Some(u) = args.unknown_items {
-        config.load.unknown_items = match u {
-            UnknownItemsArg::Error => UnknownItemPolicy::Error,
-            UnknownItemsArg::Placeholder => UnknownItemPolicy::Placeholder,
-        };
+        config.load.unknown_items = u;
     }
     config.build = BuildConfig {
         assignment: match args.assignment {

@@ -20,15 +20,6 @@ use crate::device::{Backend, device};
 use crate::progress::reporter;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum MethodArg {
-    Gems,
-    Galore,
-    Full,
-    Lora,
-    Pcgrad,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PresetArg {
     /// The main job's CPU preset (2 cores, about 15 minutes): see docs/training.md.
     Cpu,
@@ -36,27 +27,6 @@ pub enum PresetArg {
     Gpu,
     /// Library defaults.
     Default,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum TasksArg {
-    Both,
-    Rec,
-    Search,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ProjArg {
-    Std,
-    ReverseStd,
-    Left,
-    Right,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum StopArg {
-    Loss,
-    Ndcg10,
 }
 
 /// Where a command runs.
@@ -87,7 +57,7 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     /// Training method.
     #[arg(long, value_enum)]
-    pub method: Option<MethodArg>,
+    pub method: Option<Method>,
     /// gems ablation: no null-space projection.
     #[arg(long)]
     pub no_null_space: bool,
@@ -102,7 +72,7 @@ pub struct TrainArgs {
     pub strict_null_space: bool,
     /// Tasks trained on.
     #[arg(long, value_enum)]
-    pub tasks: Option<TasksArg>,
+    pub tasks: Option<TaskSelection>,
     /// Shared-subspace rank r (GaLore `rank`); task subspaces get r/2.
     #[arg(long)]
     pub rank: Option<usize>,
@@ -114,7 +84,7 @@ pub struct TrainArgs {
     pub scale: Option<f64>,
     /// Projection side rule (GaLore `proj_type`).
     #[arg(long, value_enum)]
-    pub proj_type: Option<ProjArg>,
+    pub proj_type: Option<ProjectionType>,
     /// LoRA rank.
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -177,7 +147,7 @@ pub struct TrainArgs {
     pub patience: Option<u32>,
     /// What early stopping watches.
     #[arg(long, value_enum)]
-    pub stop_metric: Option<StopArg>,
+    pub stop_metric: Option<StopMetric>,
     /// Validation examples per task (0: all).
     #[arg(long)]
     pub valid_examples: Option<usize>,
@@ -198,7 +168,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub exclude_history: bool,
     /// Which embedding rows train: all, items (text-token rows frozen) or none.
-    #[arg(long, value_parser = str::parse::<gems_train::config::EmbeddingPolicy>)]
+    #[arg(long, value_enum)]
     pub embeddings: Option<gems_train::config::EmbeddingPolicy>,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
@@ -226,21 +196,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(path) = &args.config {
         c = merge_file(c, path)?;
     }
-    if let Some(m) = args.method {
-        let method = match m {
-            MethodArg::Gems => Method::Gems,
-            MethodArg::Galore => Method::Galore,
-            MethodArg::Full => Method::Full,
-            MethodArg::Lora => Method::Lora,
-            MethodArg::Pcgrad => Method::PcGrad,
-        };
-        let keep = c.optimizer.clone();
-        c.optimizer = gems_optim::OptimizerConfig::for_method(method);
-        // Method-independent settings survive the switch.
-        c.optimizer.gems.rank = keep.gems.rank;
-        c.optimizer.gems.update_proj_gap = keep.gems.update_proj_gap;
-        c.optimizer.weight_decay = keep.weight_decay;
-        c.optimizer.seed = keep.seed;
+    if let Some(method) = args.method {
+        c.optimizer = c.optimizer.switch_method(method);
     }
     let g = &mut c.optimizer.gems;
     if args.no_null_space {
@@ -258,24 +215,11 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut g.rank, args.rank);
     set(&mut g.update_proj_gap, args.update_proj_gap);
     set(&mut g.scale, args.scale);
-    if let Some(p) = args.proj_type {
-        g.proj_type = match p {
-            ProjArg::Std => ProjectionType::Std,
-            ProjArg::ReverseStd => ProjectionType::ReverseStd,
-            ProjArg::Left => ProjectionType::Left,
-            ProjArg::Right => ProjectionType::Right,
-        };
-    }
+    set(&mut g.proj_type, args.proj_type);
     set(&mut c.optimizer.weight_decay, args.weight_decay);
     set(&mut c.lora.rank, args.lora_rank);
     set(&mut c.lora.alpha, args.lora_alpha);
-    if let Some(t) = args.tasks {
-        c.data.tasks = match t {
-            TasksArg::Both => TaskSelection::Both,
-            TasksArg::Rec => TaskSelection::Rec,
-            TasksArg::Search => TaskSelection::Search,
-        };
-    }
+    set(&mut c.data.tasks, args.tasks);
     set(&mut c.schedule.steps, args.steps);
     set(&mut c.schedule.batch_size, args.batch_size);
     set(&mut c.schedule.grad_accum, args.grad_accum);
@@ -308,12 +252,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     set(&mut c.eval.every, args.eval_every);
     set(&mut c.eval.patience, args.patience);
-    if let Some(m) = args.stop_metric {
-        c.eval.metric = match m {
-            StopArg::Loss => StopMetric::Loss,
-            StopArg::Ndcg10 => StopMetric::Ndcg10,
-        };
-    }
+    set(&mut c.eval.metric, args.stop_metric);
     set(&mut c.eval.valid_examples, args.valid_examples);
     set(&mut c.eval.test_examples, args.test_examples);
     if args.no_before {

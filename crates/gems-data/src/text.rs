@@ -350,6 +350,7 @@ pub fn category_query(categories: &[String]) -> Option<String> {
 
 /// How to fill in queries for events that have none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum QuerySynthesis {
     /// Keep the queries the source provides; synthesise nothing.

@@ -21,13 +21,12 @@ pub enum Method {
     /// GEMS: shared, rec and search subspaces after null-space projection (GEMS-SPEC §3).
     Gems,
     /// PCGrad: project each task gradient off the other when they conflict, then AdamW.
-    /// Saved as `pcgrad`, the command line's name (`pc_grad`, written before, still reads).
+    // Saved as `pcgrad`, the command line's name (`pc_grad`, written before, still reads).
     #[serde(rename = "pcgrad", alias = "pc_grad")]
     #[cfg_attr(feature = "clap", value(name = "pcgrad"))]
     PcGrad,
-    /// The optimizer side of LoRA: AdamW on the parameters matched by
-    /// [`OptimizerConfig::trainable`] (adapters, item embeddings); every other parameter is
-    /// left untouched even if it has a gradient.
+    /// The optimizer side of LoRA: AdamW on the `trainable` parameters (adapters, item
+    /// embeddings) only; every other parameter is left untouched even if it has a gradient.
     Lora,
 }
 

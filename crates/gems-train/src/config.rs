@@ -15,6 +15,7 @@ use crate::error::{Result, TrainError};
 
 /// Which tasks a run trains on (GEMS-SPEC §5 single-task runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskSelection {
     /// Search and recommendation (the default).
@@ -77,6 +78,7 @@ impl Default for ModelSettings {
 /// keeps every text token's input and output vectors as pretrained: the text model changes only
 /// through the tuned matrices. An untied head follows the same rule on its own rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingPolicy {
     /// Every row trains (text tokens and item tokens).
@@ -95,18 +97,6 @@ impl EmbeddingPolicy {
             Self::All => "all",
             Self::Items => "items",
             Self::None => "none",
-        }
-    }
-}
-
-impl std::str::FromStr for EmbeddingPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "all" => Ok(Self::All),
-            "items" => Ok(Self::Items),
-            "none" => Ok(Self::None),
-            other => Err(format!("`{other}`: expected all, items or none")),
         }
     }
 }
@@ -198,6 +188,7 @@ impl ScheduleSettings {
 
 /// What early stopping watches on the validation set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum StopMetric {
     /// Mean target-token loss over the trained tasks (lower is better; the authors' choice).

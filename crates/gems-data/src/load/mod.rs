@@ -20,6 +20,7 @@ use crate::text::QuerySynthesis;
 
 /// The on-disk layouts this crate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum DataFormat {
     /// Amazon in the LC-Rec layout: `*.inter.json` + `*.item.json`.
@@ -62,6 +63,7 @@ impl DataFormat {
 
 /// What to do with an event whose item is not in the catalogue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum UnknownItemPolicy {
     /// Fail with the file and line (the default).
