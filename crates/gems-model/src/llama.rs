@@ -848,6 +848,34 @@ impl Llama {
         }
     }
 
+    /// Logits of the token block `[first, first + count)` only, for hidden states `[n, d_model]`:
+    /// `[n, count]`, the same values as columns `first..first + count` of
+    /// [`head`](Self::head)`(hidden)` without computing the rest of the vocabulary (item scores
+    /// over the item tokens, text likelihood over the original vocabulary).
+    ///
+    /// Works for both head layouts: a tied head multiplies by rows of the token embedding
+    /// (`[vocab, d_model]`), an untied one by columns of `lm_head` (stored `[d_model, vocab]`)
+    /// plus the matching slice of its bias.
+    ///
+    /// # Panics
+    /// If `first + count` exceeds the vocabulary (a caller's bug).
+    pub fn head_logits(&self, hidden: Tensor<2>, first: usize, count: usize) -> Tensor<2> {
+        match &self.lm_head {
+            None => {
+                let w = self.embed_tokens.weight.val().narrow(0, first, count);
+                hidden.matmul(w.transpose())
+            }
+            Some(head) => {
+                let w = head.weight.val().narrow(1, first, count);
+                let out = hidden.matmul(w);
+                match &head.bias {
+                    Some(b) => out + b.val().narrow(0, first, count).unsqueeze_dim(0),
+                    None => out,
+                }
+            }
+        }
+    }
+
     /// Logits at every position, `[batch, seq_len, vocab]`.
     pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
         Ok(self.head(self.hidden_states(batch)?))
@@ -1080,6 +1108,30 @@ mod schema_tests {
             }
         }
         (cos, sin)
+    }
+
+    #[test]
+    fn head_logits_are_a_block_of_the_full_head() {
+        for extra in [r#", "tie_word_embeddings": true"#, r#", "tie_word_embeddings": false"#] {
+            let c = config(extra);
+            let mut model = Llama::init_random(&c, 2, &Device::flex()).unwrap();
+            if let Some(head) = model.lm_head.as_mut() {
+                let b: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
+                let bias = Tensor::<1>::from_data(TensorData::new(b, [16]), &Device::flex());
+                head.bias = Some(Param::from_tensor(bias));
+            }
+            let data: Vec<f32> = (0..3 * 8).map(|i| (i as f32 * 0.37).sin()).collect();
+            let hidden = Tensor::<2>::from_data(TensorData::new(data, [3, 8]), &Device::flex());
+            let full = to_host(model.head(hidden.clone()), "test").unwrap();
+            let block = to_host(model.head_logits(hidden, 5, 7), "test").unwrap();
+            assert_eq!(block.shape, [3, 7]);
+            for r in 0..3 {
+                for j in 0..7 {
+                    let (a, b) = (block.data[r * 7 + j], full.data[r * 16 + 5 + j]);
+                    assert!((a - b).abs() < 1e-6, "{extra}: row {r} token {}: {a} vs {b}", 5 + j);
+                }
+            }
+        }
     }
 
     #[test]

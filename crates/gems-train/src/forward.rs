@@ -56,26 +56,6 @@ pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
     log_softmax(logits, 1).gather(1, idx).mean().neg()
 }
 
-/// Output-head rows `[first, first + count)` applied to hidden states `[n, d]`: the logits of
-/// a contiguous block of tokens without computing the rest of the vocabulary.
-pub fn block_logits(model: &Llama, hidden: Tensor<2>, first: usize, count: usize) -> Tensor<2> {
-    match &model.lm_head {
-        None => {
-            let w = model.embed_tokens.weight.val().narrow(0, first, count);
-            hidden.matmul(w.transpose())
-        }
-        Some(head) => {
-            // Burn stores the head [d_model, vocab].
-            let w = head.weight.val().narrow(1, first, count);
-            let out = hidden.matmul(w);
-            match &head.bias {
-                Some(b) => out + b.val().narrow(0, first, count).unsqueeze_dim(0),
-                None => out,
-            }
-        }
-    }
-}
-
 /// What one evaluation forward pass gives for a batch of samples.
 #[derive(Debug)]
 pub struct ScoredBatch {
@@ -103,7 +83,7 @@ pub fn score_samples(
         samples.iter().enumerate().map(|(r, s)| (r, s.target_pos - 1)).collect();
     let (at, ids) = target_positions(samples);
     let rows = gather_rows(hidden.clone(), &last, "score_samples")?;
-    let scores = block_logits(model, rows, base_vocab, n_items);
+    let scores = model.head_logits(rows, base_vocab, n_items);
     let target_rows = gather_rows(hidden, &at, "score_samples")?;
     let logits = model.head(target_rows);
     let n = ids.len();
@@ -149,7 +129,7 @@ pub fn text_nll(model: &Llama, windows: &[Vec<u32>], base_vocab: usize) -> Resul
         }
     }
     let rows = gather_rows(hidden, &at, "text_nll")?;
-    let logits = block_logits(model, rows, 0, base_vocab);
+    let logits = model.head_logits(rows, 0, base_vocab);
     let nll = cross_entropy(logits, &next);
     let mean = read_f32(nll, "text_nll")?[0] as f64;
     Ok((mean * next.len() as f64, next.len()))
