@@ -6,6 +6,7 @@
 
 mod data;
 mod device;
+mod fetch;
 mod model_cmd;
 mod progress;
 mod run_cmd;

@@ -69,7 +69,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
     match command {
         ModelCommand::Fetch { cache } => {
             let cache = cache.unwrap_or_else(fetch::cache_dir);
-            let report = fetch::fetch(&cache)?;
+            let report = crate::fetch::fetch(&cache)?;
             if report.already_cached {
                 eprintln!("model already cached and verified: {}", report.gguf.display());
             } else {

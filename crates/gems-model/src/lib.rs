@@ -9,7 +9,8 @@
 //! - [`gguf`]: GGUF v3 files: metadata, dequantization, tokenizer.
 //! - [`items`]: `<item_ID>` tokens added to tokenizer, embedding and head.
 //! - [`lora`]: LoRA adapters, merge, PEFT save/load.
-//! - [`fetch`]: obtaining SmolLM2-135M-Instruct with pip into a cache.
+//! - [`fetch`]: where SmolLM2-135M-Instruct is cached and its checksums (`gems model fetch`
+//!   downloads it; this crate never runs a process).
 //! - [`check`]: reference cross-entropy and a greedy chat answer.
 //!
 //! This crate never reads datasets and never changes gradients; it depends on Burn and external
