@@ -819,17 +819,72 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     config.validate()?;
     let reporter = &options.progress;
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
-    let checkpoint_dir = run_dir.join("checkpoint");
     let resume_from = if options.resume { Some(checkpoint_to_resume(run_dir)?) } else { None };
-    let (config, path) = resolve_config(config, run_dir, resume_from.as_deref(), reporter)?;
-
+    let resume = resume_from.as_deref();
+    let (config, path) = resolve_config(config, run_dir, resume, reporter)?;
     let device = options.device.clone();
+    let (setup, tasks) = load_setup(&config, &path, &device, reporter)?;
+    let before = before_and_floors(run_dir, &setup, &config, &tasks, resume.is_some(), reporter)?;
+
+    let train_device = device.autodiff();
+    let mut optimizer = match resume {
+        Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &train_device)?,
+        None => Optimizer::new(config.optimizer.clone())?,
+    };
+    if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
+        register_null_space(&mut optimizer, &setup, &config, &path, run_dir, reporter)?;
+    }
+    let mut model = model_to_train(&setup, &config, resume, &train_device)?;
+    let run = Run {
+        frozen: FrozenRows::new(
+            &setup.pretrained.model,
+            config.model.embeddings,
+            setup.corpus.base_vocab as usize,
+            &train_device,
+        ),
+        n_train: tasks.iter().map(|&t| setup.corpus.get(Split::Train, t).len()).collect(),
+        setup: &setup,
+        config: &config,
+        tasks: &tasks,
+        run_dir,
+    };
+    let mut state = trainer_state(resume, &optimizer, &config)?;
+    prepare_logs(run_dir, resume.is_some(), state.step)?;
+
+    let total = config.schedule.steps;
+    let mut perms: Vec<Option<(u64, Vec<usize>)>> = vec![None; Task::ALL.len()];
+    let progress = reporter.phase("train", total);
+    let mut steps_here = 0u64;
+    while state.step < total && !state.stopped_early {
+        model = run.step(model, &mut optimizer, &mut state, &mut perms, &progress)?;
+        steps_here += 1;
+        if run.after_step(&model, &optimizer, &mut state, steps_here, reporter)? {
+            progress
+                .finish(Some(format!("stopped after step {} (resume to continue)", state.step)));
+            return Ok(RunOutcome::Stopped { step: state.step });
+        }
+    }
+    progress.finish(Some(format!("{} steps", state.step)));
+
+    let summary =
+        finish_run(&model, &setup, &config, &tasks, &optimizer, &state, before, run_dir, reporter)?;
+    Ok(RunOutcome::Finished(Box::new(summary)))
+}
+
+/// The model (its lower layers frozen as configured, to check the setting early), the
+/// tokenised data with item tokens, and the tasks that have training samples.
+fn load_setup(
+    config: &TrainConfig,
+    path: &Path,
+    device: &Device,
+    reporter: &Reporter,
+) -> Result<(Setup, Vec<Task>)> {
     let started = Instant::now();
-    let pretrained = load_model(&path, config.model.keep_layers, &device)?;
-    check_rank(&config, &pretrained.model)?;
-    freeze_lower_layers(pretrained.model.clone(), &config)?;
-    let setup = build(pretrained, &config)?;
-    let tasks = active_tasks(&config, &setup.corpus);
+    let pretrained = load_model(path, config.model.keep_layers, device)?;
+    check_rank(config, &pretrained.model)?;
+    freeze_lower_layers(pretrained.model.clone(), config)?;
+    let setup = build(pretrained, config)?;
+    let tasks = active_tasks(config, &setup.corpus);
     if tasks.is_empty() {
         return Err(TrainError::Config(format!(
             "dataset `{}` has no training samples for tasks {:?}",
@@ -847,48 +902,43 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             started.elapsed().as_secs_f64()
         )
     });
+    Ok((setup, tasks))
+}
 
-    let before =
-        before_and_floors(run_dir, &setup, &config, &tasks, resume_from.is_some(), reporter)?;
+/// What every step of a run reads: the data, the configuration, the trained tasks, the run
+/// directory, and the embedding rows to keep frozen.
+struct Run<'a> {
+    setup: &'a Setup,
+    config: &'a TrainConfig,
+    tasks: &'a [Task],
+    run_dir: &'a Path,
+    frozen: Option<FrozenRows>,
+    /// Training samples per task (for the epoch in the log).
+    n_train: Vec<usize>,
+}
 
-    let mut optimizer = match &resume_from {
-        Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &device.clone().autodiff())?,
-        None => Optimizer::new(config.optimizer.clone())?,
-    };
-    if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
-        register_null_space(&mut optimizer, &setup, &config, &path, run_dir, reporter)?;
-    }
-
-    let train_device = device.clone().autodiff();
-    let mut model = model_to_train(&setup, &config, resume_from.as_deref(), &train_device)?;
-    let frozen = FrozenRows::new(
-        &setup.pretrained.model,
-        config.model.embeddings,
-        setup.corpus.base_vocab as usize,
-        &train_device,
-    );
-    let mut state = trainer_state(resume_from.as_deref(), &optimizer, &config)?;
-    prepare_logs(run_dir, resume_from.is_some(), state.step)?;
-
-    let total = config.schedule.steps;
-    let mut perms: Vec<Option<(u64, Vec<usize>)>> = vec![None; Task::ALL.len()];
-    let progress = reporter.phase("train", total);
-    let mut steps_here = 0u64;
-    let n_train: Vec<usize> =
-        tasks.iter().map(|&t| setup.corpus.get(Split::Train, t).len()).collect();
-    while state.step < total && !state.stopped_early {
-        let step_started = Instant::now();
+impl Run<'_> {
+    /// One optimizer step: the gradients of the step's batches, the update (frozen rows
+    /// restored), the state's counters and timings, and the step's log line.
+    fn step(
+        &self,
+        model: Llama,
+        optimizer: &mut Optimizer,
+        state: &mut TrainerState,
+        perms: &mut [Option<(u64, Vec<usize>)>],
+        progress: &Phase,
+    ) -> Result<Llama> {
+        let started = Instant::now();
         let (grads, tokens) =
-            step_gradients(&model, &setup, &config, &tasks, &mut state, &mut perms)?;
-        let lr = config.schedule.lr_at(state.step + 1);
+            step_gradients(&model, self.setup, self.config, self.tasks, state, perms)?;
+        let lr = self.config.schedule.lr_at(state.step + 1);
         let (next, report) = optimizer.step(lr, &model, grads)?;
-        model = match &frozen {
+        let model = match &self.frozen {
             Some(f) => f.restore(next),
             None => next,
         };
         state.step += 1;
-        steps_here += 1;
-        let seconds = step_started.elapsed().as_secs_f64();
+        let seconds = started.elapsed().as_secs_f64();
         state.train_seconds += seconds;
         state.step_seconds.push(seconds);
         if report.skipped.is_some() {
@@ -904,31 +954,36 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             state.consecutive_skips = 0;
         }
         let step = StepLog { lr, tokens, seconds, report: &report };
-        log_step(&step, &state, &tasks, &n_train, run_dir, &progress)?;
+        log_step(&step, state, self.tasks, &self.n_train, self.run_dir, progress)?;
+        Ok(model)
+    }
 
-        let last = state.step == total;
+    /// After a step: validation and early stopping when due, then a checkpoint when due.
+    /// Returns whether this process stops here (`stop_after`) with the run unfinished.
+    fn after_step(
+        &self,
+        model: &Llama,
+        optimizer: &Optimizer,
+        state: &mut TrainerState,
+        steps_here: u64,
+        reporter: &Reporter,
+    ) -> Result<bool> {
+        let config = self.config;
+        let last = state.step == config.schedule.steps;
         let validate =
             config.eval.every > 0 && (state.step.is_multiple_of(config.eval.every) || last);
         if validate {
-            validate_step(&model, &setup, &config, &tasks, &mut state, run_dir, reporter)?;
+            validate_step(model, self.setup, config, self.tasks, state, self.run_dir, reporter)?;
         }
         let stop_here = config.stop_after.is_some_and(|k| steps_here >= k);
         let periodic =
             config.checkpoint_every > 0 && state.step.is_multiple_of(config.checkpoint_every);
         if periodic || stop_here || last || state.stopped_early {
-            save_checkpoint(&checkpoint_dir, &model, &setup, &optimizer, &state, &config)?;
+            let dir = self.run_dir.join("checkpoint");
+            save_checkpoint(&dir, model, self.setup, optimizer, state, config)?;
         }
-        if stop_here && !last && !state.stopped_early {
-            progress
-                .finish(Some(format!("stopped after step {} (resume to continue)", state.step)));
-            return Ok(RunOutcome::Stopped { step: state.step });
-        }
+        Ok(stop_here && !last && !state.stopped_early)
     }
-    progress.finish(Some(format!("{} steps", state.step)));
-
-    let summary =
-        finish_run(&model, &setup, &config, &tasks, &optimizer, &state, before, run_dir, reporter)?;
-    Ok(RunOutcome::Finished(Box::new(summary)))
 }
 
 fn save_checkpoint(
