@@ -100,6 +100,10 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Length bucketing: sort each run of K batches of a task's samples by length and serve
+    /// its batches in a seeded random order (less padding; 1: off).
+    #[arg(long)]
+    pub bucket: Option<usize>,
     /// Peak learning rate (cosine schedule with warm-up).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -223,6 +227,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut c.schedule.steps, args.steps);
     set(&mut c.schedule.batch_size, args.batch_size);
     set(&mut c.schedule.grad_accum, args.grad_accum);
+    if args.bucket.is_some() {
+        c.schedule.bucket = args.bucket;
+    }
     set(&mut c.schedule.lr, args.lr);
     if let Some(s) = args.seed {
         c.seed = s;

@@ -155,6 +155,11 @@ pub struct ScheduleSettings {
     pub warmup_ratio: f64,
     /// Final learning rate of the cosine decay, as a share of the peak.
     pub min_lr_ratio: f64,
+    /// Length bucketing: each run of this many batches of a task's shuffled samples is sorted
+    /// by length and its batches served in a seeded random order, so that samples of similar
+    /// length share a batch and pad less. None (the default) or 1: plain shuffled batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<usize>,
 }
 
 impl Default for ScheduleSettings {
@@ -166,6 +171,7 @@ impl Default for ScheduleSettings {
             lr: 5e-4,
             warmup_ratio: 0.01,
             min_lr_ratio: 0.0,
+            bucket: None,
         }
     }
 }
@@ -356,7 +362,10 @@ impl TrainConfig {
         // below run without an autodiff graph), only the item rows of the embedding trained.
         c.model.tune_layers = Some(4);
         c.model.embeddings = EmbeddingPolicy::Items;
-        c.schedule.steps = 36;
+        // Batches bucketed by length (runs of 8): a step pads far less and takes about half
+        // the time (docs/benchmarks.md), which buys 64 steps in the main job's 15 minutes.
+        c.schedule.bucket = Some(8);
+        c.schedule.steps = 64;
         c.schedule.batch_size = 16;
         c.schedule.lr = 3e-3;
         c.schedule.warmup_ratio = 0.05;
@@ -455,6 +464,9 @@ impl TrainConfig {
         }
         if s.batch_size == 0 || s.grad_accum == 0 {
             return bad("schedule.batch_size and schedule.grad_accum must be positive".into());
+        }
+        if s.bucket == Some(0) {
+            return bad("schedule.bucket must be at least 1 (1: no bucketing)".into());
         }
         if !(s.lr.is_finite() && s.lr > 0.0) {
             return bad(format!("schedule.lr must be positive and finite, got {}", s.lr));
