@@ -213,24 +213,8 @@ fn explain_safetensors_error(
     use safetensors::SafeTensorError as E;
     let fmt = |key: Option<&str>, d: String| ModelError::format(path, key, d);
     let len = bytes.len();
-    let declared =
-        || bytes.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
-    match e {
-        E::HeaderTooSmall => {
-            return fmt(None, format!("{len} bytes, shorter than the 8-byte header length"));
-        }
-        E::InvalidHeaderLength => {
-            let n = declared();
-            return fmt(
-                None,
-                format!("header length {n} exceeds the file ({len} bytes): truncated file?"),
-            );
-        }
-        E::HeaderTooLarge => {
-            let n = declared();
-            return fmt(None, format!("header length {n} is over the safetensors limit (100 MB)"));
-        }
-        _ => {}
+    if let Some(err) = header_length_error(path, bytes, &e) {
+        return err;
     }
     let Some(header) = header_bytes(bytes) else {
         return fmt(None, format!("header: {e}"));
@@ -240,42 +224,84 @@ fn explain_safetensors_error(
         Err((key, detail)) => return fmt(key.as_deref(), detail),
     };
     let data_len = (len - 8 - header.len()) as u64;
-    // An unknown dtype, then each entry on its own: offsets in order, size matching dtype and shape.
-    for x in &entries {
-        let k = Some(x.key.as_str());
-        let Ok(dtype) = serde_json::from_value::<safetensors::Dtype>(x.dtype.clone().into()) else {
-            return ModelError::unsupported(path, k, format!("dtype {}", x.dtype));
-        };
-        if x.start > x.end {
-            return fmt(
-                k,
-                format!("data_offsets [{}, {}] are reversed (begin > end)", x.start, x.end),
-            );
-        }
-        let bits = x
-            .shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .and_then(|n| n.checked_mul(dtype.bitsize() as u64));
-        let Some(bits) = bits.filter(|b| usize::try_from(*b).is_ok()) else {
-            return fmt(k, format!("shape {:?} overflows", x.shape));
-        };
-        if bits % 8 != 0 || bits / 8 != x.end - x.start {
-            return fmt(
-                k,
-                format!(
-                    "shape {:?} of {} needs {} bytes, data_offsets [{}, {}] hold {}",
-                    x.shape,
-                    x.dtype,
-                    bits.div_ceil(8),
-                    x.start,
-                    x.end,
-                    x.end - x.start
-                ),
-            );
-        }
+    if let Some(err) = entries.iter().find_map(|x| entry_error(path, x)) {
+        return err;
     }
-    // The ranges in data order must tile the data section.
+    if let Some(err) = layout_error(path, &entries, data_len) {
+        return err;
+    }
+    let key = match &e {
+        E::InvalidOffset(k) => Some(k.as_str()),
+        _ => None,
+    };
+    fmt(key, e.to_string())
+}
+
+/// The crate's errors about the 8-byte header length, explained.
+fn header_length_error(
+    path: &Path,
+    bytes: &[u8],
+    e: &safetensors::SafeTensorError,
+) -> Option<ModelError> {
+    use safetensors::SafeTensorError as E;
+    let fmt = |d: String| Some(ModelError::format(path, None, d));
+    let len = bytes.len();
+    let declared =
+        || bytes.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    match e {
+        E::HeaderTooSmall => fmt(format!("{len} bytes, shorter than the 8-byte header length")),
+        E::InvalidHeaderLength => {
+            let n = declared();
+            fmt(format!("header length {n} exceeds the file ({len} bytes): truncated file?"))
+        }
+        E::HeaderTooLarge => {
+            let n = declared();
+            fmt(format!("header length {n} is over the safetensors limit (100 MB)"))
+        }
+        _ => None,
+    }
+}
+
+/// An entry's own fault: an unknown dtype, reversed offsets, or a size that does not match its
+/// dtype and shape.
+fn entry_error(path: &Path, x: &Entry) -> Option<ModelError> {
+    let fmt = |key: Option<&str>, d: String| Some(ModelError::format(path, key, d));
+    let k = Some(x.key.as_str());
+    let Ok(dtype) = serde_json::from_value::<safetensors::Dtype>(x.dtype.clone().into()) else {
+        return Some(ModelError::unsupported(path, k, format!("dtype {}", x.dtype)));
+    };
+    if x.start > x.end {
+        return fmt(k, format!("data_offsets [{}, {}] are reversed (begin > end)", x.start, x.end));
+    }
+    let bits = x
+        .shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.bitsize() as u64));
+    let Some(bits) = bits.filter(|b| usize::try_from(*b).is_ok()) else {
+        return fmt(k, format!("shape {:?} overflows", x.shape));
+    };
+    if bits % 8 != 0 || bits / 8 != x.end - x.start {
+        return fmt(
+            k,
+            format!(
+                "shape {:?} of {} needs {} bytes, data_offsets [{}, {}] hold {}",
+                x.shape,
+                x.dtype,
+                bits.div_ceil(8),
+                x.start,
+                x.end,
+                x.end - x.start
+            ),
+        );
+    }
+    None
+}
+
+/// The ranges in data order must tile the data section: an overlap, a gap, or a header that
+/// describes more or fewer bytes than the file holds.
+fn layout_error(path: &Path, entries: &[Entry], data_len: u64) -> Option<ModelError> {
+    let fmt = |key: Option<&str>, d: String| Some(ModelError::format(path, key, d));
     let mut sorted: Vec<&Entry> = entries.iter().collect();
     sorted.sort_by(|a, b| (a.start, a.end, &a.key).cmp(&(b.start, b.end, &b.key)));
     let mut covered = 0u64;
@@ -334,11 +360,7 @@ fn explain_safetensors_error(
             ),
         );
     }
-    let key = match &e {
-        E::InvalidOffset(k) => Some(k.as_str()),
-        _ => None,
-    };
-    fmt(key, e.to_string())
+    None
 }
 
 /// The tensor entries of a header, or the key (if any) and a description of what is malformed.
