@@ -174,6 +174,10 @@ pub struct TrainArgs {
     /// Which embedding rows train: all, items (text-token rows frozen) or none.
     #[arg(long, value_enum)]
     pub embeddings: Option<gems_train::config::EmbeddingPolicy>,
+    /// Learning rate of the embedding (and an untied head) as a multiple of --lr; with
+    /// `--embeddings items` only the new item rows feel it.
+    #[arg(long)]
+    pub embedding_lr_scale: Option<f64>,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -275,6 +279,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         c.eval.exclude_history = true;
     }
     set(&mut c.model.embeddings, args.embeddings);
+    if let Some(scale) = args.embedding_lr_scale {
+        c.set_embedding_lr_scale(scale);
+    }
     set(&mut c.checkpoint_every, args.checkpoint_every);
     if args.stop_after.is_some() {
         c.stop_after = args.stop_after;

@@ -180,6 +180,22 @@ pub struct OptimizerConfig {
     /// Base seed of randomized refreshes: each refresh uses a seed derived from it, the
     /// parameter path, the subspace and the step, so a resumed run draws the same sketches.
     pub seed: u64,
+    /// Learning-rate multipliers of the parameters updated by plain AdamW (not the tuned
+    /// matrices), by path pattern; the first match wins, unmatched parameters use 1. Empty by
+    /// default (and then not written, so older configurations read and write unchanged).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lr_scales: Vec<LrScale>,
+}
+
+/// A learning-rate multiplier for the AdamW parameters whose path matches `pattern` (`*`
+/// matches any run of characters), e.g. `{"pattern": "*embed_tokens*", "scale": 10}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrScale {
+    /// Parameter-path pattern.
+    pub pattern: String,
+    /// Multiplier of the step's learning rate (finite, > 0).
+    pub scale: f64,
 }
 
 impl Default for OptimizerConfig {
@@ -196,6 +212,7 @@ impl Default for OptimizerConfig {
             gems: GemsSettings::default(),
             null_space: NullSpaceSettings::default(),
             seed: 0,
+            lr_scales: Vec::new(),
         }
     }
 }
@@ -229,7 +246,14 @@ impl OptimizerConfig {
         config.gems.update_proj_gap = self.gems.update_proj_gap;
         config.weight_decay = self.weight_decay;
         config.seed = self.seed;
+        config.lr_scales = self.lr_scales.clone();
         config
+    }
+
+    /// The learning-rate multiplier of an AdamW parameter: the first [`Self::lr_scales`] entry
+    /// whose pattern matches `path`, else 1.
+    pub fn lr_scale(&self, path: &str) -> f64 {
+        self.lr_scales.iter().find(|s| path_matches(&s.pattern, path)).map_or(1.0, |s| s.scale)
     }
 
     /// Whether tuned matrices go through subspaces.
@@ -277,6 +301,12 @@ impl OptimizerConfig {
             if self.gems.complement && self.gems.single_subspace {
                 return bad("gems.complement", "needs task subspaces (single_subspace is set)");
             }
+        }
+        if let Some(s) = self.lr_scales.iter().find(|s| !(s.scale > 0.0 && s.scale.is_finite())) {
+            return bad(
+                "lr_scales",
+                &format!("scale {} of `{}` must be finite and > 0", s.scale, s.pattern),
+            );
         }
         if self.method == Method::Lora && self.trainable.is_empty() {
             return bad("trainable", "lora needs at least one trainable pattern");
@@ -365,6 +395,26 @@ mod tests {
         assert!(path_matches("layers.*.mlp.*", "layers.10.mlp.up_proj.weight"));
         assert!(!path_matches("layers.*.mlp.*", "norm.weight"));
         assert!(path_matches("*lora_*", "layers.0.self_attn.q_proj.lora_a"));
+    }
+
+    #[test]
+    fn lr_scales_take_the_first_match_and_must_be_positive() {
+        let mut c = OptimizerConfig::default();
+        assert_eq!(c.lr_scale("embed_tokens.weight"), 1.0);
+        c.lr_scales = vec![
+            LrScale { pattern: "embed_tokens.*".into(), scale: 10.0 },
+            LrScale { pattern: "*".into(), scale: 0.5 },
+        ];
+        assert_eq!(c.lr_scale("embed_tokens.weight"), 10.0);
+        assert_eq!(c.lr_scale("norm.weight"), 0.5);
+        assert!(c.validate().is_ok());
+        assert_eq!(c.switch_method(Method::Full).lr_scales, c.lr_scales);
+        c.lr_scales[1].scale = f64::NAN;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("lr_scales") && err.contains('*'), "{err}");
+        // Not written when empty: configurations of earlier runs serialise unchanged.
+        let json = serde_json::to_string(&OptimizerConfig::default()).unwrap();
+        assert!(!json.contains("lr_scales"));
     }
 
     #[test]

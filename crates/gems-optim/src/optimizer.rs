@@ -430,6 +430,7 @@ impl Optimizer {
         let (moments, n) =
             moments.advance(shared, self.config.beta1, self.config.beta2, self.config.eps);
         self.adam.insert(entry.path.clone(), moments);
+        let lr = lr * self.config.lr_scale(&entry.path);
         apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay)
     }
 }

@@ -353,6 +353,9 @@ pub struct TrainConfig {
     pub stop_after: Option<u64>,
 }
 
+/// Parameter paths of the token embedding and an untied output head.
+const EMBEDDING_PATTERNS: [&str; 2] = ["embed_tokens.*", "lm_head.*"];
+
 impl TrainConfig {
     /// The CPU preset of the main job (2-core machine, about 15 minutes end to end): see
     /// docs/training.md for the measurements behind each value.
@@ -377,6 +380,21 @@ impl TrainConfig {
         c.eval.perplexity_tokens = 4096;
         c.null_space.max_tokens = 8192;
         c
+    }
+
+    /// Sets the learning-rate multiplier of the token embedding and of an untied output head
+    /// (`optimizer.lr_scales`, replacing earlier entries for them; 1 removes them). These are
+    /// AdamW parameters outside GEMS's tuned matrices; with [`EmbeddingPolicy::Items`] only
+    /// the item rows move, so the multiplier speeds up what the new tokens learn without
+    /// touching the text model.
+    pub fn set_embedding_lr_scale(&mut self, scale: f64) {
+        let scales = &mut self.optimizer.lr_scales;
+        scales.retain(|s| !EMBEDDING_PATTERNS.contains(&s.pattern.as_str()));
+        if scale != 1.0 {
+            for pattern in EMBEDDING_PATTERNS {
+                scales.push(gems_optim::LrScale { pattern: pattern.to_string(), scale });
+            }
+        }
     }
 
     /// The perplexity text, if perplexity is measured.

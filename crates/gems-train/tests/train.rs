@@ -476,6 +476,39 @@ fn embedding_policies_touch_only_what_they_say() {
         };
         assert_eq!((text_same, items_same), want, "{policy:?}: (text rows kept, item rows kept)");
     }
+    // `set_embedding_lr_scale`: the item rows move about `scale` times as far (Adam's steps
+    // are scale-free, the multiplier is not), the text rows still not at all.
+    let drift = |scale: f64| -> (bool, f64) {
+        let mut config = base_config.clone();
+        config.eval.before = false;
+        config.eval.perplexity = false;
+        config.eval.every = 0;
+        config.model.embeddings = EmbeddingPolicy::Items;
+        config.set_embedding_lr_scale(scale);
+        let run = root.path().join(format!("runs/emb-scale-{scale}"));
+        finished(train(&config, &run, &options(false)).unwrap());
+        let saved: TrainConfig =
+            serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            saved.optimizer.lr_scale("embed_tokens.weight"),
+            scale,
+            "recorded in config.json"
+        );
+        let (after, _) = host(&gems_model::load_hf_dir(&run.join("model"), &dev).unwrap().model);
+        let moved: f64 = before[base * d..]
+            .iter()
+            .zip(&after[base * d..])
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .sum();
+        (before[..base * d] == after[..base * d], moved)
+    };
+    let (text_kept_1, moved_1) = drift(1.0);
+    let (text_kept_10, moved_10) = drift(10.0);
+    assert!(text_kept_1 && text_kept_10, "text rows must stay as pretrained");
+    assert!(
+        moved_10 > 4.0 * moved_1 && moved_1 > 0.0,
+        "item rows moved {moved_1} at 1x, {moved_10} at 10x"
+    );
 }
 
 /// `--tune-layers 1` on the 2-layer model: the lower layer stays exactly as pretrained (no
