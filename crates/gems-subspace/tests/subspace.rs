@@ -171,23 +171,45 @@ proptest! {
     }
 }
 
-/// A matrix with singular values i^-1.5 (i = 1..) and random singular vectors.
-fn decaying(m: usize, n: usize, seed: u64) -> Mat<f64> {
+/// A matrix with singular values i^-1.5 (i = 1..), multiplied by `gap` from i = `cut` + 1 on,
+/// and random singular vectors.
+fn decaying_with_gap(m: usize, n: usize, seed: u64, cut: usize, gap: f64) -> Mat<f64> {
     let k = m.min(n);
     let u = to_na(gaussian(m, k, seed).as_ref()).qr().q();
     let v = to_na(gaussian(n, k, seed ^ 0x1234).as_ref()).qr().q();
     let s =
-        DMatrix::from_diagonal(&nalgebra::DVector::from_fn(k, |i, _| ((i + 1) as f64).powf(-1.5)));
+        DMatrix::from_diagonal(&nalgebra::DVector::from_fn(k, |i, _| singular_value(i, cut, gap)));
     let a = u * s * v.transpose();
     Mat::from_fn(m, n, |i, j| a[(i, j)])
+}
+
+/// The i-th (0-based) singular value of [`decaying_with_gap`].
+fn singular_value(i: usize, cut: usize, gap: f64) -> f64 {
+    ((i + 1) as f64).powf(-1.5) * if i < cut { 1.0 } else { gap }
+}
+
+/// A matrix with singular values i^-1.5 (i = 1..) and random singular vectors: no gap.
+fn decaying(m: usize, n: usize, seed: u64) -> Mat<f64> {
+    decaying_with_gap(m, n, seed, usize::MAX, 1.0)
+}
+
+/// Squared Frobenius norm of the part of A outside the basis' subspace.
+fn residual_energy(a: MatRef<'_, f64>, basis: &SubspaceBasis) -> f64 {
+    a.squared_norm_l2() * (1.0 - captured_energy(a, basis).unwrap())
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
+    // Where the top-r subspace is well defined (a gap of 10x after singular value r), the
+    // randomized SVD finds it: the error of subspace iteration shrinks like
+    // (s_{r+1} / s_r)^(2q+1) = 1e-5 at q = 2, so overlap 0.99 holds with a wide margin. Without
+    // a gap the last directions of the top r are not determined to that precision (a 96 x 96
+    // case at r = 32 gave overlap 0.976, about what (33/41)^(1.5 * 5) predicts), so that case is
+    // checked by residual below instead.
     #[test]
     fn randomized_top_r_overlaps_exact(m in 40usize..160, n in 40usize..160, r in 1usize..=32, seed in any::<u64>()) {
-        let a = decaying(m, n, seed);
+        let a = decaying_with_gap(m, n, seed, r, 0.1);
         let config = RandomizedSvdConfig { oversampling: 8, power_iterations: 2, seed };
         let approx = randomized_svd(a.as_ref(), r, &config).unwrap();
         prop_assert!(orthonormality_error(approx.u.as_ref()) <= 1e-10);
@@ -205,6 +227,30 @@ proptest! {
         }
         // Estimated singular values are close to the exact ones.
         for (i, s) in approx.s.iter().enumerate() {
+            let exact = singular_value(i, r, 0.1);
+            prop_assert!((s - exact).abs() <= 0.05 * exact, "s[{}] = {} vs {}", i, s, exact);
+        }
+    }
+
+    // Without a gap, what randomized SVD guarantees is a near-optimal residual: the energy of A
+    // left outside its basis is within a small factor of the optimum, the energy outside the
+    // exact top-r subspace (Halko, Martinsson and Tropp 2011, section 10: with q power
+    // iterations the factor on the norm is about (1 + r / (p - 1))^(1 / (2q + 1)), 1.4 at
+    // r = 32, p = 8, q = 2; checked here at 1.5 on the norm, 2.25 on the energy). The largest
+    // singular values, far from the cut, are still estimated to 5%.
+    #[test]
+    fn randomized_top_r_residual_is_near_optimal(m in 40usize..160, n in 40usize..160, r in 1usize..=32, seed in any::<u64>()) {
+        let a = decaying(m, n, seed);
+        let config = RandomizedSvdConfig { oversampling: 8, power_iterations: 2, seed };
+        for side in [Side::Left, Side::Right] {
+            let exact = SubspaceBasis::from_gradient(a.as_ref(), r, side, &SvdMethod::Exact).unwrap();
+            let randomized = SubspaceBasis::from_gradient(a.as_ref(), r, side, &SvdMethod::Randomized(config)).unwrap();
+            let optimum = residual_energy(a.as_ref(), &exact);
+            let found = residual_energy(a.as_ref(), &randomized);
+            prop_assert!(found <= 2.25 * optimum + 1e-12, "residual energy {} vs optimum {} for {}x{} r={} side {:?}", found, optimum, m, n, r, side);
+        }
+        let approx = randomized_svd(a.as_ref(), r, &config).unwrap();
+        for (i, s) in approx.s.iter().enumerate().take(r.div_ceil(2)) {
             let exact = ((i + 1) as f64).powf(-1.5);
             prop_assert!((s - exact).abs() <= 0.05 * exact, "s[{}] = {} vs {}", i, s, exact);
         }
