@@ -185,6 +185,22 @@ pub struct OptimizerConfig {
     /// default (and then not written, so older configurations read and write unchanged).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lr_scales: Vec<LrScale>,
+    /// AdamW parameters of which only the trailing rows train (e.g. the new item rows of a
+    /// token embedding); the first match wins. Empty by default, and then not written.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trained_rows: Vec<TrainedRows>,
+}
+
+/// Only rows `from..` of the AdamW parameters whose path matches `pattern` train (stored
+/// `[rows, cols]`, row-major): the rows before keep their values exactly (no update, no weight
+/// decay) and get no moments, so the step and its state cost what the trained rows cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainedRows {
+    /// Parameter-path pattern.
+    pub pattern: String,
+    /// The first trained row.
+    pub from: usize,
 }
 
 /// A learning-rate multiplier for the AdamW parameters whose path matches `pattern` (`*`
@@ -213,6 +229,7 @@ impl Default for OptimizerConfig {
             null_space: NullSpaceSettings::default(),
             seed: 0,
             lr_scales: Vec::new(),
+            trained_rows: Vec::new(),
         }
     }
 }
@@ -247,7 +264,14 @@ impl OptimizerConfig {
         config.weight_decay = self.weight_decay;
         config.seed = self.seed;
         config.lr_scales = self.lr_scales.clone();
+        config.trained_rows = self.trained_rows.clone();
         config
+    }
+
+    /// The first trained row of an AdamW parameter ([`Self::trained_rows`]); 0 when every row
+    /// trains.
+    pub fn first_trained_row(&self, path: &str) -> usize {
+        self.trained_rows.iter().find(|r| path_matches(&r.pattern, path)).map_or(0, |r| r.from)
     }
 
     /// The learning-rate multiplier of an AdamW parameter: the first [`Self::lr_scales`] entry

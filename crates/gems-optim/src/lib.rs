@@ -36,7 +36,7 @@ pub mod state;
 pub use accumulate::GradientWindow;
 pub use config::{
     GatePolicy, GemsSettings, LrScale, Method, MomentPolicy, NullSpaceSettings, OptimizerConfig,
-    Subspace, WeightLayout, default_targets, is_refresh_step, path_matches,
+    Subspace, TrainedRows, WeightLayout, default_targets, is_refresh_step, path_matches,
 };
 pub use error::{OptimError, Result};
 pub use matrix::{MatrixGradients, MatrixState, RefreshReport, SubspaceState};

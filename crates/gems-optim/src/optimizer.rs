@@ -316,6 +316,7 @@ impl Optimizer {
                 continue;
             }
             if !is_tuned {
+                let shared = self.trained_part(entry, shared)?;
                 if let Some(moments) = self.adam.get(&entry.path) {
                     moments.check_shape(&shared, &entry.path)?;
                 }
@@ -415,7 +416,27 @@ impl Optimizer {
         Ok(stepped)
     }
 
-    /// AdamW on one parameter: advances (or creates) its moments and returns its new value.
+    /// The part of an AdamW parameter's (flattened) gradient that trains: all of it, or the
+    /// rows from [`OptimizerConfig::first_trained_row`] on.
+    ///
+    /// # Errors
+    /// A first trained row outside a 2-D parameter, naming it.
+    fn trained_part(&self, entry: &ParamEntry, shared: Tensor<1>) -> Result<Tensor<1>> {
+        let from = self.config.first_trained_row(&entry.path);
+        if from == 0 {
+            return Ok(shared);
+        }
+        match entry.dims[..] {
+            [rows, cols] if from < rows => Ok(shared.slice([from * cols..rows * cols])),
+            _ => Err(OptimError::InvalidConfig(format!(
+                "trained_rows: `{}` has shape {:?}, which has no row {from}",
+                entry.path, entry.dims
+            ))),
+        }
+    }
+
+    /// AdamW on one parameter (on its trained part, see [`Self::trained_part`]): advances (or
+    /// creates) its moments and returns its new value.
     fn adamw(
         &mut self,
         entry: &ParamEntry,
@@ -431,7 +452,14 @@ impl Optimizer {
             moments.advance(shared, self.config.beta1, self.config.beta2, self.config.eps);
         self.adam.insert(entry.path.clone(), moments);
         let lr = lr * self.config.lr_scale(&entry.path);
-        apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay)
+        let total = entry.value.dims()[0];
+        let start = total - n.dims()[0];
+        if start == 0 {
+            return apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
+        }
+        let trained = entry.value.clone().slice([start..total]);
+        let updated = apply_update(trained, n, lr, correction, self.config.weight_decay);
+        entry.value.clone().slice_assign([start..total], updated)
     }
 }
 

@@ -697,3 +697,42 @@ fn every_method_lowers_both_task_losses_on_a_toy_problem() {
         }
     }
 }
+
+/// `trained_rows`: only the trailing rows of a matched AdamW parameter move, exactly as a
+/// whole-parameter step moves them; the rows before keep their values and get no moments; a
+/// first row beyond the parameter is an error naming it.
+#[test]
+fn trained_rows_update_only_the_trailing_rows() {
+    let device = Device::flex().autodiff();
+    let data = tasks(24, &device);
+    let model = regressor(&device);
+    let gradients = || StepGradients {
+        rec: Some(task_gradient(&model, data.x.clone(), data.y_rec.clone())),
+        search: Some(task_gradient(&model, data.x.clone(), data.y_src.clone())),
+        shared: None,
+    };
+    let whole_config = OptimizerConfig::for_method(Method::Full);
+    let mut rows_config = whole_config.clone();
+    rows_config.trained_rows = vec![TrainedRows { pattern: "layers.0.weight".into(), from: 10 }];
+    let mut whole = Optimizer::new(whole_config).unwrap();
+    let mut rows = Optimizer::new(rows_config.clone()).unwrap();
+    let (a, _) = whole.step(1e-2, &model, gradients()).unwrap();
+    let (b, _) = rows.step(1e-2, &model, gradients()).unwrap();
+    let (start, a0, b0) = (
+        values(model.layers[0].weight.val()),
+        values(a.layers[0].weight.val()),
+        values(b.layers[0].weight.val()),
+    );
+    let cut = 10 * 12; // layers.0.weight is [16, 12]
+    assert_eq!(b0[..cut], start[..cut], "rows before `from` keep their values");
+    assert_ne!(a0[..cut], start[..cut]);
+    assert_eq!(b0[cut..], a0[cut..], "trained rows step as in a whole-parameter step");
+    assert_eq!(values(b.layers[1].weight.val()), values(a.layers[1].weight.val()));
+    assert_eq!(whole.state_bytes() - rows.state_bytes(), 2 * cut * 4, "no moments for frozen rows");
+
+    rows_config.trained_rows[0].from = 16;
+    let mut beyond = Optimizer::new(rows_config).unwrap();
+    let err = beyond.step(1e-2, &model, gradients()).unwrap_err().to_string();
+    assert!(err.contains("layers.0.weight") && err.contains("16"), "{err}");
+    assert_eq!(beyond.steps(), 0);
+}

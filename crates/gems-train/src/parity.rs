@@ -100,8 +100,10 @@ pub fn backend_parity(
     let mut model_dev = setup.pretrained.model.clone().to_device(&dev_ad).train();
     let before = param_values(&model_ref)?;
 
+    let optimizer_config =
+        crate::trainer::optimizer_config(config, setup.corpus.base_vocab as usize);
     let mut optimizers =
-        [Optimizer::new(config.optimizer.clone())?, Optimizer::new(config.optimizer.clone())?];
+        [Optimizer::new(optimizer_config.clone())?, Optimizer::new(optimizer_config)?];
     if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
         for optimizer in &mut optimizers {
             register_null_space(optimizer, &setup, config, &path, out_dir, progress)?;

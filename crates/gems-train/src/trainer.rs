@@ -311,13 +311,26 @@ fn freeze_embeddings(mut model: Llama, policy: EmbeddingPolicy) -> Llama {
     model
 }
 
-/// `--embeddings items`: the pretrained text-token rows of the embedding (`[0, base)` of
-/// `[vocab, d]`) and of an untied head (`[d, vocab]`, columns), written back after every
-/// optimizer step, so AdamW (its update and its weight decay) never moves them.
+/// The run's optimizer configuration: the configured one, and with `--embeddings items` only
+/// the item rows (`base..`) of the token embedding train (`trained_rows`), so AdamW neither
+/// moves the text rows nor spends time and moments on them. Set at run time, since `base`
+/// comes from the data; a checkpoint's optimizer keeps it.
+pub(crate) fn optimizer_config(config: &TrainConfig, base: usize) -> gems_optim::OptimizerConfig {
+    let mut c = config.optimizer.clone();
+    if config.model.embeddings == EmbeddingPolicy::Items {
+        c.trained_rows
+            .push(gems_optim::TrainedRows { pattern: "embed_tokens.*".into(), from: base });
+    }
+    c
+}
+
+/// `--embeddings items` with an untied head: the pretrained text-token columns of the head
+/// (`[0, base)` of `[d, vocab]`), written back after every optimizer step, so AdamW (its update
+/// and its weight decay) never moves them. (The embedding's text rows are not trained at all:
+/// [`optimizer_config`].)
 struct FrozenRows {
     base: usize,
-    embed: Tensor<2>,
-    head: Option<Tensor<2>>,
+    head: Tensor<2>,
 }
 
 impl FrozenRows {
@@ -331,24 +344,15 @@ impl FrozenRows {
             return None;
         }
         let plain = device.clone().inner();
-        let embed = pretrained.embed_tokens.weight.val();
-        let d = embed.dims()[1];
-        let embed = embed.slice([0..base, 0..d]).to_device(&plain);
-        let head = pretrained.lm_head.as_ref().map(|h| {
-            let w = h.weight.val();
-            let rows = w.dims()[0];
-            w.slice([0..rows, 0..base]).to_device(&plain)
-        });
-        Some(Self { base, embed, head })
+        let w = pretrained.lm_head.as_ref()?.weight.val();
+        let rows = w.dims()[0];
+        Some(Self { base, head: w.slice([0..rows, 0..base]).to_device(&plain) })
     }
 
     fn restore(&self, mut model: Llama) -> Llama {
-        let d = self.embed.dims()[1];
-        model.embed_tokens.weight =
-            keep_block(model.embed_tokens.weight, [0..self.base, 0..d], &self.embed);
-        if let (Some(h), Some(frozen)) = (model.lm_head.as_mut(), &self.head) {
-            let rows = frozen.dims()[0];
-            h.weight = keep_block(h.weight.clone(), [0..rows, 0..self.base], frozen);
+        if let Some(h) = model.lm_head.as_mut() {
+            let rows = self.head.dims()[0];
+            h.weight = keep_block(h.weight.clone(), [0..rows, 0..self.base], &self.head);
         }
         model
     }
@@ -855,7 +859,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let train_device = device.autodiff();
     let mut optimizer = match resume {
         Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &train_device)?,
-        None => Optimizer::new(config.optimizer.clone())?,
+        None => Optimizer::new(optimizer_config(&config, setup.corpus.base_vocab as usize))?,
     };
     if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
         register_null_space(&mut optimizer, &setup, &config, &path, run_dir, reporter)?;
