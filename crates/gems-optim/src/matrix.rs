@@ -137,17 +137,23 @@ impl MatrixState {
         };
         let mut grads: Vec<Tensor<2>> = Vec::with_capacity(self.subspaces.len());
         for state in &self.subspaces {
-            let g = task_gradients[state.kind.index()].take().unwrap_or_else(zeros);
-            grads.push(project_null(g)?);
+            grads.push(task_gradients[state.kind.index()].take().unwrap_or_else(zeros));
         }
 
-        // 3. Refresh at t = 1, T, 2T, ... (the authors' schedule).
+        // 3. Refresh at t = 1, T, 2T, ... (the authors' schedule): the SVDs need P G itself.
+        // Between refreshes only the projection of P G onto the basis is used, and that is
+        // computed without forming P G (see `project_onto`).
         let refresh = crate::config::is_refresh_step(step, settings.update_proj_gap);
-        // P G has rank at most rank(P): directions beyond it would be arbitrary, and Adam
-        // would amplify the rounding noise the gradient has along them.
-        let rank_cap = projector.map(NullSpaceProjector::null_directions);
-        let reports =
-            if refresh { Some(self.refresh(path, step, &grads, rank_cap, config)?) } else { None };
+        let reports = if refresh {
+            grads = grads.into_iter().map(project_null).collect::<Result<_>>()?;
+            // P G has rank at most rank(P): directions beyond it would be arbitrary, and Adam
+            // would amplify the rounding noise the gradient has along them.
+            let rank_cap = projector.map(NullSpaceProjector::null_directions);
+            Some(self.refresh(path, step, &grads, rank_cap, config)?)
+        } else {
+            None
+        };
+        let null_space = if refresh { None } else { projector };
 
         // 4-7. Project, Adam in the subspace, back-project, gate. The three back-projections
         // are one matmul over the concatenated bases, with alpha, the gate and the caller's
@@ -162,7 +168,7 @@ impl MatrixState {
                     "no basis: state restored without bases at a non-refresh step",
                 ));
             };
-            let r = basis.project_tensor(g).map_err(|e| OptimError::subspace(path, e))?;
+            let r = project_onto(path, basis, null_space, transposed, g)?;
             // Taken out and put back (this state is the step's own copy: an error discards it).
             let moments = match state.moments.take() {
                 Some(m) => m,
@@ -280,22 +286,56 @@ impl MatrixState {
     }
 }
 
-/// P G (output side) or G P (input side) in the math layout; on a stored W^T the sides swap
-/// (P symmetric: (P G)^T = G^T P).
-pub(crate) fn apply_projector(
+/// R = the projection of P G onto `basis` (with `projector` P; of G itself without one),
+/// without forming the full-size P G: its cost is that of the basis projection plus a product
+/// of P with a dim x r factor, where P G alone costs 4 m n k (k the projector's width). Exact in
+/// exact arithmetic (P is symmetric): with P on the basis' side, Q^T (P G) = (P Q)^T G and
+/// (G P) Q = G (P Q); with P on the other side, Q^T (G P) = (Q^T G) P and (P G) Q = P (G Q).
+fn project_onto(
+    path: &str,
+    basis: &SubspaceBasis,
+    projector: Option<&NullSpaceProjector>,
+    transposed: bool,
+    g: Tensor<2>,
+) -> Result<Tensor<2>> {
+    let subspace = |e| OptimError::subspace(path, e);
+    let [rows, cols] = g.dims();
+    let Some(p) = projector else {
+        return basis.project_tensor(g).map_err(subspace);
+    };
+    let p_on_rows = projector_on_rows(path, p, [rows, cols], transposed)?;
+    if p_on_rows != (basis.side() == Side::Left) {
+        let r = basis.project_tensor(g).map_err(subspace)?;
+        return apply_projector(path, p, r, transposed);
+    }
+    // Same side: P Q has Q's shape (dim x r, P symmetric); project G onto it.
+    if basis.side().dim(rows, cols) != basis.dim() {
+        return basis.project_tensor(g).map_err(subspace); // the shape error, naming the basis
+    }
+    let pq = p.apply_left_tensor(basis.device_matrix(&g.device())).map_err(subspace)?;
+    Ok(match basis.side() {
+        Side::Left => pq.transpose().matmul(g),
+        Side::Right => g.matmul(pq),
+    })
+}
+
+/// Whether `projector` acts on the rows of a gradient stored `[rows, cols]` (P G; else G P):
+/// an output-side projector acts on the rows of W, so on the columns of a stored W^T.
+///
+/// # Errors
+/// [`OptimError::Projector`] when its dimension is not that of the side it acts on.
+fn projector_on_rows(
     path: &str,
     projector: &NullSpaceProjector,
-    g: Tensor<2>,
+    [rows, cols]: [usize; 2],
     transposed: bool,
-) -> Result<Tensor<2>> {
-    let [rows, cols] = g.dims();
+) -> Result<bool> {
     let on_rows = (projector.side() == ProjectorSide::Output) != transposed;
-    let (dim, result) = if on_rows {
-        (rows, projector.apply_left_tensor(g))
-    } else {
-        (cols, projector.apply_right_tensor(g))
-    };
-    result.map_err(|_| OptimError::Projector {
+    let dim = if on_rows { rows } else { cols };
+    if projector.dim() == dim {
+        return Ok(on_rows);
+    }
+    Err(OptimError::Projector {
         path: path.to_string(),
         detail: format!(
             "{:?}-side null-space projector has dim {} but the matrix is stored {rows}x{cols}{} (needs {dim})",
@@ -304,6 +344,20 @@ pub(crate) fn apply_projector(
             if transposed { " as W^T" } else { "" },
         ),
     })
+}
+
+/// P G (output side) or G P (input side) in the math layout; on a stored W^T the sides swap
+/// (P symmetric: (P G)^T = G^T P).
+pub(crate) fn apply_projector(
+    path: &str,
+    projector: &NullSpaceProjector,
+    g: Tensor<2>,
+    transposed: bool,
+) -> Result<Tensor<2>> {
+    let on_rows = projector_on_rows(path, projector, g.dims(), transposed)?;
+    let result =
+        if on_rows { projector.apply_left_tensor(g) } else { projector.apply_right_tensor(g) };
+    result.map_err(|e| OptimError::subspace(path, e))
 }
 
 /// Re-expresses moments in a new basis: C = Q_old^T Q_new; M C or C^T M; V with C∘C.
@@ -337,4 +391,82 @@ pub(crate) fn refresh_seed(seed: u64, path: &str, kind: Subspace, step: u64) -> 
         h = h.wrapping_mul(0x0000_0100_0000_01B3);
     }
     gems_subspace::rng::SplitMix64::new(h).next_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+    use gems_subspace::rng::SplitMix64;
+    use gems_subspace::{NullSpaceRule, SecondMomentAccumulator};
+
+    fn gaussian(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
+        let mut v = vec![0.0; rows * cols];
+        SplitMix64::new(seed).fill_standard_normal(&mut v);
+        Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+    }
+
+    fn tensor(a: &Mat<f64>, device: &Device) -> Tensor<2> {
+        let v: Vec<f32> =
+            (0..a.nrows()).flat_map(|i| (0..a.ncols()).map(move |j| a[(i, j)] as f32)).collect();
+        Tensor::from_data(TensorData::new(v, [a.nrows(), a.ncols()]), device)
+    }
+
+    /// A projector of dimension `dim` whose activations span 3 directions (so P has dim - 3
+    /// null directions and is far from the identity).
+    fn projector(dim: usize, side: ProjectorSide, seed: u64) -> NullSpaceProjector {
+        let mut acc = SecondMomentAccumulator::new(dim).unwrap();
+        acc.add_rows((gaussian(40, 3, seed) * gaussian(3, dim, seed + 1)).as_ref()).unwrap();
+        acc.projector(NullSpaceRule::Absolute { tau: 2e-2 }, side).unwrap()
+    }
+
+    /// The shortcut of `project_onto` equals projecting P G (formed in full) onto the basis,
+    /// for every combination of projector side, stored layout and basis side.
+    #[test]
+    fn projection_of_the_null_space_gradient_needs_no_full_size_product() {
+        let device = Device::flex();
+        let (rows, cols) = (12, 7);
+        let g_host = gaussian(rows, cols, 1);
+        for (case, (side, transposed, basis_side)) in [ProjectorSide::Output, ProjectorSide::Input]
+            .into_iter()
+            .flat_map(|p| [false, true].map(move |t| (p, t)))
+            .flat_map(|(p, t)| [Side::Left, Side::Right].map(move |b| (p, t, b)))
+            .enumerate()
+        {
+            let on_rows = (side == ProjectorSide::Output) != transposed;
+            let p = projector(if on_rows { rows } else { cols }, side, 10 + case as u64);
+            let basis = SubspaceBasis::from_gradient(
+                gaussian(rows, cols, 20 + case as u64).as_ref(),
+                3,
+                basis_side,
+                &SvdMethod::Exact,
+            )
+            .unwrap();
+            let g = tensor(&g_host, &device);
+            let full = apply_projector("w", &p, g.clone(), transposed).unwrap();
+            let want = basis.project_tensor(full).unwrap();
+            let got = project_onto("w", &basis, Some(&p), transposed, g).unwrap();
+            assert_eq!(got.dims(), want.dims(), "case {case}");
+            let diff = (got - want.clone()).abs().max().into_scalar::<f32>();
+            let scale = want.abs().max().into_scalar::<f32>();
+            assert!(scale > 0.1, "case {case}: the projection is not trivially zero");
+            assert!(
+                diff <= 1e-5 * scale,
+                "case {case} ({side:?}, {transposed}, {basis_side:?}): {diff}"
+            );
+        }
+        // A projector of the wrong dimension is the same error as before, naming the matrix.
+        let basis = SubspaceBasis::from_gradient(g_host.as_ref(), 3, Side::Left, &SvdMethod::Exact)
+            .unwrap();
+        let err = project_onto(
+            "w",
+            &basis,
+            Some(&projector(5, ProjectorSide::Output, 3)),
+            false,
+            tensor(&g_host, &device),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains('w') && err.contains("needs 12"), "{err}");
+    }
 }
