@@ -187,6 +187,10 @@ const VARIANTS: &[(&str, &[&str])] = &[
     ("gems-search-only", &["--method", "gems", "--tasks", "search"]),
 ];
 
+/// The hand-written reading of the reproduction, inserted into docs/results.md after its
+/// header (results.md itself is generated).
+const RESULTS_NOTES: &str = "docs/results-notes.md";
+
 /// `cargo xtask reproduce [--seeds N] [--only LABEL,...] [--out DIR] [-- extra train flags]`:
 /// every method and ablation of GEMS-SPEC §5 with the CPU preset, the same data, budget and
 /// seeds; finished runs are skipped and interrupted ones resumed, so the command can be
@@ -263,9 +267,13 @@ fn reproduce(args: &[String]) -> Result<()> {
         if extra.is_empty() { "(none)".to_string() } else { extra.join(" ") }
     ));
     doc.push_str(&format!("Seeds per configuration: {seeds}.\n\n"));
+    // What the numbers show is written by a person, in its own file, and placed here.
+    if let Ok(notes) = std::fs::read_to_string(RESULTS_NOTES) {
+        doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
+    }
     // The plots travel with the document (runs/ is not committed).
     std::fs::create_dir_all("docs/results").context("creating docs/results")?;
-    for plot in ["loss.svg", "valid.svg", "cosine.svg"] {
+    for plot in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg"] {
         std::fs::copy(format!("{report_dir}/{plot}"), format!("docs/results/{plot}"))
             .with_context(|| format!("copying {report_dir}/{plot}"))?;
     }

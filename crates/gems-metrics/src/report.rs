@@ -253,7 +253,8 @@ fn mean_std_cell(values: &[f64], size: usize, decimals: usize) -> String {
 
 /// One row per group ([`RunSummary::group`], sorted): method, number of seeds, then
 /// mean ± sample std over the seeds of every after-tuning full-catalogue metric at 10 per
-/// task, the sampled NDCG@10 per task, the perplexity change (after − before), optimizer state
+/// task, the sampled NDCG@10 per task, the perplexity after tuning and its change (after −
+/// before; it needs the run's `before` evaluation), optimizer state
 /// in MB and median step seconds. Non-finite values are left out of a mean; a cell with fewer
 /// values than seeds says "(n=k)".
 pub fn markdown_groups(runs: &[Run]) -> String {
@@ -264,7 +265,9 @@ pub fn markdown_groups(runs: &[Run]) -> String {
     let mut columns: Vec<String> =
         ["group", "method", "seeds"].into_iter().map(String::from).collect();
     metric_columns(&mut columns);
-    columns.extend(["Δ perplexity", "state MB", "step s"].into_iter().map(String::from));
+    columns.extend(
+        ["perplexity after", "Δ perplexity", "state MB", "step s"].into_iter().map(String::from),
+    );
     let mut out = String::new();
     header(&mut out, &columns, 2);
     for (group, summaries) in groups {
@@ -291,6 +294,7 @@ pub fn markdown_groups(runs: &[Run]) -> String {
                 collect(&|s| s.after.as_ref().and_then(|r| r.sampled_metric(task, "ndcg@10")));
             row.push(mean_std_cell(&values, size, 4));
         }
+        row.push(mean_std_cell(&collect(&|s| s.after.as_ref()?.perplexity), size, 2));
         let change = collect(&|s| {
             let before = s.before.as_ref()?.perplexity?;
             let after = s.after.as_ref()?.perplexity?;
@@ -368,13 +372,31 @@ fn cosine_series(runs: &[Run]) -> Vec<Series> {
         .collect()
 }
 
+/// Ranking against retention, one point per run: x the perplexity after tuning, y the mean
+/// over the tasks it has of full-catalogue Recall@10 after tuning. Runs without either are left
+/// out.
+fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
+    runs.iter()
+        .filter_map(|run| {
+            let after = run.summary.after.as_ref()?;
+            let recalls: Vec<f64> =
+                TASKS.iter().filter_map(|t| after.full_metric(t, "recall@10")).collect();
+            let y = recalls.iter().sum::<f64>() / recalls.len() as f64;
+            let x = after.perplexity?;
+            (!recalls.is_empty())
+                .then(|| Series { name: run.summary.label.clone(), points: vec![(x, y)] })
+        })
+        .collect()
+}
+
 /// Writes a report of `runs` into `out_dir` (created if missing) and returns the path of
 /// `report.md`.
 ///
 /// Files: `report.md` (title, the run table of [`markdown_table`], the group table of
 /// [`markdown_groups`], links to the plots), `loss.svg` (training loss per run and task over
-/// steps), `valid.svg` (validation full-catalogue NDCG@10 per run and task over steps) and
-/// `cosine.svg` (mean rec/search gradient cosine per run over steps). Each file is written to a
+/// steps), `valid.svg` (validation full-catalogue NDCG@10 per run and task over steps),
+/// `cosine.svg` (mean rec/search gradient cosine per run over steps) and `tradeoff.svg`
+/// (Recall@10 against perplexity after tuning, one point per run). Each file is written to a
 /// temporary name in `out_dir` and renamed, so no reader sees a partial file.
 ///
 /// # Errors
@@ -385,9 +407,16 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
         ("loss.svg", "Training loss", "loss", loss_series(runs)),
         ("valid.svg", "Validation NDCG@10 (full catalogue)", "NDCG@10", valid_series(runs)),
         ("cosine.svg", "Gradient cosine (rec vs search)", "mean cosine", cosine_series(runs)),
+        (
+            "tradeoff.svg",
+            "Ranking against retention (one point per run)",
+            "Recall@10, mean of the tasks",
+            tradeoff_series(runs),
+        ),
     ];
     for (file, title, y_label, series) in &plots {
-        let svg = svg_line_plot(title, "step", y_label, series);
+        let x_label = if *file == "tradeoff.svg" { "WikiText-2 perplexity after" } else { "step" };
+        let svg = svg_line_plot(title, x_label, y_label, series);
         write_atomic(&out_dir.join(file), svg.as_bytes())?;
     }
 

@@ -377,9 +377,9 @@ const TABLE: &str = "\
 ";
 
 const GROUPS: &str = "\
-| group | method | seeds | rec Recall@10 | rec NDCG@10 | rec MRR@10 | search Recall@10 | search NDCG@10 | search MRR@10 | rec sampled NDCG@10 | search sampled NDCG@10 | Δ perplexity | state MB | step s |
-|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| a | gems | 2 | 0.3750 ± 0.0884 | 0.5625 ± 0.0884 | 0.7500 ± 0.0884 | 0.1875 (n=1) | 0.3750 (n=1) | 0.5625 (n=1) | 0.8125 ± 0.0884 | 0.6250 (n=1) | 1.50 ± 0.71 | 2.25 ± 1.06 | 0.375 ± 0.177 |
+| group | method | seeds | rec Recall@10 | rec NDCG@10 | rec MRR@10 | search Recall@10 | search NDCG@10 | search MRR@10 | rec sampled NDCG@10 | search sampled NDCG@10 | perplexity after | Δ perplexity | state MB | step s |
+|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| a | gems | 2 | 0.3750 ± 0.0884 | 0.5625 ± 0.0884 | 0.7500 ± 0.0884 | 0.1875 (n=1) | 0.3750 (n=1) | 0.5625 (n=1) | 0.8125 ± 0.0884 | 0.6250 (n=1) | 21.50 ± 0.71 | 1.50 ± 0.71 | 2.25 ± 1.06 | 0.375 ± 0.177 |
 ";
 
 #[test]
@@ -418,7 +418,7 @@ fn write_report_writes_markdown_and_plots() {
     let md = std::fs::read_to_string(&path).unwrap();
     assert!(md.starts_with("# gems run report\n"));
     assert!(md.contains(TABLE) && md.contains(GROUPS));
-    for file in ["loss.svg", "valid.svg", "cosine.svg"] {
+    for file in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg"] {
         assert!(md.contains(&format!("]({file})")), "no link to {file}");
         let svg = std::fs::read_to_string(out.join(file)).unwrap();
         assert!(svg.starts_with("<svg"), "{file}");
@@ -429,6 +429,10 @@ fn write_report_writes_markdown_and_plots() {
     assert_eq!(valid.matches("<polyline").count(), 2);
     let cosine = std::fs::read_to_string(out.join("cosine.svg")).unwrap();
     assert_eq!(cosine.matches("<polyline").count(), 1);
+    // One point per run: perplexity 21 and 22, mean Recall@10 over the tasks each run has.
+    let tradeoff = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
+    assert_eq!(tradeoff.matches("<circle").count(), 2, "{tradeoff}");
+    assert!(tradeoff.contains("WikiText-2 perplexity after") && tradeoff.contains("a-s2"));
     // Atomic writes leave no temporary files behind; a second report overwrites the first.
     write_report(&runs, &out).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&out)
@@ -436,7 +440,7 @@ fn write_report_writes_markdown_and_plots() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["cosine.svg", "loss.svg", "report.md", "valid.svg"]);
+    assert_eq!(names, ["cosine.svg", "loss.svg", "report.md", "tradeoff.svg", "valid.svg"]);
     // No runs: still a report, with "no data" plots.
     let empty = write_report(&[], &dir.path().join("empty")).unwrap();
     assert!(std::fs::read_to_string(empty).unwrap().contains("0 runs in 0 groups"));
