@@ -557,7 +557,10 @@ pub fn run_report(runs: &[PathBuf], out: &Path) -> Result<()> {
     let path = gems_metrics::report::write_report(&loaded, out)?;
     let text = std::fs::read_to_string(&path)?;
     println!("{text}");
-    eprintln!("report written to {} (with loss.svg, valid.svg, cosine.svg)", path.display());
+    eprintln!(
+        "report written to {} (with loss.svg, valid.svg, cosine.svg, tradeoff.svg)",
+        path.display()
+    );
     Ok(())
 }
 
