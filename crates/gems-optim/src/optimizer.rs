@@ -427,7 +427,7 @@ impl Optimizer {
             return Ok(shared);
         }
         match entry.dims[..] {
-            [rows, cols] if from < rows => Ok(shared.slice([from * cols..rows * cols])),
+            [rows, cols] if from < rows => Ok(shared.slice(from * cols..rows * cols)),
             _ => Err(OptimError::InvalidConfig(format!(
                 "trained_rows: `{}` has shape {:?}, which has no row {from}",
                 entry.path, entry.dims
@@ -457,9 +457,9 @@ impl Optimizer {
         if start == 0 {
             return apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
         }
-        let trained = entry.value.clone().slice([start..total]);
+        let trained = entry.value.clone().slice(start..total);
         let updated = apply_update(trained, n, lr, correction, self.config.weight_decay);
-        entry.value.clone().slice_assign([start..total], updated)
+        entry.value.clone().slice_assign(start..total, updated)
     }
 }
 
