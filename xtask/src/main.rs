@@ -267,6 +267,13 @@ fn reproduce(args: &[String]) -> Result<()> {
         if extra.is_empty() { "(none)".to_string() } else { extra.join(" ") }
     ));
     doc.push_str(&format!("Seeds per configuration: {seeds}.\n\n"));
+    if let Some(only) = &only {
+        doc.push_str(&format!(
+            "Variants run (`--only`): {}; the others of `cargo xtask reproduce` were not run for \
+             these tables.\n\n",
+            only.join(", ")
+        ));
+    }
     // What the numbers show is written by a person, in its own file, and placed here.
     if let Ok(notes) = std::fs::read_to_string(RESULTS_NOTES) {
         doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
