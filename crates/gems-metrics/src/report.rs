@@ -179,15 +179,19 @@ pub fn markdown_table(runs: &[Run]) -> String {
     out
 }
 
-/// The floors of the runs (most popular, BM25) as a table, one row per distinct evaluation
-/// (runs on the same data and test examples share one), full-catalogue metrics at k = 10.
+/// The floors of the runs (most popular, BM25, SASRec) as a table, one row per distinct
+/// evaluation, full-catalogue metrics at k = 10. Runs on the same data and test examples share
+/// a row: evaluations that differ only in how long they took count as the same, and the last
+/// column names the runs that share it (e.g. the seeds of a reproduction give one row each).
 /// Empty when no run has floors.
 pub fn markdown_floors(runs: &[Run]) -> String {
-    let mut seen: Vec<(String, &EvalReport)> = Vec::new();
+    let mut seen: Vec<(String, &EvalReport, Vec<&str>)> = Vec::new();
     for run in runs {
         for (name, report) in &run.floors {
-            if !seen.iter().any(|(n, r)| n == name && *r == report) {
-                seen.push((name.clone(), report));
+            let label = run.summary.label.as_str();
+            match seen.iter_mut().find(|(n, r, _)| n == name && same_evaluation(r, report)) {
+                Some((_, _, labels)) => labels.push(label),
+                None => seen.push((name.clone(), report, vec![label])),
             }
         }
     }
@@ -197,9 +201,10 @@ pub fn markdown_floors(runs: &[Run]) -> String {
     let mut columns: Vec<String> =
         ["floor", "examples per task"].into_iter().map(String::from).collect();
     metric_columns(&mut columns);
+    columns.push("runs".to_owned());
     let mut out = String::new();
     header(&mut out, &columns, 1);
-    for (name, report) in seen {
+    for (name, report, labels) in seen {
         let examples: Vec<String> = TASKS
             .iter()
             .map(|t| report.full.get(*t).map_or(MISSING.to_owned(), |m| m.examples.to_string()))
@@ -213,9 +218,15 @@ pub fn markdown_floors(runs: &[Run]) -> String {
         for task in TASKS {
             row.push(number(report.sampled_metric(task, "ndcg@10"), 4));
         }
+        row.push(cell(&labels.join(", ")));
         let _ = writeln!(out, "| {} |", row.join(" | "));
     }
     out
+}
+
+/// Whether two evaluations agree in everything but their duration.
+fn same_evaluation(a: &EvalReport, b: &EvalReport) -> bool {
+    EvalReport { seconds: 0.0, ..a.clone() } == EvalReport { seconds: 0.0, ..b.clone() }
 }
 
 /// Mean and sample standard deviation of the finite values; the standard deviation is `None`

@@ -13,7 +13,8 @@ use gems_metrics::record::{
     read_metrics_lines, read_summary, write_summary,
 };
 use gems_metrics::report::{
-    Series, load_run, load_runs, markdown_groups, markdown_table, svg_line_plot, write_report,
+    Series, load_run, load_runs, markdown_floors, markdown_groups, markdown_table, svg_line_plot,
+    write_report,
 };
 
 const EPS: f64 = 1e-12;
@@ -393,6 +394,30 @@ fn markdown_tables_of_two_runs() {
     assert!(runs[1].lines.is_empty());
     assert_eq!(markdown_table(&runs), TABLE);
     assert_eq!(markdown_groups(&runs), GROUPS);
+}
+
+/// Floors shared by runs (same examples; only the duration differs) are one row naming those
+/// runs; a floor evaluated on other examples (another seed) is a row of its own.
+#[test]
+fn floors_table_has_one_row_per_distinct_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    write_runs(dir.path());
+    let mut runs = load_runs(dir.path()).unwrap();
+    assert!(markdown_floors(&runs).is_empty());
+    let popular = eval_report("popular", 0.125, None, true);
+    for (run, seconds) in runs.iter_mut().zip([1.0, 2.5]) {
+        let report = EvalReport { seconds, ..popular.clone() };
+        run.summary.label = format!("{}-x", run.summary.label);
+        run.floors.insert("popular".to_owned(), report);
+    }
+    let shared = markdown_floors(&runs);
+    assert_eq!(shared.lines().count(), 3, "{shared}");
+    assert!(shared.lines().next().unwrap().ends_with("| runs |"), "{shared}");
+    assert!(shared.contains("| a-s1-x, a-s2-x |"), "{shared}");
+    runs[1].floors.insert("popular".to_owned(), eval_report("popular", 0.25, None, true));
+    let apart = markdown_floors(&runs);
+    assert_eq!(apart.lines().count(), 4, "{apart}");
+    assert!(apart.contains("| a-s1-x |") && apart.contains("| a-s2-x |"), "{apart}");
 }
 
 #[test]
