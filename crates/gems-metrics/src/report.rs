@@ -392,10 +392,11 @@ fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
             let after = run.summary.after.as_ref()?;
             let recalls: Vec<f64> =
                 TASKS.iter().filter_map(|t| after.full_metric(t, "recall@10")).collect();
-            let y = recalls.iter().sum::<f64>() / recalls.len() as f64;
             let x = after.perplexity?;
-            (!recalls.is_empty())
-                .then(|| Series { name: run.summary.label.clone(), points: vec![(x, y)] })
+            (!recalls.is_empty()).then(|| {
+                let y = recalls.iter().sum::<f64>() / recalls.len() as f64;
+                Series { name: run.summary.label.clone(), points: vec![(x, y)] }
+            })
         })
         .collect()
 }
@@ -415,18 +416,24 @@ fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
 pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(|source| MetricsError::io(out_dir, source))?;
     let plots = [
-        ("loss.svg", "Training loss", "loss", loss_series(runs)),
-        ("valid.svg", "Validation NDCG@10 (full catalogue)", "NDCG@10", valid_series(runs)),
-        ("cosine.svg", "Gradient cosine (rec vs search)", "mean cosine", cosine_series(runs)),
+        ("loss.svg", "Training loss", "step", "loss", loss_series(runs)),
+        ("valid.svg", "Validation NDCG@10 (full catalogue)", "step", "NDCG@10", valid_series(runs)),
+        (
+            "cosine.svg",
+            "Gradient cosine (rec vs search)",
+            "step",
+            "mean cosine",
+            cosine_series(runs),
+        ),
         (
             "tradeoff.svg",
             "Ranking against retention (one point per run)",
+            "WikiText-2 perplexity after",
             "Recall@10, mean of the tasks",
             tradeoff_series(runs),
         ),
     ];
-    for (file, title, y_label, series) in &plots {
-        let x_label = if *file == "tradeoff.svg" { "WikiText-2 perplexity after" } else { "step" };
+    for (file, title, x_label, y_label, series) in &plots {
         let svg = svg_line_plot(title, x_label, y_label, series);
         write_atomic(&out_dir.join(file), svg.as_bytes())?;
     }
@@ -479,11 +486,11 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
     md.push_str(&markdown_groups(runs));
     md.push_str("\n## Plots\n\n");
-    for (file, title, _, _) in &plots {
+    for (file, title, _, _, _) in &plots {
         let _ = writeln!(md, "- [{title}]({file})");
     }
     md.push('\n');
-    for (file, title, _, _) in &plots {
+    for (file, title, _, _, _) in &plots {
         let _ = writeln!(md, "![{title}]({file})\n");
     }
     let path = out_dir.join("report.md");
