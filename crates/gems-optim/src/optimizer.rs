@@ -200,9 +200,16 @@ impl Optimizer {
         gradients: StepGradients,
     ) -> Result<(M, StepReport)> {
         // Pass 1: read.
-        let (entries, ids) = read_module(module, &gradients);
+        let (mut entries, ids) = read_module(module, &gradients);
         let losses =
             (gradients.rec.as_ref().map(|g| g.loss), gradients.search.as_ref().map(|g| g.loss));
+        let samples = (
+            gradients.rec.as_ref().map_or(0, |g| g.samples) as f64,
+            gradients.search.as_ref().map_or(0, |g| g.samples) as f64,
+        );
+        drop(gradients);
+        let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
+        self.keep_trained_rows(&mut entries, &tuned)?;
         let stats = read_statistics(&entries)?;
         let mut report = StepReport {
             step: self.step + 1,
@@ -225,10 +232,6 @@ impl Optimizer {
             report.skipped_total = self.skipped;
             return Ok((module.clone(), report));
         }
-        let samples = (
-            gradients.rec.as_ref().map_or(0, |g| g.samples) as f64,
-            gradients.search.as_ref().map_or(0, |g| g.samples) as f64,
-        );
         let totals = TaskTotals {
             samples,
             squared_norms: (
@@ -238,7 +241,6 @@ impl Optimizer {
             dot: stats.iter().map(|s| s.dot).sum(),
         };
         let combine = Combine::new(self.config.method.rule(), &totals);
-        let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
         report.gates = self.gates(losses, samples, &stats, &tuned);
 
         // Pass 2: compute. Nothing in `self` changes until every fallible part has succeeded:
@@ -316,7 +318,6 @@ impl Optimizer {
                 continue;
             }
             if !is_tuned {
-                let shared = self.trained_part(entry, shared)?;
                 if let Some(moments) = self.adam.get(&entry.path) {
                     moments.check_shape(&shared, &entry.path)?;
                 }
@@ -416,26 +417,41 @@ impl Optimizer {
         Ok(stepped)
     }
 
-    /// The part of an AdamW parameter's (flattened) gradient that trains: all of it, or the
-    /// rows from [`OptimizerConfig::first_trained_row`] on.
+    /// Cuts the gradients of every AdamW parameter with trained rows
+    /// ([`OptimizerConfig::first_trained_row`]) to those rows, before anything reads them: the
+    /// step's statistics (norms, the task dot product, PCGrad's conflict, the non-finite check),
+    /// the shared gradient and AdamW then cost what the trained rows cost, and the frozen rows'
+    /// gradients (e.g. the 49,152 text rows of a tied embedding) steer nothing. Tuned matrices
+    /// are never cut.
     ///
     /// # Errors
     /// A first trained row outside a 2-D parameter, naming it.
-    fn trained_part(&self, entry: &ParamEntry, shared: Tensor<1>) -> Result<Tensor<1>> {
-        let from = self.config.first_trained_row(&entry.path);
-        if from == 0 {
-            return Ok(shared);
+    fn keep_trained_rows(&self, entries: &mut [ParamEntry], tuned: &[bool]) -> Result<()> {
+        for (entry, _) in entries.iter_mut().zip(tuned).filter(|(_, t)| !**t) {
+            let from = self.config.first_trained_row(&entry.path);
+            if from == 0 {
+                continue;
+            }
+            let [rows, cols] = match entry.dims[..] {
+                [rows, cols] if from < rows => [rows, cols],
+                _ => {
+                    return Err(OptimError::InvalidConfig(format!(
+                        "trained_rows: `{}` has shape {:?}, which has no row {from}",
+                        entry.path, entry.dims
+                    )));
+                }
+            };
+            let cut = |g: &mut Option<Tensor<1>>| {
+                *g = g.take().map(|g| g.slice(from * cols..rows * cols))
+            };
+            cut(&mut entry.rec);
+            cut(&mut entry.search);
+            cut(&mut entry.shared);
         }
-        match entry.dims[..] {
-            [rows, cols] if from < rows => Ok(shared.slice(from * cols..rows * cols)),
-            _ => Err(OptimError::InvalidConfig(format!(
-                "trained_rows: `{}` has shape {:?}, which has no row {from}",
-                entry.path, entry.dims
-            ))),
-        }
+        Ok(())
     }
 
-    /// AdamW on one parameter (on its trained part, see [`Self::trained_part`]): advances (or
+    /// AdamW on one parameter (on its trained rows, see [`Self::keep_trained_rows`]): advances (or
     /// creates) its moments and returns its new value.
     fn adamw(
         &mut self,

@@ -652,6 +652,25 @@ fn accumulated_micro_batches_equal_one_large_batch() {
 }
 
 #[test]
+fn a_window_of_one_micro_batch_is_that_gradient_bit_for_bit() {
+    let device = Device::flex().autodiff();
+    let data = tasks(12, &device);
+    let model = regressor(&device);
+    let alone = task_gradient(&model, data.x.clone(), data.y_rec.clone());
+    let mut window = GradientWindow::new();
+    window.add(&model, task_gradient(&model, data.x.clone(), data.y_rec.clone()));
+    let kept = window.finish(&model).unwrap();
+    assert_eq!((kept.samples, kept.loss), (alone.samples, alone.loss));
+    for layer in &model.layers {
+        let (w, b) = (layer.weight.id, layer.bias.id);
+        let weight = |g: &GradientsParams| values(g.get::<2>(w).unwrap());
+        let bias = |g: &GradientsParams| values(g.get::<1>(b).unwrap());
+        assert_eq!(weight(&alone.grads), weight(&kept.grads));
+        assert_eq!(bias(&alone.grads), bias(&kept.grads));
+    }
+}
+
+#[test]
 fn every_method_lowers_both_task_losses_on_a_toy_problem() {
     let device = Device::flex().autodiff();
     let data = tasks(64, &device);
@@ -729,6 +748,22 @@ fn trained_rows_update_only_the_trailing_rows() {
     assert_eq!(b0[cut..], a0[cut..], "trained rows step as in a whole-parameter step");
     assert_eq!(values(b.layers[1].weight.val()), values(a.layers[1].weight.val()));
     assert_eq!(whole.state_bytes() - rows.state_bytes(), 2 * cut * 4, "no moments for frozen rows");
+
+    // The frozen rows' gradients steer nothing: a NaN there neither skips the step nor reaches
+    // the trained rows, whose step equals the clean one.
+    let mut poisoned = gradients();
+    let rec = poisoned.rec.as_mut().unwrap();
+    let id = model.layers[0].weight.id;
+    let g = rec.grads.remove::<2>(id).unwrap();
+    let mut v = g.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    v[0] = f32::NAN;
+    rec.grads.register(id, Tensor::<2>::from_data(TensorData::new(v, g.dims()), &g.device()));
+    let (c, report) = Optimizer::new(rows_config.clone())
+        .unwrap()
+        .step(1e-2, &model, poisoned)
+        .unwrap();
+    assert!(report.skipped.is_none(), "{:?}", report.skipped);
+    assert_eq!(values(c.layers[0].weight.val()), b0);
 
     rows_config.trained_rows[0].from = 16;
     let mut beyond = Optimizer::new(rows_config).unwrap();
