@@ -1,8 +1,15 @@
 //! The real training step, timed by phase, on prepared Amazon Scientific batches.
 //!
-//! What runs is what `gems train` runs for one step: the CPU preset's configuration (SmolLM2
-//! cut to `--layers`, item tokens with title-mean rows, 16 rows per task, right padding, loss
-//! on the target tokens), the trainer's own batch stream (`gems_train::peer`), per-task forward
+//! What runs is what `gems train` runs for one step, in one of two shapes:
+//!
+//! - `--preset`: the CPU preset exactly as `gems train --preset cpu` trains it (all 30 layers
+//!   of SmolLM2, the top 4 tuned and the 26 below run without an autodiff graph, only the item
+//!   rows of the embedding trained, batches bucketed by length);
+//! - otherwise the older shape of the first table in docs/benchmarks.md: SmolLM2 cut to
+//!   `--layers`, every layer and embedding row trained, unbucketed batches.
+//!
+//! Both have item tokens with title-mean rows, 16 rows per task, right padding and the loss on
+//! the target tokens, the trainer's own batch stream (`gems_train::peer`), per-task forward
 //! and backward, the gradient window, and the chosen method's optimizer step (gems with its
 //! null-space projectors). Phases per step:
 //!
@@ -20,14 +27,13 @@
 //! the PyTorch peer
 //! (benches/peer/step_torch.py), which times the same step on the same batches.
 //!
-//! `cargo bench -p gems-benches --bench step -- [--method gems] [--layers 8] [--steps 6]
-//! [--warmup 1] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
+//! `cargo bench -p gems-benches --bench step -- [--method gems] [--preset | --layers 8]
+//! [--steps 6] [--warmup 1] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
 //! the peer, alternating, and writes the table (docs/benchmarks.md).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
@@ -38,6 +44,7 @@ use serde_json::json;
 
 struct Args {
     method: Method,
+    preset: bool,
     layers: usize,
     steps: u64,
     warmup: usize,
@@ -46,8 +53,15 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a =
-        Args { method: Method::Gems, layers: 8, steps: 6, warmup: 1, dump: None, json: None };
+    let mut a = Args {
+        method: Method::Gems,
+        preset: false,
+        layers: 8,
+        steps: 6,
+        warmup: 1,
+        dump: None,
+        json: None,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
     while let Some(x) = it.next() {
@@ -57,6 +71,7 @@ fn args() -> Args {
                 a.method = serde_json::from_value(json!(v()))
                     .expect("--method: gems, galore, full, lora, pcgrad")
             }
+            "--preset" => a.preset = true,
             "--layers" => a.layers = v().parse().expect("--layers N"),
             "--steps" => a.steps = v().parse().expect("--steps N"),
             "--warmup" => a.warmup = v().parse().expect("--warmup N"),
@@ -102,12 +117,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let a = args();
     let mut config = TrainConfig::cpu_preset();
-    // The step as docs/benchmarks.md measures it: every kept layer and embedding row trained.
-    config.model.keep_layers = (a.layers < 30).then_some(a.layers);
-    config.model.tune_layers = None;
-    config.model.embeddings = gems_train::config::EmbeddingPolicy::All;
-    // The table in docs/benchmarks.md predates length bucketing: keep measuring that shape.
-    config.schedule.bucket = None;
+    if !a.preset {
+        // The first table of docs/benchmarks.md: every kept layer and embedding row trained,
+        // unbucketed batches (it predates the full-depth preset and length bucketing).
+        config.model.keep_layers = (a.layers < 30).then_some(a.layers);
+        config.model.tune_layers = None;
+        config.model.embeddings = gems_train::config::EmbeddingPolicy::All;
+        config.schedule.bucket = None;
+    }
     config.data.data_root = data_root();
     config.optimizer.method = a.method;
     let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));
@@ -115,7 +132,9 @@ fn main() {
     let (setup, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
     eprintln!("setup {:.1} s; dumped to {}", started.elapsed().as_secs_f64(), dump.display());
     let device = Device::flex();
-    let mut optimizer = Optimizer::new(config.optimizer.clone()).expect("optimizer config");
+    let base = setup.corpus.base_vocab as usize;
+    let mut optimizer = Optimizer::new(gems_train::trainer::optimizer_config(&config, base))
+        .expect("optimizer config");
     if a.method == Method::Gems && config.optimizer.gems.null_space {
         let path = gems_train::setup::model_path(&config).expect("model");
         gems_train::trainer::register_null_space(
@@ -128,11 +147,10 @@ fn main() {
         )
         .expect("null space");
     }
-    let mut model = setup.pretrained.model.clone().to_device(&device.clone().autodiff()).train();
-    if a.method == Method::Lora {
-        let lora = gems_train::trainer::lora_config(&config, &model);
-        model = gems_model::apply_lora(model, &lora, true).expect("lora").0;
-    }
+    // The model as the trainer starts it: lower layers frozen, LoRA adapters, embedding policy.
+    let mut model =
+        gems_train::trainer::model_to_train(&setup, &config, None, &device.clone().autodiff())
+            .expect("model to train");
     let samples = peer::sample_steps(&setup, &config, a.steps);
     let pad = setup.corpus.eos_id;
     let mut rows = Vec::new();
@@ -201,6 +219,7 @@ fn main() {
     let med = |k: &str| median(after.iter().filter_map(|r| r[k].as_f64()).collect());
     let summary = json!({
         "summary": true, "method": a.method.as_str(), "layers": batches.layers,
+        "preset": a.preset, "frozen_layers": batches.frozen_layers,
         "steps": a.steps, "warmup": a.warmup,
         "median": {
             "decoder": med("decoder"), "head": med("head"), "backward": med("backward"),

@@ -9,7 +9,13 @@ Mirrors, on the batches `gems_train::peer::dump` wrote (crates/gems-train/src/pe
     forwarded and backpropagated in order; its loss is weighted by rows / (rows of the whole
     step), so the summed gradient is sum_k (n_k / N) G_k (w_rec = w_src = 0.5 for equal batch
     sizes). The reported loss of a task is the row-weighted mean over its batches.
-  * gems-optim adam.rs (AdamW over ALL parameters, the tied table once), t the 1-based step:
+  * the trained part (batches.json `frozen_layers`, `embedding_rows_from`, written from the
+    run's `model.tune_layers` and `model.embeddings`): the lowest `frozen_layers` layers get no
+    gradients and run on a detached embedding lookup, so autograd records the upper layers
+    only (Llama::freeze_lower_layers); of the tied table only rows `embedding_rows_from..`
+    train (none when it is null), the others get no update and no moments.
+  * gems-optim adam.rs (AdamW over the trained parameters, the tied table once), t the 1-based
+    step:
         m = b1 m + (1 - b1) g     v = b2 v + (1 - b2) g^2     U = m / (sqrt(v) + eps)
         c_t = sqrt(1 - b2^t) / (1 - b1^t)      W = (W - lr c_t U) (1 - lr wd)
     with torch._foreach_* ops. `--optimizer torch` uses torch.optim.AdamW(foreach=True)
@@ -86,21 +92,32 @@ def make_batch(batch, pad_id):
     return ids, torch.tensor(at_r), torch.tensor(at_p), torch.tensor(targets)
 
 
-def target_loss(model, ids, at_r, at_p, targets):
+def target_loss(model, ids, at_r, at_p, targets, frozen_layers=0):
     """Mean cross-entropy of the target tokens; logits only at the predicting positions."""
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # after final norm
+    if frozen_layers > 0:
+        # As the Rust model: the lookup is detached, so nothing below the first trained layer
+        # (whose parameters need no gradient) enters the autograd graph.
+        embeds = model.model.embed_tokens(ids).detach()
+        out = model.model(inputs_embeds=embeds, use_cache=False)
+    else:
+        out = model.model(input_ids=ids, use_cache=False)
+    hidden = out.last_hidden_state  # after final norm
     logits = model.lm_head(hidden[at_r, at_p])  # [n_targets, vocab]
     return F.cross_entropy(logits, targets)
 
 
 class GemsAdamW:
-    """gems-optim's AdamW (adam.rs), multi-tensor: W = (W - lr c_t m / (sqrt(v) + eps)) (1 - lr wd)."""
+    """gems-optim's AdamW (adam.rs), multi-tensor: W = (W - lr c_t m / (sqrt(v) + eps)) (1 - lr wd).
 
-    def __init__(self, params, beta1, beta2, eps, weight_decay):
-        self.params = params
+    `entries` are (parameter, first trained row): rows before it are neither updated nor
+    decayed and have no moments (gems-optim's `trained_rows`)."""
+
+    def __init__(self, entries, beta1, beta2, eps, weight_decay):
+        self.entries = entries
         self.b1, self.b2, self.eps, self.wd = beta1, beta2, eps, weight_decay
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
+        self.params = [p.data[s:] if s else p.data for p, s in entries]  # views
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
         self.t = 0
 
     @torch.no_grad()
@@ -109,7 +126,7 @@ class GemsAdamW:
         b1, b2, t = self.b1, self.b2, self.t
         c = math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
         decay = 1.0 - lr * self.wd
-        grads = [p.grad for p in self.params]
+        grads = [p.grad[s:] if s else p.grad for p, s in self.entries]
         torch._foreach_mul_(self.m, b1)
         torch._foreach_add_(self.m, grads, alpha=1.0 - b1)
         torch._foreach_mul_(self.v, b2)
@@ -125,8 +142,10 @@ class GemsAdamW:
 class TorchAdamW:
     """torch.optim.AdamW(foreach=True) with the per-step learning rate (comparison only)."""
 
-    def __init__(self, params, beta1, beta2, eps, weight_decay):
-        self.opt = torch.optim.AdamW(params, lr=0.0, betas=(beta1, beta2), eps=eps,
+    def __init__(self, entries, beta1, beta2, eps, weight_decay):
+        if any(s for _, s in entries):
+            raise SystemExit("--optimizer torch cannot train only some rows of a parameter")
+        self.opt = torch.optim.AdamW([p for p, _ in entries], lr=0.0, betas=(beta1, beta2), eps=eps,
                                      weight_decay=weight_decay, foreach=True)
 
     def step(self, lr):
@@ -159,10 +178,18 @@ def main():
         raise SystemExit(f"model (vocab {model.config.vocab_size}, layers "
                          f"{model.config.num_hidden_layers}) does not match batches.json "
                          f"(vocab {spec['vocab']}, layers {spec['layers']})")
+    frozen = spec.get("frozen_layers", 0)
+    rows_from = spec.get("embedding_rows_from", 0)
+    for layer in model.model.layers[:frozen]:
+        layer.requires_grad_(False)
+    table = model.get_input_embeddings().weight
+    if rows_from is None:
+        table.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]  # the tied table once
-    n_params = sum(p.numel() for p in params)
+    entries = [(p, rows_from if p is table else 0) for p in params]
+    n_params = sum(p[s:].numel() for p, s in entries)
     opt_class = GemsAdamW if args.optimizer == "gems" else TorchAdamW
-    opt = opt_class(params, spec["beta1"], spec["beta2"], spec["eps"], spec["weight_decay"])
+    opt = opt_class(entries, spec["beta1"], spec["beta2"], spec["eps"], spec["weight_decay"])
 
     records = []
     for i, batches in enumerate(steps):
@@ -175,7 +202,7 @@ def main():
         t_step = time.perf_counter()
         for b in batches:
             t0 = time.perf_counter()
-            loss = target_loss(model, *make_batch(b, pad_id))
+            loss = target_loss(model, *make_batch(b, pad_id), frozen_layers=frozen)
             value = loss.item()
             t1 = time.perf_counter()
             (loss * (len(b["ids"]) / total_rows)).backward()  # accumulates into .grad
@@ -223,6 +250,8 @@ def main():
         "optimizer": args.optimizer,
         "attn": args.attn,
         "params": n_params,
+        "frozen_layers": frozen,
+        "embedding_rows_from": rows_from,
     }
     print(json.dumps(summary), flush=True)
     if args.json:

@@ -3,7 +3,9 @@
 //!
 //! Each round runs `cargo bench -p gems-benches --bench step` once per method (its first run
 //! dumps the model and batches) and `benches/peer/step_torch.py` once on that dump (our AdamW
-//! form over every parameter: the peer of `full`). The table takes, per side, the median over
+//! form over the parameters the Rust side trains: the peer of `full`). `--preset` measures the
+//! CPU preset as `gems train --preset cpu` trains it (30 layers, top 4 tuned, item rows only,
+//! bucketed batches); without it the older shape (`--layers N`, everything trained). The table takes, per side, the median over
 //! rounds of each run's median step (the first step of each run left out).
 
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ struct Opts {
     rounds: usize,
     steps: u64,
     layers: usize,
+    preset: bool,
     methods: Vec<String>,
     python: String,
     threads: usize,
@@ -27,6 +30,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         rounds: 3,
         steps: 6,
         layers: 8,
+        preset: false,
         methods: vec!["full".into(), "gems".into()],
         python: "python3".into(),
         threads: 2,
@@ -39,13 +43,14 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--rounds" => o.rounds = value("--rounds")?.parse().context("--rounds N")?,
             "--steps" => o.steps = value("--steps")?.parse().context("--steps N")?,
             "--layers" => o.layers = value("--layers")?.parse().context("--layers N")?,
+            "--preset" => o.preset = true,
             "--methods" => o.methods = value("--methods")?.split(',').map(String::from).collect(),
             "--python" => o.python = value("--python")?,
             "--threads" => o.threads = value("--threads")?.parse().context("--threads N")?,
             "--out" => o.out = value("--out")?.into(),
             other => bail!(
                 "unknown argument `{other}` (usage: cargo xtask bench-step [--rounds 3] [--steps 6] \
-                 [--layers 8] [--methods full,gems] [--python python3] [--threads 2] [--out DIR])"
+                 [--preset | --layers 8] [--methods full,gems] [--python python3] [--threads 2] [--out DIR])"
             ),
         }
     }
@@ -137,9 +142,10 @@ pub fn bench_step(args: &[String]) -> Result<()> {
     // Absolute: `cargo bench` runs the bench binary in the package directory (benches/).
     let out =
         std::fs::canonicalize(&o.out).with_context(|| format!("resolving {}", o.out.display()))?;
-    let dump = out.join(format!("peer-{}", o.layers));
-    let (steps, layers, threads) =
-        (o.steps.to_string(), o.layers.to_string(), o.threads.to_string());
+    let shape = shape_args(&o);
+    let dump =
+        out.join(if o.preset { "peer-preset".to_string() } else { format!("peer-{}", o.layers) });
+    let (steps, threads) = (o.steps.to_string(), o.threads.to_string());
     let dump_text = dump.display().to_string();
     let mut sides: Vec<(String, Vec<[f64; 6]>)> = o
         .methods
@@ -151,25 +157,10 @@ pub fn bench_step(args: &[String]) -> Result<()> {
     for round in 1..=o.rounds {
         for (k, method) in o.methods.iter().enumerate() {
             loads.push(format!("round {round} {method}: {}", load_average()));
-            let stdout = capture(
-                "cargo",
-                &[
-                    "bench",
-                    "-p",
-                    "gems-benches",
-                    "--bench",
-                    "step",
-                    "--",
-                    "--method",
-                    method,
-                    "--layers",
-                    &layers,
-                    "--steps",
-                    &steps,
-                    "--dump",
-                    &dump_text,
-                ],
-            )?;
+            let mut args: Vec<&str> = vec!["bench", "-p", "gems-benches", "--bench", "step", "--"];
+            args.extend(["--method", method, "--steps", &steps, "--dump", &dump_text]);
+            args.extend(shape.iter().map(String::as_str));
+            let stdout = capture("cargo", &args)?;
             std::fs::write(o.out.join(format!("rust-{method}-{round}.jsonl")), &stdout)?;
             sides[k].1.push(row_of(&summary_of(&stdout)?, true));
         }
@@ -189,13 +180,23 @@ pub fn bench_step(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The step bench's arguments that choose what is measured.
+fn shape_args(o: &Opts) -> Vec<String> {
+    if o.preset { vec!["--preset".into()] } else { vec!["--layers".into(), o.layers.to_string()] }
+}
+
 fn table(o: &Opts, sides: &[(String, Vec<[f64; 6]>)], loads: &[String]) -> String {
     let peer = sides.last().map(|s| median(s.1.iter().map(|r| r[0]).collect())).unwrap_or(f64::NAN);
+    let shape = if o.preset {
+        "The CPU preset (30 layers, top 4 tuned, item rows only, bucketed batches)".to_string()
+    } else {
+        format!("{} layers, every layer and embedding row trained, unbucketed batches", o.layers)
+    };
     let mut t = format!(
-        "{} layers, {} steps per run (first left out), {} rounds alternating, {} threads; medians over \
+        "{shape}; {} steps per run (first left out), {} rounds alternating, {} threads; medians over \
          rounds of each run's median.\n\n| step | real tokens/s | vs PyTorch | step s | forward s | backward s \
          | optimizer s | peak RSS GB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
-        o.layers, o.steps, o.rounds, o.threads
+        o.steps, o.rounds, o.threads
     );
     for (name, rows) in sides {
         let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());

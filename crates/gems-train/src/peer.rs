@@ -14,7 +14,7 @@ use gems_data::Task;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{TrainerState, write_json};
-use crate::config::TrainConfig;
+use crate::config::{EmbeddingPolicy, TrainConfig};
 use crate::error::Result;
 use crate::setup::{Sample, Setup, build, load_model, model_path};
 use crate::trainer::{active_tasks, step_batches};
@@ -41,6 +41,16 @@ pub struct PeerBatches {
     pub vocab: usize,
     /// Decoder layers.
     pub layers: usize,
+    /// The lowest layers that are frozen (`model.tune_layers`): a peer runs the embedding
+    /// lookup and these layers without gradients (their output detached), as
+    /// `Llama::freeze_lower_layers` does; 0 trains every layer.
+    #[serde(default)]
+    pub frozen_layers: usize,
+    /// The first row of the tied token embedding that trains (`model.embeddings`): 0 for
+    /// `all`, `base_vocab` for `items` (AdamW steps only rows `from..` and keeps moments for
+    /// them only), absent for `none` (the table is frozen).
+    #[serde(default = "all_rows")]
+    pub embedding_rows_from: Option<usize>,
     /// Learning rate of each step (cosine schedule with warm-up).
     pub lr: Vec<f64>,
     /// Adam beta1.
@@ -84,6 +94,10 @@ pub fn sample_steps<'a>(
     (0..steps).map(|_| step_batches(setup, config, &tasks, &mut state, &mut perms)).collect()
 }
 
+fn all_rows() -> Option<usize> {
+    Some(0)
+}
+
 /// The first `steps` steps' batches of `config` over `setup`.
 pub fn batches(setup: &Setup, config: &TrainConfig, steps: u64) -> PeerBatches {
     let steps_out = sample_steps(setup, config, steps)
@@ -99,11 +113,19 @@ pub fn batches(setup: &Setup, config: &TrainConfig, steps: u64) -> PeerBatches {
         })
         .collect();
     let o = &config.optimizer;
+    let layers = setup.pretrained.model.layers.len();
+    let base = setup.corpus.base_vocab as usize;
     PeerBatches {
         pad_id: setup.corpus.eos_id,
         base_vocab: setup.corpus.base_vocab,
         vocab: setup.pretrained.model.embed_tokens.weight.val().dims()[0],
-        layers: setup.pretrained.model.layers.len(),
+        layers,
+        frozen_layers: config.model.tune_layers.map_or(0, |k| layers.saturating_sub(k)),
+        embedding_rows_from: match config.model.embeddings {
+            EmbeddingPolicy::All => Some(0),
+            EmbeddingPolicy::Items => Some(base),
+            EmbeddingPolicy::None => None,
+        },
         lr: (1..=steps).map(|t| config.schedule.lr_at(t)).collect(),
         beta1: o.beta1,
         beta2: o.beta2,

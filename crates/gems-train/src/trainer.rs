@@ -315,7 +315,7 @@ fn freeze_embeddings(mut model: Llama, policy: EmbeddingPolicy) -> Llama {
 /// the item rows (`base..`) of the token embedding train (`trained_rows`), so AdamW neither
 /// moves the text rows nor spends time and moments on them. Set at run time, since `base`
 /// comes from the data; a checkpoint's optimizer keeps it.
-pub(crate) fn optimizer_config(config: &TrainConfig, base: usize) -> gems_optim::OptimizerConfig {
+pub fn optimizer_config(config: &TrainConfig, base: usize) -> gems_optim::OptimizerConfig {
     let mut c = config.optimizer.clone();
     if config.model.embeddings == EmbeddingPolicy::Items {
         c.trained_rows
@@ -548,8 +548,12 @@ pub fn register_null_space(
 
 /// The model to train, on the autodiff `device`: the checkpoint's when resuming, else the
 /// pretrained one; its lower layers frozen when `model.tune_layers` says so, with LoRA adapters
-/// (on the trained layers) for `lora`, and the embedding policy applied.
-fn model_to_train(
+/// (on the trained layers) for `lora`, and the embedding policy applied. The step bench
+/// (benches/benches/step.rs) starts from the same model.
+///
+/// # Errors
+/// An unreadable checkpoint, `model.tune_layers` beyond the model's layers, a LoRA failure.
+pub fn model_to_train(
     setup: &Setup,
     config: &TrainConfig,
     resume_from: Option<&Path>,
