@@ -23,6 +23,12 @@
 //!   alone on detached hidden states, i.e. the dense 53,496 x 576 embedding gradient's share.
 //!
 //! Tokens/s counts real (unpadded) tokens. Peak memory is the process's peak resident set.
+//! Matrix-product work: the step's matmul flops are counted from the model's shape and each
+//! batch's padded size (forward of every layer, backward of the trained layers at twice
+//! their forward, the head over the target rows forward and backward, attention's two
+//! products); `matmul_share` is those flops per second of the whole step over the bare-GEMM
+//! GFLOP/s of one projection-shaped product (`[tokens of a task batch, d] x [d, intermediate]`)
+//! timed in the same process.
 //! `--dump DIR` (relative paths from the workspace root) also writes the model and batches for
 //! the PyTorch peer
 //! (benches/peer/step_torch.py), which times the same step on the same batches.
@@ -35,7 +41,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
-use burn::tensor::Device;
+use burn::tensor::{Device, Distribution, Tensor};
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
 use gems_train::TrainConfig;
 use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
@@ -114,6 +120,43 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// Matmul flops of one task batch of `rows` x `width` (padded) tokens with `targets` target
+/// positions (see the module documentation for what is counted).
+fn batch_matmul_flops(
+    cfg: &gems_model::LlamaConfig,
+    vocab: usize,
+    trained_layers: usize,
+    rows: usize,
+    width: usize,
+    targets: usize,
+) -> f64 {
+    let (d, f) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let (h, kv, hd) =
+        (cfg.num_attention_heads as f64, cfg.n_kv_heads() as f64, cfg.head_dim() as f64);
+    let tokens = (rows * width) as f64;
+    let projections = 2.0 * tokens * (2.0 * d * h * hd + 2.0 * d * kv * hd + 3.0 * d * f);
+    let attention = 4.0 * rows as f64 * h * (width * width) as f64 * hd;
+    let layer = projections + attention;
+    let layers = cfg.num_hidden_layers as f64;
+    let head = 2.0 * targets as f64 * d * vocab as f64;
+    layer * layers + 2.0 * layer * trained_layers as f64 + 3.0 * head
+}
+
+/// GFLOP/s of a bare `[m, k] x [k, n]` product on `device` (median of 5 after one warm-up).
+fn bare_gemm_gflops(m: usize, k: usize, n: usize, device: &Device) -> f64 {
+    let a: Tensor<2> = Tensor::random([m, k], Distribution::Default, device);
+    let b: Tensor<2> = Tensor::random([k, n], Distribution::Default, device);
+    let _ = a.clone().matmul(b.clone()).into_data();
+    let times = (0..5)
+        .map(|_| {
+            let c = Instant::now();
+            let _ = a.clone().matmul(b.clone()).into_data();
+            c.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * (m * k * n) as f64 / median(times) / 1e9
+}
+
 fn main() {
     let a = args();
     let mut config = TrainConfig::cpu_preset();
@@ -152,12 +195,14 @@ fn main() {
         gems_train::trainer::model_to_train(&setup, &config, None, &device.clone().autodiff())
             .expect("model to train");
     let samples = peer::sample_steps(&setup, &config, a.steps);
+    let cfg = &setup.pretrained.model.config;
+    let (vocab, trained_layers) = (batches.vocab, batches.layers - batches.frozen_layers);
     let pad = setup.corpus.eos_id;
     let mut rows = Vec::new();
     for (step, batches) in samples.iter().enumerate() {
         let mut t = [0.0f64; 5]; // decoder, head, backward, grads, optimizer
         let mut windows = [GradientWindow::new(), GradientWindow::new()];
-        let (mut real, mut padded) = (0usize, 0usize);
+        let (mut real, mut padded, mut flops) = (0usize, 0usize, 0.0f64);
         let mut losses = serde_json::Map::new();
         let step_started = Instant::now();
         for (task, batch) in batches {
@@ -165,6 +210,8 @@ fn main() {
             let tb = sample_batch(batch, pad).expect("batch");
             padded += tb.batch_size * tb.seq_len;
             let (at, ids) = target_positions(batch);
+            flops +=
+                batch_matmul_flops(cfg, vocab, trained_layers, tb.batch_size, tb.seq_len, at.len());
             let c = Instant::now();
             let hidden = model.hidden_states(&tb).expect("forward");
             let _ = read_f32(hidden.clone().slice([0..1, 0..1, 0..1]), "sync");
@@ -198,6 +245,7 @@ fn main() {
             "step": step + 1, "losses": losses, "decoder": t[0], "head": t[1], "backward": t[2],
             "grads": t[3], "optimizer": t[4], "total": total, "real_tokens": real,
             "padded_tokens": padded, "tokens_per_s": real as f64 / total,
+            "matmul_gflop": flops / 1e9, "matmul_gflops": flops / total / 1e9,
         });
         println!("{row}");
         rows.push(row);
@@ -217,6 +265,14 @@ fn main() {
     };
     let after: Vec<&serde_json::Value> = rows.iter().skip(a.warmup).collect();
     let med = |k: &str| median(after.iter().filter_map(|r| r[k].as_f64()).collect());
+    // Bare GEMM at the shape of a projection over a task batch of median size.
+    let per_task = med("padded_tokens") / samples[0].len().max(1) as f64;
+    let bare = bare_gemm_gflops(
+        per_task.round().max(1.0) as usize,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        &device,
+    );
     let summary = json!({
         "summary": true, "method": a.method.as_str(), "layers": batches.layers,
         "preset": a.preset, "frozen_layers": batches.frozen_layers,
@@ -224,8 +280,11 @@ fn main() {
         "median": {
             "decoder": med("decoder"), "head": med("head"), "backward": med("backward"),
             "grads": med("grads"), "optimizer": med("optimizer"), "total": med("total"),
-            "tokens_per_s": med("tokens_per_s"),
+            "tokens_per_s": med("tokens_per_s"), "matmul_gflop": med("matmul_gflop"),
+            "matmul_gflops": med("matmul_gflops"),
         },
+        "bare_gemm_gflops": bare,
+        "matmul_share": med("matmul_gflops") / bare,
         "head_backward_one_task": head_backward,
         "optimizer_state_bytes": optimizer.state_bytes(),
         "peak_rss_bytes": peak_rss(),

@@ -109,8 +109,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-/// One side's numbers from one run: tokens/s, step, forward, backward, optimizer, peak.
-fn row_of(summary: &Value, rust: bool) -> [f64; 6] {
+/// One side's numbers from one run: tokens/s, step, forward, backward, optimizer, peak, and
+/// (Rust only) the step's matmul GFLOP/s over bare GEMM's.
+fn row_of(summary: &Value, rust: bool) -> [f64; 7] {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     if rust {
         let m = &summary["median"];
@@ -121,6 +122,7 @@ fn row_of(summary: &Value, rust: bool) -> [f64; 6] {
             f(&m["backward"]),
             f(&m["optimizer"]),
             f(&summary["peak_rss_bytes"]),
+            f(&summary["matmul_share"]),
         ]
     } else {
         [
@@ -130,6 +132,7 @@ fn row_of(summary: &Value, rust: bool) -> [f64; 6] {
             f(&summary["median_backward_s"]),
             f(&summary["median_optimizer_s"]),
             f(&summary["peak_rss_bytes"]),
+            f64::NAN,
         ]
     }
 }
@@ -147,7 +150,7 @@ pub fn bench_step(args: &[String]) -> Result<()> {
         out.join(if o.preset { "peer-preset".to_string() } else { format!("peer-{}", o.layers) });
     let (steps, threads) = (o.steps.to_string(), o.threads.to_string());
     let dump_text = dump.display().to_string();
-    let mut sides: Vec<(String, Vec<[f64; 6]>)> = o
+    let mut sides: Vec<(String, Vec<[f64; 7]>)> = o
         .methods
         .iter()
         .map(|m| (format!("gems train --method {m}"), Vec::new()))
@@ -185,7 +188,7 @@ fn shape_args(o: &Opts) -> Vec<String> {
     if o.preset { vec!["--preset".into()] } else { vec!["--layers".into(), o.layers.to_string()] }
 }
 
-fn table(o: &Opts, sides: &[(String, Vec<[f64; 6]>)], loads: &[String]) -> String {
+fn table(o: &Opts, sides: &[(String, Vec<[f64; 7]>)], loads: &[String]) -> String {
     let peer = sides.last().map(|s| median(s.1.iter().map(|r| r[0]).collect())).unwrap_or(f64::NAN);
     let shape = if o.preset {
         "The CPU preset (30 layers, top 4 tuned, item rows only, bucketed batches)".to_string()
@@ -195,20 +198,21 @@ fn table(o: &Opts, sides: &[(String, Vec<[f64; 6]>)], loads: &[String]) -> Strin
     let mut t = format!(
         "{shape}; {} steps per run (first left out), {} rounds alternating, {} threads; medians over \
          rounds of each run's median.\n\n| step | real tokens/s | vs PyTorch | step s | forward s | backward s \
-         | optimizer s | peak RSS GB |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+         | optimizer s | peak RSS GB | matmul share |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         o.steps, o.rounds, o.threads
     );
     for (name, rows) in sides {
         let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
         t.push_str(&format!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
             col(0),
             col(0) / peer,
             col(1),
             col(2),
             col(3),
             col(4),
-            col(5) / 1e9
+            col(5) / 1e9,
+            if col(6).is_finite() { format!("{:.0}%", 100.0 * col(6)) } else { "–".into() }
         ));
     }
     t.push_str("\nLoad average (1, 5, 15 min) before each run:\n\n");
@@ -227,7 +231,9 @@ mod tests {
         let rust = "{\"step\":1}\n{\"summary\":true,\"median\":{\"tokens_per_s\":300.0,\"total\":4.0,\
                     \"decoder\":1.0,\"head\":0.1,\"backward\":2.0,\"optimizer\":0.5},\"peak_rss_bytes\":2e9}\n";
         let s = summary_of(rust).unwrap();
-        assert_eq!(row_of(&s, true), [300.0, 4.0, 1.1, 2.0, 0.5, 2e9]);
+        let row = row_of(&s, true);
+        assert_eq!(row[..6], [300.0, 4.0, 1.1, 2.0, 0.5, 2e9]);
+        assert!(row[6].is_nan(), "no matmul share in this summary");
         assert!(summary_of("{\"step\":1}\n").is_err());
         assert_eq!(median(vec![3.0, f64::NAN, 1.0, 2.0]), 2.0);
     }
