@@ -175,6 +175,10 @@ fn demo() -> Result<()> {
 const VARIANTS: &[(&str, &[&str])] = &[
     ("gems", &["--method", "gems"]),
     ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
+    // Step-size controls: the null space also shrinks the update, so these ask how much of its
+    // retention a smaller learning rate alone buys (docs/results.md).
+    ("gems-no-null-space-lr1.5e-3", &["--method", "gems", "--no-null-space", "--lr", "1.5e-3"]),
+    ("gems-lr1.5e-3", &["--method", "gems", "--lr", "1.5e-3"]),
     ("gems-single-subspace", &["--method", "gems", "--single-subspace"]),
     ("gems-complement", &["--method", "gems", "--complement"]),
     ("gems-strict", &["--method", "gems", "--strict-null-space"]),
