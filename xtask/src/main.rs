@@ -284,7 +284,7 @@ fn reproduce(args: &[String]) -> Result<()> {
     }
     // The plots travel with the document (runs/ is not committed).
     std::fs::create_dir_all("docs/results").context("creating docs/results")?;
-    for plot in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg"] {
+    for plot in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
         std::fs::copy(format!("{report_dir}/{plot}"), format!("docs/results/{plot}"))
             .with_context(|| format!("copying {report_dir}/{plot}"))?;
     }

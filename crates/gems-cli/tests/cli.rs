@@ -58,7 +58,7 @@ fn commands_work_on_a_finished_run() {
     let out = root.path().join("report");
     let o = gems(&["report", run_s, "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["report.md", "loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg"] {
+    for f in ["report.md", "loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
         assert!(out.join(f).is_file(), "{f}");
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();

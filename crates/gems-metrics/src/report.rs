@@ -1,7 +1,7 @@
 //! Run reports: markdown tables per run and per seed group, and SVG curves.
 //!
 //! A report reads finished run directories ([`load_run`]) and writes one directory with
-//! `report.md` and three plots ([`write_report`]). Tables compare the `before` and `after`
+//! `report.md` and five plots ([`write_report`]). Tables compare the `before` and `after`
 //! evaluations of each [`RunSummary`] at k = 10; the group table averages seeds of one
 //! configuration (runs sharing [`RunSummary::group`]) as mean ± sample standard deviation.
 //! Missing values print as "–", so a run without search data or perplexity still fits.
@@ -383,22 +383,37 @@ fn cosine_series(runs: &[Run]) -> Vec<Series> {
         .collect()
 }
 
-/// Ranking against retention, one point per run: x the perplexity after tuning, y the mean
-/// over the tasks it has of full-catalogue Recall@10 after tuning. Runs without either are left
-/// out.
-fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
+/// One point per run against retention: x the perplexity after tuning, y `value` of the same
+/// `after` evaluation. Runs without either are left out.
+fn retention_series(runs: &[Run], value: impl Fn(&EvalReport) -> Option<f64>) -> Vec<Series> {
     runs.iter()
         .filter_map(|run| {
             let after = run.summary.after.as_ref()?;
-            let recalls: Vec<f64> =
-                TASKS.iter().filter_map(|t| after.full_metric(t, "recall@10")).collect();
-            let x = after.perplexity?;
-            (!recalls.is_empty()).then(|| {
-                let y = recalls.iter().sum::<f64>() / recalls.len() as f64;
-                Series { name: run.summary.label.clone(), points: vec![(x, y)] }
-            })
+            let point = (after.perplexity?, value(after)?);
+            Some(Series { name: run.summary.label.clone(), points: vec![point] })
         })
         .collect()
+}
+
+/// The mean of the values, or None when there are none.
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Ranking against retention: full-catalogue Recall@10 after tuning, mean over the tasks a run
+/// has.
+fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
+    retention_series(runs, |after| {
+        mean(TASKS.iter().filter_map(|t| after.full_metric(t, "recall@10")))
+    })
+}
+
+/// Fit against retention: the test target loss after tuning (nats per target token), mean over
+/// the tasks a run has. Where ranking is a few hits, this is the finer measure of how much a
+/// run learnt for what it forgot.
+fn fit_series(runs: &[Run]) -> Vec<Series> {
+    retention_series(runs, |after| mean(TASKS.iter().filter_map(|t| after.loss.get(*t).copied())))
 }
 
 /// Writes a report of `runs` into `out_dir` (created if missing) and returns the path of
@@ -407,8 +422,9 @@ fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
 /// Files: `report.md` (title, the run table of [`markdown_table`], the group table of
 /// [`markdown_groups`], links to the plots), `loss.svg` (training loss per run and task over
 /// steps), `valid.svg` (validation full-catalogue NDCG@10 per run and task over steps),
-/// `cosine.svg` (mean rec/search gradient cosine per run over steps) and `tradeoff.svg`
-/// (Recall@10 against perplexity after tuning, one point per run). Each file is written to a
+/// `cosine.svg` (mean rec/search gradient cosine per run over steps), `tradeoff.svg`
+/// (Recall@10 against perplexity after tuning, one point per run) and `fit.svg` (test target
+/// loss against perplexity after tuning, one point per run). Each file is written to a
 /// temporary name in `out_dir` and renamed, so no reader sees a partial file.
 ///
 /// # Errors
@@ -431,6 +447,13 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
             "WikiText-2 perplexity after",
             "Recall@10, mean of the tasks",
             tradeoff_series(runs),
+        ),
+        (
+            "fit.svg",
+            "Fit against retention (one point per run)",
+            "WikiText-2 perplexity after",
+            "test target loss, mean of the tasks",
+            fit_series(runs),
         ),
     ];
     for (file, title, x_label, y_label, series) in &plots {

@@ -443,7 +443,7 @@ fn write_report_writes_markdown_and_plots() {
     let md = std::fs::read_to_string(&path).unwrap();
     assert!(md.starts_with("# gems run report\n"));
     assert!(md.contains(TABLE) && md.contains(GROUPS));
-    for file in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg"] {
+    for file in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
         assert!(md.contains(&format!("]({file})")), "no link to {file}");
         let svg = std::fs::read_to_string(out.join(file)).unwrap();
         assert!(svg.starts_with("<svg"), "{file}");
@@ -458,6 +458,10 @@ fn write_report_writes_markdown_and_plots() {
     let tradeoff = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
     assert_eq!(tradeoff.matches("<circle").count(), 2, "{tradeoff}");
     assert!(tradeoff.contains("WikiText-2 perplexity after") && tradeoff.contains("a-s2"));
+    // The same runs against their mean test target loss.
+    let fit = std::fs::read_to_string(out.join("fit.svg")).unwrap();
+    assert_eq!(fit.matches("<circle").count(), 2, "{fit}");
+    assert!(fit.contains("test target loss, mean of the tasks") && fit.contains("a-s1"));
     // Atomic writes leave no temporary files behind; a second report overwrites the first.
     write_report(&runs, &out).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&out)
@@ -465,7 +469,10 @@ fn write_report_writes_markdown_and_plots() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["cosine.svg", "loss.svg", "report.md", "tradeoff.svg", "valid.svg"]);
+    assert_eq!(
+        names,
+        ["cosine.svg", "fit.svg", "loss.svg", "report.md", "tradeoff.svg", "valid.svg"]
+    );
     // No runs: still a report, with "no data" plots.
     let empty = write_report(&[], &dir.path().join("empty")).unwrap();
     assert!(std::fs::read_to_string(empty).unwrap().contains("0 runs in 0 groups"));

@@ -758,10 +758,8 @@ fn trained_rows_update_only_the_trailing_rows() {
     let mut v = g.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
     v[0] = f32::NAN;
     rec.grads.register(id, Tensor::<2>::from_data(TensorData::new(v, g.dims()), &g.device()));
-    let (c, report) = Optimizer::new(rows_config.clone())
-        .unwrap()
-        .step(1e-2, &model, poisoned)
-        .unwrap();
+    let (c, report) =
+        Optimizer::new(rows_config.clone()).unwrap().step(1e-2, &model, poisoned).unwrap();
     assert!(report.skipped.is_none(), "{:?}", report.skipped);
     assert_eq!(values(c.layers[0].weight.val()), b0);
 
