@@ -111,8 +111,8 @@ fn main() -> Result<()> {
                  machine without internet, in folders of at most 56 MiB"
             );
             eprintln!(
-                "  bench-step [--rounds 3] [--layers 8] [--methods full,gems] [--python python3]  \
-                 the real training step beside the PyTorch peer, alternating"
+                "  bench-step [--rounds 3] [--preset | --layers 8] [--methods full,gems] \
+                 [--python python3]  the real training step beside the PyTorch peer, alternating"
             );
             std::process::exit(2);
         }
