@@ -76,12 +76,8 @@ fn train_step(model: &Llama, b: &TokenBatch, last: Option<usize>) -> f32 {
 
 /// Forward flops: 2 per multiply-add over the projections, attention scores and the head.
 fn forward_flops(c: &LlamaConfig, head_rows: usize) -> f64 {
-    let (d, ff, l) = (c.hidden_size as f64, c.intermediate_size as f64, c.num_hidden_layers as f64);
-    let kv = (c.n_kv_heads() * c.head_dim()) as f64;
-    let tokens = (BATCH * SEQ) as f64;
-    let per_token = l * (2.0 * d * d + 2.0 * d * kv + 3.0 * d * ff);
-    let attn = l * 2.0 * BATCH as f64 * (SEQ * SEQ) as f64 * d; // QK^T and AV, full square
-    2.0 * (tokens * per_token + attn) + 2.0 * head_rows as f64 * d * c.vocab_size as f64
+    c.num_hidden_layers as f64 * gems_benches::layer_flops(c, BATCH, SEQ)
+        + gems_benches::head_flops(c, c.vocab_size, head_rows)
 }
 
 fn median3(mut f: impl FnMut()) -> f64 {
@@ -96,17 +92,6 @@ fn median3(mut f: impl FnMut()) -> f64 {
     t[1]
 }
 
-fn matmul_gflops(device: &Device) -> f64 {
-    let n = 1024;
-    let a: Tensor<2> = Tensor::random([n, n], burn::tensor::Distribution::Default, device);
-    let b: Tensor<2> = Tensor::random([n, n], burn::tensor::Distribution::Default, device);
-    let _ = a.clone().matmul(b.clone()).into_data();
-    let s = median3(|| {
-        black_box(a.clone().matmul(b.clone()).into_data());
-    });
-    2.0 * (n * n * n) as f64 / s / 1e9
-}
-
 fn bench(c: &mut Criterion) {
     let cfg = config();
     let flex = Device::flex();
@@ -116,7 +101,7 @@ fn bench(c: &mut Criterion) {
     let b = batch(cfg.vocab_size);
     let tokens = (BATCH * SEQ) as f64;
 
-    let mm = matmul_gflops(&flex);
+    let mm = gems_benches::bare_gemm_gflops(1024, 1024, 1024, 3, &flex);
     let fwd = median3(|| {
         black_box(model.forward(&b).expect("forward").into_data());
     });

@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::Device;
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
 use gems_train::TrainConfig;
 use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
@@ -130,31 +130,9 @@ fn batch_matmul_flops(
     width: usize,
     targets: usize,
 ) -> f64 {
-    let (d, f) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
-    let (h, kv, hd) =
-        (cfg.num_attention_heads as f64, cfg.n_kv_heads() as f64, cfg.head_dim() as f64);
-    let tokens = (rows * width) as f64;
-    let projections = 2.0 * tokens * (2.0 * d * h * hd + 2.0 * d * kv * hd + 3.0 * d * f);
-    let attention = 4.0 * rows as f64 * h * (width * width) as f64 * hd;
-    let layer = projections + attention;
-    let layers = cfg.num_hidden_layers as f64;
-    let head = 2.0 * targets as f64 * d * vocab as f64;
-    layer * layers + 2.0 * layer * trained_layers as f64 + 3.0 * head
-}
-
-/// GFLOP/s of a bare `[m, k] x [k, n]` product on `device` (median of 5 after one warm-up).
-fn bare_gemm_gflops(m: usize, k: usize, n: usize, device: &Device) -> f64 {
-    let a: Tensor<2> = Tensor::random([m, k], Distribution::Default, device);
-    let b: Tensor<2> = Tensor::random([k, n], Distribution::Default, device);
-    let _ = a.clone().matmul(b.clone()).into_data();
-    let times = (0..5)
-        .map(|_| {
-            let c = Instant::now();
-            let _ = a.clone().matmul(b.clone()).into_data();
-            c.elapsed().as_secs_f64()
-        })
-        .collect();
-    2.0 * (m * k * n) as f64 / median(times) / 1e9
+    let layer = gems_benches::layer_flops(cfg, rows, width);
+    let forward_and_backward = (cfg.num_hidden_layers + 2 * trained_layers) as f64;
+    layer * forward_and_backward + 3.0 * gems_benches::head_flops(cfg, vocab, targets)
 }
 
 fn main() {
@@ -267,10 +245,11 @@ fn main() {
     let med = |k: &str| median(after.iter().filter_map(|r| r[k].as_f64()).collect());
     // Bare GEMM at the shape of a projection over a task batch of median size.
     let per_task = med("padded_tokens") / samples[0].len().max(1) as f64;
-    let bare = bare_gemm_gflops(
+    let bare = gems_benches::bare_gemm_gflops(
         per_task.round().max(1.0) as usize,
         cfg.hidden_size,
         cfg.intermediate_size,
+        5,
         &device,
     );
     let summary = json!({
