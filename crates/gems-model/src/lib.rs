@@ -8,6 +8,7 @@
 //! - [`hf`]: Hugging Face directories, load and save.
 //! - [`gguf`]: GGUF v3 files: metadata, dequantization, tokenizer.
 //! - [`items`]: `<item_ID>` tokens added to tokenizer, embedding and head.
+//! - [`kernels`]: fused CPU kernels for graph-free passes (bit-identical to the Burn ops).
 //! - [`lora`]: LoRA adapters, merge, PEFT save/load.
 //! - [`fetch`]: where SmolLM2-135M-Instruct is cached and its checksums (`gems model fetch`
 //!   downloads it; this crate never runs a process).
@@ -23,6 +24,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod hf;
 pub mod items;
+pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod weights;

@@ -14,13 +14,14 @@
 //! loading and saving transpose at the boundary.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use gems_rng::SplitMix64;
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::kernels::{self, RopeTables};
 use crate::weights::{HostTensor, WeightMap};
 
 /// Attention bias given to padded key positions (finite: see the module docs).
@@ -386,23 +387,20 @@ impl Attention {
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &(Tensor<4>, Tensor<4>),
+        rope: &RopeTables,
         bias: Option<Tensor<4>>,
         cache: Option<&mut LayerCache>,
         trace: &mut Option<LayerTrace<'_>>,
+        graph_free: bool,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let [q_path, k_path, v_path, o_path, ..] = PROJECTION_PATHS;
-        let q = traced(&self.q_proj, q_path, x.clone(), trace);
-        let q = q.reshape([b, t, h, hd]).swap_dims(1, 2);
+        let q = kernels::rope(traced(&self.q_proj, q_path, x.clone(), trace), h, rope, graph_free);
         let k = traced(&self.k_proj, k_path, x.clone(), trace);
-        let k = k.reshape([b, t, kv, hd]).swap_dims(1, 2);
+        let mut k = kernels::rope(k, kv, rope, graph_free);
         let v = traced(&self.v_proj, v_path, x, trace);
-        let v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
-        let q = apply_rope(q, rope);
-        let mut k = apply_rope(k, rope);
-        let mut v = v;
+        let mut v = v.reshape([b, t, kv, hd]).swap_dims(1, 2);
         if let Some(c) = cache {
             if let (Some(ck), Some(cv)) = (c.k.take(), c.v.take()) {
                 k = Tensor::cat(vec![ck, k], 2);
@@ -428,22 +426,19 @@ impl Attention {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` on `[b, heads, t, head_dim]`.
-fn apply_rope(x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)) -> Tensor<4> {
-    let hd = x.dims()[3];
-    let half = hd / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
-}
-
 impl Mlp {
-    fn forward(&self, x: Tensor<3>, trace: &mut Option<LayerTrace<'_>>) -> Tensor<3> {
+    /// `graph_free`: no gradient is wanted (a frozen layer), so the activation may run as a
+    /// fused host kernel ([`crate::kernels::swiglu`], same values).
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        trace: &mut Option<LayerTrace<'_>>,
+        graph_free: bool,
+    ) -> Tensor<3> {
         let [.., gate_path, up_path, down_path] = PROJECTION_PATHS;
-        let g = silu(traced(&self.gate_proj, gate_path, x.clone(), trace));
+        let g = traced(&self.gate_proj, gate_path, x.clone(), trace);
         let u = traced(&self.up_proj, up_path, x, trace);
-        traced(&self.down_proj, down_path, g * u, trace)
+        traced(&self.down_proj, down_path, crate::kernels::swiglu(g, u, graph_free), trace)
     }
 }
 
@@ -565,10 +560,11 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &(Tensor<4>, Tensor<4>),
+        rope: &RopeTables,
         bias: Option<Tensor<4>>,
         cache: Option<&mut LayerCache>,
         mut trace: Option<LayerTrace<'_>>,
+        graph_free: bool,
     ) -> Tensor<3> {
         let a = self.self_attn.forward(
             self.input_layernorm.forward(x.clone()),
@@ -576,9 +572,11 @@ impl DecoderLayer {
             bias,
             cache,
             &mut trace,
+            graph_free,
         );
         let h = x + a;
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), &mut trace)
+        let mlp_in = self.post_attention_layernorm.forward(h.clone());
+        h + self.mlp.forward(mlp_in, &mut trace, graph_free)
     }
 }
 
@@ -766,14 +764,10 @@ impl Llama {
 
     /// RoPE cosines and sines of `positions` (`b * t` of them), `[b, 1, t, head_dim]` each,
     /// gathered from the model's table (computed once per position, see [`RopeCache`]).
-    fn rope_tables(&self, positions: &[usize], b: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+    fn rope_tables(&self, positions: &[usize], b: usize, t: usize) -> RopeTables {
         let hd = self.config.head_dim();
         let (cos, sin) = self.rope.gather(self.config.inv_freq(), hd, positions);
-        let device = self.device();
-        (
-            Tensor::from_data(TensorData::new(cos, [b, 1, t, hd]), &device),
-            Tensor::from_data(TensorData::new(sin, [b, 1, t, hd]), &device),
-        )
+        RopeTables::new(cos, sin, [b, t, hd], &self.device())
     }
 
     /// Additive attention bias that hides padded keys, `[b, 1, 1, t]`; `None` without padding.
@@ -807,8 +801,8 @@ impl Llama {
             // Nothing below the first trainable layer needs a graph (see freeze_lower_layers).
             x = x.detach();
         }
-        for layer in &self.layers {
-            x = layer.forward(x, &rope, bias.clone(), None, None);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &rope, bias.clone(), None, None, i < self.frozen_layers);
         }
         Ok(self.norm.forward(x))
     }
@@ -831,7 +825,7 @@ impl Llama {
             let mut per_layer = |name: &'static str, input: &Tensor<3>, output: &Tensor<3>| {
                 hook(i, name, input, output)
             };
-            x = layer.forward(x, &rope, bias.clone(), None, Some(&mut per_layer));
+            x = layer.forward(x, &rope, bias.clone(), None, Some(&mut per_layer), false);
         }
         Ok(())
     }
@@ -953,7 +947,7 @@ impl Llama {
         let rope = self.rope_tables(&positions, 1, t);
         let mut x = self.embed(ids, 1, t);
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &rope, None, Some(c), None);
+            x = layer.forward(x, &rope, None, Some(c), None, false);
         }
         cache.len += t;
         let x = self.norm.forward(x.narrow(1, t - 1, 1));
@@ -1150,7 +1144,7 @@ mod schema_tests {
                     model.config.rope_theta = 1234.5;
                 }
                 for m in [&model, &shared] {
-                    let (cos, sin) = m.rope_tables(positions, 1, positions.len());
+                    let RopeTables { cos, sin, .. } = m.rope_tables(positions, 1, positions.len());
                     let bits = |t: Tensor<4>| -> Vec<u32> {
                         to_host(t, "test").unwrap().data.iter().map(|v| v.to_bits()).collect()
                     };
@@ -1189,6 +1183,32 @@ mod schema_tests {
             let model = Llama::init_random(&c, 1, &Device::flex()).unwrap();
             let back = model.to_weights().unwrap();
             assert_eq!(back.tensors, w.tensors, "{extra}: round trip");
+        }
+    }
+
+    #[test]
+    fn frozen_layers_give_the_graphs_bits_through_the_fused_kernels() {
+        // Frozen layers run the fused host kernels (kernels::swiglu, kernels::rope); the same
+        // layers with a graph run the Burn ops. Hidden states must agree bit for bit, with
+        // padding on either side and grouped-query attention.
+        let c = config(
+            r#", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2"#,
+        );
+        let device = Device::flex().autodiff();
+        let model = Llama::init_random(&c, 3, &device).unwrap();
+        let seqs = vec![vec![1, 2, 3, 4, 5], vec![6, 7], vec![8, 9, 10, 11, 12, 13, 14]];
+        for left in [false, true] {
+            let batch = TokenBatch::pad(&seqs, 0, left).unwrap();
+            let bits = |m: &Llama| -> Vec<u32> {
+                let h = m.hidden_states(&batch).unwrap();
+                to_host(h, "test").unwrap().data.iter().map(|v| v.to_bits()).collect()
+            };
+            let with_graph = bits(&model);
+            for k in [1, 3] {
+                let frozen = model.clone().freeze_lower_layers(k).unwrap();
+                assert_eq!(bits(&frozen), with_graph, "{k} frozen layers, left padding {left}");
+            }
         }
     }
 }
