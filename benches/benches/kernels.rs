@@ -11,6 +11,12 @@
 //!   (reshape, swap, narrow, negate, concatenate, two products and a sum, on strided views).
 //! - `kernels/rope/fused`: [`gems_model::kernels::rope`] (one pass, same bits).
 //!
+//! - `kernels/attention/burn`: causal attention with a padding bias, 16 x 9 heads x 37 x 64, as
+//!   `burn::tensor::module::attention` on an autodiff device (Burn's fallback: serial
+//!   element-wise passes between the products), as a frozen layer ran it.
+//! - `kernels/attention/fused`: [`gems_model::kernels::attention`] (same products and row sums,
+//!   the element-wise chain fused; same bits).
+//!
 //! Inputs are rebuilt per iteration from host data (the fused kernel consumes its input's buffer),
 //! the same for both cases. Run: `cargo bench -p gems-benches --bench kernels`.
 
@@ -19,7 +25,7 @@ use std::hint::black_box;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{BatchSize, Criterion, criterion_main};
-use gems_model::kernels::{RopeTables, apply_rope, rope};
+use gems_model::kernels::{RopeTables, apply_rope, attention, rope};
 
 const DIMS: [usize; 3] = [16, 37, 1536];
 const HEADS: usize = 9;
@@ -84,6 +90,30 @@ fn bench(c: &mut Criterion) {
     group.bench_function("fused", |bench| {
         bench.iter_batched(input, |x| sync(rope(x, HEADS, &tables, true)), BatchSize::SmallInput)
     });
+    group.finish();
+
+    let autodiff = device.clone().autodiff();
+    let n = b * HEADS * t * HEAD_DIM;
+    let (qv, kv, vv) = (values(6, n), values(7, n), values(8, n));
+    let mut pad = vec![0.0f32; b * t];
+    pad.iter_mut().skip(t - 5).step_by(t).for_each(|m| *m = -1e9); // padding in every row
+    let qkv = || {
+        let at = |v: &Vec<f32>| {
+            Tensor::<4>::from_data(TensorData::new(v.clone(), [b, HEADS, t, HEAD_DIM]), &autodiff)
+        };
+        let bias = Tensor::<4>::from_data(TensorData::new(pad.clone(), [b, 1, 1, t]), &autodiff);
+        (at(&qv), at(&kv), at(&vv), bias)
+    };
+    let mut group = c.benchmark_group("kernels/attention");
+    for (name, fused) in [("burn", false), ("fused", true)] {
+        group.bench_function(name, |bench| {
+            bench.iter_batched(
+                qkv,
+                |(q, k, v, m)| sync(attention(q, k, v, Some(m), true, fused)),
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

@@ -14,6 +14,7 @@
 //! Burn ops run.
 
 use burn::tensor::activation::silu;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -168,6 +169,81 @@ pub fn rope(x: Tensor<3>, heads: usize, tables: &RopeTables, graph_free: bool) -
     from_host(TensorData::new(out, [b, heads, t, hd]), autodiff)
 }
 
+/// Causal scaled dot-product attention with an additive key bias, `q [b, h, t, d]` against
+/// `k`, `v [b, h, tk, d]`; `key_bias` is `[b, 1, 1, tk]` (or absent).
+///
+/// Equal bit for bit to `burn::tensor::module::attention(q, k, v, None, bias, causal)` on an
+/// autodiff device, which runs Burn's `attention_fallback`: scores `Q K^T * scale`, the causal
+/// mask, the bias, a NaN-safe softmax (row maxima clamped to the smallest finite f32, sums to the
+/// smallest positive normal), times V. Where the kernel applies (a graph-free pass on an
+/// autodiff flex device), the products and the row sums still run as Burn ops (their summation
+/// order is the backend's), and the element-wise chain between them (scale, mask, bias, maximum,
+/// shift, exp; then the division) runs in two parallel passes in place instead of about ten
+/// serial ones. A device without autodiff keeps the backend's own attention (flex: a fused
+/// kernel with other rounding), as before.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_bias: Option<Tensor<4>>,
+    causal: bool,
+    graph_free: bool,
+) -> Tensor<4> {
+    let [b, h, t, d] = q.dims();
+    let tk = k.dims()[2];
+    let fits = key_bias.as_ref().is_none_or(|m| m.dims() == [b, 1, 1, tk]) && t > 0 && tk > 0;
+    if !(fits && graph_free && q.is_autodiff() && host_kernel_applies(&q, true)) {
+        let bias = key_bias.map(|m| m.expand([b, h, t, tk]));
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: causal };
+        return burn::tensor::module::attention(q, k, v, None, bias, options);
+    }
+    let autodiff = q.is_autodiff();
+    let bias: Option<Vec<f32>> = key_bias.and_then(|m| host_data(m).try_into_vec::<f32>().ok());
+    // As the fallback: scale 1 / sqrt(d) in f64, applied as an f32 scalar.
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let offset = tk as i64 - t as i64;
+    let mut scores = host_data(q.matmul(k.transpose()));
+    let Ok(s) = scores.as_mut_slice::<f32>() else {
+        unreachable!("f32 checked by host_kernel_applies")
+    };
+    s.par_chunks_mut(t * tk).enumerate().for_each(|(bh, block)| {
+        let bias = bias.as_ref().map(|m| &m[(bh / h) * tk..][..tk]);
+        for (i, row) in block.chunks_exact_mut(tk).enumerate() {
+            let mut max = f32::NEG_INFINITY;
+            for (j, x) in row.iter_mut().enumerate() {
+                let mut y = *x * scale;
+                if causal && j as i64 > i as i64 + offset {
+                    y = f32::NEG_INFINITY;
+                }
+                if let Some(m) = bias {
+                    y += m[j];
+                }
+                *x = y;
+                max = max.max(y);
+            }
+            let max = max.max(f32::MIN);
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+            }
+        }
+    });
+    let numerator = from_host::<4>(scores, autodiff);
+    let Ok(sums) = host_data(numerator.clone().sum_dim(3)).try_into_vec::<f32>() else {
+        unreachable!("f32 checked by host_kernel_applies")
+    };
+    let mut numerator = host_data(numerator);
+    let Ok(e) = numerator.as_mut_slice::<f32>() else {
+        unreachable!("f32 checked by host_kernel_applies")
+    };
+    e.par_chunks_mut(tk).zip(sums.par_iter()).for_each(|(row, &sum)| {
+        let sum = sum.max(f32::MIN_POSITIVE);
+        for x in row {
+            *x /= sum;
+        }
+    });
+    from_host::<4>(numerator, autodiff).matmul(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +304,31 @@ mod tests {
                 bits(rope(x(), heads, &short, true)),
                 bits(rope(x(), heads, &tables, false))
             );
+        }
+    }
+
+    #[test]
+    fn attention_is_bit_identical_to_burns_on_an_autodiff_device() {
+        let device = Device::flex().autodiff();
+        let (b, h, d) = (2, 3, 8);
+        // (query length, key length, causal): a prompt, one cached step, a non-causal row.
+        for (t, tk, causal) in [(6, 6, true), (1, 7, false), (4, 9, true)] {
+            let x = |n, seed, dims| {
+                Tensor::<4>::from_data(TensorData::new(values(n, seed), dims), &device)
+            };
+            let q = || x(b * h * t * d, 11, [b, h, t, d]).mul_scalar(0.2);
+            let k = || x(b * h * tk * d, 12, [b, h, tk, d]).mul_scalar(0.2);
+            let v = || x(b * h * tk * d, 13, [b, h, tk, d]);
+            let mut pad = vec![0.0f32; b * tk];
+            pad[0] = -1e9; // a padded key in the first row
+            let bias =
+                || Tensor::<4>::from_data(TensorData::new(pad.clone(), [b, 1, 1, tk]), &device);
+            for with_bias in [false, true] {
+                let m = || with_bias.then(bias);
+                let reference = attention(q(), k(), v(), m(), causal, false);
+                let fused = attention(q(), k(), v(), m(), causal, true);
+                assert_eq!(bits(fused), bits(reference), "t {t} tk {tk} bias {with_bias}");
+            }
         }
     }
 

@@ -15,7 +15,6 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use gems_rng::SplitMix64;
 
@@ -419,9 +418,7 @@ impl Attention {
         } else {
             (k, v)
         };
-        let bias = bias.map(|m| m.expand([b, h, t, tk]));
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: t > 1 };
-        let out = burn::tensor::module::attention(q, k, v, None, bias, options);
+        let out = kernels::attention(q, k, v, bias, t > 1, graph_free);
         traced(&self.o_proj, o_path, out.swap_dims(1, 2).reshape([b, t, h * hd]), trace)
     }
 }
