@@ -435,7 +435,7 @@ impl Mlp {
         let [.., gate_path, up_path, down_path] = PROJECTION_PATHS;
         let g = traced(&self.gate_proj, gate_path, x.clone(), trace);
         let u = traced(&self.up_proj, up_path, x, trace);
-        traced(&self.down_proj, down_path, crate::kernels::swiglu(g, u, graph_free), trace)
+        traced(&self.down_proj, down_path, kernels::swiglu(g, u, graph_free), trace)
     }
 }
 
@@ -572,8 +572,8 @@ impl DecoderLayer {
             graph_free,
         );
         let h = x + a;
-        let mlp_in = self.post_attention_layernorm.forward(h.clone());
-        h + self.mlp.forward(mlp_in, &mut trace, graph_free)
+        h.clone()
+            + self.mlp.forward(self.post_attention_layernorm.forward(h), &mut trace, graph_free)
     }
 }
 
@@ -1185,8 +1185,8 @@ mod schema_tests {
 
     #[test]
     fn frozen_layers_give_the_graphs_bits_through_the_fused_kernels() {
-        // Frozen layers run the fused host kernels (kernels::swiglu, kernels::rope); the same
-        // layers with a graph run the Burn ops. Hidden states must agree bit for bit, with
+        // Frozen layers run the fused host kernels (kernels::swiglu, kernels::rope,
+        // kernels::attention); the same layers with a graph run the Burn ops. Hidden states must agree bit for bit, with
         // padding on either side and grouped-query attention.
         let c = config(
             r#", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
