@@ -216,7 +216,7 @@ fn main() {
         t[3] += c.elapsed().as_secs_f64();
         let c = Instant::now();
         let lr = config.schedule.lr_at(step as u64 + 1);
-        model = optimizer.step(lr, &model, grads).expect("optimizer step").0;
+        model = optimizer.step_owned(lr, model, grads).expect("optimizer step").0;
         t[4] += c.elapsed().as_secs_f64();
         let total = step_started.elapsed().as_secs_f64();
         let row = json!({

@@ -182,6 +182,13 @@ const VARIANTS: &[(&str, &[&str])] = &[
     ("gems-single-subspace", &["--method", "gems", "--single-subspace"]),
     ("gems-complement", &["--method", "gems", "--complement"]),
     ("gems-strict", &["--method", "gems", "--strict-null-space"]),
+    // The AlphaEdit-style projector (statistics of each layer's inputs): with strict mode the
+    // update provably leaves the layer's response to the calibration text unchanged.
+    ("gems-input", &["--method", "gems", "--null-space-side", "input"]),
+    (
+        "gems-input-strict",
+        &["--method", "gems", "--null-space-side", "input", "--strict-null-space"],
+    ),
     ("gems-emb-all", &["--method", "gems", "--embeddings", "all"]),
     ("galore", &["--method", "galore"]),
     ("full", &["--method", "full"]),

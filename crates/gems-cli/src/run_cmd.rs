@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use gems_metrics::EvalReport;
 use gems_optim::Method;
-use gems_subspace::ProjectionType;
+use gems_subspace::{ProjectionType, ProjectorSide};
 use gems_train::config::{StopMetric, TaskSelection};
 use gems_train::infer::{load_run, top_items, user_history};
 use gems_train::trainer::{eval_options, test_report};
@@ -70,6 +70,10 @@ pub struct TrainArgs {
     /// Re-apply the null-space projector to the final update.
     #[arg(long)]
     pub strict_null_space: bool,
+    /// Side of the null-space projectors: statistics of the layer outputs (GEMS) or of its
+    /// inputs (AlphaEdit: the update leaves the layer's response to general text unchanged).
+    #[arg(long, value_enum)]
+    pub null_space_side: Option<ProjectorSide>,
     /// Tasks trained on.
     #[arg(long, value_enum)]
     pub tasks: Option<TaskSelection>,
@@ -220,6 +224,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.strict_null_space {
         g.strict_null_space = true;
     }
+    set(&mut c.null_space.side, args.null_space_side);
     set(&mut g.rank, args.rank);
     set(&mut g.update_proj_gap, args.update_proj_gap);
     set(&mut g.scale, args.scale);

@@ -22,7 +22,7 @@ use gems_subspace::NullSpaceProjector;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::adam::{AdamMoments, apply_scaled_update, apply_update, bias_correction, update_scale};
+use crate::adam::{AdamMoments, apply_scaled_update, bias_correction, update_scale};
 use crate::config::{GatePolicy, OptimizerConfig, is_refresh_step, path_matches};
 use crate::error::{OptimError, Result};
 use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
@@ -189,7 +189,8 @@ impl Optimizer {
     ///
     /// The module is borrowed: on error the caller still holds it unchanged, and the optimizer
     /// state is unchanged too (all fallible work happens before anything is written). Cloning a
-    /// Burn module is shallow, so the returned module shares unchanged parameters.
+    /// Burn module is shallow, so the returned module shares unchanged parameters; the updated
+    /// ones are new tensors. [`Self::step_owned`] computes the same values in place.
     ///
     /// # Errors
     /// Shape mismatches, SVD failure, a projector that does not fit its matrix.
@@ -199,6 +200,50 @@ impl Optimizer {
         module: &M,
         gradients: StepGradients,
     ) -> Result<(M, StepReport)> {
+        let (writer, report) = self.compute(lr, module, gradients)?;
+        let module = module.clone();
+        Ok((
+            match writer {
+                Some(mut w) => module.map(&mut w),
+                None => module,
+            },
+            report,
+        ))
+    }
+
+    /// [`Self::step`] on a module the caller gives up: the parameters it holds alone are
+    /// updated in place where the backend can (flex can), e.g. the trained rows of a
+    /// 53,496-row embedding without copying the other rows. The values are the same as
+    /// [`Self::step`]'s, bit for bit. On error the module is dropped; the optimizer state is
+    /// unchanged.
+    ///
+    /// # Errors
+    /// As [`Self::step`].
+    pub fn step_owned<M: Module>(
+        &mut self,
+        lr: f64,
+        module: M,
+        gradients: StepGradients,
+    ) -> Result<(M, StepReport)> {
+        let (writer, report) = self.compute(lr, &module, gradients)?;
+        Ok((
+            match writer {
+                Some(mut w) => module.map(&mut w),
+                None => module,
+            },
+            report,
+        ))
+    }
+
+    /// Passes 1 and 2 of a step: the new optimizer state (committed only when everything
+    /// succeeded) and the writer of the parameters' updates, `None` for a skipped step. No
+    /// handle on a parameter outlives it, so the writer may update uniquely held ones in place.
+    fn compute<M: Module>(
+        &mut self,
+        lr: f64,
+        module: &M,
+        gradients: StepGradients,
+    ) -> Result<(Option<Writer>, StepReport)> {
         // Pass 1: read.
         let (mut entries, ids) = read_module(module, &gradients);
         let losses =
@@ -230,7 +275,7 @@ impl Optimizer {
             report.skipped = Some(reason);
             report.step = self.step;
             report.skipped_total = self.skipped;
-            return Ok((module.clone(), report));
+            return Ok((None, report));
         }
         let totals = TaskTotals {
             samples,
@@ -255,23 +300,20 @@ impl Optimizer {
         let stepped = self.finish_matrices(work, &entries, &stats, lr, &mut report)?;
         // Every fallible part is done: commit the matrices' states and update the AdamW
         // parameters in place (their shapes were checked by `collect_work`).
-        let mut new_values: HashMap<ParamId, Tensor<1>> = HashMap::new();
-        for (path, id, state, value) in stepped {
+        let mut updates: HashMap<ParamId, Update> = HashMap::new();
+        for (path, id, state, update) in stepped {
             self.matrices.insert(path, state);
-            new_values.insert(id, value);
+            updates.insert(id, update);
         }
         for (index, shared) in plain {
-            let value = self.adamw(&entries[index], shared, lr, correction);
-            new_values.insert(ids[index], value);
+            let update = self.adamw(&entries[index], shared, lr, correction);
+            updates.insert(ids[index], update);
         }
-        report.updated_parameters = new_values.len();
-
-        // Pass 3: write.
-        let mut writer = Writer { values: new_values };
-        let module = module.clone().map(&mut writer);
+        report.updated_parameters = updates.len();
         self.step = t;
         report.step = t;
-        Ok((module, report))
+        // Pass 3, the write, is the caller's.
+        Ok((Some(Writer { updates }), report))
     }
 
     /// The task gates from the tuned matrices' gradient norms (GEMS-SPEC §3 step 7).
@@ -376,7 +418,7 @@ impl Optimizer {
         }
     }
 
-    /// The tuned matrices' new values and states (path, id, state, value), with their reports;
+    /// The tuned matrices' updates and states (path, id, state, update), with their reports;
     /// the first failure is returned and nothing is committed.
     fn finish_matrices(
         &self,
@@ -385,7 +427,7 @@ impl Optimizer {
         stats: &[GradStats],
         lr: f64,
         report: &mut StepReport,
-    ) -> Result<Vec<(String, ParamId, MatrixState, Tensor<1>)>> {
+    ) -> Result<Vec<(String, ParamId, MatrixState, Update)>> {
         let mut cosines = Vec::new();
         let mut stepped = Vec::with_capacity(work.len());
         for w in work {
@@ -404,13 +446,13 @@ impl Optimizer {
                 null_space_applied: w.projector.is_some(),
             });
             let [rows, cols] = [entry.dims[0], entry.dims[1]];
-            let value = apply_scaled_update(
-                entry.value.clone(),
-                update.reshape([rows * cols]),
+            let update = Update {
+                start: 0,
+                scaled: update.reshape([rows * cols]),
                 lr,
-                self.config.weight_decay,
-            );
-            stepped.push((entry.path.clone(), w.id, w.state, value));
+                weight_decay: self.config.weight_decay,
+            };
+            stepped.push((entry.path.clone(), w.id, w.state, update));
         }
         report.mean_cosine =
             (!cosines.is_empty()).then(|| cosines.iter().sum::<f64>() / cosines.len() as f64);
@@ -452,14 +494,8 @@ impl Optimizer {
     }
 
     /// AdamW on one parameter (on its trained rows, see [`Self::keep_trained_rows`]): advances (or
-    /// creates) its moments and returns its new value.
-    fn adamw(
-        &mut self,
-        entry: &ParamEntry,
-        shared: Tensor<1>,
-        lr: f64,
-        correction: f64,
-    ) -> Tensor<1> {
+    /// creates) its moments and returns its update.
+    fn adamw(&mut self, entry: &ParamEntry, shared: Tensor<1>, lr: f64, correction: f64) -> Update {
         let moments = match self.adam.remove(&entry.path) {
             Some(m) => m,
             None => AdamMoments::zeros_like(&shared),
@@ -468,14 +504,10 @@ impl Optimizer {
             moments.advance(shared, self.config.beta1, self.config.beta2, self.config.eps);
         self.adam.insert(entry.path.clone(), moments);
         let lr = lr * self.config.lr_scale(&entry.path);
-        let total = entry.value.dims()[0];
-        let start = total - n.dims()[0];
-        if start == 0 {
-            return apply_update(entry.value.clone(), n, lr, correction, self.config.weight_decay);
-        }
-        let trained = entry.value.clone().slice(start..total);
-        let updated = apply_update(trained, n, lr, correction, self.config.weight_decay);
-        entry.value.clone().slice_assign(start..total, updated)
+        let weight_decay = self.config.weight_decay;
+        let start = entry.value.dims()[0] - n.dims()[0];
+        let scaled = n.mul_scalar(update_scale(lr, correction, weight_decay));
+        Update { start, scaled, lr, weight_decay }
     }
 }
 
@@ -674,20 +706,47 @@ impl ModuleVisitor for Reader<'_> {
     }
 }
 
-/// Pass 3: replaces updated parameters, keeping their autodiff state.
+/// The update of one parameter, flattened: W (1 - lr wd) - U' on the elements from `start`
+/// on (the trained rows; 0 for the whole parameter), with U' already scaled by
+/// [`update_scale`] ([`apply_scaled_update`]).
+struct Update {
+    start: usize,
+    scaled: Tensor<1>,
+    lr: f64,
+    weight_decay: f64,
+}
+
+impl Update {
+    /// The new value of the flattened `weight`; in place when `weight` is its storage's only
+    /// handle and the backend updates in place.
+    fn apply(self, weight: Tensor<1>) -> Tensor<1> {
+        let Self { start, scaled, lr, weight_decay } = self;
+        if start == 0 {
+            return apply_scaled_update(weight, scaled, lr, weight_decay);
+        }
+        let total = weight.dims()[0];
+        let trained =
+            apply_scaled_update(weight.clone().slice(start..total), scaled, lr, weight_decay);
+        weight.slice_assign(start..total, trained)
+    }
+}
+
+/// Pass 3: applies the updates to the parameters, keeping their autodiff state.
 struct Writer {
-    values: HashMap<ParamId, Tensor<1>>,
+    updates: HashMap<ParamId, Update>,
 }
 
 impl ModuleMapper for Writer {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(new_value) = self.values.remove(&param.id) else { return param };
+        let Some(update) = self.updates.remove(&param.id) else { return param };
         let (id, tensor, mapper) = param.consume();
         let shape = tensor.shape();
         let require_grad = tensor.is_require_grad();
         let autodiff = tensor.is_autodiff();
         let checkpointing = tensor.gradient_checkpointing_strategy();
-        let mut updated: Tensor<D> = new_value.reshape(shape);
+        let weight = if autodiff { tensor.inner() } else { tensor };
+        let mut updated: Tensor<D> =
+            update.apply(weight.reshape([shape.num_elements()])).reshape(shape);
         if autodiff {
             updated = Tensor::from_inner(updated);
             if let Some(strategy) = checkpointing {

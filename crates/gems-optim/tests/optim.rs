@@ -769,3 +769,35 @@ fn trained_rows_update_only_the_trailing_rows() {
     assert!(err.contains("layers.0.weight") && err.contains("16"), "{err}");
     assert_eq!(beyond.steps(), 0);
 }
+
+/// `step_owned` (the trainer's: in place where the module holds a parameter alone) computes
+/// what `step` computes, bit for bit, over steps with and without a refresh, for subspace
+/// matrices, whole AdamW parameters and AdamW on trailing rows.
+#[test]
+fn owned_steps_equal_borrowed_steps_bit_for_bit() {
+    let device = Device::flex().autodiff();
+    let data = tasks(24, &device);
+    let mut full = OptimizerConfig::for_method(Method::Full);
+    full.trained_rows = vec![TrainedRows { pattern: "layers.0.weight".into(), from: 10 }];
+    for config in [regressor_config(Method::Gems), full] {
+        let (mut borrowed, mut owned) = (regressor(&device), regressor(&device));
+        let mut a = Optimizer::new(config.clone()).unwrap();
+        let mut b = Optimizer::new(config).unwrap();
+        let gradients = |model: &Regressor| StepGradients {
+            rec: Some(task_gradient(model, data.x.clone(), data.y_rec.clone())),
+            search: Some(task_gradient(model, data.x.clone(), data.y_src.clone())),
+            shared: None,
+        };
+        for step in 1..=7 {
+            let grads = gradients(&borrowed);
+            borrowed = a.step(1e-2, &borrowed, grads).unwrap().0;
+            let grads = gradients(&owned);
+            owned = b.step_owned(1e-2, owned, grads).unwrap().0;
+            for (x, y) in borrowed.layers.iter().zip(&owned.layers) {
+                assert_eq!(values(x.weight.val()), values(y.weight.val()), "step {step}");
+                assert_eq!(values(x.bias.val()), values(y.bias.val()), "step {step}");
+            }
+        }
+        assert_eq!(a.steps(), b.steps());
+    }
+}

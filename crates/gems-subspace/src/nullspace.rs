@@ -22,6 +22,7 @@ use crate::host::{DeviceCopy, ensure_finite, matrix_from_tensor};
 
 /// Which side of the weight's math layout (W is m x n, y = W x) a projector acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum ProjectorSide {
     /// Statistics of layer outputs y (m-dim); P G with P m x m. GEMS' choice.

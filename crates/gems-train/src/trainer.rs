@@ -469,6 +469,11 @@ fn resolve_config(
             }
         }
     }
+    // The optimizer's record of its projectors is the one `null_space` section builds them by.
+    config.optimizer.null_space = gems_optim::NullSpaceSettings {
+        rule: config.null_space.rule,
+        side: config.null_space.side,
+    };
     write_json(&run_dir.join("config.json"), &config)?;
     Ok((config, path))
 }
@@ -966,7 +971,7 @@ impl Run<'_> {
         let (grads, tokens) =
             step_gradients(&model, self.setup, self.config, self.tasks, state, perms)?;
         let lr = self.config.schedule.lr_at(state.step + 1);
-        let (next, report) = optimizer.step(lr, &model, grads)?;
+        let (next, report) = optimizer.step_owned(lr, model, grads)?;
         let model = match &self.frozen {
             Some(f) => f.restore(next),
             None => next,
