@@ -227,3 +227,58 @@ fn train_data_trains_on_what_data_prepare_wrote() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no-such-prepared"), "{}", stderr(&o));
 }
+
+/// `--null-space-side input` builds the projectors from the layers' inputs (an input-side
+/// projector of q_proj has the model's hidden size, of down_proj the MLP's width), and
+/// config.json records that side in both of its places.
+#[test]
+fn null_space_side_flag_builds_input_side_projectors() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = tiny_run_config(root.path(), &data_root(), 1).unwrap();
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.eval.floors = false;
+    config.eval.every = 0;
+    config.eval.test_examples = 4;
+    let cfg = root.path().join("tiny.json");
+    std::fs::write(&cfg, config.to_json()).unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let run = root.path().join("run");
+    let o = gems(&[
+        "train",
+        "--preset",
+        "default",
+        "--config",
+        &path(&cfg),
+        "--out",
+        &path(&run),
+        "--quiet",
+        "--method",
+        "gems",
+        "--null-space-side",
+        "input",
+        "--strict-null-space",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join(name)).unwrap()).unwrap()
+    };
+    let saved = read("config.json");
+    assert_eq!(saved["null_space"]["side"], "input");
+    assert_eq!(saved["optimizer"]["null_space"]["side"], "input");
+    assert_eq!(saved["optimizer"]["gems"]["strict_null_space"], true);
+    let report = read("nullspace.json");
+    let layers = report["layers"].as_array().unwrap();
+    let dim = |suffix: &str| {
+        layers.iter().find(|l| l["path"].as_str().unwrap().ends_with(suffix)).unwrap()["dim"]
+            .as_u64()
+            .unwrap()
+    };
+    // Inputs: q_proj reads the hidden state, down_proj the MLP's intermediate activations.
+    assert!(dim("down_proj.weight") > dim("q_proj.weight"), "{report}");
+    assert_eq!(dim("q_proj.weight"), dim("k_proj.weight"), "q and k read the same input");
+    let o =
+        gems(&["train", "--null-space-side", "sideways", "--out", &path(&root.path().join("x"))]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("sideways"), "{}", stderr(&o));
+}
