@@ -174,17 +174,24 @@ fn user_errors_print_the_message_chain_without_a_backtrace() {
 }
 
 /// `gems data prepare` then `gems train --data` on what it wrote.
-#[test]
-fn train_data_trains_on_what_data_prepare_wrote() {
-    let root = tempfile::tempdir().unwrap();
-    let mut config = tiny_run_config(root.path(), &data_root(), 1).unwrap();
+/// A one-step tiny run configuration that skips every evaluation but a 4-example test, and
+/// the file it is written to under `root`.
+fn quick_run_config(root: &Path) -> (gems_train::TrainConfig, PathBuf) {
+    let mut config = tiny_run_config(root, &data_root(), 1).unwrap();
     config.eval.before = false;
     config.eval.perplexity = false;
     config.eval.floors = false;
     config.eval.every = 0;
     config.eval.test_examples = 4;
-    let cfg = root.path().join("tiny.json");
+    let cfg = root.join("tiny.json");
     std::fs::write(&cfg, config.to_json()).unwrap();
+    (config, cfg)
+}
+
+#[test]
+fn train_data_trains_on_what_data_prepare_wrote() {
+    let root = tempfile::tempdir().unwrap();
+    let (config, cfg) = quick_run_config(root.path());
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let prepared = root.path().join("prepared");
     let tokenizer = config.model.path.as_ref().unwrap().join("tokenizer.json");
@@ -234,14 +241,7 @@ fn train_data_trains_on_what_data_prepare_wrote() {
 #[test]
 fn null_space_side_flag_builds_input_side_projectors() {
     let root = tempfile::tempdir().unwrap();
-    let mut config = tiny_run_config(root.path(), &data_root(), 1).unwrap();
-    config.eval.before = false;
-    config.eval.perplexity = false;
-    config.eval.floors = false;
-    config.eval.every = 0;
-    config.eval.test_examples = 4;
-    let cfg = root.path().join("tiny.json");
-    std::fs::write(&cfg, config.to_json()).unwrap();
+    let (_, cfg) = quick_run_config(root.path());
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let run = root.path().join("run");
     let o = gems(&[

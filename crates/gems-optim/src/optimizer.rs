@@ -200,15 +200,9 @@ impl Optimizer {
         module: &M,
         gradients: StepGradients,
     ) -> Result<(M, StepReport)> {
-        let (writer, report) = self.compute(lr, module, gradients)?;
-        let module = module.clone();
-        Ok((
-            match writer {
-                Some(mut w) => module.map(&mut w),
-                None => module,
-            },
-            report,
-        ))
+        // The clone shares every parameter with the caller's module, so nothing is written
+        // in place: the updated parameters are new tensors.
+        self.step_owned(lr, module.clone(), gradients)
     }
 
     /// [`Self::step`] on a module the caller gives up: the parameters it holds alone are
@@ -298,8 +292,8 @@ impl Optimizer {
         let step_scale = update_scale(lr, correction, self.config.weight_decay);
         self.run_matrices(&mut work, &entries, t, report.gates, step_scale);
         let stepped = self.finish_matrices(work, &entries, &stats, lr, &mut report)?;
-        // Every fallible part is done: commit the matrices' states and update the AdamW
-        // parameters in place (their shapes were checked by `collect_work`).
+        // Every fallible part is done: commit the matrices' states and advance the AdamW
+        // moments (their shapes were checked by `collect_work`); the writer applies the updates.
         let mut updates: HashMap<ParamId, Update> = HashMap::new();
         for (path, id, state, update) in stepped {
             self.matrices.insert(path, state);
