@@ -18,7 +18,8 @@
 //!   cross-entropy, both tasks;
 //! - `backward`: `loss.backward()`, both tasks;
 //! - `grads`: collecting the gradients by parameter and the task window (host bookkeeping);
-//! - `optimizer`: `Optimizer::step`;
+//! - `optimizer`: `Optimizer::step_owned` (updates in place where the model holds a parameter
+//!   alone), or with `--borrowed` `Optimizer::step` (on a clone: every update copies);
 //! - `head_backward` (measured apart, not part of the step): forward and backward of the head
 //!   alone on detached hidden states, i.e. the dense 53,496 x 576 embedding gradient's share.
 //!
@@ -34,7 +35,7 @@
 //! (benches/peer/step_torch.py), which times the same step on the same batches.
 //!
 //! `cargo bench -p gems-benches --bench step -- [--method gems] [--preset | --layers 8]
-//! [--steps 6] [--warmup 1] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
+//! [--steps 6] [--warmup 1] [--borrowed] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
 //! the peer, alternating, and writes the table (docs/benchmarks.md).
 
 use std::path::PathBuf;
@@ -56,6 +57,7 @@ struct Args {
     warmup: usize,
     dump: Option<PathBuf>,
     json: Option<PathBuf>,
+    borrowed: bool,
 }
 
 fn args() -> Args {
@@ -67,6 +69,7 @@ fn args() -> Args {
         warmup: 1,
         dump: None,
         json: None,
+        borrowed: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -83,6 +86,7 @@ fn args() -> Args {
             "--warmup" => a.warmup = v().parse().expect("--warmup N"),
             "--dump" => a.dump = Some(from_workspace(v())),
             "--json" => a.json = Some(from_workspace(v())),
+            "--borrowed" => a.borrowed = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -216,7 +220,13 @@ fn main() {
         t[3] += c.elapsed().as_secs_f64();
         let c = Instant::now();
         let lr = config.schedule.lr_at(step as u64 + 1);
-        model = optimizer.step_owned(lr, model, grads).expect("optimizer step").0;
+        model = if a.borrowed {
+            optimizer.step(lr, &model, grads)
+        } else {
+            optimizer.step_owned(lr, model, grads)
+        }
+        .expect("optimizer step")
+        .0;
         t[4] += c.elapsed().as_secs_f64();
         let total = step_started.elapsed().as_secs_f64();
         let row = json!({

@@ -6,6 +6,7 @@
 
 mod data;
 mod device;
+mod drift_cmd;
 mod fetch;
 mod model_cmd;
 mod progress;
@@ -37,6 +38,9 @@ enum Command {
     Train(Box<run_cmd::TrainArgs>),
     /// Evaluate a run's tuned model (full-catalogue and sampled ranking, perplexity).
     Eval(run_cmd::EvalArgs),
+    /// How much a run changed each tuned projection's response to general text (‖ΔW x‖ /
+    /// ‖W x‖ on the pretrained model's inputs).
+    Drift(drift_cmd::DriftArgs),
     /// Top-k items for a user's next interaction, from a run's tuned model.
     Recommend(run_cmd::RankArgs),
     /// Top-k items for a user and a search query, from a run's tuned model.
@@ -101,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model { command } => model_cmd::run(command),
         Command::Train(args) => run_cmd::run_train(*args),
         Command::Eval(args) => run_cmd::run_eval(args),
+        Command::Drift(args) => drift_cmd::run_drift(args),
         Command::Recommend(args) => run_cmd::run_rank(args, None),
         Command::Search { rank, query } => run_cmd::run_rank(rank, Some(&query)),
         Command::Report { runs, out } => run_cmd::run_report(&runs, &out),

@@ -67,11 +67,15 @@ pub struct TrainArgs {
     /// gems option: task subspaces orthogonal to the shared one.
     #[arg(long)]
     pub complement: bool,
-    /// Re-apply the null-space projector to the final update.
-    #[arg(long)]
+    /// Re-apply the null-space projector to the final update (the default).
+    #[arg(long, conflicts_with = "no_strict_null_space")]
     pub strict_null_space: bool,
-    /// Side of the null-space projectors: statistics of the layer outputs (GEMS) or of its
-    /// inputs (AlphaEdit: the update leaves the layer's response to general text unchanged).
+    /// Do not re-apply the projector to the final update (the paper's GEMS).
+    #[arg(long)]
+    pub no_strict_null_space: bool,
+    /// Side of the null-space projectors: statistics of each layer's inputs (the default;
+    /// AlphaEdit: with strict mode the update leaves the layer's response to general text
+    /// unchanged) or of its outputs (the paper's GEMS).
     #[arg(long, value_enum)]
     pub null_space_side: Option<ProjectorSide>,
     /// Tasks trained on.
@@ -223,6 +227,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if args.strict_null_space {
         g.strict_null_space = true;
+    }
+    if args.no_strict_null_space {
+        g.strict_null_space = false;
     }
     set(&mut c.null_space.side, args.null_space_side);
     set(&mut g.rank, args.rank);

@@ -100,6 +100,13 @@ pub struct TrainRecord {
     pub loss_search: Option<f64>,
     /// Mean cosine between the rec and search gradients over the tuned matrices, when both exist.
     pub mean_cosine: Option<f64>,
+    /// Cosine between the rec and search gradients over every trained parameter, when both
+    /// exist (PCGrad's conflict test reads its sign). Absent in runs written before it existed.
+    #[serde(default)]
+    pub global_cosine: Option<f64>,
+    /// Whether gradient surgery (PCGrad on a conflicting step) changed the task gradients.
+    #[serde(default)]
+    pub surgery: bool,
     /// Training throughput in tokens per second.
     #[serde(deserialize_with = "nullable_f64")]
     pub tokens_per_s: f64,

@@ -215,6 +215,8 @@ fn train_record(step: u64, loss: f64, cosine: Option<f64>) -> TrainRecord {
         loss_rec: Some(loss),
         loss_search: Some(loss + 0.5),
         mean_cosine: cosine,
+        global_cosine: cosine,
+        surgery: false,
         tokens_per_s: 1500.0,
         step_seconds: 0.25,
         elapsed_seconds: step as f64 * 0.25,

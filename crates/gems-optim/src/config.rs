@@ -107,7 +107,9 @@ pub struct GemsSettings {
     /// supplied per matrix with [`crate::Optimizer::set_null_space_projector`]; a matrix without
     /// one is updated unprojected (and reported).
     pub null_space: bool,
-    /// Re-apply the projector to the final update so it stays in the null space exactly.
+    /// Re-apply the projector to the final update so it stays in the null space exactly (on
+    /// by default since 2026-12-02: with input-side projectors it keeps general text far
+    /// better at equal fit, docs/results.md; the paper's GEMS has it off).
     pub strict_null_space: bool,
     /// Task bases orthogonal to the shared basis (GEMS-SPEC §3 option "complement").
     pub complement: bool,
@@ -127,7 +129,7 @@ impl Default for GemsSettings {
             moments: MomentPolicy::Keep,
             gates: GatePolicy::Heuristic,
             null_space: true,
-            strict_null_space: false,
+            strict_null_space: true,
             complement: false,
             single_subspace: false,
         }

@@ -26,6 +26,14 @@ pub struct TaskTotals {
     pub dot: f64,
 }
 
+impl TaskTotals {
+    /// The cosine of G_rec and G_src over every parameter, when both have a non-zero norm.
+    pub fn cosine(&self) -> Option<f64> {
+        let (rec_sq, src_sq) = self.squared_norms;
+        (rec_sq > 0.0 && src_sq > 0.0).then(|| self.dot / (rec_sq * src_sq).sqrt())
+    }
+}
+
 /// What distinguishes one method from another (see the module documentation).
 pub trait MethodRule: Debug + Send + Sync {
     /// The method, as named in configurations.

@@ -86,6 +86,12 @@ pub struct StepReport {
     pub mean_cosine: Option<f64>,
     /// Global gradient norms (rec, search) over all parameters with gradients.
     pub global_norms: (f64, f64),
+    /// Cosine of the rec and search gradients over all parameters with gradients (trained rows
+    /// only), when both exist: what PCGrad's conflict test reads (it acts when this is < 0).
+    pub global_cosine: Option<f64>,
+    /// Whether the method's gradient surgery changed the task gradients this step (PCGrad on a
+    /// conflicting step; never for the other methods).
+    pub surgery: bool,
     /// Parameters updated this step.
     pub updated_parameters: usize,
     /// Tuned (subspace) matrices, in path order.
@@ -261,6 +267,8 @@ impl Optimizer {
                 stats.iter().map(|s| s.rec_sq).sum::<f64>().sqrt(),
                 stats.iter().map(|s| s.search_sq).sum::<f64>().sqrt(),
             ),
+            global_cosine: None,
+            surgery: false,
             updated_parameters: 0,
             matrices: Vec::new(),
         };
@@ -280,6 +288,8 @@ impl Optimizer {
             dot: stats.iter().map(|s| s.dot).sum(),
         };
         let combine = Combine::new(self.config.method.rule(), &totals);
+        report.global_cosine = totals.cosine();
+        report.surgery = combine.surgery != (0.0, 0.0);
         report.gates = self.gates(losses, samples, &stats, &tuned);
 
         // Pass 2: compute. Nothing in `self` changes until every fallible part has succeeded:

@@ -801,3 +801,39 @@ fn owned_steps_equal_borrowed_steps_bit_for_bit() {
         assert_eq!(a.steps(), b.steps());
     }
 }
+
+/// The step report says what PCGrad's conflict test read and whether the surgery acted: on
+/// opposed tasks the global cosine is negative, PCGrad reports (and applies) the surgery and so
+/// steps differently from `full`, which reports the same cosine and no surgery; on one task's
+/// gradient twice nothing conflicts and PCGrad is `full` bit for bit.
+#[test]
+fn pcgrad_reports_the_global_cosine_and_acts_only_on_conflict() {
+    let device = Device::flex().autodiff();
+    let data = tasks(64, &device);
+    let opposed = data.y_rec.clone().mul_scalar(-3.0);
+    let step = |method, y_src: Tensor<2>| {
+        let model = regressor(&device);
+        let grads = StepGradients {
+            rec: Some(task_gradient(&model, data.x.clone(), data.y_rec.clone())),
+            search: Some(task_gradient(&model, data.x.clone(), y_src)),
+            shared: None,
+        };
+        let mut config = OptimizerConfig::for_method(method);
+        config.targets = Vec::new();
+        let (next, report) = Optimizer::new(config).unwrap().step(1e-2, &model, grads).unwrap();
+        (values(next.layers[0].weight.val()), report)
+    };
+    let (full, full_report) = step(Method::Full, opposed.clone());
+    let (pc, pc_report) = step(Method::PcGrad, opposed);
+    let cosine = full_report.global_cosine.unwrap();
+    assert!(cosine < 0.0, "the opposed tasks should conflict, cosine {cosine}");
+    assert_eq!(pc_report.global_cosine, Some(cosine));
+    assert!(pc_report.surgery && !full_report.surgery);
+    assert!(full != pc, "PCGrad's surgery changed nothing");
+
+    let (full, full_report) = step(Method::Full, data.y_rec.clone());
+    let (pc, pc_report) = step(Method::PcGrad, data.y_rec.clone());
+    assert!((full_report.global_cosine.unwrap() - 1.0).abs() < 1e-6);
+    assert!(!pc_report.surgery);
+    assert_eq!(full, pc);
+}

@@ -280,7 +280,8 @@ pub struct NullSpaceBuild {
     pub window: usize,
     /// Eigenvalue rule.
     pub rule: NullSpaceRule,
-    /// Output side (GEMS) or input side (AlphaEdit).
+    /// Input side (AlphaEdit; the default since 2026-12-02, docs/results.md) or output side
+    /// (the paper's GEMS).
     pub side: ProjectorSide,
     /// Cache directory of projectors; `None` means `<run dir>/../nullspace-cache`.
     pub cache: Option<PathBuf>,
@@ -293,7 +294,7 @@ impl Default for NullSpaceBuild {
             max_tokens: 32_768,
             window: 256,
             rule: NullSpaceRule::Absolute { tau: 2e-2 },
-            side: ProjectorSide::Output,
+            side: ProjectorSide::Input,
             cache: None,
         }
     }
@@ -454,8 +455,12 @@ impl TrainConfig {
             if o.gems.complement {
                 label.push_str("-complement");
             }
-            if o.gems.strict_null_space {
-                label.push_str("-strict");
+            // Deviations from the default null space (input side, strict).
+            if o.gems.null_space && self.null_space.side == ProjectorSide::Output {
+                label.push_str("-output-side");
+            }
+            if o.gems.null_space && !o.gems.strict_null_space {
+                label.push_str("-not-strict");
             }
         }
         match self.model.embeddings {
@@ -560,5 +565,11 @@ mod tests {
         c.optimizer.gems.null_space = false;
         c.data.tasks = TaskSelection::Rec;
         assert_eq!(c.label(), "gems-no-null-space-rec-only");
+        // The default null space (input side, strict) adds nothing; the paper's names itself.
+        let mut c = TrainConfig::default();
+        assert_eq!(c.label(), "gems");
+        c.null_space.side = ProjectorSide::Output;
+        c.optimizer.gems.strict_null_space = false;
+        assert_eq!(c.label(), "gems-output-side-not-strict");
     }
 }

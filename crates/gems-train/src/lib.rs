@@ -20,6 +20,7 @@
 pub mod baselines;
 pub mod checkpoint;
 pub mod config;
+pub mod drift;
 mod error;
 pub mod eval;
 pub mod export;

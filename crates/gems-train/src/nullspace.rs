@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use faer::Mat;
 use gems_data::TextTokenizer;
 use gems_model::{Llama, TokenBatch};
@@ -96,6 +96,15 @@ impl std::fmt::Debug for GeneralText<'_> {
     }
 }
 
+/// The flat positions (`b * seq_len + t`) of a padded batch's real tokens, as an index tensor
+/// for `select(0, ..)` on `[b * seq_len, d]` rows, and their count.
+pub(crate) fn real_rows(batch: &TokenBatch, device: &Device) -> (Tensor<1, Int>, usize) {
+    let real: Vec<i64> =
+        batch.mask.iter().enumerate().filter_map(|(i, &m)| m.then_some(i as i64)).collect();
+    let n = real.len();
+    (Tensor::<1, Int>::from_data(TensorData::new(real, [n]), device), n)
+}
+
 /// Builds the projectors of every tuned projection, or loads them from `cache_dir` when a
 /// file for the same model key, text and settings exists.
 ///
@@ -135,10 +144,7 @@ pub fn projectors(
     let mut failure: Option<TrainError> = None;
     for chunk in text.windows.chunks(batch_rows) {
         let batch = TokenBatch::pad(chunk, 0, false)?;
-        let real: Vec<i64> =
-            batch.mask.iter().enumerate().filter_map(|(i, &m)| m.then_some(i as i64)).collect();
-        let n_real = real.len();
-        let index = Tensor::<1, Int>::from_data(TensorData::new(real, [n_real]), &device);
+        let (index, _) = real_rows(&batch, &device);
         let mut hook = |layer: usize, name: &'static str, x: &Tensor<3>, y: &Tensor<3>| {
             if failure.is_some() || !wanted.contains_key(&(layer, name)) {
                 return;

@@ -801,6 +801,8 @@ fn log_step(
         loss_rec: step.report.losses.0,
         loss_search: step.report.losses.1,
         mean_cosine: step.report.mean_cosine,
+        global_cosine: step.report.global_cosine,
+        surgery: step.report.surgery,
         tokens_per_s: step.tokens as f64 / step.seconds.max(1e-9),
         step_seconds: step.seconds,
         elapsed_seconds: state.train_seconds,
@@ -823,7 +825,7 @@ fn log_step(
             "loss rec {} search {} | cos {} | lr {:.2e} | {:.0} tok/s",
             fmt(record.loss_rec),
             fmt(record.loss_search),
-            record.mean_cosine.map_or("-".into(), |c| format!("{c:+.3}")),
+            record.mean_cosine.or(record.global_cosine).map_or("-".into(), |c| format!("{c:+.3}")),
             step.lr,
             record.tokens_per_s
         ),

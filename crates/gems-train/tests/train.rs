@@ -138,6 +138,9 @@ fn every_method_and_ablation_trains_evaluates_and_changes_the_weights() {
         ("gems-single", Box::new(|c| c.optimizer.gems.single_subspace = true)),
         ("gems-complement", Box::new(|c| c.optimizer.gems.complement = true)),
         ("gems-no-null", Box::new(|c| c.optimizer.gems.null_space = false)),
+        // The paper's projector side and its non-strict update (the defaults are input, strict).
+        ("gems-output", Box::new(|c| c.null_space.side = gems_subspace::ProjectorSide::Output)),
+        ("gems-not-strict", Box::new(|c| c.optimizer.gems.strict_null_space = false)),
         ("rec-only", Box::new(|c| c.data.tasks = gems_train::config::TaskSelection::Rec)),
     ];
     let mut weights: Vec<(&str, Vec<u8>)> = Vec::new();
