@@ -105,8 +105,16 @@ pub fn projection_drift(
         phase.update(done, "windows");
     }
     phase.finish(None);
+    Ok(DriftReport { tokens, projections: relative_changes(&deltas, &sums)? })
+}
+
+/// The drift of every changed projection from its accumulated squared norms.
+fn relative_changes(
+    deltas: &Deltas,
+    sums: &BTreeMap<(usize, &'static str), Sums>,
+) -> Result<Vec<ProjectionDrift>> {
     let mut projections = Vec::with_capacity(deltas.len());
-    for ((layer, name), (_, weight_change)) in &deltas {
+    for ((layer, name), (_, weight_change)) in deltas {
         let path = format!("layers.{layer}.{name}.weight");
         let s = sums.get(&(*layer, *name)).ok_or_else(|| {
             TrainError::Training(format!("{path} was never reached by the forward pass"))
@@ -124,7 +132,7 @@ pub fn projection_drift(
             relative_weight_change: *weight_change,
         });
     }
-    Ok(DriftReport { tokens, projections })
+    Ok(projections)
 }
 
 /// The weight differences W' - W (Burn layout, `[d_in, d_out]`) of every projection that
