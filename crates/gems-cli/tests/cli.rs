@@ -238,47 +238,85 @@ fn train_data_trains_on_what_data_prepare_wrote() {
 /// `--null-space-side input` builds the projectors from the layers' inputs (an input-side
 /// projector of q_proj has the model's hidden size, of down_proj the MLP's width), and
 /// config.json records that side in both of its places.
+/// The default null space is the input side with strict mode; `--null-space-side output
+/// --no-strict-null-space` is the paper's. Both are recorded in config.json and decide the
+/// statistics' dimensions; `gems drift` then measures the run's response change.
 #[test]
-fn null_space_side_flag_builds_input_side_projectors() {
+fn null_space_defaults_and_the_papers_side_build_their_projectors() {
     let root = tempfile::tempdir().unwrap();
     let (_, cfg) = quick_run_config(root.path());
     let path = |p: &Path| p.to_str().unwrap().to_string();
-    let run = root.path().join("run");
-    let o = gems(&[
-        "train",
-        "--preset",
-        "default",
-        "--config",
-        &path(&cfg),
-        "--out",
-        &path(&run),
-        "--quiet",
-        "--method",
-        "gems",
-        "--null-space-side",
-        "input",
-        "--strict-null-space",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let read = |name: &str| -> serde_json::Value {
+    let train = |run: &Path, extra: &[&str]| {
+        // Two steps: the cosine schedule's last step has learning rate 0, so a one-step run
+        // leaves the weights as they were.
+        let mut args =
+            vec!["train", "--preset", "default", "--method", "gems", "--quiet", "--steps", "2"];
+        let (cfg, run) = (path(&cfg), path(run));
+        args.extend(["--config", cfg.as_str(), "--out", run.as_str()]);
+        args.extend(extra);
+        let o = gems(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let read = |run: &Path, name: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(run.join(name)).unwrap()).unwrap()
     };
-    let saved = read("config.json");
+    let dims = |run: &Path| {
+        let report = read(run, "nullspace.json");
+        let dim = |suffix: &str| {
+            let layers = report["layers"].as_array().unwrap();
+            let l = layers.iter().find(|l| l["path"].as_str().unwrap().ends_with(suffix));
+            l.unwrap()["dim"].as_u64().unwrap()
+        };
+        [dim("q_proj.weight"), dim("k_proj.weight"), dim("down_proj.weight")]
+    };
+
+    let default = root.path().join("default");
+    train(&default, &[]);
+    let saved = read(&default, "config.json");
     assert_eq!(saved["null_space"]["side"], "input");
     assert_eq!(saved["optimizer"]["null_space"]["side"], "input");
     assert_eq!(saved["optimizer"]["gems"]["strict_null_space"], true);
-    let report = read("nullspace.json");
-    let layers = report["layers"].as_array().unwrap();
-    let dim = |suffix: &str| {
-        layers.iter().find(|l| l["path"].as_str().unwrap().ends_with(suffix)).unwrap()["dim"]
-            .as_u64()
-            .unwrap()
-    };
-    // Inputs: q_proj reads the hidden state, down_proj the MLP's intermediate activations.
-    assert!(dim("down_proj.weight") > dim("q_proj.weight"), "{report}");
-    assert_eq!(dim("q_proj.weight"), dim("k_proj.weight"), "q and k read the same input");
+    // Inputs: q and k read the same hidden state, down_proj the MLP's wider activations.
+    let [q, k, down] = dims(&default);
+    assert!(q == k && down > q, "{q} {k} {down}");
+
+    let paper = root.path().join("paper");
+    train(&paper, &["--null-space-side", "output", "--no-strict-null-space"]);
+    let saved = read(&paper, "config.json");
+    assert_eq!(saved["null_space"]["side"], "output");
+    assert_eq!(saved["optimizer"]["gems"]["strict_null_space"], false);
+    // Outputs: q writes every head, k only the key-value heads.
+    let [q, k, _] = dims(&paper);
+    assert!(q > k, "{q} {k}");
+
+    let text = data_root().join("wikitext2_general_text/test.txt");
+    let drift = root.path().join("drift.json");
+    let o = gems(&[
+        "drift",
+        &path(&paper),
+        "--text",
+        &path(&text),
+        "--tokens",
+        "300",
+        "--quiet",
+        "--out",
+        &path(&drift),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&drift).unwrap()).unwrap();
+    let projections = report["projections"].as_array().unwrap();
+    assert!(!projections.is_empty(), "{report}");
+    for p in projections {
+        let change = p["relative_change"].as_f64().unwrap();
+        assert!(change.is_finite() && change > 0.0, "{p}");
+    }
+
     let o =
         gems(&["train", "--null-space-side", "sideways", "--out", &path(&root.path().join("x"))]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("sideways"), "{}", stderr(&o));
+    let o = gems(&["drift", &path(&root.path().join("nowhere"))]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a run directory"), "{}", stderr(&o));
 }
