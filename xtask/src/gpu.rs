@@ -39,7 +39,7 @@ const REFERENCE_CROSS_ENTROPY: f64 = 2.4608;
 /// null space, strict), `gems-paper` the paper's GEMS (output side, not strict).
 const COMPARED: &[(&str, &[&str])] = &[
     ("gems", &["--method", "gems"]),
-    ("gems-paper", &["--method", "gems", "--null-space-side", "output", "--no-strict-null-space"]),
+    ("gems-paper", &paper_gems!()),
     ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
     ("galore", &["--method", "galore"]),
     ("full", &["--method", "full"]),

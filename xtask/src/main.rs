@@ -36,6 +36,14 @@
 //! `cargo xtask gpu-bundle` packs what it needs for a machine without internet or cargo
 //! ([`bundle`]). docs/backends.md documents all three.
 
+/// The `gems train` flags of the paper's GEMS (output-side null space, not strict), then
+/// `$extra`: the reproduction's and the GPU comparison's variants of it.
+macro_rules! paper_gems {
+    ($($extra:literal),*) => {
+        ["--method", "gems", "--null-space-side", "output", "--no-strict-null-space" $(, $extra)*]
+    };
+}
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -176,45 +184,14 @@ fn demo() -> Result<()> {
 /// the defaults: `gems` is the paper's GEMS (output-side projectors, not strict), and
 /// `gems-input-strict` is today's default (input side, strict; docs/results.md).
 const VARIANTS: &[(&str, &[&str])] = &[
-    ("gems", &["--method", "gems", "--null-space-side", "output", "--no-strict-null-space"]),
+    ("gems", &paper_gems!()),
     ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
     // Step-size controls: the null space also shrinks the update, so these ask how much of its
     // retention a smaller learning rate alone buys (docs/results.md).
     ("gems-no-null-space-lr1.5e-3", &["--method", "gems", "--no-null-space", "--lr", "1.5e-3"]),
-    (
-        "gems-lr1.5e-3",
-        &[
-            "--method",
-            "gems",
-            "--null-space-side",
-            "output",
-            "--no-strict-null-space",
-            "--lr",
-            "1.5e-3",
-        ],
-    ),
-    (
-        "gems-single-subspace",
-        &[
-            "--method",
-            "gems",
-            "--null-space-side",
-            "output",
-            "--no-strict-null-space",
-            "--single-subspace",
-        ],
-    ),
-    (
-        "gems-complement",
-        &[
-            "--method",
-            "gems",
-            "--null-space-side",
-            "output",
-            "--no-strict-null-space",
-            "--complement",
-        ],
-    ),
+    ("gems-lr1.5e-3", &paper_gems!("--lr", "1.5e-3")),
+    ("gems-single-subspace", &paper_gems!("--single-subspace")),
+    ("gems-complement", &paper_gems!("--complement")),
     ("gems-strict", &["--method", "gems", "--null-space-side", "output", "--strict-null-space"]),
     // The AlphaEdit-style projector (statistics of each layer's inputs): with strict mode the
     // update provably leaves the layer's response to the calibration text unchanged.

@@ -235,9 +235,6 @@ fn train_data_trains_on_what_data_prepare_wrote() {
     assert!(stderr(&o).contains("no-such-prepared"), "{}", stderr(&o));
 }
 
-/// `--null-space-side input` builds the projectors from the layers' inputs (an input-side
-/// projector of q_proj has the model's hidden size, of down_proj the MLP's width), and
-/// config.json records that side in both of its places.
 /// The default null space is the input side with strict mode; `--null-space-side output
 /// --no-strict-null-space` is the paper's. Both are recorded in config.json and decide the
 /// statistics' dimensions; `gems drift` then measures the run's response change.

@@ -147,6 +147,9 @@ fn weight_deltas(base: &Llama, tuned: &Llama) -> Result<Deltas> {
             base.layers.len()
         )));
     }
+    let norm = |t: Tensor<2>| -> Result<f64> {
+        Ok((read_f32(t.square().sum(), "projection drift")?[0] as f64).sqrt())
+    };
     let mut deltas = Deltas::new();
     for (i, (b, t)) in base.layers.iter().zip(&tuned.layers).enumerate() {
         for ((name, wb), (_, wt)) in b.projections().into_iter().zip(t.projections()) {
@@ -160,9 +163,6 @@ fn weight_deltas(base: &Llama, tuned: &Llama) -> Result<Deltas> {
                 )));
             }
             let delta = wt.sub(wb.clone());
-            let norm = |t: Tensor<2>| -> Result<f64> {
-                Ok((read_f32(t.square().sum(), "projection drift")?[0] as f64).sqrt())
-            };
             let delta_norm = norm(delta.clone())?;
             if delta_norm > 0.0 {
                 deltas.insert((i, name), (delta, delta_norm / norm(wb)?));
