@@ -178,7 +178,11 @@ impl Default for ScheduleSettings {
 
 impl ScheduleSettings {
     /// Learning rate of optimizer step `step` (1-based): linear warm-up over
-    /// `ceil(warmup_ratio * steps)` steps, then cosine decay to `min_lr_ratio * lr`.
+    /// `ceil(warmup_ratio * steps)` steps (step `warm` reaches the peak), then cosine decay
+    /// towards `min_lr_ratio * lr`. The decay counts as Hugging Face's schedule does (0-based
+    /// step `t - 1`): the first step after warm-up is at the peak and the last one is just
+    /// above the floor, so every step trains. Until 2026-12-02 the decay used `t` itself,
+    /// which gave the last step the floor (lr 0 by default) and a 1-step run no training.
     pub fn lr_at(&self, step: u64) -> f64 {
         let total = self.steps.max(1) as f64;
         let warm = (self.warmup_ratio * total).ceil();
@@ -186,7 +190,7 @@ impl ScheduleSettings {
         if warm > 0.0 && t <= warm {
             return self.lr * t / warm;
         }
-        let progress = ((t - warm) / (total - warm).max(1.0)).clamp(0.0, 1.0);
+        let progress = ((t - 1.0 - warm) / (total - warm).max(1.0)).clamp(0.0, 1.0);
         let floor = self.min_lr_ratio * self.lr;
         floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
@@ -536,9 +540,17 @@ mod tests {
         let s = ScheduleSettings { steps: 100, lr: 1.0, warmup_ratio: 0.1, ..Default::default() };
         assert!((s.lr_at(1) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(10) - 1.0).abs() < 1e-12);
-        assert!((s.lr_at(55) - 0.5).abs() < 1e-12);
-        assert!(s.lr_at(100).abs() < 1e-12);
+        assert!((s.lr_at(11) - 1.0).abs() < 1e-12);
+        assert!((s.lr_at(56) - 0.5).abs() < 1e-12);
+        // The last step still trains: (1 - cos(pi / 90)) / 2 of the peak.
+        let last = s.lr_at(100);
+        assert!(last > 0.0 && (last - (1.0 - (std::f64::consts::PI / 90.0).cos()) / 2.0).abs() < 1e-12);
         assert!(s.lr_at(30) > s.lr_at(31));
+        // Without warm-up a 1-step run trains at the peak, and a floor is approached, not hit.
+        let one = ScheduleSettings { steps: 1, lr: 2.0, warmup_ratio: 0.0, ..Default::default() };
+        assert_eq!(one.lr_at(1), 2.0);
+        let floored = ScheduleSettings { min_lr_ratio: 0.1, ..s };
+        assert!(floored.lr_at(100) > 0.1 && floored.lr_at(100) < 0.11);
     }
 
     #[test]
