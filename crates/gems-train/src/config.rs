@@ -544,7 +544,9 @@ mod tests {
         assert!((s.lr_at(56) - 0.5).abs() < 1e-12);
         // The last step still trains: (1 - cos(pi / 90)) / 2 of the peak.
         let last = s.lr_at(100);
-        assert!(last > 0.0 && (last - (1.0 - (std::f64::consts::PI / 90.0).cos()) / 2.0).abs() < 1e-12);
+        assert!(
+            last > 0.0 && (last - (1.0 - (std::f64::consts::PI / 90.0).cos()) / 2.0).abs() < 1e-12
+        );
         assert!(s.lr_at(30) > s.lr_at(31));
         // Without warm-up a 1-step run trains at the peak, and a floor is approached, not hit.
         let one = ScheduleSettings { steps: 1, lr: 2.0, warmup_ratio: 0.0, ..Default::default() };
