@@ -15,30 +15,12 @@
 
 use burn::tensor::activation::silu;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
+use gems_subspace::{HOST_CHUNK, from_host, host_data, host_kernel_applies};
 use rayon::prelude::*;
 
-/// Elements per rayon task: large enough that scheduling costs nothing next to the work.
-const CHUNK: usize = 1 << 15;
-
-/// Whether `x` may take a host kernel: it needs no graph, lives on flex and holds f32.
-fn host_kernel_applies<const D: usize>(x: &Tensor<D>, graph_free: bool) -> bool {
-    (graph_free || !x.is_autodiff())
-        && x.dtype() == DType::F32
-        && x.device().inner() == Device::flex()
-}
-
-/// The tensor's f32 values on the host: zero-copy on flex when `x` is contiguous and held
-/// once (the usual case for a fresh op output), a copy otherwise.
-fn host_data<const D: usize>(x: Tensor<D>) -> TensorData {
-    x.inner().into_data()
-}
-
-/// Back onto flex (wrapped for autodiff when `autodiff`), without a graph.
-fn from_host<const D: usize>(data: TensorData, autodiff: bool) -> Tensor<D> {
-    let t = Tensor::<D>::from_data(data, &Device::flex());
-    if autodiff { Tensor::from_inner(t) } else { t }
-}
+/// Elements per rayon task.
+const CHUNK: usize = HOST_CHUNK;
 
 /// The logistic function with burn-flex's values: it computes `1 / (1 + exp(-x))` for
 /// `x >= 0` and `exp(x) / (1 + exp(x))` otherwise. Both exponentials are `exp(-|x|)`, so one

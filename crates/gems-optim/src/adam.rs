@@ -49,10 +49,26 @@ impl<const D: usize> AdamMoments<D> {
     /// Folds `gradient` into the moments; returns them with the normalised step
     /// N = M / (sqrt(V) + eps).
     ///
-    /// Takes the moments (and the gradient) by value: a backend may then update them in place
-    /// (flex does when a tensor is held once), so a step allocates two temporaries instead of
-    /// five full-size tensors. The arithmetic, and so every result, is the same either way.
+    /// Takes the moments (and the gradient) by value: on flex one fused pass then writes M, V
+    /// and N into their buffers where the step holds them alone ([`crate::fused`]); elsewhere
+    /// [`Self::advance_ops`] runs. The arithmetic, and so every result, is the same either way.
     pub fn advance(
+        self,
+        gradient: Tensor<D>,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    ) -> (Self, Tensor<D>) {
+        match crate::fused::adam_advance(self.first, self.second, gradient, [beta1, beta2, eps]) {
+            Ok((first, second, step)) => (Self { first, second }, step),
+            Err((first, second, gradient)) => {
+                Self { first, second }.advance_ops(gradient, beta1, beta2, eps)
+            }
+        }
+    }
+
+    /// [`Self::advance`] as Burn ops, on any backend (the reference of the fused kernel).
+    pub fn advance_ops(
         self,
         gradient: Tensor<D>,
         beta1: f64,

@@ -28,6 +28,7 @@ pub mod accumulate;
 pub mod adam;
 pub mod config;
 pub mod error;
+mod fused;
 pub mod matrix;
 pub mod methods;
 pub mod optimizer;

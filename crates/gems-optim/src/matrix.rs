@@ -55,6 +55,9 @@ pub struct MatrixState {
     /// [Q_sh | Q_rec | Q_src] on the device, built once per refresh (not saved; rebuilt after
     /// a load).
     pub(crate) combined_basis: Option<Tensor<2>>,
+    /// P [Q_sh | Q_rec | Q_src] for strict mode with the projector P on the bases' side, built
+    /// with `combined_basis` (not saved either).
+    pub(crate) projected_basis: Option<Tensor<2>>,
     /// One entry per subspace, in the order of [`OptimizerConfig::subspaces`].
     pub subspaces: Vec<SubspaceState>,
 }
@@ -89,7 +92,7 @@ impl MatrixState {
             .iter()
             .map(|&kind| SubspaceState { kind, basis: None, moments: None })
             .collect();
-        Self { shape, side, transposed, subspaces, combined_basis: None }
+        Self { shape, side, transposed, subspaces, combined_basis: None, projected_basis: None }
     }
 
     /// One step; returns `step_scale` times the combined direction U_sh + g_rec U_rec +
@@ -187,8 +190,32 @@ impl MatrixState {
         if scaled.is_empty() {
             return Err(OptimError::InvalidConfig("no subspace configured".into()));
         }
-        if self.combined_basis.as_ref().is_some_and(|q| q.device() != device) {
+        let strict = if settings.strict_null_space { projector } else { None };
+        let (q, factors) = self.back_projection_factors(path, scaled, strict, &device)?;
+        let update = match self.side {
+            Side::Left => q.matmul(factors),
+            Side::Right => factors.matmul(q.transpose()),
+        };
+        Ok((update, reports))
+    }
+
+    /// The two factors of the update: the concatenated bases Q = [Q_sh|Q_rec|Q_src] (dim x r,
+    /// built once per refresh) and the scaled N_X stacked on the other side. In strict mode
+    /// (step 8: the update itself lies in the null space) the projector P is folded into one of
+    /// the factors, so the update is never projected at full size: with P on the bases' side,
+    /// P (Q N) = (P Q) N, and P Q is cached with Q; on the other side, (Q N) P = Q (N P), with
+    /// N P of the small factor's size. Exact in exact arithmetic; the full-size projection
+    /// cost 4 m n k per matrix and step (k the projector's width), these cost 4 r n k at most.
+    fn back_projection_factors(
+        &mut self,
+        path: &str,
+        scaled: Vec<Tensor<2>>,
+        strict: Option<&NullSpaceProjector>,
+        device: &burn::tensor::Device,
+    ) -> Result<(Tensor<2>, Tensor<2>)> {
+        if self.combined_basis.as_ref().is_some_and(|q| q.device() != *device) {
             self.combined_basis = None;
+            self.projected_basis = None;
         }
         let subspaces = &self.subspaces;
         let q = self
@@ -196,20 +223,29 @@ impl MatrixState {
             .get_or_insert_with(|| {
                 let bases = subspaces
                     .iter()
-                    .filter_map(|s| s.basis.as_ref().map(|b| b.device_matrix(&device)))
+                    .filter_map(|s| s.basis.as_ref().map(|b| b.device_matrix(device)))
                     .collect();
                 Tensor::cat(bases, 1) // dim x (r_sh + r_rec + r_src)
             })
             .clone();
-        let mut update = match self.side {
-            Side::Left => q.matmul(Tensor::cat(scaled, 0)),
-            Side::Right => Tensor::cat(scaled, 1).matmul(q.transpose()),
+        let factors = match self.side {
+            Side::Left => Tensor::cat(scaled, 0),
+            Side::Right => Tensor::cat(scaled, 1),
         };
-        // 8. Strict mode: the final update itself lies in the null space.
-        if settings.strict_null_space {
-            update = project_null(update)?;
+        let Some(p) = strict else { return Ok((q, factors)) };
+        let p_on_rows = projector_on_rows(path, p, self.shape, self.transposed)?;
+        if p_on_rows != (self.side == Side::Left) {
+            return Ok((q, apply_projector(path, p, factors, self.transposed)?));
         }
-        Ok((update, reports))
+        let pq = match &self.projected_basis {
+            Some(pq) => pq.clone(),
+            None => {
+                let pq = p.apply_left_tensor(q).map_err(|e| OptimError::subspace(path, e))?;
+                self.projected_basis = Some(pq.clone());
+                pq
+            }
+        };
+        Ok((pq, factors))
     }
 
     fn refresh(
@@ -270,6 +306,7 @@ impl MatrixState {
             }
             state.basis = Some(new);
             self.combined_basis = None;
+            self.projected_basis = None;
         }
         Ok(reports)
     }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::adam::{AdamMoments, apply_scaled_update, bias_correction, update_scale};
 use crate::config::{GatePolicy, OptimizerConfig, is_refresh_step, path_matches};
 use crate::error::{OptimError, Result};
+use crate::fused;
 use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
 use crate::methods::{MethodRule, TaskTotals};
 
@@ -255,7 +256,7 @@ impl Optimizer {
         drop(gradients);
         let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
         self.keep_trained_rows(&mut entries, &tuned)?;
-        let stats = read_statistics(&entries)?;
+        let stats = read_statistics(&mut entries)?;
         let mut report = StepReport {
             step: self.step + 1,
             skipped: None,
@@ -298,7 +299,7 @@ impl Optimizer {
         // parameters are checked here and updated in place after the matrices.
         let t = self.step + 1;
         let correction = bias_correction(t, self.config.beta1, self.config.beta2);
-        let (mut work, plain) = self.collect_work(&entries, &ids, &tuned, &combine)?;
+        let (mut work, plain) = self.collect_work(&mut entries, &ids, &tuned, &combine)?;
         let step_scale = update_scale(lr, correction, self.config.weight_decay);
         self.run_matrices(&mut work, &entries, t, report.gates, step_scale);
         let stepped = self.finish_matrices(work, &entries, &stats, lr, &mut report)?;
@@ -348,7 +349,7 @@ impl Optimizer {
     /// the AdamW moments' shapes.
     fn collect_work<'a>(
         &'a self,
-        entries: &[ParamEntry],
+        entries: &mut [ParamEntry],
         ids: &[ParamId],
         tuned: &[bool],
         combine: &Combine,
@@ -357,7 +358,7 @@ impl Optimizer {
         let mut work = Vec::new();
         let mut plain = Vec::new();
         for (index, (entry, (&id, &is_tuned))) in
-            entries.iter().zip(ids.iter().zip(tuned)).enumerate()
+            entries.iter_mut().zip(ids.iter().zip(tuned)).enumerate()
         {
             let Some(shared) = combine.shared(entry) else { continue };
             if !rule.updates(&self.config, &entry.path) {
@@ -452,7 +453,8 @@ impl Optimizer {
             let [rows, cols] = [entry.dims[0], entry.dims[1]];
             let update = Update {
                 start: 0,
-                scaled: update.reshape([rows * cols]),
+                update: update.reshape([rows * cols]),
+                factor: None,
                 lr,
                 weight_decay: self.config.weight_decay,
             };
@@ -510,8 +512,8 @@ impl Optimizer {
         let lr = lr * self.config.lr_scale(&entry.path);
         let weight_decay = self.config.weight_decay;
         let start = entry.value.dims()[0] - n.dims()[0];
-        let scaled = n.mul_scalar(update_scale(lr, correction, weight_decay));
-        Update { start, scaled, lr, weight_decay }
+        let factor = Some(update_scale(lr, correction, weight_decay));
+        Update { start, update: n, factor, lr, weight_decay }
     }
 }
 
@@ -555,12 +557,19 @@ impl Combine {
         }
     }
 
-    /// The shared gradient of one parameter (None when it has no gradient at all).
-    fn shared(&self, e: &ParamEntry) -> Option<Tensor<1>> {
+    /// The shared gradient of one parameter (None when it has no gradient at all); the mean
+    /// of the two task gradients in one fused pass on flex ([`fused::weighted_sum`]).
+    fn shared(&self, e: &mut ParamEntry) -> Option<Tensor<1>> {
         if e.shared.is_some() && self.accepts_shared {
             return e.shared.clone();
         }
         let (pc_rec, pc_src) = self.surgery;
+        let (w_rec, w_src) = self.weights;
+        if (pc_rec, pc_src) == (0.0, 0.0)
+            && let Some(mean) = fused::weighted_sum(&mut e.rec, w_rec, &mut e.search, w_src)
+        {
+            return Some(mean);
+        }
         let rec = e.rec.clone().map(|r| match (&e.search, pc_rec != 0.0) {
             (Some(s), true) => r.sub(s.clone().mul_scalar(pc_rec)),
             _ => r,
@@ -569,7 +578,6 @@ impl Combine {
             (Some(r), true) => s.sub(r.clone().mul_scalar(pc_src)),
             _ => s,
         });
-        let (w_rec, w_src) = self.weights;
         match (rec, src) {
             (Some(r), Some(s)) => Some(r.mul_scalar(w_rec).add(s.mul_scalar(w_src))),
             (Some(r), None) => Some(r),
@@ -629,10 +637,15 @@ impl GradStats {
     }
 }
 
-/// All squared norms and dot products in one device read.
-fn read_statistics(entries: &[ParamEntry]) -> Result<Vec<GradStats>> {
+/// All squared norms and dot products: on flex in one fused pass per parameter, summed in f64
+/// ([`fused::task_sums`]); elsewhere as Burn ops, in one device read.
+fn read_statistics(entries: &mut [ParamEntry]) -> Result<Vec<GradStats>> {
+    let fused: Vec<Option<[f64; 4]>> = entries
+        .iter_mut()
+        .map(|e| fused::task_sums(&mut e.rec, &mut e.search, &mut e.shared))
+        .collect();
     let mut sums: Vec<Tensor<1>> = Vec::new();
-    for e in entries {
+    for e in entries.iter().zip(&fused).filter(|(_, f)| f.is_none()).map(|(e, _)| e) {
         let sq = |g: &Option<Tensor<1>>| g.clone().map(|g| g.square().sum());
         for t in [sq(&e.rec), sq(&e.search), sq(&e.shared)].into_iter().flatten() {
             sums.push(t);
@@ -653,14 +666,18 @@ fn read_statistics(entries: &[ParamEntry]) -> Result<Vec<GradStats>> {
     let mut it = values.into_iter();
     Ok(entries
         .iter()
-        .map(|e| {
+        .zip(fused)
+        .map(|(e, fused)| {
+            let has_both = e.rec.is_some() && e.search.is_some();
+            if let Some([rec_sq, search_sq, shared_sq, dot]) = fused {
+                return GradStats { rec_sq, search_sq, shared_sq, dot, has_both };
+            }
             let mut take = |g: &Option<Tensor<1>>| {
                 if g.is_some() { it.next().unwrap_or(f64::NAN) } else { 0.0 }
             };
             let rec_sq = take(&e.rec);
             let search_sq = take(&e.search);
             let shared_sq = take(&e.shared);
-            let has_both = e.rec.is_some() && e.search.is_some();
             let dot = if has_both { it.next().unwrap_or(f64::NAN) } else { 0.0 };
             GradStats { rec_sq, search_sq, shared_sq, dot, has_both }
         })
@@ -711,11 +728,12 @@ impl ModuleVisitor for Reader<'_> {
 }
 
 /// The update of one parameter, flattened: W (1 - lr wd) - U' on the elements from `start`
-/// on (the trained rows; 0 for the whole parameter), with U' already scaled by
-/// [`update_scale`] ([`apply_scaled_update`]).
+/// on (the trained rows; 0 for the whole parameter), with U' = `factor` `update`, or `update`
+/// when it is already scaled by [`update_scale`] ([`apply_scaled_update`]).
 struct Update {
     start: usize,
-    scaled: Tensor<1>,
+    update: Tensor<1>,
+    factor: Option<f64>,
     lr: f64,
     weight_decay: f64,
 }
@@ -724,7 +742,16 @@ impl Update {
     /// The new value of the flattened `weight`; in place when `weight` is its storage's only
     /// handle and the backend updates in place.
     fn apply(self, weight: Tensor<1>) -> Tensor<1> {
-        let Self { start, scaled, lr, weight_decay } = self;
+        let Self { start, update, factor, lr, weight_decay } = self;
+        let (weight, update) =
+            match fused::apply_update(weight, start, update, factor, [lr, weight_decay]) {
+                Ok(updated) => return updated,
+                Err(unfused) => unfused,
+            };
+        let scaled = match factor {
+            Some(f) => update.mul_scalar(f),
+            None => update,
+        };
         if start == 0 {
             return apply_scaled_update(weight, scaled, lr, weight_decay);
         }

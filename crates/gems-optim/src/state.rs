@@ -224,6 +224,7 @@ impl Optimizer {
                     transposed: m.transposed,
                     subspaces,
                     combined_basis: None,
+                    projected_basis: None,
                 },
             );
         }
