@@ -51,15 +51,12 @@ pub(crate) fn task_sums(
             .map(|c| {
                 let range = c * HOST_CHUNK..((c + 1) * HOST_CHUNK).min(len);
                 let part = |x| chunk_of(x, &range);
-                [
-                    part(rs).map_or(0.0, |x| dot_f64(x, x)),
-                    part(ss).map_or(0.0, |x| dot_f64(x, x)),
-                    part(shs).map_or(0.0, |x| dot_f64(x, x)),
-                    match (part(rs), part(ss)) {
-                        (Some(a), Some(b)) => dot_f64(a, b),
-                        _ => 0.0,
-                    },
-                ]
+                let [rr, ss, rs] = match (part(rs), part(ss)) {
+                    (Some(a), b) => products_f64(a, b),
+                    (None, Some(b)) => [0.0, products_f64(b, None)[0], 0.0],
+                    (None, None) => [0.0; 3],
+                };
+                [rr, ss, part(shs).map_or(0.0, |x| products_f64(x, None)[0]), rs]
             })
             .collect();
         partial.iter().fold([0.0; 4], |acc, p| std::array::from_fn(|k| acc[k] + p[k]))
@@ -79,18 +76,43 @@ fn f32_slice(d: &Option<TensorData>) -> Option<&[f32]> {
     d.as_ref().and_then(|d| d.as_slice::<f32>().ok())
 }
 
-/// The dot product in f64, over eight interleaved accumulators combined in a fixed order.
-fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 8];
+/// [a.a, b.b, a.b] in f64 (b.b and a.b are 0 without `b`), in one pass over both slices, with
+/// eight interleaved accumulators per sum combined in a fixed order.
+fn products_f64(a: &[f32], b: Option<&[f32]>) -> [f64; 3] {
+    fn combine(acc: [f64; 8]) -> f64 {
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    }
+    let mut aa = [0.0f64; 8];
+    let Some(b) = b else {
+        let a8 = a.chunks_exact(8);
+        let tail: f64 = a8.remainder().iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+        for x in a8 {
+            let x: &[f32; 8] = x.try_into().unwrap_or(&[0.0; 8]);
+            for k in 0..8 {
+                let x = f64::from(x[k]);
+                aa[k] += x * x;
+            }
+        }
+        return [combine(aa) + tail, 0.0, 0.0];
+    };
+    let (mut bb, mut ab) = ([0.0f64; 8], [0.0f64; 8]);
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (a8.remainder(), b8.remainder());
+    let mut tail = [0.0f64; 3];
+    for (&x, &y) in a8.remainder().iter().zip(b8.remainder()) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        tail = [tail[0] + x * x, tail[1] + y * y, tail[2] + x * y];
+    }
     for (x, y) in a8.zip(b8) {
+        let x: &[f32; 8] = x.try_into().unwrap_or(&[0.0; 8]);
+        let y: &[f32; 8] = y.try_into().unwrap_or(&[0.0; 8]);
         for k in 0..8 {
-            acc[k] += f64::from(x[k]) * f64::from(y[k]);
+            let (x, y) = (f64::from(x[k]), f64::from(y[k]));
+            aa[k] += x * x;
+            bb[k] += y * y;
+            ab[k] += x * y;
         }
     }
-    let tail: f64 = ta.iter().zip(tb).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail
+    [combine(aa) + tail[0], combine(bb) + tail[1], combine(ab) + tail[2]]
 }
 
 /// `a * wa + b * wb` (Burn: `a.mul_scalar(wa).add(b.mul_scalar(wb))`), bit for bit, in a new
@@ -188,19 +210,25 @@ pub(crate) fn apply_update(
     let mut w = host_data(weight);
     let u = host_data(update);
     if let (Ok(ws), Ok(us)) = (w.as_mut_slice::<f32>(), u.as_slice::<f32>()) {
-        ws[start..].par_chunks_mut(HOST_CHUNK).zip(us.par_chunks(HOST_CHUNK)).for_each(
-            |(ws, us)| {
-                for (w, &u) in ws.iter_mut().zip(us) {
-                    let u = match factor {
-                        Some(f) => u * f,
-                        None => u,
-                    };
-                    *w = if decay { *w * keep - u } else { *w - u };
-                }
-            },
-        );
+        // One loop per case, so that no branch is left inside a loop.
+        let ws = &mut ws[start..];
+        match (factor, decay) {
+            (Some(f), true) => update_loop(ws, us, |w, u| w * keep - u * f),
+            (Some(f), false) => update_loop(ws, us, |w, u| w - u * f),
+            (None, true) => update_loop(ws, us, |w, u| w * keep - u),
+            (None, false) => update_loop(ws, us, |w, u| w - u),
+        }
     }
     Ok(from_host(w, false))
+}
+
+/// `w <- op(w, u)` element-wise over the rayon pool.
+fn update_loop(ws: &mut [f32], us: &[f32], op: impl Fn(f32, f32) -> f32 + Sync) {
+    ws.par_chunks_mut(HOST_CHUNK).zip(us.par_chunks(HOST_CHUNK)).for_each(|(ws, us)| {
+        for (w, &u) in ws.iter_mut().zip(us) {
+            *w = op(*w, u);
+        }
+    });
 }
 
 #[cfg(test)]
