@@ -154,7 +154,8 @@ pub(crate) fn weighted_sum(
 /// `M <- b1 M + (1 - b1) G`, `V <- b2 V + (1 - b2) G^2`, `N = M / (sqrt(V) + eps)`, written
 /// into M's, V's and G's buffers (copied first where something else holds them). Returns
 /// (M, V, N), or gives the three tensors back where no kernel applies.
-#[allow(clippy::type_complexity)]
+// The error variant gives the caller its tensors back for the Burn-ops path: no allocation.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 pub(crate) fn adam_advance<const D: usize>(
     first: Tensor<D>,
     second: Tensor<D>,
@@ -193,6 +194,7 @@ pub(crate) fn adam_advance<const D: usize>(
 /// is given), bit for bit, in `weight`'s buffer (copied first where something else holds it):
 /// `W <- W (1 - lr wd) - U'` (`W - U'` when `weight_decay` is 0). Gives the tensors back
 /// where no kernel applies.
+#[allow(clippy::result_large_err)] // the tensors come back for the Burn-ops path
 pub(crate) fn apply_update(
     weight: Tensor<1>,
     start: usize,
