@@ -41,4 +41,7 @@ pub use record::{
     EvalReport, MetricsLine, RunSummary, TrainRecord, ValidRecord, append_metrics_line,
     read_metrics_lines, read_summary, write_summary,
 };
-pub use report::{BASELINES_FILE, Run, Series, load_run, load_runs, markdown_floors, write_report};
+pub use report::{
+    BASELINES_FILE, Run, Series, load_run, load_runs, markdown_floors, markdown_protocols,
+    write_report,
+};

@@ -49,6 +49,12 @@ pub struct EvalReport {
     /// Full-catalogue protocol, keyed by task (`"rec"`, `"search"`); may be empty.
     #[serde(default)]
     pub full: BTreeMap<String, TaskMetrics>,
+    /// The full-catalogue protocol without each example's history items (the target kept),
+    /// keyed by task: the common protocol of sequential recommendation, from the same scores
+    /// as `full` in the same pass. Empty when `full` already leaves the history out
+    /// (`history_excluded`), and in reports written before 2026-12-03 (skipped when empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unseen: BTreeMap<String, TaskMetrics>,
     /// Sampled protocol (the positives plus 99 seeded negatives), keyed by task; may be empty.
     #[serde(default)]
     pub sampled: BTreeMap<String, TaskMetrics>,
@@ -75,6 +81,17 @@ impl EvalReport {
     /// The full-catalogue value of metric `name` (`"ndcg@10"`) for `task`, if present.
     pub fn full_metric(&self, task: &str, name: &str) -> Option<f64> {
         self.full.get(task).and_then(|m| m.get(name))
+    }
+
+    /// The full-catalogue ranking without the history items, keyed by task: `full` when the
+    /// evaluation left the history out, else `unseen`.
+    pub fn without_history(&self) -> &BTreeMap<String, TaskMetrics> {
+        if self.history_excluded { &self.full } else { &self.unseen }
+    }
+
+    /// The value of metric `name` for `task` in [`EvalReport::without_history`], if present.
+    pub fn without_history_metric(&self, task: &str, name: &str) -> Option<f64> {
+        self.without_history().get(task).and_then(|m| m.get(name))
     }
 
     /// The sampled-protocol value of metric `name` for `task`, if present.

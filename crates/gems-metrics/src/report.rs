@@ -224,6 +224,53 @@ pub fn markdown_floors(runs: &[Run]) -> String {
     out
 }
 
+/// Both full-catalogue protocols side by side, at k = 10: one row per run (its `after`
+/// evaluation) and one per distinct floor, Recall@10 and NDCG@10 per task with every item
+/// ranked and with each example's history items left out (the target kept). Empty when no
+/// evaluation has the second protocol (reports written before 2026-12-03).
+pub fn markdown_protocols(runs: &[Run]) -> String {
+    let mut rows: Vec<(String, &EvalReport)> = Vec::new();
+    for run in runs {
+        if let Some(after) = &run.summary.after {
+            rows.push((run.summary.label.clone(), after));
+        }
+    }
+    let mut floors: Vec<(String, &EvalReport)> = Vec::new();
+    for run in runs {
+        for (name, report) in &run.floors {
+            if !floors.iter().any(|(n, r)| n == name && same_evaluation(r, report)) {
+                floors.push((name.clone(), report));
+            }
+        }
+    }
+    rows.extend(floors.into_iter().map(|(n, r)| (format!("floor: {n}"), r)));
+    rows.retain(|(_, r)| !r.without_history().is_empty());
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut columns = vec!["evaluation".to_owned()];
+    for task in TASKS {
+        for title in ["Recall@10", "NDCG@10"] {
+            columns.push(format!("{task} {title} all / without history"));
+        }
+    }
+    let mut out = String::new();
+    header(&mut out, &columns, 1);
+    for (label, report) in rows {
+        let mut row = vec![cell(&label)];
+        for task in TASKS {
+            for metric in ["recall@10", "ndcg@10"] {
+                let all =
+                    if report.history_excluded { None } else { report.full_metric(task, metric) };
+                let unseen = report.without_history_metric(task, metric);
+                row.push(format!("{} / {}", number(all, 4), number(unseen, 4)));
+            }
+        }
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
 /// Whether two evaluations agree in everything but their duration.
 fn same_evaluation(a: &EvalReport, b: &EvalReport) -> bool {
     EvalReport { seconds: 0.0, ..a.clone() } == EvalReport { seconds: 0.0, ..b.clone() }
@@ -505,6 +552,16 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
              training histories (recommendation only).\n\n",
         );
         md.push_str(&floors);
+    }
+    let protocols = markdown_protocols(runs);
+    if !protocols.is_empty() {
+        md.push_str(
+            "\n## With and without the history items\n\n\
+             The full-catalogue ranking after tuning and of the floors, every item ranked / \
+             each example's history items left out (the target kept: the common protocol of \
+             sequential recommendation), from the same scores.\n\n",
+        );
+        md.push_str(&protocols);
     }
     md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
     md.push_str(&markdown_groups(runs));

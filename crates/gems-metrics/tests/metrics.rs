@@ -13,8 +13,8 @@ use gems_metrics::record::{
     read_metrics_lines, read_summary, write_summary,
 };
 use gems_metrics::report::{
-    Series, load_run, load_runs, markdown_floors, markdown_groups, markdown_table, svg_line_plot,
-    write_report,
+    Series, load_run, load_runs, markdown_floors, markdown_groups, markdown_protocols,
+    markdown_table, svg_line_plot, write_report,
 };
 
 const EPS: f64 = 1e-12;
@@ -198,6 +198,7 @@ fn eval_report(label: &str, base: f64, perplexity: Option<f64>, search: bool) ->
         label: label.to_owned(),
         split: "test".to_owned(),
         full,
+        unseen: BTreeMap::new(),
         sampled,
         loss: BTreeMap::from([("rec".to_owned(), 2.5), ("search".to_owned(), 3.25)]),
         perplexity,
@@ -259,6 +260,9 @@ fn every_record_round_trips_through_json() {
     let json = round_trip(&report);
     assert!(json.contains("\"ndcg_normaliser\":\"standard\""), "{json}");
     round_trip(&EvalReport { perplexity: None, full: BTreeMap::new(), ..report.clone() });
+    let both = EvalReport { unseen: report.full.clone(), ..report.clone() };
+    assert!(round_trip(&both).contains("\"unseen\":{\"rec\":"));
+    assert!(!json.contains("unseen"), "written only when measured: {json}");
     round_trip(&train_record(3, 1.5, Some(-0.25)));
     round_trip(&ValidRecord { step: 8, report: report.clone(), best: true });
     let train = MetricsLine::Train(TrainRecord { loss_search: None, ..train_record(3, 1.5, None) });
@@ -420,6 +424,37 @@ fn floors_table_has_one_row_per_distinct_evaluation() {
     let apart = markdown_floors(&runs);
     assert_eq!(apart.lines().count(), 4, "{apart}");
     assert!(apart.contains("| a-s1-x |") && apart.contains("| a-s2-x |"), "{apart}");
+}
+
+/// Both full-catalogue protocols of one evaluation side by side: a run's `after` and each
+/// distinct floor; an evaluation whose `full` already left the history out has no "every item"
+/// value; evaluations without the second protocol (older reports) are not rows.
+#[test]
+fn protocols_table_shows_both_rankings_of_one_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    write_runs(dir.path());
+    let mut runs = load_runs(dir.path()).unwrap();
+    assert!(markdown_protocols(&runs).is_empty(), "no evaluation has the second protocol");
+    let after = runs[0].summary.after.as_mut().unwrap();
+    after.unseen = BTreeMap::from([("rec".to_owned(), task_metrics(0.5, 100))]);
+    let all = after.full_metric("rec", "recall@10").unwrap();
+    let unseen = after.without_history_metric("rec", "recall@10").unwrap();
+    assert_ne!(all, unseen);
+    let mut popular = eval_report("popular", 0.125, None, true);
+    popular.history_excluded = true;
+    let excluded = popular.without_history_metric("search", "ndcg@10").unwrap();
+    assert_eq!(Some(excluded), popular.full_metric("search", "ndcg@10"));
+    for run in &mut runs {
+        run.floors.insert("popular".to_owned(), popular.clone());
+    }
+    let table = markdown_protocols(&runs);
+    assert_eq!(table.lines().count(), 4, "header, alignment, a-s1, one popular: {table}");
+    assert!(table.contains(&format!("| a-s1 | {all:.4} / {unseen:.4} |")), "{table}");
+    assert!(table.contains(&format!("| – / {excluded:.4} |")), "{table}");
+    assert!(table.contains("| floor: popular | – / "), "{table}");
+    assert!(!table.contains("a-s2"), "{table}");
+    let md = std::fs::read_to_string(write_report(&runs, &dir.path().join("r")).unwrap()).unwrap();
+    assert!(md.contains("## With and without the history items") && md.contains(&table));
 }
 
 #[test]

@@ -87,7 +87,8 @@ pub type ChunkScores = (Vec<f32>, Option<Vec<f64>>);
 
 /// The evaluation protocol with any scorer: selects the samples of `options`, asks `score` for
 /// the item scores of each chunk (of one task), and ranks every target in the whole catalogue
-/// (minus its history with `exclude_history`) and among its sampled negatives. Target losses
+/// (minus its history with `exclude_history`; otherwise both with and without it) and among
+/// its sampled negatives. Target losses
 /// are reported when the scorer gives them. A model ([`evaluate`]) and the baselines
 /// (`crate::baselines`) share it, so their numbers are comparable by construction.
 ///
@@ -104,6 +105,7 @@ pub fn rank_samples(
         label: options.label.clone(),
         split: options.split.name().to_string(),
         full: BTreeMap::new(),
+        unseen: BTreeMap::new(),
         sampled: BTreeMap::new(),
         loss: BTreeMap::new(),
         perplexity: None,
@@ -117,6 +119,7 @@ pub fn rank_samples(
             continue;
         }
         let mut full = RankingAccumulator::new(options.normaliser);
+        let mut unseen = RankingAccumulator::new(options.normaliser);
         let mut sampled = RankingAccumulator::new(options.normaliser);
         let (mut loss, mut tokens, mut has_loss) = (0.0, 0usize, true);
         let phase = format!("eval {} {} {}", options.label, options.split.name(), task.name());
@@ -134,12 +137,14 @@ pub fn rank_samples(
             has_loss &= loss_sum.is_some();
             for (r, s) in chunk.iter().enumerate() {
                 let row = &item_scores[r * n_items..(r + 1) * n_items];
+                let target = [s.target as usize];
+                let mut masked = row.to_vec();
+                exclude_items(&mut masked, &s.history, s.target);
                 if options.exclude_history {
-                    let mut masked = row.to_vec();
-                    exclude_items(&mut masked, &s.history, s.target);
-                    full.add_scores(&masked, &[s.target as usize])?;
+                    full.add_scores(&masked, &target)?;
                 } else {
-                    full.add_scores(row, &[s.target as usize])?;
+                    full.add_scores(row, &target)?;
+                    unseen.add_scores(&masked, &target)?;
                 }
                 if options.sampled && !s.negatives.is_empty() {
                     let mut cand = Vec::with_capacity(1 + s.negatives.len());
@@ -157,6 +162,9 @@ pub fn rank_samples(
         }
         progress.finish(None);
         report.full.insert(task.name().to_string(), full.finish());
+        if !unseen.is_empty() {
+            report.unseen.insert(task.name().to_string(), unseen.finish());
+        }
         if options.sampled && !sampled.is_empty() {
             report.sampled.insert(task.name().to_string(), sampled.finish());
         }

@@ -428,6 +428,11 @@ fn history_items_can_be_left_out_of_rankings() {
     opts.exclude_history = true;
     let excluded = evaluate(&setup.pretrained.model, &setup.corpus, &opts).unwrap();
     assert!(excluded.history_excluded && !plain.history_excluded);
+    // The default evaluation ranks both ways from the same scores: its second protocol is
+    // exactly what an evaluation that leaves the history out reports.
+    assert_eq!(plain.unseen, excluded.full);
+    assert!(excluded.unseen.is_empty());
+    assert_eq!(plain.without_history(), excluded.without_history());
     for task in ["rec", "search"] {
         for k in ["recall@20", "mrr@20"] {
             let (a, b) = (plain.full[task].values[k], excluded.full[task].values[k]);
