@@ -61,6 +61,24 @@ pub struct EvalReport {
     /// Mean next-token loss of the target span, keyed by task.
     #[serde(default, deserialize_with = "nullable_map")]
     pub loss: BTreeMap<String, f64>,
+    /// Mean cross-entropy of the target item token alone (the full-vocabulary softmax that
+    /// training lowers, without the end-of-sequence token), keyed by task; models only.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nullable_map"
+    )]
+    pub item_loss: BTreeMap<String, f64>,
+    /// Mean cross-entropy of the target under a softmax over the catalogue's items only (the
+    /// ranking's own loss: ln(items) for a uniform ranking), keyed by task; models only.
+    /// `item_loss - catalogue_loss` is `-ln P(some item token)` at the target position,
+    /// averaged: the mass a model still puts on text tokens.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nullable_map"
+    )]
+    pub catalogue_loss: BTreeMap<String, f64>,
     /// Perplexity on held-out general text with the original vocabulary, when measured.
     #[serde(default)]
     pub perplexity: Option<f64>,

@@ -201,6 +201,8 @@ fn eval_report(label: &str, base: f64, perplexity: Option<f64>, search: bool) ->
         unseen: BTreeMap::new(),
         sampled,
         loss: BTreeMap::from([("rec".to_owned(), 2.5), ("search".to_owned(), 3.25)]),
+        item_loss: BTreeMap::new(),
+        catalogue_loss: BTreeMap::new(),
         perplexity,
         ndcg_normaliser: NdcgNormaliser::Standard,
         history_excluded: false,
@@ -263,6 +265,10 @@ fn every_record_round_trips_through_json() {
     let both = EvalReport { unseen: report.full.clone(), ..report.clone() };
     assert!(round_trip(&both).contains("\"unseen\":{\"rec\":"));
     assert!(!json.contains("unseen"), "written only when measured: {json}");
+    let losses = BTreeMap::from([("rec".to_owned(), 8.5)]);
+    let model = EvalReport { item_loss: losses.clone(), catalogue_loss: losses, ..report.clone() };
+    assert!(round_trip(&model).contains("\"catalogue_loss\":{\"rec\":8.5}"));
+    assert!(!json.contains("item_loss") && !json.contains("catalogue_loss"), "{json}");
     round_trip(&train_record(3, 1.5, Some(-0.25)));
     round_trip(&ValidRecord { step: 8, report: report.clone(), best: true });
     let train = MetricsLine::Train(TrainRecord { loss_search: None, ..train_record(3, 1.5, None) });

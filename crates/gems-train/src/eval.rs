@@ -77,18 +77,116 @@ pub fn evaluate(model: &Llama, corpus: &Corpus, options: &EvalOptions) -> Result
     let pad = corpus.eos_id;
     rank_samples(corpus, options, |_, chunk| {
         let scored = score_samples(model, chunk, pad, base, n_items)?;
-        Ok((scored.item_scores, Some(scored.loss_sum)))
+        let losses = RowLosses { target: scored.loss_sum, item: scored.item_nll };
+        Ok((scored.item_scores, Some(losses)))
     })
 }
 
-/// Item scores of a chunk of samples (`rows x n_items`) and, for a model, each row's target
-/// loss.
-pub type ChunkScores = (Vec<f32>, Option<Vec<f64>>);
+/// A model's losses of a chunk of samples, one value per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowLosses {
+    /// Sum of the target tokens' cross-entropies (item token and end-of-sequence).
+    pub target: Vec<f64>,
+    /// The item token's cross-entropy alone (full-vocabulary softmax).
+    pub item: Vec<f64>,
+}
+
+/// Item scores of a chunk of samples (`rows x n_items`) and, for a model (whose item scores
+/// are then logits), each row's losses.
+pub type ChunkScores = (Vec<f32>, Option<RowLosses>);
+
+/// `-log softmax(scores)[target]` over the items of one row, in f64: the ranking's own
+/// cross-entropy.
+pub fn catalogue_nll(scores: &[f32], target: usize) -> f64 {
+    let max = scores.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+    let sum: f64 = scores.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    max + sum.ln() - f64::from(scores[target])
+}
+
+/// What [`rank_samples`] gathers for one task.
+struct TaskTally {
+    full: RankingAccumulator,
+    unseen: RankingAccumulator,
+    sampled: RankingAccumulator,
+    has_loss: bool,
+    /// Sums of the target loss (and its token count), the item token's loss and the catalogue
+    /// softmax's, over the rows.
+    loss: f64,
+    tokens: usize,
+    item_loss: f64,
+    catalogue_loss: f64,
+    rows: usize,
+}
+
+impl TaskTally {
+    fn new(normaliser: NdcgNormaliser) -> Self {
+        Self {
+            full: RankingAccumulator::new(normaliser),
+            unseen: RankingAccumulator::new(normaliser),
+            sampled: RankingAccumulator::new(normaliser),
+            has_loss: true,
+            loss: 0.0,
+            tokens: 0,
+            item_loss: 0.0,
+            catalogue_loss: 0.0,
+            rows: 0,
+        }
+    }
+
+    /// One sample's item scores `row` and, for a model, its (target, item token) losses.
+    fn add(
+        &mut self,
+        row: &[f32],
+        s: &Sample,
+        losses: Option<(f64, f64)>,
+        options: &EvalOptions,
+    ) -> Result<()> {
+        let target = [s.target as usize];
+        let mut masked = row.to_vec();
+        exclude_items(&mut masked, &s.history, s.target);
+        if options.exclude_history {
+            self.full.add_scores(&masked, &target)?;
+        } else {
+            self.full.add_scores(row, &target)?;
+            self.unseen.add_scores(&masked, &target)?;
+        }
+        if options.sampled && !s.negatives.is_empty() {
+            let mut cand = Vec::with_capacity(1 + s.negatives.len());
+            cand.push(row[s.target as usize]);
+            cand.extend(s.negatives.iter().map(|&n| row[n as usize]));
+            self.sampled.add_scores(&cand, &[0])?;
+        }
+        if let Some((loss, item)) = losses {
+            self.loss += loss;
+            self.item_loss += item;
+            self.catalogue_loss += catalogue_nll(row, s.target as usize);
+        }
+        self.tokens += s.ids.len() - s.target_pos;
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn finish_into(self, report: &mut EvalReport, task: &str) {
+        report.full.insert(task.to_string(), self.full.finish());
+        if !self.unseen.is_empty() {
+            report.unseen.insert(task.to_string(), self.unseen.finish());
+        }
+        if !self.sampled.is_empty() {
+            report.sampled.insert(task.to_string(), self.sampled.finish());
+        }
+        if self.has_loss {
+            let n = self.rows.max(1) as f64;
+            report.loss.insert(task.to_string(), self.loss / self.tokens.max(1) as f64);
+            report.item_loss.insert(task.to_string(), self.item_loss / n);
+            report.catalogue_loss.insert(task.to_string(), self.catalogue_loss / n);
+        }
+    }
+}
 
 /// The evaluation protocol with any scorer: selects the samples of `options`, asks `score` for
 /// the item scores of each chunk (of one task), and ranks every target in the whole catalogue
 /// (minus its history with `exclude_history`; otherwise both with and without it) and among
-/// its sampled negatives. Target losses
+/// its sampled negatives. Target losses (and the item token's, and the catalogue softmax's)
 /// are reported when the scorer gives them. A model ([`evaluate`]) and the baselines
 /// (`crate::baselines`) share it, so their numbers are comparable by construction.
 ///
@@ -108,6 +206,8 @@ pub fn rank_samples(
         unseen: BTreeMap::new(),
         sampled: BTreeMap::new(),
         loss: BTreeMap::new(),
+        item_loss: BTreeMap::new(),
+        catalogue_loss: BTreeMap::new(),
         perplexity: None,
         ndcg_normaliser: options.normaliser,
         history_excluded: options.exclude_history,
@@ -118,15 +218,12 @@ pub fn rank_samples(
         if samples.is_empty() {
             continue;
         }
-        let mut full = RankingAccumulator::new(options.normaliser);
-        let mut unseen = RankingAccumulator::new(options.normaliser);
-        let mut sampled = RankingAccumulator::new(options.normaliser);
-        let (mut loss, mut tokens, mut has_loss) = (0.0, 0usize, true);
+        let mut tally = TaskTally::new(options.normaliser);
         let phase = format!("eval {} {} {}", options.label, options.split.name(), task.name());
         let progress = options.progress.phase(&phase, samples.len() as u64);
         let mut done = 0;
         for chunk in samples.chunks(options.batch_size) {
-            let (item_scores, loss_sum) = score(task, chunk)?;
+            let (item_scores, losses) = score(task, chunk)?;
             if item_scores.len() != chunk.len() * n_items {
                 return Err(TrainError::Training(format!(
                     "a scorer returned {} scores for {} samples of {n_items} items",
@@ -134,43 +231,17 @@ pub fn rank_samples(
                     chunk.len()
                 )));
             }
-            has_loss &= loss_sum.is_some();
+            tally.has_loss &= losses.is_some();
             for (r, s) in chunk.iter().enumerate() {
                 let row = &item_scores[r * n_items..(r + 1) * n_items];
-                let target = [s.target as usize];
-                let mut masked = row.to_vec();
-                exclude_items(&mut masked, &s.history, s.target);
-                if options.exclude_history {
-                    full.add_scores(&masked, &target)?;
-                } else {
-                    full.add_scores(row, &target)?;
-                    unseen.add_scores(&masked, &target)?;
-                }
-                if options.sampled && !s.negatives.is_empty() {
-                    let mut cand = Vec::with_capacity(1 + s.negatives.len());
-                    cand.push(row[s.target as usize]);
-                    cand.extend(s.negatives.iter().map(|&n| row[n as usize]));
-                    sampled.add_scores(&cand, &[0])?;
-                }
-                if let Some(l) = &loss_sum {
-                    loss += l[r];
-                }
-                tokens += s.ids.len() - s.target_pos;
+                let row_losses = losses.as_ref().map(|l| (l.target[r], l.item[r]));
+                tally.add(row, s, row_losses, options)?;
             }
             done += chunk.len() as u64;
             progress.update(done, "");
         }
         progress.finish(None);
-        report.full.insert(task.name().to_string(), full.finish());
-        if !unseen.is_empty() {
-            report.unseen.insert(task.name().to_string(), unseen.finish());
-        }
-        if options.sampled && !sampled.is_empty() {
-            report.sampled.insert(task.name().to_string(), sampled.finish());
-        }
-        if has_loss {
-            report.loss.insert(task.name().to_string(), loss / tokens.max(1) as f64);
-        }
+        tally.finish_into(&mut report, task.name());
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -296,6 +367,14 @@ mod tests {
                 negatives: vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn catalogue_nll_is_the_softmax_cross_entropy_over_items() {
+        assert!((catalogue_nll(&[0.25; 8], 3) - 8f64.ln()).abs() < 1e-12);
+        // Large logits do not overflow: ln(e^1000 + e^999) - 999 = 1 + ln(1 + 1/e).
+        let nll = catalogue_nll(&[1000.0, 999.0], 1);
+        assert!((nll - (1.0 + (-1f64).exp().ln_1p())).abs() < 1e-9, "{nll}");
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct ScoredBatch {
     pub item_scores: Vec<f32>,
     /// Sum of target-token cross-entropies per row.
     pub loss_sum: Vec<f64>,
+    /// The target item token's cross-entropy alone per row (full-vocabulary softmax).
+    pub item_nll: Vec<f64>,
 }
 
 /// One forward pass over whole samples: item scores for ranking and the target loss.
@@ -93,13 +95,17 @@ pub fn score_samples(
     let item_scores = read_f32(scores, "score_samples")?;
     let token_lp = read_f32(token_lp, "score_samples")?;
     let mut loss_sum = vec![0.0; samples.len()];
-    for (k, &(r, _)) in at.iter().enumerate() {
+    let mut item_nll = vec![0.0; samples.len()];
+    for (k, &(r, p)) in at.iter().enumerate() {
         loss_sum[r] -= token_lp[k] as f64;
+        if p + 1 == samples[r].target_pos {
+            item_nll[r] = -(token_lp[k] as f64);
+        }
     }
     if item_scores.iter().any(|x| !x.is_finite()) || loss_sum.iter().any(|x| !x.is_finite()) {
         return Err(TrainError::Training("non-finite scores in evaluation".into()));
     }
-    Ok(ScoredBatch { item_scores, loss_sum })
+    Ok(ScoredBatch { item_scores, loss_sum, item_nll })
 }
 
 /// Sum of next-token negative log-likelihoods (over the first `base_vocab` tokens only) and

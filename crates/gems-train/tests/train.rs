@@ -86,6 +86,7 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
     assert_eq!(floors["bm25"].full.keys().collect::<Vec<_>>(), ["search"]);
     assert_eq!(floors["popular"].full["rec"].examples, 32);
     assert!(floors["popular"].loss.is_empty(), "no language model, no target loss");
+    assert!(floors.values().all(|f| f.item_loss.is_empty() && f.catalogue_loss.is_empty()));
     // The popularity floor by hand: rank of each test target in the training-target counts.
     let loaded = gems_train::infer::load_run(&run, &Device::flex()).unwrap();
     let corpus = &loaded.setup.corpus;
@@ -433,6 +434,13 @@ fn history_items_can_be_left_out_of_rankings() {
     assert_eq!(plain.unseen, excluded.full);
     assert!(excluded.unseen.is_empty());
     assert_eq!(plain.without_history(), excluded.without_history());
+    // The item token's own losses: the full-vocabulary one is the catalogue softmax's plus the
+    // mass on text tokens, and the target loss averages it with end-of-sequence.
+    for task in ["rec", "search"] {
+        let (item, catalogue) = (plain.item_loss[task], plain.catalogue_loss[task]);
+        assert!(catalogue > 0.0 && item >= catalogue - 1e-4, "{task}: {item} < {catalogue}");
+        assert!(plain.loss[task] >= item / 2.0 - 1e-4, "{task}: {}", plain.loss[task]);
+    }
     for task in ["rec", "search"] {
         for k in ["recall@20", "mrr@20"] {
             let (a, b) = (plain.full[task].values[k], excluded.full[task].values[k]);
