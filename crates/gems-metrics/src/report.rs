@@ -185,16 +185,7 @@ pub fn markdown_table(runs: &[Run]) -> String {
 /// column names the runs that share it (e.g. the seeds of a reproduction give one row each).
 /// Empty when no run has floors.
 pub fn markdown_floors(runs: &[Run]) -> String {
-    let mut seen: Vec<(String, &EvalReport, Vec<&str>)> = Vec::new();
-    for run in runs {
-        for (name, report) in &run.floors {
-            let label = run.summary.label.as_str();
-            match seen.iter_mut().find(|(n, r, _)| n == name && same_evaluation(r, report)) {
-                Some((_, _, labels)) => labels.push(label),
-                None => seen.push((name.clone(), report, vec![label])),
-            }
-        }
-    }
+    let seen = distinct_floors(runs);
     if seen.is_empty() {
         return String::new();
     }
@@ -224,26 +215,32 @@ pub fn markdown_floors(runs: &[Run]) -> String {
     out
 }
 
+/// The runs' floors, one entry per distinct evaluation (same name; equal but for the
+/// duration), in order of first appearance, with the labels of the runs that share it.
+fn distinct_floors(runs: &[Run]) -> Vec<(String, &EvalReport, Vec<&str>)> {
+    let mut seen: Vec<(String, &EvalReport, Vec<&str>)> = Vec::new();
+    for run in runs {
+        for (name, report) in &run.floors {
+            let label = run.summary.label.as_str();
+            match seen.iter_mut().find(|(n, r, _)| n == name && same_evaluation(r, report)) {
+                Some((_, _, labels)) => labels.push(label),
+                None => seen.push((name.clone(), report, vec![label])),
+            }
+        }
+    }
+    seen
+}
+
 /// Both full-catalogue protocols side by side, at k = 10: one row per run (its `after`
 /// evaluation) and one per distinct floor, Recall@10 and NDCG@10 per task with every item
 /// ranked and with each example's history items left out (the target kept). Empty when no
 /// evaluation has the second protocol (reports written before 2026-12-03).
 pub fn markdown_protocols(runs: &[Run]) -> String {
-    let mut rows: Vec<(String, &EvalReport)> = Vec::new();
-    for run in runs {
-        if let Some(after) = &run.summary.after {
-            rows.push((run.summary.label.clone(), after));
-        }
-    }
-    let mut floors: Vec<(String, &EvalReport)> = Vec::new();
-    for run in runs {
-        for (name, report) in &run.floors {
-            if !floors.iter().any(|(n, r)| n == name && same_evaluation(r, report)) {
-                floors.push((name.clone(), report));
-            }
-        }
-    }
-    rows.extend(floors.into_iter().map(|(n, r)| (format!("floor: {n}"), r)));
+    let mut rows: Vec<(String, &EvalReport)> = runs
+        .iter()
+        .filter_map(|run| Some((run.summary.label.clone(), run.summary.after.as_ref()?)))
+        .collect();
+    rows.extend(distinct_floors(runs).into_iter().map(|(n, r, _)| (format!("floor: {n}"), r)));
     rows.retain(|(_, r)| !r.without_history().is_empty());
     if rows.is_empty() {
         return String::new();
