@@ -268,6 +268,46 @@ pub fn markdown_protocols(runs: &[Run]) -> String {
     out
 }
 
+/// The losses of every run's model, before → after tuning (nats), per task: the target
+/// loss (the mean over the target span that training lowers), the item token's own loss
+/// (`item_loss`) and the target's cross-entropy among the catalogue's items only
+/// (`catalogue_loss`, the ranking's loss: ln(number of items) for a uniform ranking). Empty
+/// when no evaluation has the item losses (reports written before 2026-12-03).
+pub fn markdown_losses(runs: &[Run]) -> String {
+    type Field = fn(&EvalReport) -> &BTreeMap<String, f64>;
+    const LOSSES: [(&str, Field); 3] = [
+        ("target loss", |r| &r.loss),
+        ("item loss", |r| &r.item_loss),
+        ("catalogue loss", |r| &r.catalogue_loss),
+    ];
+    let has_items = |r: Option<&EvalReport>| r.is_some_and(|r| !r.catalogue_loss.is_empty());
+    let shown: Vec<&RunSummary> = runs
+        .iter()
+        .map(|run| &run.summary)
+        .filter(|s| has_items(s.before.as_ref()) || has_items(s.after.as_ref()))
+        .collect();
+    if shown.is_empty() {
+        return String::new();
+    }
+    let mut columns = vec!["run".to_owned()];
+    for task in TASKS {
+        columns.extend(LOSSES.iter().map(|(title, _)| format!("{task} {title}")));
+    }
+    let mut out = String::new();
+    header(&mut out, &columns, 1);
+    for s in shown {
+        let mut row = vec![cell(&s.label)];
+        for task in TASKS {
+            for (_, field) in LOSSES {
+                let value = |r: Option<&EvalReport>| r.and_then(|r| field(r).get(task).copied());
+                row.push(before_after(value(s.before.as_ref()), value(s.after.as_ref()), 3));
+            }
+        }
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out
+}
+
 /// Whether two evaluations agree in everything but their duration.
 fn same_evaluation(a: &EvalReport, b: &EvalReport) -> bool {
     EvalReport { seconds: 0.0, ..a.clone() } == EvalReport { seconds: 0.0, ..b.clone() }
@@ -559,6 +599,18 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
              sequential recommendation), from the same scores.\n\n",
         );
         md.push_str(&protocols);
+    }
+    let losses = markdown_losses(runs);
+    if !losses.is_empty() {
+        md.push_str(
+            "\n## Losses (nats, before → after tuning)\n\n\
+             On the test examples: the target loss (item token and end-of-sequence, the mean \
+             that training lowers), the item token's own loss over the whole vocabulary, and \
+             the target's cross-entropy among the catalogue's items only, the ranking's own \
+             loss: a uniform ranking scores ln(number of items) there, so a catalogue loss \
+             above it ranks worse than chance on average however low the target loss is.\n\n",
+        );
+        md.push_str(&losses);
     }
     md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
     md.push_str(&markdown_groups(runs));

@@ -13,8 +13,8 @@ use gems_metrics::record::{
     read_metrics_lines, read_summary, write_summary,
 };
 use gems_metrics::report::{
-    Series, load_run, load_runs, markdown_floors, markdown_groups, markdown_protocols,
-    markdown_table, svg_line_plot, write_report,
+    Series, load_run, load_runs, markdown_floors, markdown_groups, markdown_losses,
+    markdown_protocols, markdown_table, svg_line_plot, write_report,
 };
 
 const EPS: f64 = 1e-12;
@@ -461,6 +461,33 @@ fn protocols_table_shows_both_rankings_of_one_evaluation() {
     assert!(!table.contains("a-s2"), "{table}");
     let md = std::fs::read_to_string(write_report(&runs, &dir.path().join("r")).unwrap()).unwrap();
     assert!(md.contains("## With and without the history items") && md.contains(&table));
+}
+
+/// The losses table: before → after per task for the target, item and catalogue losses;
+/// a run without item losses in either evaluation (older reports) is not a row.
+#[test]
+fn losses_table_shows_item_and_catalogue_losses_before_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    write_runs(dir.path());
+    let mut runs = load_runs(dir.path()).unwrap();
+    assert!(markdown_losses(&runs).is_empty(), "no evaluation has item losses");
+    let after = runs[0].summary.after.as_mut().unwrap();
+    after.item_loss = BTreeMap::from([("rec".to_owned(), 5.0), ("search".to_owned(), 6.5)]);
+    after.catalogue_loss = BTreeMap::from([("rec".to_owned(), 4.25), ("search".to_owned(), 6.0)]);
+    let before = runs[0].summary.before.as_mut().unwrap();
+    before.catalogue_loss = BTreeMap::from([("rec".to_owned(), 8.125)]);
+    let table = markdown_losses(&runs);
+    assert_eq!(table.lines().count(), 3, "header, alignment, a-s1 only: {table}");
+    assert!(table.starts_with("| run | rec target loss | rec item loss | rec catalogue loss |"));
+    assert!(
+        table.contains(
+            "| a-s1 | 2.500 → 2.500 | – → 5.000 | 8.125 → 4.250 | 3.250 → 3.250 | – → 6.500 | \
+             – → 6.000 |"
+        ),
+        "{table}"
+    );
+    let md = std::fs::read_to_string(write_report(&runs, &dir.path().join("r")).unwrap()).unwrap();
+    assert!(md.contains("## Losses (nats, before → after tuning)") && md.contains(&table));
 }
 
 #[test]
