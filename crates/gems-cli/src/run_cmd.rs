@@ -182,6 +182,14 @@ pub struct TrainArgs {
     /// Which embedding rows train: all, items (text-token rows frozen) or none.
     #[arg(long, value_enum)]
     pub embeddings: Option<gems_train::config::EmbeddingPolicy>,
+    /// The text each item token's initial row is built from: title, or title-categories
+    /// (the title and the category path below the root).
+    #[arg(long, value_enum)]
+    pub item_text: Option<gems_train::config::ItemText>,
+    /// How that text's tokens weigh in the row: mean (all alike) or idf (inverse document
+    /// frequency over the catalogue's item texts).
+    #[arg(long, value_enum)]
+    pub item_weights: Option<gems_train::config::ItemWeights>,
     /// Learning rate of the embedding (and an untied head) as a multiple of --lr; with
     /// `--embeddings items` only the new item rows feel it.
     #[arg(long)]
@@ -291,6 +299,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         c.eval.exclude_history = true;
     }
     set(&mut c.model.embeddings, args.embeddings);
+    set(&mut c.model.item_text, args.item_text);
+    set(&mut c.model.item_weights, args.item_weights);
     if let Some(scale) = args.embedding_lr_scale {
         c.set_embedding_lr_scale(scale);
     }

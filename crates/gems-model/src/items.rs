@@ -6,6 +6,11 @@
 //! - [`ItemInit::TitleMean`] (default): the mean embedding (and head row) of the item title's
 //!   tokens; an item without a title, or whose title tokenizes to nothing, gets the mean over
 //!   the whole original vocabulary.
+//! - [`ItemInit::TitleIdf`]: the same mean weighted by each token's inverse document frequency
+//!   over the catalogue's titles, `ln(1 + N / df)` (N items, df of them containing the token),
+//!   so tokens every title shares (`for`, `,`, a brand's category word) count least and the
+//!   row leans towards what tells the item apart. Pass the item's descriptive text (e.g. title
+//!   and category path) as its title to build the row from more than the title.
 //! - [`ItemInit::Random`]: seeded normal rows with mean 0 and the standard deviation of the
 //!   existing table, so the new rows match the embedding scale.
 //!
@@ -29,6 +34,8 @@ pub enum ItemInit {
     /// Mean of the title's token rows (the default).
     #[default]
     TitleMean,
+    /// Mean of the title's token rows weighted by inverse document frequency over the titles.
+    TitleIdf,
     /// Seeded normal rows matched to the table's scale.
     Random {
         /// Seed of the generator.
@@ -83,7 +90,7 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
     let mut title_ids = Vec::with_capacity(items.len());
     for it in items {
         let ids = match (&it.title, init) {
-            (Some(t), ItemInit::TitleMean) => p
+            (Some(t), ItemInit::TitleMean | ItemInit::TitleIdf) => p
                 .tokenizer
                 .encode(t.as_str(), false)
                 .map_err(|e| ModelError::tokenizer(None, e))?
@@ -96,6 +103,7 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
         };
         title_ids.push(ids);
     }
+    let weights = title_weights(&title_ids, init);
     let tokens: Vec<AddedToken> =
         items.iter().map(|it| AddedToken::from(item_token(&it.id), false)).collect();
     p.tokenizer.add_tokens(&tokens);
@@ -129,14 +137,16 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
                 ItemInit::Random { .. } => {
                     row.iter_mut().for_each(|x| *x = (std * rng.normal()) as f32)
                 }
-                ItemInit::TitleMean if title_ids[k].is_empty() => {
+                ItemInit::TitleMean | ItemInit::TitleIdf if title_ids[k].is_empty() => {
                     row.iter_mut().zip(&mean).for_each(|(x, m)| *x = *m as f32)
                 }
-                ItemInit::TitleMean => {
-                    let t = &title_ids[k];
+                ItemInit::TitleMean | ItemInit::TitleIdf => {
+                    let (t, w) = (&title_ids[k], &weights[k]);
+                    let total: f64 = w.iter().sum();
                     for j in 0..d {
-                        row[j] = (t.iter().map(|&i| table[i as usize * d + j] as f64).sum::<f64>()
-                            / t.len() as f64) as f32;
+                        let s: f64 =
+                            t.iter().zip(w).map(|(&i, &w)| w * table[i as usize * d + j] as f64).sum();
+                        row[j] = (s / total) as f32;
                     }
                 }
             }
@@ -145,7 +155,7 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
     };
     let seed = match init {
         ItemInit::Random { seed } => seed,
-        ItemInit::TitleMean => 0,
+        ItemInit::TitleMean | ItemInit::TitleIdf => 0,
     };
     let mut rng = init_rng(seed);
     let device = p.model.device();
@@ -159,4 +169,29 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
     }
     p.model.config.vocab_size = new_v;
     Ok(ids)
+}
+
+/// The weight of each title token in its item's row: 1 for [`ItemInit::TitleMean`], the
+/// token's `ln(1 + N / df)` over the `N` titles for [`ItemInit::TitleIdf`] (df counts the
+/// titles holding the token at least once). Linear in the number of title tokens.
+fn title_weights(title_ids: &[Vec<u32>], init: ItemInit) -> Vec<Vec<f64>> {
+    let mut df: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
+    if init == ItemInit::TitleIdf {
+        for ids in title_ids {
+            let mut distinct = ids.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            for t in distinct {
+                *df.entry(t).or_default() += 1.0;
+            }
+        }
+    }
+    let n = title_ids.len() as f64;
+    title_ids
+        .iter()
+        .map(|ids| match init {
+            ItemInit::TitleIdf => ids.iter().map(|t| (1.0 + n / df[t]).ln()).collect(),
+            _ => vec![1.0; ids.len()],
+        })
+        .collect()
 }

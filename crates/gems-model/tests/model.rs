@@ -422,6 +422,46 @@ fn real_smollm2_when_fetched() {
 // ------------------------------------------------------------------ items and LoRA
 
 #[test]
+fn item_tokens_title_idf_weights_rare_tokens_up() {
+    use gems_model::{ItemInit, ItemSpec, add_items};
+    let mut p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    let d = p.model.config.hidden_size;
+    let emb0 = host(p.model.embed_tokens.weight.val());
+    let titles = ["the cat", "the cat is", "is"];
+    let ids_of = |t: &str| -> Vec<usize> {
+        p.tokenizer.encode(t, false).unwrap().get_ids().iter().map(|&i| i as usize).collect()
+    };
+    let toks: Vec<Vec<usize>> = titles.iter().map(|t| ids_of(t)).collect();
+    let items: Vec<ItemSpec> = titles
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ItemSpec { id: format!("i{i}"), title: Some(t.to_string()) })
+        .collect();
+    let ids = add_items(&mut p, &items, ItemInit::TitleIdf).unwrap();
+    let emb = host(p.model.embed_tokens.weight.val());
+    // df over the three titles; weight ln(1 + 3 / df).
+    let df = |tok: usize| toks.iter().filter(|t| t.contains(&tok)).count() as f64;
+    for (k, t) in toks.iter().enumerate() {
+        let w: Vec<f64> = t.iter().map(|&i| (1.0 + 3.0 / df(i)).ln()).collect();
+        let total: f64 = w.iter().sum();
+        for j in 0..d {
+            let want: f64 =
+                t.iter().zip(&w).map(|(&i, w)| w * emb0[i * d + j] as f64).sum::<f64>() / total;
+            let got = emb[ids[k] as usize * d + j] as f64;
+            assert!((got - want).abs() < 1e-5, "item {k} dim {j}: {got} vs {want}");
+        }
+    }
+    // Tokens shared by titles pull less than the plain mean gives them: item 1's row differs
+    // from its unweighted mean.
+    let plain: Vec<f64> = (0..d)
+        .map(|j| toks[1].iter().map(|&i| emb0[i * d + j] as f64).sum::<f64>() / toks[1].len() as f64)
+        .collect();
+    let moved = (0..d).any(|j| (emb[ids[1] as usize * d + j] as f64 - plain[j]).abs() > 1e-4);
+    assert!(moved, "idf weights equal the plain mean on a title with shared tokens");
+}
+
+
+#[test]
 fn item_tokens_title_mean_and_random() {
     use gems_model::{ItemInit, ItemSpec, add_items};
     let mut p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();

@@ -52,8 +52,12 @@ pub struct ModelSettings {
     /// head ([`gems_model::Llama::freeze_lower_layers`]); `None` trains every layer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tune_layers: Option<usize>,
-    /// Item-token rows start as the mean of their title's token rows (`true`) or seeded random.
+    /// Item-token rows start as the mean of their text's token rows (`true`) or seeded random.
     pub title_init: bool,
+    /// The text an item's row is built from when `title_init` is on.
+    pub item_text: ItemText,
+    /// How the tokens of that text are weighted in the row.
+    pub item_weights: ItemWeights,
     /// Which rows of the token embedding (and of an untied output head) training may change.
     pub embeddings: EmbeddingPolicy,
 }
@@ -65,9 +69,50 @@ impl Default for ModelSettings {
             keep_layers: None,
             tune_layers: None,
             title_init: true,
+            item_text: ItemText::Title,
+            item_weights: ItemWeights::Mean,
             embeddings: EmbeddingPolicy::All,
         }
     }
+}
+
+/// The text an item-token row is initialised from ([`ModelSettings::item_text`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum ItemText {
+    /// The title alone.
+    #[default]
+    Title,
+    /// The title followed by the category path below its root (the text BM25 indexes, less
+    /// the root every item shares).
+    TitleCategories,
+}
+
+impl ItemText {
+    /// The text of an item with `title` and category path `categories` (root first).
+    pub fn of(self, title: &str, categories: &[String]) -> String {
+        match self {
+            Self::Title => title.to_string(),
+            Self::TitleCategories => {
+                let below_root = categories.iter().skip(1).map(String::as_str);
+                std::iter::once(title).chain(below_root).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(", ")
+            }
+        }
+    }
+}
+
+/// How the tokens of an item's text weigh in its initial row ([`ModelSettings::item_weights`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum ItemWeights {
+    /// Every token alike: the plain mean of their rows.
+    #[default]
+    Mean,
+    /// By inverse document frequency over the catalogue's item texts
+    /// ([`gems_model::ItemInit::TitleIdf`]).
+    Idf,
 }
 
 /// Which embedding rows train, for every method. The embedding is outside GEMS's tuned

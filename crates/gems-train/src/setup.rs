@@ -14,7 +14,7 @@ use gems_data::{
 };
 use gems_model::{ItemInit, ItemSpec, Pretrained, add_items};
 
-use crate::config::{DataSettings, TrainConfig};
+use crate::config::{DataSettings, ItemWeights, TrainConfig};
 use crate::error::{Result, TrainError};
 
 /// The path of the model a configuration names (the fetched default when none is given).
@@ -288,19 +288,21 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
     let n = source.titles.len();
 
     if existing.is_none() {
+        let m = &config.model;
         let specs: Vec<ItemSpec> = source
             .titles
             .iter()
+            .zip(&source.categories)
             .enumerate()
-            .map(|(i, title)| ItemSpec {
-                id: i.to_string(),
-                title: (!title.is_empty()).then(|| title.clone()),
+            .map(|(i, (title, categories))| {
+                let text = m.item_text.of(title, categories);
+                ItemSpec { id: i.to_string(), title: (!text.is_empty()).then_some(text) }
             })
             .collect();
-        let init = if config.model.title_init {
-            ItemInit::TitleMean
-        } else {
-            ItemInit::Random { seed: config.seed }
+        let init = match (m.title_init, m.item_weights) {
+            (true, ItemWeights::Mean) => ItemInit::TitleMean,
+            (true, ItemWeights::Idf) => ItemInit::TitleIdf,
+            (false, _) => ItemInit::Random { seed: config.seed },
         };
         add_items(&mut pretrained, &specs, init)?;
     }
