@@ -144,8 +144,11 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
                     let (t, w) = (&title_ids[k], &weights[k]);
                     let total: f64 = w.iter().sum();
                     for j in 0..d {
-                        let s: f64 =
-                            t.iter().zip(w).map(|(&i, &w)| w * table[i as usize * d + j] as f64).sum();
+                        let s: f64 = t
+                            .iter()
+                            .zip(w)
+                            .map(|(&i, &w)| w * table[i as usize * d + j] as f64)
+                            .sum();
                         row[j] = (s / total) as f32;
                     }
                 }

@@ -454,12 +454,13 @@ fn item_tokens_title_idf_weights_rare_tokens_up() {
     // Tokens shared by titles pull less than the plain mean gives them: item 1's row differs
     // from its unweighted mean.
     let plain: Vec<f64> = (0..d)
-        .map(|j| toks[1].iter().map(|&i| emb0[i * d + j] as f64).sum::<f64>() / toks[1].len() as f64)
+        .map(|j| {
+            toks[1].iter().map(|&i| emb0[i * d + j] as f64).sum::<f64>() / toks[1].len() as f64
+        })
         .collect();
     let moved = (0..d).any(|j| (emb[ids[1] as usize * d + j] as f64 - plain[j]).abs() > 1e-4);
     assert!(moved, "idf weights equal the plain mean on a title with shared tokens");
 }
-
 
 #[test]
 fn item_tokens_title_mean_and_random() {

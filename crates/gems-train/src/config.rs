@@ -96,7 +96,11 @@ impl ItemText {
             Self::Title => title.to_string(),
             Self::TitleCategories => {
                 let below_root = categories.iter().skip(1).map(String::as_str);
-                std::iter::once(title).chain(below_root).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(", ")
+                std::iter::once(title)
+                    .chain(below_root)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         }
     }
