@@ -190,6 +190,10 @@ pub struct TrainArgs {
     /// frequency over the catalogue's item texts).
     #[arg(long, value_enum)]
     pub item_weights: Option<gems_train::config::ItemWeights>,
+    /// Add to every item row a collaborative part of this many dimensions, learned from the
+    /// training interactions (PPMI of co-occurrences, truncated eigendecomposition); 0: none.
+    #[arg(long, value_name = "DIMS")]
+    pub item_collab: Option<usize>,
     /// Learning rate of the embedding (and an untied head) as a multiple of --lr; with
     /// `--embeddings items` only the new item rows feel it.
     #[arg(long)]
@@ -301,6 +305,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut c.model.embeddings, args.embeddings);
     set(&mut c.model.item_text, args.item_text);
     set(&mut c.model.item_weights, args.item_weights);
+    set(&mut c.model.item_collab, args.item_collab);
     if let Some(scale) = args.embedding_lr_scale {
         c.set_embedding_lr_scale(scale);
     }

@@ -39,7 +39,7 @@ pub struct Run {
     pub summary: RunSummary,
     /// `metrics.jsonl`, empty when the run has none.
     pub lines: Vec<MetricsLine>,
-    /// `baselines.json`: floors that need no language model (most popular, BM25) evaluated on
+    /// `baselines.json`: floors that need no language model (most popular, BM25, SASRec, ItemKNN) evaluated on
     /// the run's own test examples, by name; empty when the run has none.
     pub floors: BTreeMap<String, EvalReport>,
 }
@@ -179,7 +179,7 @@ pub fn markdown_table(runs: &[Run]) -> String {
     out
 }
 
-/// The floors of the runs (most popular, BM25, SASRec) as a table, one row per distinct
+/// The floors of the runs (most popular, BM25, SASRec, ItemKNN) as a table, one row per distinct
 /// evaluation, full-catalogue metrics at k = 10. Runs on the same data and test examples share
 /// a row: evaluations that differ only in how long they took count as the same, and the last
 /// column names the runs that share it (e.g. the seeds of a reproduction give one row each).
@@ -586,7 +586,9 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
              `popular`: the most frequent training targets first, for every user and query; \
              `bm25`: the search query against each item's title and category path (search \
              only); `sasrec`: a self-attentive sequential recommender trained on the run's \
-             training histories (recommendation only).\n\n",
+             training histories (recommendation only); `itemknn`: items that co-occur with \
+             the user's recent items in the training histories, by cosine similarity \
+             (recommendation only, no learning).\n\n",
         );
         md.push_str(&floors);
     }

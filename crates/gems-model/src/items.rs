@@ -27,6 +27,7 @@ use crate::hf::Pretrained;
 use gems_rng::SplitMix64;
 
 use crate::llama::{init_rng, to_host};
+use crate::weights::HostTensor;
 
 /// How new item rows are initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -172,6 +173,66 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
     }
     p.model.config.vocab_size = new_v;
     Ok(ids)
+}
+
+/// Adds `parts` (one row of the hidden size per id, row-major) to the rows of `ids` in the
+/// token embedding and, when the head is untied, in the output head; a tied head follows the
+/// embedding. [`item_row_norm`] gives the scale of the rows it adds to.
+///
+/// # Errors
+/// `parts` is not `ids.len()` rows of the hidden size, or an id is past the table.
+pub fn add_to_item_rows(p: &mut Pretrained, ids: &[u32], parts: &[f32]) -> Result<()> {
+    let op = "add_to_item_rows";
+    let device = p.model.device();
+    let add = |table: HostTensor| -> Result<Vec<f32>> {
+        let (v, d) = (table.shape[0], table.shape[1]);
+        if parts.len() != ids.len() * d {
+            return Err(ModelError::input(
+                op,
+                format!("{} values for {} rows of size {d}", parts.len(), ids.len()),
+            ));
+        }
+        let mut out = table.data;
+        for (k, &id) in ids.iter().enumerate() {
+            if id as usize >= v {
+                return Err(ModelError::input(op, format!("row {id} past a table of {v}")));
+            }
+            let row = &mut out[id as usize * d..(id as usize + 1) * d];
+            row.iter_mut().zip(&parts[k * d..(k + 1) * d]).for_each(|(x, a)| *x += a);
+        }
+        Ok(out)
+    };
+    let emb = to_host(p.model.embed_tokens.weight.val(), op)?;
+    let shape = [emb.shape[0], emb.shape[1]];
+    let new_emb = add(emb)?;
+    p.model.embed_tokens.weight =
+        Param::from_tensor(Tensor::from_data(TensorData::new(new_emb, shape), &device));
+    if let Some(lm) = p.model.lm_head.as_mut() {
+        let head = to_host(lm.weight.val().transpose(), op)?; // [vocab, d]
+        let shape = [head.shape[0], head.shape[1]];
+        let t: Tensor<2> = Tensor::from_data(TensorData::new(add(head)?, shape), &device);
+        lm.weight = Param::from_tensor(t.transpose());
+    }
+    Ok(())
+}
+
+/// The mean Euclidean norm of the token-embedding rows of `ids` (0 for no ids).
+///
+/// # Errors
+/// An id is past the table; the embedding cannot be read.
+pub fn item_row_norm(p: &Pretrained, ids: &[u32]) -> Result<f32> {
+    let op = "item_row_norm";
+    let emb = to_host(p.model.embed_tokens.weight.val(), op)?;
+    let (v, d) = (emb.shape[0], emb.shape[1]);
+    let mut sum = 0f64;
+    for &id in ids {
+        if id as usize >= v {
+            return Err(ModelError::input(op, format!("row {id} past a table of {v}")));
+        }
+        let row = &emb.data[id as usize * d..(id as usize + 1) * d];
+        sum += row.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    }
+    Ok(if ids.is_empty() { 0.0 } else { (sum / ids.len() as f64) as f32 })
 }
 
 /// The weight of each title token in its item's row: 1 for [`ItemInit::TitleMean`], the

@@ -33,7 +33,7 @@ pub use config::{LlamaConfig, ModelType, RopeType, TokenIds};
 pub use error::{ModelError, Result};
 pub use gguf::{GgufFile, load_gguf};
 pub use hf::{Pretrained, load_hf_dir, save_hf_dir};
-pub use items::{ItemInit, ItemSpec, add_items};
+pub use items::{ItemInit, ItemSpec, add_items, add_to_item_rows, item_row_norm};
 pub use llama::{KvCache, Llama, TokenBatch};
 pub use lora::{
     LoraConfig, TargetModules, TokenIndices, apply_lora, load_peft, merge_lora,

@@ -463,6 +463,47 @@ fn item_tokens_title_idf_weights_rare_tokens_up() {
 }
 
 #[test]
+fn item_rows_take_an_added_part_in_embedding_and_untied_head() {
+    use gems_model::{ItemInit, ItemSpec, add_items, add_to_item_rows, item_row_norm};
+    let mut p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();
+    let d = p.model.config.hidden_size;
+    let items: Vec<ItemSpec> = ["the cat", "is"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ItemSpec { id: format!("i{i}"), title: Some(t.to_string()) })
+        .collect();
+    let ids = add_items(&mut p, &items, ItemInit::TitleMean).unwrap();
+    let emb0 = host(p.model.embed_tokens.weight.val());
+    let head0 = host(p.model.lm_head.as_ref().unwrap().weight.val()); // [d, V]
+    let v = head0.len() / d;
+    let norm = |e: &[f32], id: u32| {
+        e[id as usize * d..(id as usize + 1) * d]
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let want = (norm(&emb0, ids[0]) + norm(&emb0, ids[1])) / 2.0;
+    assert!((f64::from(item_row_norm(&p, &ids).unwrap()) - want).abs() < 1e-5);
+    let parts: Vec<f32> = (0..2 * d).map(|k| k as f32 * 0.01).collect();
+    add_to_item_rows(&mut p, &ids, &parts).unwrap();
+    let emb = host(p.model.embed_tokens.weight.val());
+    let head = host(p.model.lm_head.as_ref().unwrap().weight.val());
+    for (k, &id) in ids.iter().enumerate() {
+        for j in 0..d {
+            let at = id as usize * d + j;
+            assert!((emb[at] - emb0[at] - parts[k * d + j]).abs() < 1e-6);
+            let h = j * v + id as usize;
+            assert!((head[h] - head0[h] - parts[k * d + j]).abs() < 1e-6);
+        }
+    }
+    // Every other row is untouched; wrong sizes and ids are refused.
+    assert_eq!(&emb[..ids[0] as usize * d], &emb0[..ids[0] as usize * d]);
+    assert!(add_to_item_rows(&mut p, &ids, &parts[..d]).is_err());
+    assert!(add_to_item_rows(&mut p, &[v as u32], &parts[..d]).is_err());
+}
+
+#[test]
 fn item_tokens_title_mean_and_random() {
     use gems_model::{ItemInit, ItemSpec, add_items};
     let mut p = load_hf_dir(&fixtures().join("tiny_llama"), &device()).unwrap();

@@ -8,7 +8,10 @@
 //! - `sasrec`: recommendation only, SASRec ([`crate::sasrec`], Kang & McAuley 2018) trained on
 //!   the training rec examples with [`SasrecConfig::for_corpus`], on `flex`, seeded from the
 //!   evaluation seed ([`sasrec_seed`]). It is trained on the CPU backend whatever device the
-//!   run uses, so a run's floors are the same numbers on every machine.
+//!   run uses, so a run's floors are the same numbers on every machine;
+//! - `itemknn`: recommendation only, item-to-item cosine similarity of the training
+//!   co-occurrences (RecBole's ItemKNN, scored from the last few history items with a recency
+//!   decay: [`crate::collab::CoOccurrence::knn_scores`]); no learning, a few seconds.
 //!
 //! BM25 is implemented here rather than taken from a search library: the catalogue is a few
 //! thousand short documents held in memory, and thirty lines keep the tokenisation and the
@@ -39,11 +42,14 @@ pub enum Baseline {
     Bm25,
     /// SASRec on the item history (recommendation only).
     Sasrec,
+    /// Item-to-item co-occurrence of the recent history (recommendation only).
+    ItemKnn,
 }
 
 impl Baseline {
     /// Every floor.
-    pub const ALL: [Baseline; 3] = [Baseline::Popular, Baseline::Bm25, Baseline::Sasrec];
+    pub const ALL: [Baseline; 4] =
+        [Baseline::Popular, Baseline::Bm25, Baseline::Sasrec, Baseline::ItemKnn];
 
     /// Its name in reports.
     pub fn as_str(self) -> &'static str {
@@ -51,6 +57,7 @@ impl Baseline {
             Self::Popular => "popular",
             Self::Bm25 => "bm25",
             Self::Sasrec => "sasrec",
+            Self::ItemKnn => "itemknn",
         }
     }
 }
@@ -187,6 +194,13 @@ pub fn evaluate_baseline(
             let config = SasrecConfig::for_corpus(corpus, sasrec_seed(&options));
             let model = crate::sasrec::train(corpus, &config, &Device::flex(), &progress)?;
             rank_samples(corpus, &options, |_, chunk| Ok((model.score(chunk)?, None)))
+        }
+        Baseline::ItemKnn => {
+            options.tasks.retain(|&t| t == Task::Rec);
+            let co = crate::collab::CoOccurrence::from_corpus(corpus);
+            rank_samples(corpus, &options, |_, chunk| {
+                Ok((chunk.iter().flat_map(|s| co.knn_scores(&s.history)).collect(), None))
+            })
         }
     }
 }

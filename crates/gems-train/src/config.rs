@@ -58,6 +58,11 @@ pub struct ModelSettings {
     pub item_text: ItemText,
     /// How the tokens of that text are weighted in the row.
     pub item_weights: ItemWeights,
+    /// Dimensions of the collaborative part added to every item row (0: none, the default):
+    /// a PPMI embedding of the training co-occurrences through a fixed orthonormal map, as
+    /// long as the rows' mean norm ([`crate::collab`]). Left out of `config.json` when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub item_collab: usize,
     /// Which rows of the token embedding (and of an untied output head) training may change.
     pub embeddings: EmbeddingPolicy,
 }
@@ -71,9 +76,15 @@ impl Default for ModelSettings {
             title_init: true,
             item_text: ItemText::Title,
             item_weights: ItemWeights::Mean,
+            item_collab: 0,
             embeddings: EmbeddingPolicy::All,
         }
     }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The text an item-token row is initialised from ([`ModelSettings::item_text`]).

@@ -19,6 +19,7 @@
 
 pub mod baselines;
 pub mod checkpoint;
+pub mod collab;
 pub mod config;
 pub mod drift;
 mod error;

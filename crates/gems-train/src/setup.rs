@@ -287,24 +287,23 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
     };
     let n = source.titles.len();
 
+    let mut samples: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
+    for (example, tok) in source.examples.iter().zip(&source.tokenized) {
+        samples.entry((example.split, example.task)).or_default().push(sample(example, tok));
+    }
+    let corpus = Corpus {
+        dataset: source.name,
+        base_vocab: base,
+        eos_id: text.eos_id(),
+        titles: source.titles,
+        categories: source.categories,
+        item_ids: source.item_ids,
+        users: source.users,
+        samples,
+        prepare: source.prepare,
+    };
     if existing.is_none() {
-        let m = &config.model;
-        let specs: Vec<ItemSpec> = source
-            .titles
-            .iter()
-            .zip(&source.categories)
-            .enumerate()
-            .map(|(i, (title, categories))| {
-                let text = m.item_text.of(title, categories);
-                ItemSpec { id: i.to_string(), title: (!text.is_empty()).then_some(text) }
-            })
-            .collect();
-        let init = match (m.title_init, m.item_weights) {
-            (true, ItemWeights::Mean) => ItemInit::TitleMean,
-            (true, ItemWeights::Idf) => ItemInit::TitleIdf,
-            (false, _) => ItemInit::Random { seed: config.seed },
-        };
-        add_items(&mut pretrained, &specs, init)?;
+        add_item_tokens(&mut pretrained, &corpus, config)?;
     }
     // Every item must sit at base + index, whichever way the tokens got there.
     for i in [0, n.saturating_sub(1)] {
@@ -326,22 +325,42 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         )));
     }
 
-    let mut samples: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
-    for (example, tok) in source.examples.iter().zip(&source.tokenized) {
-        samples.entry((example.split, example.task)).or_default().push(sample(example, tok));
-    }
-    let corpus = Corpus {
-        dataset: source.name,
-        base_vocab: base,
-        eos_id: text.eos_id(),
-        titles: source.titles,
-        categories: source.categories,
-        item_ids: source.item_ids,
-        users: source.users,
-        samples,
-        prepare: source.prepare,
-    };
     Ok(Setup { pretrained, corpus, text })
+}
+
+/// Adds one token per catalogue item to a pretrained model and initialises its rows as
+/// `config.model` says: from the item's text (or seeded random), plus the collaborative part of
+/// [`crate::collab`] when `model.item_collab` is set.
+fn add_item_tokens(
+    pretrained: &mut Pretrained,
+    corpus: &Corpus,
+    config: &TrainConfig,
+) -> Result<()> {
+    let m = &config.model;
+    let specs: Vec<ItemSpec> = corpus
+        .titles
+        .iter()
+        .zip(&corpus.categories)
+        .enumerate()
+        .map(|(i, (title, categories))| {
+            let text = m.item_text.of(title, categories);
+            ItemSpec { id: i.to_string(), title: (!text.is_empty()).then_some(text) }
+        })
+        .collect();
+    let init = match (m.title_init, m.item_weights) {
+        (true, ItemWeights::Mean) => ItemInit::TitleMean,
+        (true, ItemWeights::Idf) => ItemInit::TitleIdf,
+        (false, _) => ItemInit::Random { seed: config.seed },
+    };
+    let ids = add_items(pretrained, &specs, init)?;
+    if m.item_collab > 0 {
+        let co = crate::collab::CoOccurrence::from_corpus(corpus);
+        let scale = gems_model::item_row_norm(pretrained, &ids)?;
+        let hidden = pretrained.model.config.hidden_size;
+        let parts = crate::collab::collab_rows(&co, m.item_collab, hidden, scale, config.seed)?;
+        gems_model::add_to_item_rows(pretrained, &ids, &parts)?;
+    }
+    Ok(())
 }
 
 fn sample(example: &Example, tok: &gems_data::TokenizedExample) -> Sample {

@@ -111,7 +111,9 @@ fn metric(report: &EvalReport, task: &str, name: &str) -> f64 {
 fn sasrec_learns_the_successor_rule_that_popularity_cannot_see() {
     let corpus = successor_corpus(40, 500, 3);
     let floors = evaluate_baselines(&corpus, &options(&Task::ALL)).unwrap();
-    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "popular", "sasrec"]);
+    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "itemknn", "popular", "sasrec"]);
+    assert_eq!(floors["itemknn"].full.keys().collect::<Vec<_>>(), ["rec"]);
+    let itemknn = metric(&floors["itemknn"], "rec", "recall@10");
     // SASRec ranks recommendation only, as BM25 ranks search only.
     assert_eq!(floors["sasrec"].full.keys().collect::<Vec<_>>(), ["rec"]);
     assert_eq!(floors["sasrec"].full["rec"].examples, 500);
@@ -124,6 +126,8 @@ fn sasrec_learns_the_successor_rule_that_popularity_cannot_see() {
     assert!(popular < 0.45, "popular recall@10 {popular}");
     assert!(sasrec > 0.9 && sasrec > popular + 0.4, "sasrec {sasrec} vs popular {popular}");
     assert!(sasrec_ndcg > 0.7, "sasrec ndcg@10 {sasrec_ndcg}");
+    // The successor co-occurs with the recent items: ItemKNN sees the rule without learning.
+    assert!(itemknn > 0.9, "itemknn {itemknn}");
 }
 
 #[test]
@@ -252,6 +256,80 @@ fn sasrec_on_amazon_scientific() {
                 m.get("ndcg@10").unwrap(),
                 m.get("recall@20").unwrap(),
                 m.get("ndcg@20").unwrap(),
+            );
+        }
+    }
+}
+
+/// The item-to-item signal on Amazon Scientific (CPU preset's data and test sample): the
+/// `itemknn` floor, and the collaborative embeddings of `gems_train::collab` ranked on their
+/// own (dot product with the recency-weighted sum of the last five history items'
+/// embeddings), on every validation user and every test user, history excluded, and on the
+/// preset's test sample with and without exclusion. The embeddings are what `--item-collab`
+/// adds to the item rows, so this says how much ranking signal the rows carry before any
+/// training.
+#[test]
+#[ignore = "a minute in a release build; run with --release --ignored --nocapture"]
+fn item_to_item_on_amazon_scientific() {
+    use gems_train::collab::{CoOccurrence, collab_embeddings};
+    let config = TrainConfig::cpu_preset();
+    let corpus = scientific(&config);
+    let opts = gems_train::trainer::eval_options(
+        &config,
+        Split::Test,
+        "floor",
+        &[Task::Rec],
+        &Reporter::silent(),
+    );
+    let started = Instant::now();
+    let co = CoOccurrence::from_corpus(&corpus);
+    let counted = started.elapsed().as_secs_f64();
+    let mut runs = Vec::new();
+    for dims in [64, 128] {
+        let started = Instant::now();
+        let e = collab_embeddings(&co, dims, config.seed).unwrap();
+        runs.push((dims, e, started.elapsed().as_secs_f64()));
+    }
+    eprintln!("co-occurrence counted in {counted:.2} s");
+    let cases = [
+        (Split::Valid, 0, true),
+        (Split::Test, 0, true),
+        (Split::Test, opts.max_examples, false),
+        (Split::Test, opts.max_examples, true),
+    ];
+    for (split, max_examples, exclude) in cases {
+        let o = EvalOptions { split, max_examples, exclude_history: exclude, ..opts.clone() };
+        let mut reports = vec![(
+            "itemknn".to_string(),
+            evaluate_baseline(&corpus, Baseline::ItemKnn, &o).unwrap(),
+        )];
+        for (dims, e, secs) in &runs {
+            let r = rank_samples(&corpus, &o, |_, chunk| {
+                let mut out = Vec::with_capacity(chunk.len() * e.len());
+                for s in chunk {
+                    let mut q = vec![0f32; *dims];
+                    let mut w = 1.0f32;
+                    for &h in s.history.iter().rev().take(5) {
+                        q.iter_mut().zip(&e[h as usize]).for_each(|(a, b)| *a += w * b);
+                        w *= 0.7;
+                    }
+                    out.extend(
+                        e.iter().map(|ej| ej.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>()),
+                    );
+                }
+                Ok((out, None))
+            })
+            .unwrap();
+            reports.push((format!("ppmi-svd d={dims} (built in {secs:.1} s)"), r));
+        }
+        for (name, r) in reports {
+            let m = &r.full["rec"];
+            eprintln!(
+                "{name} {} exclude_history={exclude}: {} examples: recall@10 {:.4} ndcg@10 {:.4}",
+                split.name(),
+                m.examples,
+                m.get("recall@10").unwrap(),
+                m.get("ndcg@10").unwrap(),
             );
         }
     }
