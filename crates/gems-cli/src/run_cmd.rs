@@ -190,6 +190,10 @@ pub struct TrainArgs {
     /// frequency over the catalogue's item texts).
     #[arg(long, value_enum)]
     pub item_weights: Option<gems_train::config::ItemWeights>,
+    /// Targets of a recommendation training row: last (the answer only) or all (every
+    /// history item after the first too, one row per stretch of a user's training sequence).
+    #[arg(long, value_enum)]
+    pub rec_targets: Option<gems_train::config::RecTargets>,
     /// Add to every item row a collaborative part of this many dimensions, learned from the
     /// training interactions (PPMI of co-occurrences, truncated eigendecomposition); 0: none.
     #[arg(long, value_name = "DIMS")]
@@ -306,6 +310,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut c.model.item_text, args.item_text);
     set(&mut c.model.item_weights, args.item_weights);
     set(&mut c.model.item_collab, args.item_collab);
+    set(&mut c.data.rec_targets, args.rec_targets);
     if let Some(scale) = args.embedding_lr_scale {
         c.set_embedding_lr_scale(scale);
     }

@@ -232,6 +232,7 @@ mod tests {
     fn sample(history: &[u32], target: u32) -> Sample {
         Sample {
             user: 0,
+            position: history.len() as u32,
             ids: Vec::new(),
             target_pos: 0,
             target,

@@ -183,6 +183,35 @@ pub struct DataSettings {
     pub seed: u64,
     /// Tasks trained on.
     pub tasks: TaskSelection,
+    /// Which positions of a recommendation training row are targets: the answer alone
+    /// (`last`, GEMS-SPEC §2, the default) or every history item after the first as well,
+    /// on one row per stretch of a user's training sequence (`all`, as SASRec trains).
+    /// Left out of `config.json` when `last`.
+    #[serde(skip_serializing_if = "RecTargets::is_last")]
+    pub rec_targets: RecTargets,
+}
+
+/// The targets of a recommendation training row ([`DataSettings::rec_targets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum RecTargets {
+    /// One training row per training example, its answer the only target.
+    #[default]
+    Last,
+    /// One training row per stretch of `max_history + 1` events of a user's training
+    /// sequence (the longest training example and, for longer sequences, the examples its
+    /// history does not reach), and every item of the row after the first a target: each
+    /// history item predicted from those before it in the list, the answer after the prompt.
+    /// Every training event is a target exactly once per epoch.
+    All,
+}
+
+impl RecTargets {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_last(&self) -> bool {
+        *self == Self::Last
+    }
 }
 
 impl Default for DataSettings {
@@ -195,6 +224,7 @@ impl Default for DataSettings {
             negatives: 99,
             seed: 42,
             tasks: TaskSelection::Both,
+            rec_targets: RecTargets::Last,
         }
     }
 }

@@ -359,6 +359,7 @@ mod tests {
         (0..n)
             .map(|i| Sample {
                 user: i as u32,
+                position: 1,
                 ids: vec![1, 2, 3],
                 target_pos: 1,
                 target: 0,

@@ -35,14 +35,41 @@ pub fn target_positions(samples: &[&Sample]) -> (Vec<(usize, usize)>, Vec<u32>) 
     (at, ids)
 }
 
-/// Mean cross-entropy of the target tokens (GEMS-SPEC §2: item token then end-of-sequence),
-/// a scalar tensor on the model's device (differentiable on an autodiff device).
+/// [`target_positions`] and, with `items_from = Some(base)`, every item token of each prompt
+/// after its first (ids at or above `base` before the target): the history read as a sequence
+/// in which each item is predicted from the list before it (`data.rec_targets = "all"`).
+pub fn training_positions(
+    samples: &[&Sample],
+    items_from: Option<u32>,
+) -> (Vec<(usize, usize)>, Vec<u32>) {
+    let Some(base) = items_from else { return target_positions(samples) };
+    let mut at = Vec::new();
+    let mut ids = Vec::new();
+    for (r, s) in samples.iter().enumerate() {
+        let prompt = &s.ids[..s.target_pos.min(s.ids.len())];
+        let items = prompt.iter().enumerate().filter(|&(_, &t)| t >= base).skip(1);
+        for (p, &t) in items.chain(s.ids.iter().enumerate().skip(s.target_pos)) {
+            at.push((r, p - 1));
+            ids.push(t);
+        }
+    }
+    (at, ids)
+}
+
+/// Mean cross-entropy of the target tokens (GEMS-SPEC §2: item token then end-of-sequence;
+/// with `items_from`, also the history items of [`training_positions`]), a scalar tensor on
+/// the model's device (differentiable on an autodiff device).
 ///
 /// # Errors
 /// Token ids out of range, an empty batch.
-pub fn target_loss(model: &Llama, samples: &[&Sample], pad: u32) -> Result<Tensor<1>> {
+pub fn target_loss(
+    model: &Llama,
+    samples: &[&Sample],
+    pad: u32,
+    items_from: Option<u32>,
+) -> Result<Tensor<1>> {
     let batch = sample_batch(samples, pad)?;
-    let (at, ids) = target_positions(samples);
+    let (at, ids) = training_positions(samples, items_from);
     let logits = model.logits_at(&batch, &at)?;
     Ok(cross_entropy(logits, &ids))
 }
@@ -150,4 +177,30 @@ pub fn read_f32<const D: usize>(t: Tensor<D>, op: &'static str) -> Result<Vec<f3
         .convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| TrainError::Readback { op, detail: format!("{e:?}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_targets_add_every_history_item_after_the_first() {
+        // text 10, items a b c (base 100), suffix 12, answer 103, end-of-sequence 0.
+        let s = Sample {
+            user: 0,
+            position: 3,
+            ids: vec![10, 100, 11, 101, 11, 102, 12, 103, 0],
+            target_pos: 7,
+            target: 3,
+            history: vec![0, 1, 2],
+            query: None,
+            negatives: Vec::new(),
+        };
+        let one = vec![(0, 6), (0, 7)];
+        assert_eq!(training_positions(&[&s], None), (one.clone(), vec![103, 0]));
+        assert_eq!(target_positions(&[&s]), (one, vec![103, 0]));
+        let (at, ids) = training_positions(&[&s, &s], Some(100));
+        assert_eq!(at, [(0, 2), (0, 4), (0, 6), (0, 7), (1, 2), (1, 4), (1, 6), (1, 7)]);
+        assert_eq!(ids, [101, 102, 103, 0, 101, 102, 103, 0]);
+    }
 }

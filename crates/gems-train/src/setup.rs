@@ -14,7 +14,7 @@ use gems_data::{
 };
 use gems_model::{ItemInit, ItemSpec, Pretrained, add_items};
 
-use crate::config::{DataSettings, ItemWeights, TrainConfig};
+use crate::config::{DataSettings, ItemWeights, RecTargets, TrainConfig};
 use crate::error::{Result, TrainError};
 
 /// The path of the model a configuration names (the fetched default when none is given).
@@ -62,6 +62,9 @@ impl TextTokenizer for TextVocab {
 pub struct Sample {
     /// User index (load order).
     pub user: u32,
+    /// Position of the target event in the user's sequence (the history is the events before
+    /// it, at most `max_history`).
+    pub position: u32,
     /// Prompt ids, the target item's token, end-of-sequence.
     pub ids: Vec<u32>,
     /// Where the target item token is in `ids` (the prompt is `ids[..target_pos]`).
@@ -124,6 +127,9 @@ pub struct Setup {
     pub corpus: Corpus,
     /// Text tokenizer (for prompts typed at run time).
     pub text: TextVocab,
+    /// Training rows that differ from the corpus's training examples, by task (the rec rows of
+    /// `data.rec_targets = "all"`: [`stretch_rows`]); see [`Setup::train_rows`].
+    pub train_overrides: BTreeMap<Task, Vec<Sample>>,
 }
 
 impl std::fmt::Debug for Setup {
@@ -325,7 +331,11 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         )));
     }
 
-    Ok(Setup { pretrained, corpus, text })
+    let mut train_overrides = BTreeMap::new();
+    if d.rec_targets == RecTargets::All {
+        train_overrides.insert(Task::Rec, stretch_rows(corpus.get(Split::Train, Task::Rec)));
+    }
+    Ok(Setup { pretrained, corpus, text, train_overrides })
 }
 
 /// Adds one token per catalogue item to a pretrained model and initialises its rows as
@@ -366,6 +376,7 @@ fn add_item_tokens(
 fn sample(example: &Example, tok: &gems_data::TokenizedExample) -> Sample {
     Sample {
         user: example.user,
+        position: example.position,
         ids: tok.input_ids.clone(),
         target_pos: tok.target_span[0] as usize,
         target: example.target,
@@ -375,7 +386,38 @@ fn sample(example: &Example, tok: &gems_data::TokenizedExample) -> Sample {
     }
 }
 
+/// The training rows of `data.rec_targets = "all"` from one task's training examples (grouped
+/// by user, positions ascending, as built): per user the latest example, then, walking back,
+/// each latest example whose target the history of the row picked after it does not reach. A
+/// row with its target at position t and a history of L events predicts the events at t - L + 1
+/// to t (every history item after the first, then the answer), so every training target is
+/// predicted exactly once, and no row holds an event after the user's last training event.
+pub fn stretch_rows(samples: &[Sample]) -> Vec<Sample> {
+    let mut out = Vec::new();
+    // (user, lowest position the last picked row predicts)
+    let mut reach: Option<(u32, u32)> = None;
+    for s in samples.iter().rev() {
+        if matches!(reach, Some((user, low)) if user == s.user && s.position >= low) {
+            continue;
+        }
+        let low = (s.position + 1).saturating_sub(s.history.len() as u32).max(1);
+        reach = Some((s.user, low));
+        out.push(s.clone());
+    }
+    out.reverse();
+    out
+}
+
 impl Setup {
+    /// The rows a run trains on for `task`: the corpus's training examples, or their
+    /// replacement under `data.rec_targets = "all"`.
+    pub fn train_rows(&self, task: Task) -> &[Sample] {
+        match self.train_overrides.get(&task) {
+            Some(rows) => rows,
+            None => self.corpus.get(Split::Train, task),
+        }
+    }
+
     /// Tokenises a prompt for `history` (item indices, oldest first) and an optional query,
     /// with the training templates; returns the prompt ids (no target).
     ///
@@ -389,5 +431,51 @@ impl Setup {
             )));
         }
         Ok(gems_data::tokenize_prompt(history, query, &self.text)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The training rec examples of users with `lengths` events (positions 1 to n - 3 train).
+    fn train_samples(lengths: &[u32], max_history: u32) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for (u, &n) in lengths.iter().enumerate() {
+            for position in 1..n.saturating_sub(2) {
+                let start = position.saturating_sub(max_history);
+                out.push(Sample {
+                    user: u as u32,
+                    position,
+                    ids: Vec::new(),
+                    target_pos: 0,
+                    target: 1000 * u as u32 + position,
+                    history: (start..position).map(|p| 1000 * u as u32 + p).collect(),
+                    query: None,
+                    negatives: Vec::new(),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stretch_rows_predict_every_training_event_once() {
+        let lengths = [3, 4, 12, 23, 24, 45, 70];
+        let samples = train_samples(&lengths, 20);
+        let rows = stretch_rows(&samples);
+        // What the rows predict: history items after the first, then the answer.
+        let mut predicted: Vec<u32> =
+            rows.iter().flat_map(|r| r.history.iter().skip(1).copied().chain([r.target])).collect();
+        predicted.sort_unstable();
+        let mut want: Vec<u32> = samples.iter().map(|s| s.target).collect();
+        want.sort_unstable();
+        assert_eq!(predicted, want);
+        // One row per user up to 21 training events, more for longer sequences; every row
+        // is one of the training examples (no validation or test event is read).
+        let per_user = |u: u32| rows.iter().filter(|r| r.user == u).count();
+        assert_eq!((per_user(0), per_user(1), per_user(2), per_user(3)), (0, 1, 1, 1));
+        assert_eq!((per_user(4), per_user(5), per_user(6)), (2, 3, 4));
+        assert!(rows.iter().all(|r| samples.contains(r)));
     }
 }

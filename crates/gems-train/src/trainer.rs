@@ -30,7 +30,7 @@ use gems_rng::SplitMix64;
 use crate::checkpoint::{
     Cursor, TrainerState, read_json, replace_dir, resolve_dir, verify_dir, write_atomic, write_json,
 };
-use crate::config::{EmbeddingPolicy, StopMetric, TrainConfig};
+use crate::config::{EmbeddingPolicy, RecTargets, StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
@@ -133,9 +133,15 @@ fn next_batch<'a>(
     out
 }
 
-/// One task's mean loss gradient over `samples`.
-fn task_gradient(model: &Llama, samples: &[&Sample], pad: u32) -> Result<TaskGradient> {
-    let loss = target_loss(model, samples, pad)?;
+/// One task's mean loss gradient over `samples` (and their history items from `items_from`,
+/// [`crate::forward::training_positions`]).
+fn task_gradient(
+    model: &Llama,
+    samples: &[&Sample],
+    pad: u32,
+    items_from: Option<u32>,
+) -> Result<TaskGradient> {
+    let loss = target_loss(model, samples, pad, items_from)?;
     let value = crate::forward::read_f32(loss.clone(), "task_gradient")?[0] as f64;
     let grads = GradientsParams::from_grads(loss.backward(), model);
     Ok(TaskGradient { grads, samples: samples.len(), loss: value })
@@ -730,7 +736,7 @@ pub(crate) fn step_batches<'a>(
     for _ in 0..config.schedule.grad_accum {
         for &task in tasks {
             let cursor = state.cursors.entry(task.name().to_string()).or_default();
-            let samples = setup.corpus.get(Split::Train, task);
+            let samples = setup.train_rows(task);
             let rows = config.schedule.batch_size;
             let bucket = config.schedule.bucket.map(|k| (rows, k));
             let order = |epoch| epoch_order(samples, config.seed, task, epoch, bucket);
@@ -755,7 +761,9 @@ pub(crate) fn step_gradients(
     for (task, batch) in step_batches(setup, config, tasks, state, perms) {
         let k = tasks.iter().position(|&t| t == task).unwrap_or_default();
         tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-        let g = task_gradient(model, &batch, setup.corpus.eos_id)?;
+        let all = task == Task::Rec && config.data.rec_targets == RecTargets::All;
+        let items_from = all.then_some(setup.corpus.base_vocab);
+        let g = task_gradient(model, &batch, setup.corpus.eos_id, items_from)?;
         windows[k].add(model, g);
     }
     let mut grads = StepGradients::default();
@@ -883,7 +891,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
             setup.corpus.base_vocab as usize,
             &train_device,
         ),
-        n_train: tasks.iter().map(|&t| setup.corpus.get(Split::Train, t).len()).collect(),
+        n_train: tasks.iter().map(|&t| setup.train_rows(t).len()).collect(),
         setup: &setup,
         config: &config,
         tasks: &tasks,
@@ -1064,6 +1072,7 @@ mod tests {
             .iter()
             .map(|&n| Sample {
                 user: 0,
+                position: 1,
                 ids: vec![1; n],
                 target_pos: n - 1,
                 target: 0,

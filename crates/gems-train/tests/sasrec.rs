@@ -23,6 +23,7 @@ use gems_train::{Corpus, Event, Reporter, Sample, TrainConfig};
 fn sample(user: u32, history: &[u32], target: u32, query: Option<String>) -> Sample {
     Sample {
         user,
+        position: history.len() as u32,
         ids: Vec::new(),
         target_pos: 0,
         target,
