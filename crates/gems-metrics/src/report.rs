@@ -587,7 +587,7 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
              `bm25`: the search query against each item's title and category path (search \
              only); `sasrec`: a self-attentive sequential recommender trained on the run's \
              training histories (recommendation only); `itemknn`: items that co-occur with \
-             the user's recent items in the training histories, by cosine similarity \
+             the user's recent items in the training histories, by count \
              (recommendation only, no learning).\n\n",
         );
         md.push_str(&floors);

@@ -9,9 +9,9 @@
 //!   the training rec examples with [`SasrecConfig::for_corpus`], on `flex`, seeded from the
 //!   evaluation seed ([`sasrec_seed`]). It is trained on the CPU backend whatever device the
 //!   run uses, so a run's floors are the same numbers on every machine;
-//! - `itemknn`: recommendation only, item-to-item cosine similarity of the training
-//!   co-occurrences (RecBole's ItemKNN, scored from the last few history items with a recency
-//!   decay: [`crate::collab::CoOccurrence::knn_scores`]); no learning, a few seconds.
+//! - `itemknn`: recommendation only, the items that co-occur most with the last few history
+//!   items in the training sequences, weighted by recency
+//!   ([`crate::collab::CoOccurrence::knn_scores`]); no learning, a few seconds.
 //!
 //! BM25 is implemented here rather than taken from a search library: the catalogue is a few
 //! thousand short documents held in memory, and thirty lines keep the tokenisation and the
