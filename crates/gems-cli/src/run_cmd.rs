@@ -198,6 +198,9 @@ pub struct TrainArgs {
     /// training interactions (PPMI of co-occurrences, truncated eigendecomposition); 0: none.
     #[arg(long, value_name = "DIMS")]
     pub item_collab: Option<usize>,
+    /// The collaborative part's length as a multiple of the item rows' mean norm (default 1).
+    #[arg(long, value_name = "X")]
+    pub item_collab_scale: Option<f64>,
     /// Learning rate of the embedding (and an untied head) as a multiple of --lr; with
     /// `--embeddings items` only the new item rows feel it.
     #[arg(long)]
@@ -310,6 +313,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut c.model.item_text, args.item_text);
     set(&mut c.model.item_weights, args.item_weights);
     set(&mut c.model.item_collab, args.item_collab);
+    set(&mut c.model.item_collab_scale, args.item_collab_scale);
     set(&mut c.data.rec_targets, args.rec_targets);
     if let Some(scale) = args.embedding_lr_scale {
         c.set_embedding_lr_scale(scale);

@@ -63,6 +63,10 @@ pub struct ModelSettings {
     /// long as the rows' mean norm ([`crate::collab`]). Left out of `config.json` when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub item_collab: usize,
+    /// The collaborative part's length as a multiple of the item rows' mean norm (1 by
+    /// default). Left out of `config.json` when 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub item_collab_scale: f64,
     /// Which rows of the token embedding (and of an untied output head) training may change.
     pub embeddings: EmbeddingPolicy,
 }
@@ -77,6 +81,7 @@ impl Default for ModelSettings {
             item_text: ItemText::Title,
             item_weights: ItemWeights::Mean,
             item_collab: 0,
+            item_collab_scale: 1.0,
             embeddings: EmbeddingPolicy::All,
         }
     }
@@ -85,6 +90,11 @@ impl Default for ModelSettings {
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref, clippy::float_cmp)] // as `is_zero`; exact default
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 /// The text an item-token row is initialised from ([`ModelSettings::item_text`]).
@@ -607,6 +617,10 @@ impl TrainConfig {
         }
         if self.eval.perplexity_window < 2 || self.null_space.window < 1 {
             return bad("eval.perplexity_window must be >= 2 and null_space.window >= 1".into());
+        }
+        let scale = self.model.item_collab_scale;
+        if !(scale.is_finite() && scale >= 0.0) {
+            return bad(format!("model.item_collab_scale must be finite and >= 0, got {scale}"));
         }
         if self.model.keep_layers == Some(0) {
             return bad("model.keep_layers must be at least 1".into());

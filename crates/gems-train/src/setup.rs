@@ -365,7 +365,7 @@ fn add_item_tokens(
     let ids = add_items(pretrained, &specs, init)?;
     if m.item_collab > 0 {
         let co = crate::collab::CoOccurrence::from_corpus(corpus);
-        let scale = gems_model::item_row_norm(pretrained, &ids)?;
+        let scale = gems_model::item_row_norm(pretrained, &ids)? * m.item_collab_scale as f32;
         let hidden = pretrained.model.config.hidden_size;
         let parts = crate::collab::collab_rows(&co, m.item_collab, hidden, scale, config.seed)?;
         gems_model::add_to_item_rows(pretrained, &ids, &parts)?;
