@@ -76,12 +76,13 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
         assert!(run.join(f).is_file(), "{f}");
     }
     // Floors on the same test examples: popularity for both tasks, BM25 for search only,
-    // SASRec for recommendation only.
+    // SASRec and ItemKNN for recommendation only.
     let floors: std::collections::BTreeMap<String, gems_metrics::EvalReport> =
         serde_json::from_str(&std::fs::read_to_string(run.join("baselines.json")).unwrap())
             .unwrap();
-    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "popular", "sasrec"]);
+    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "itemknn", "popular", "sasrec"]);
     assert_eq!(floors["sasrec"].full.keys().collect::<Vec<_>>(), ["rec"]);
+    assert_eq!(floors["itemknn"].full.keys().collect::<Vec<_>>(), ["rec"]);
     assert_eq!(floors["popular"].full.keys().collect::<Vec<_>>(), ["rec", "search"]);
     assert_eq!(floors["bm25"].full.keys().collect::<Vec<_>>(), ["search"]);
     assert_eq!(floors["popular"].full["rec"].examples, 32);
@@ -575,4 +576,37 @@ fn tune_layers_trains_only_the_top_layers() {
     config.model.tune_layers = Some(3);
     let err = train(&config, &root.path().join("runs/top3"), &options(false)).unwrap_err();
     assert!(err.to_string().contains("tune_layers 3"), "{err}");
+}
+
+#[test]
+fn collaborative_rows_and_every_rec_target_train_and_are_recorded() {
+    let (root, mut config) = setup(3);
+    config.model.item_collab = 8;
+    config.data.rec_targets = gems_train::config::RecTargets::All;
+    config.eval.floors = false;
+    let run = root.path().join("runs/collab");
+    let summary = finished(train(&config, &run, &options(false)).unwrap());
+    assert_eq!(summary.steps, 3);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["model"]["item_collab"], 8);
+    assert_eq!(saved["data"]["rec_targets"], "all");
+    // One rec row per stretch of a user's training sequence: fewer rows than examples, so a
+    // step is a larger part of an epoch than the same batch of one-target examples.
+    let loaded = gems_train::infer::load_run(&run, &Device::flex()).unwrap();
+    let examples = loaded.setup.corpus.get(gems_data::Split::Train, gems_data::Task::Rec).len();
+    let rows = gems_train::setup::stretch_rows(
+        loaded.setup.corpus.get(gems_data::Split::Train, gems_data::Task::Rec),
+    );
+    assert!(!rows.is_empty() && rows.len() < examples, "{} rows, {examples} examples", rows.len());
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    let per_step = config.schedule.batch_size * config.schedule.grad_accum;
+    let want = per_step as f64 / rows.len() as f64;
+    assert!((first["epoch"].as_f64().unwrap() - want).abs() < 1e-9, "{first}");
+    // The default records neither option.
+    let text = serde_json::to_string(&setup(1).1).unwrap();
+    assert!(!text.contains("item_collab") && !text.contains("rec_targets"), "{text}");
 }
