@@ -157,8 +157,9 @@ pub fn collab_embeddings(co: &CoOccurrence, dims: usize, seed: u64) -> Result<Ve
     let n = co.n_items();
     if dims == 0 || dims + 10 > n {
         return Err(TrainError::Config(format!(
-            "model.item_collab {dims}: the collaborative embedding needs 1 to {} dimensions for \
-             a catalogue of {n} items",
+            "model.item_collab {dims}: a catalogue of {n} items allows 1 to {} dimensions of \
+             collaborative item rows; set --item-collab to at most that, or 0 for none (the CPU \
+             preset uses 64)",
             n.saturating_sub(10)
         )));
     }
