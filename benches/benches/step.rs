@@ -152,6 +152,10 @@ fn main() {
     }
     config.data.data_root = data_root();
     config.optimizer.method = a.method;
+    // The PyTorch peer (benches/peer/step_torch.py) computes the loss at the answer only, so
+    // the bench trains one-target rows; `--rec-targets all` costs the same per step
+    // (docs/training.md, "Recommendation from the interactions").
+    config.data.rec_targets = gems_train::config::RecTargets::Last;
     let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));
     let started = Instant::now();
     let (setup, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
