@@ -197,7 +197,7 @@ pub fn evaluate_baseline(
         }
         Baseline::ItemKnn => {
             options.tasks.retain(|&t| t == Task::Rec);
-            let co = crate::collab::CoOccurrence::from_corpus(corpus);
+            let co = corpus.co_occurrence();
             rank_samples(corpus, &options, |_, chunk| {
                 Ok((chunk.iter().flat_map(|s| co.knn_scores(&s.history)).collect(), None))
             })

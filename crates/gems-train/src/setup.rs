@@ -113,6 +113,14 @@ impl Corpus {
         self.samples.get(&(split, task)).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// The item co-occurrences of the training recommendation examples (validation and test
+    /// events are never read): what the `itemknn` floor and the collaborative item rows use.
+    pub fn co_occurrence(&self) -> crate::collab::CoOccurrence {
+        let train = self.get(Split::Train, Task::Rec);
+        let examples = train.iter().map(|s| (s.history.as_slice(), s.target));
+        crate::collab::CoOccurrence::from_examples(self.n_items(), examples)
+    }
+
     /// The user index of a source user id.
     pub fn user_index(&self, id: &str) -> Option<u32> {
         self.users.iter().position(|u| u == id).map(|i| i as u32)
@@ -364,7 +372,7 @@ fn add_item_tokens(
     };
     let ids = add_items(pretrained, &specs, init)?;
     if m.item_collab > 0 {
-        let co = crate::collab::CoOccurrence::from_corpus(corpus);
+        let co = corpus.co_occurrence();
         let scale = gems_model::item_row_norm(pretrained, &ids)? * m.item_collab_scale as f32;
         let hidden = pretrained.model.config.hidden_size;
         let parts = crate::collab::collab_rows(&co, m.item_collab, hidden, scale, config.seed)?;

@@ -272,7 +272,7 @@ fn sasrec_on_amazon_scientific() {
 #[test]
 #[ignore = "a minute in a release build; run with --release --ignored --nocapture"]
 fn item_to_item_on_amazon_scientific() {
-    use gems_train::collab::{CoOccurrence, collab_embeddings};
+    use gems_train::collab::collab_embeddings;
     let config = TrainConfig::cpu_preset();
     let corpus = scientific(&config);
     let opts = gems_train::trainer::eval_options(
@@ -283,7 +283,7 @@ fn item_to_item_on_amazon_scientific() {
         &Reporter::silent(),
     );
     let started = Instant::now();
-    let co = CoOccurrence::from_corpus(&corpus);
+    let co = corpus.co_occurrence();
     let counted = started.elapsed().as_secs_f64();
     let mut runs = Vec::new();
     for dims in [64, 128] {
