@@ -209,13 +209,9 @@ fn scientific(config: &TrainConfig) -> Corpus {
     c
 }
 
-/// The floor on Amazon Scientific as the main job's run trains it (the CPU preset: history 20,
-/// its seed and test sample), ranked on every validation user, on those test examples
-/// and on every test user, with and without history exclusion: prints the training and
-/// ranking times and the metrics of `popular` and `sasrec`.
-#[test]
-#[ignore = "minutes in a debug build; run with --release --ignored --nocapture"]
-fn sasrec_on_amazon_scientific() {
+/// The CPU preset, Amazon Scientific as it builds it, and its evaluation options for a rec
+/// floor on the test split.
+fn preset_floor_setup() -> (TrainConfig, Corpus, EvalOptions) {
     let config = TrainConfig::cpu_preset();
     let corpus = scientific(&config);
     let opts = gems_train::trainer::eval_options(
@@ -225,6 +221,17 @@ fn sasrec_on_amazon_scientific() {
         &[Task::Rec],
         &Reporter::silent(),
     );
+    (config, corpus, opts)
+}
+
+/// The floor on Amazon Scientific as the main job's run trains it (the CPU preset: history 20,
+/// its seed and test sample), ranked on every validation user, on those test examples
+/// and on every test user, with and without history exclusion: prints the training and
+/// ranking times and the metrics of `popular` and `sasrec`.
+#[test]
+#[ignore = "minutes in a debug build; run with --release --ignored --nocapture"]
+fn sasrec_on_amazon_scientific() {
+    let (_, corpus, opts) = preset_floor_setup();
     let train_examples = corpus.get(Split::Train, Task::Rec).len();
     let sasrec_config =
         SasrecConfig::for_corpus(&corpus, gems_train::baselines::sasrec_seed(&opts));
@@ -273,15 +280,7 @@ fn sasrec_on_amazon_scientific() {
 #[ignore = "a minute in a release build; run with --release --ignored --nocapture"]
 fn item_to_item_on_amazon_scientific() {
     use gems_train::collab::collab_embeddings;
-    let config = TrainConfig::cpu_preset();
-    let corpus = scientific(&config);
-    let opts = gems_train::trainer::eval_options(
-        &config,
-        Split::Test,
-        "floor",
-        &[Task::Rec],
-        &Reporter::silent(),
-    );
+    let (config, corpus, opts) = preset_floor_setup();
     let started = Instant::now();
     let co = corpus.co_occurrence();
     let counted = started.elapsed().as_secs_f64();
