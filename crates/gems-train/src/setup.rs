@@ -135,9 +135,10 @@ pub struct Setup {
     pub corpus: Corpus,
     /// Text tokenizer (for prompts typed at run time).
     pub text: TextVocab,
-    /// Training rows that differ from the corpus's training examples, by task (the rec rows of
-    /// `data.rec_targets = "all"`: [`stretch_rows`]); see [`Setup::train_rows`].
-    pub train_overrides: BTreeMap<Task, Vec<Sample>>,
+    /// The rec training rows of `data.rec_targets = "all"` ([`stretch_rows`]), whose history
+    /// items are targets too; `None` trains the corpus's examples on their answers
+    /// ([`Setup::train_rows`], [`Setup::history_targets`]).
+    pub rec_all_targets: Option<Vec<Sample>>,
 }
 
 impl std::fmt::Debug for Setup {
@@ -339,11 +340,9 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         )));
     }
 
-    let mut train_overrides = BTreeMap::new();
-    if d.rec_targets == RecTargets::All {
-        train_overrides.insert(Task::Rec, stretch_rows(corpus.get(Split::Train, Task::Rec)));
-    }
-    Ok(Setup { pretrained, corpus, text, train_overrides })
+    let rec_all_targets = (d.rec_targets == RecTargets::All)
+        .then(|| stretch_rows(corpus.get(Split::Train, Task::Rec)));
+    Ok(Setup { pretrained, corpus, text, rec_all_targets })
 }
 
 /// Adds one token per catalogue item to a pretrained model and initialises its rows as
@@ -417,13 +416,19 @@ pub fn stretch_rows(samples: &[Sample]) -> Vec<Sample> {
 }
 
 impl Setup {
-    /// The rows a run trains on for `task`: the corpus's training examples, or their
-    /// replacement under `data.rec_targets = "all"`.
+    /// The rows a run trains on for `task`: the corpus's training examples, or for rec under
+    /// `data.rec_targets = "all"` the stretch rows.
     pub fn train_rows(&self, task: Task) -> &[Sample] {
-        match self.train_overrides.get(&task) {
-            Some(rows) => rows,
-            None => self.corpus.get(Split::Train, task),
+        match (task, &self.rec_all_targets) {
+            (Task::Rec, Some(rows)) => rows,
+            _ => self.corpus.get(Split::Train, task),
         }
+    }
+
+    /// Whether `task`'s training rows have their history items as targets too: the first item
+    /// token id to count as one ([`crate::forward::training_positions`]), else `None`.
+    pub fn history_targets(&self, task: Task) -> Option<u32> {
+        (task == Task::Rec && self.rec_all_targets.is_some()).then_some(self.corpus.base_vocab)
     }
 
     /// Tokenises a prompt for `history` (item indices, oldest first) and an optional query,

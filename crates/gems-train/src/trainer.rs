@@ -30,7 +30,7 @@ use gems_rng::SplitMix64;
 use crate::checkpoint::{
     Cursor, TrainerState, read_json, replace_dir, resolve_dir, verify_dir, write_atomic, write_json,
 };
-use crate::config::{EmbeddingPolicy, RecTargets, StopMetric, TrainConfig};
+use crate::config::{EmbeddingPolicy, StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
@@ -761,9 +761,7 @@ pub(crate) fn step_gradients(
     for (task, batch) in step_batches(setup, config, tasks, state, perms) {
         let k = tasks.iter().position(|&t| t == task).unwrap_or_default();
         tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-        let all = task == Task::Rec && config.data.rec_targets == RecTargets::All;
-        let items_from = all.then_some(setup.corpus.base_vocab);
-        let g = task_gradient(model, &batch, setup.corpus.eos_id, items_from)?;
+        let g = task_gradient(model, &batch, setup.corpus.eos_id, setup.history_targets(task))?;
         windows[k].add(model, g);
     }
     let mut grads = StepGradients::default();
