@@ -12,7 +12,7 @@ use gems_metrics::EvalReport;
 use gems_optim::Method;
 use gems_subspace::{ProjectionType, ProjectorSide};
 use gems_train::config::{StopMetric, TaskSelection};
-use gems_train::infer::{load_run, top_items, user_history};
+use gems_train::infer::{load_run, top_items, user_history, user_items};
 use gems_train::trainer::{eval_options, test_report};
 use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
 
@@ -524,7 +524,8 @@ pub struct RankArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Also list items already in the user's history (by default they are left out).
+    /// Also list items already in the user's history (by default every item the user had,
+    /// not only those in the prompt, is left out).
     #[arg(long)]
     pub include_history: bool,
     #[command(flatten)]
@@ -541,17 +542,22 @@ pub fn run_rank(args: RankArgs, query: Option<&str>) -> Result<()> {
     }
     let dev = device(args.device.device, args.device.device_index)?;
     let loaded = load_run(&args.run, &dev)?;
+    let known = user_items(&loaded.setup, &args.user)?;
     let history = user_history(&loaded.setup, &args.user, loaded.config.data.max_history)?;
-    let items = top_items(&loaded.setup, &history, query, args.top_k, !args.include_history)?;
+    let exclude = if args.include_history { &[][..] } else { known.as_slice() };
+    let items = top_items(&loaded.setup, &history, query, args.top_k, exclude)?;
     if args.json {
         for it in &items {
             println!("{}", serde_json::to_string(it)?);
         }
         return Ok(());
     }
+    let distinct: std::collections::BTreeSet<u32> = known.iter().copied().collect();
     println!(
-        "user {} ({} history items, {}{})",
+        "user {} ({} events, {} distinct items, the last {} in the prompt; {}{})",
         args.user,
+        known.len(),
+        distinct.len(),
         history.len(),
         if args.include_history { "ranked with the rest" } else { "left out of the list" },
         query.map(|q| format!(", query \"{q}\"")).unwrap_or_default()

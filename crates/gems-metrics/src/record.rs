@@ -49,10 +49,12 @@ pub struct EvalReport {
     /// Full-catalogue protocol, keyed by task (`"rec"`, `"search"`); may be empty.
     #[serde(default)]
     pub full: BTreeMap<String, TaskMetrics>,
-    /// The full-catalogue protocol without each example's history items (the target kept),
-    /// keyed by task: the common protocol of sequential recommendation, from the same scores
-    /// as `full` in the same pass. Empty when `full` already leaves the history out
-    /// (`history_excluded`), and in reports written before 2026-12-03 (skipped when empty).
+    /// The full-catalogue protocol without the items each example's user had before its
+    /// target (the target kept; only the prompt's items in reports without
+    /// `whole_history`), keyed by task: the common protocol of sequential recommendation,
+    /// from the same scores as `full` in the same pass. Empty when `full` already leaves the
+    /// history out (`history_excluded`), and in reports written before 2026-12-03 (skipped
+    /// when empty).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unseen: BTreeMap<String, TaskMetrics>,
     /// Sampled protocol (the positives plus 99 seeded negatives), keyed by task; may be empty.
@@ -90,6 +92,12 @@ pub struct EvalReport {
     /// Written only when set, so reports of the default protocol are unchanged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub history_excluded: bool,
+    /// Whether "the history" left out (in `unseen`, or in `full` with `history_excluded`) is
+    /// every item the user had before the target, as since 2026-12-06; false in earlier
+    /// reports, whose rankings left out only the items in the prompt (the last
+    /// `max_history`).
+    #[serde(default)]
+    pub whole_history: bool,
     /// Wall-clock seconds the evaluation took.
     #[serde(deserialize_with = "nullable_f64")]
     pub seconds: f64,

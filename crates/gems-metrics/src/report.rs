@@ -233,7 +233,8 @@ fn distinct_floors(runs: &[Run]) -> Vec<(String, &EvalReport, Vec<&str>)> {
 
 /// Both full-catalogue protocols side by side, at k = 10: one row per run (its `after`
 /// evaluation) and one per distinct floor, Recall@10 and NDCG@10 per task with every item
-/// ranked and with each example's history items left out (the target kept). Empty when no
+/// ranked and with the items each example's user had before its target left out (the target
+/// kept; only the prompt's items in evaluations without `whole_history`). Empty when no
 /// evaluation has the second protocol (reports written before 2026-12-03).
 pub fn markdown_protocols(runs: &[Run]) -> String {
     let mut rows: Vec<(String, &EvalReport)> = runs
@@ -254,6 +255,7 @@ pub fn markdown_protocols(runs: &[Run]) -> String {
     let mut out = String::new();
     header(&mut out, &columns, 1);
     for (label, report) in rows {
+        let label = if report.whole_history { label } else { format!("{label} (prompt only)") };
         let mut row = vec![cell(&label)];
         for task in TASKS {
             for metric in ["recall@10", "ndcg@10"] {
@@ -572,8 +574,8 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     } else {
         let _ = writeln!(
             md,
-            "Protocol: the full-catalogue ranking leaves out each example's history items (the \
-             target kept) for {}; the other runs rank every item.\n",
+            "Protocol: the full-catalogue ranking leaves out the items each example's user had \
+             before its target (the target kept) for {}; the other runs rank every item.\n",
             excluded.join(", ")
         );
     }
@@ -597,8 +599,11 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
         md.push_str(
             "\n## With and without the history items\n\n\
              The full-catalogue ranking after tuning and of the floors, every item ranked / \
-             each example's history items left out (the target kept: the common protocol of \
-             sequential recommendation), from the same scores.\n\n",
+             the items each example's user had before its target left out (the whole known \
+             history, not only the prompt's; the target kept: the common protocol of \
+             sequential recommendation), from the same scores. Rows marked \"(prompt only)\" \
+             come from evaluations written before 2026-12-06, which left out only the items \
+             in the prompt.\n\n",
         );
         md.push_str(&protocols);
     }

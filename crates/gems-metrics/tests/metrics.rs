@@ -206,6 +206,7 @@ fn eval_report(label: &str, base: f64, perplexity: Option<f64>, search: bool) ->
         perplexity,
         ndcg_normaliser: NdcgNormaliser::Standard,
         history_excluded: false,
+        whole_history: true,
         seconds: 12.5,
     }
 }

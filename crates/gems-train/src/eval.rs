@@ -133,17 +133,19 @@ impl TaskTally {
         }
     }
 
-    /// One sample's item scores `row` and, for a model, its (target, item token) losses.
+    /// One sample's item scores `row` and, for a model, its (target, item token) losses;
+    /// `seen` are the items the user had before the target ([`Corpus::seen`]).
     fn add(
         &mut self,
         row: &[f32],
         s: &Sample,
+        seen: &[u32],
         losses: Option<(f64, f64)>,
         options: &EvalOptions,
     ) -> Result<()> {
         let target = [s.target as usize];
         let mut masked = row.to_vec();
-        exclude_items(&mut masked, &s.history, s.target);
+        exclude_items(&mut masked, seen, s.target);
         if options.exclude_history {
             self.full.add_scores(&masked, &target)?;
         } else {
@@ -185,7 +187,8 @@ impl TaskTally {
 
 /// The evaluation protocol with any scorer: selects the samples of `options`, asks `score` for
 /// the item scores of each chunk (of one task), and ranks every target in the whole catalogue
-/// (minus its history with `exclude_history`; otherwise both with and without it) and among
+/// (minus the items its user had before it, the whole known history and not only the
+/// prompt's, with `exclude_history`; otherwise both with and without them) and among
 /// its sampled negatives. Target losses (and the item token's, and the catalogue softmax's)
 /// are reported when the scorer gives them. A model ([`evaluate`]) and the baselines
 /// (`crate::baselines`) share it, so their numbers are comparable by construction.
@@ -211,6 +214,7 @@ pub fn rank_samples(
         perplexity: None,
         ndcg_normaliser: options.normaliser,
         history_excluded: options.exclude_history,
+        whole_history: true,
         seconds: 0.0,
     };
     for &task in &options.tasks {
@@ -235,7 +239,7 @@ pub fn rank_samples(
             for (r, s) in chunk.iter().enumerate() {
                 let row = &item_scores[r * n_items..(r + 1) * n_items];
                 let row_losses = losses.as_ref().map(|l| (l.target[r], l.item[r]));
-                tally.add(row, s, row_losses, options)?;
+                tally.add(row, s, corpus.seen(s), row_losses, options)?;
             }
             done += chunk.len() as u64;
             progress.update(done, "");
@@ -249,9 +253,11 @@ pub fn rank_samples(
 
 /// Writes the examples an evaluation with `options` ranks, one JSON object per line: `task`,
 /// `user`, `input_ids` (the prompt, exactly the ids the model sees), `target` (item index),
-/// `target_token_id` (its token id), `negatives` (the sampled protocol's items). With these,
-/// another implementation (docs/python.md) reproduces the full-catalogue metrics: score the
-/// item-token logits at the prompt's last position and rank the target against all items.
+/// `target_token_id` (its token id), `negatives` (the sampled protocol's items), `seen` (the
+/// items the user had before the target, which the protocol without history leaves out, the
+/// target kept). With these, another implementation (docs/python.md) reproduces the
+/// full-catalogue metrics: score the item-token logits at the prompt's last position and rank
+/// the target against all items.
 ///
 /// # Errors
 /// I/O failures naming the file.
@@ -268,6 +274,7 @@ pub fn dump_examples(corpus: &Corpus, options: &EvalOptions, path: &Path) -> Res
                 "target": s.target,
                 "target_token_id": base + s.target,
                 "negatives": &s.negatives,
+                "seen": corpus.seen(s),
             });
             out.push_str(&line.to_string());
             out.push('\n');

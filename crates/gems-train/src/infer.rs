@@ -4,13 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use gems_data::{Split, Task};
 use gems_model::TokenBatch;
 
 use crate::checkpoint::read_json;
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::setup::{Setup, build, load_model};
+use crate::setup::{Setup, UNKNOWN_ITEM, build, load_model};
 use crate::trainer::tuned_model_dir;
 
 /// A run's configuration with its tuned model and data.
@@ -63,13 +62,11 @@ pub struct RankedItem {
     pub log_prob: f32,
 }
 
-/// The user's item sequence as the model should see it for "what next": the history of the
-/// user's test example followed by its target (everything the user did), capped at the run's
-/// history length.
+/// Everything the user is known to have done, oldest first: every event of every split.
 ///
 /// # Errors
 /// Unknown user id.
-pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec<u32>> {
+pub fn user_items(setup: &Setup, user: &str) -> Result<Vec<u32>> {
     let corpus = &setup.corpus;
     let index = corpus.user_index(user).ok_or_else(|| {
         TrainError::Config(format!(
@@ -78,21 +75,18 @@ pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec
             corpus.users.len()
         ))
     })?;
-    let latest = [Split::Test, Split::Valid, Split::Train]
-        .into_iter()
-        .flat_map(|s| corpus.get(s, Task::Rec).iter().filter(|x| x.user == index))
-        .max_by_key(|x| x.history.len());
-    let mut items = match latest {
-        Some(s) => {
-            let mut h = s.history.clone();
-            h.push(s.target);
-            h
-        }
-        None => Vec::new(),
-    };
-    if items.len() > max_history {
-        items.drain(..items.len() - max_history);
-    }
+    let events = corpus.sequences.get(index as usize).map_or(&[][..], Vec::as_slice);
+    Ok(events.iter().copied().filter(|&i| i != UNKNOWN_ITEM).collect())
+}
+
+/// The user's item sequence as the model should see it for "what next": the last
+/// `max_history` of [`user_items`] (the prompt's length in training).
+///
+/// # Errors
+/// Unknown user id.
+pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec<u32>> {
+    let mut items = user_items(setup, user)?;
+    items.drain(..items.len().saturating_sub(max_history));
     Ok(items)
 }
 
@@ -100,8 +94,8 @@ pub fn user_history(setup: &Setup, user: &str, max_history: usize) -> Result<Vec
 /// words, and the prompt's cost grows with its length.
 pub const MAX_QUERY_CHARS: usize = 1024;
 
-/// The top `k` items for a prompt of `history` (and `query` for search); with
-/// `exclude_history`, items of `history` are not listed (the usual "what next" question).
+/// The top `k` items for a prompt of `history` (and `query` for search), leaving out the
+/// items of `exclude` (for "what next", the user's whole history: [`user_items`]).
 ///
 /// # Errors
 /// `k` above the catalogue size, a query over [`MAX_QUERY_CHARS`], an empty prompt, forward
@@ -111,7 +105,7 @@ pub fn top_items(
     history: &[u32],
     query: Option<&str>,
     k: usize,
-    exclude_history: bool,
+    exclude: &[u32],
 ) -> Result<Vec<RankedItem>> {
     let corpus = &setup.corpus;
     if k > corpus.n_items() {
@@ -138,10 +132,13 @@ pub fn top_items(
         (0..corpus.n_items() as u32).map(|i| corpus.base_vocab + i).collect();
     let lp = setup.pretrained.model.candidate_log_probs(&batch, &[n - 1], &candidates)?;
     let lp = crate::forward::read_f32(lp, "top_items")?;
-    let mut order: Vec<usize> = (0..lp.len()).collect();
-    if exclude_history {
-        order.retain(|&i| !history.contains(&(i as u32)));
+    let mut keep = vec![true; lp.len()];
+    for &i in exclude {
+        if let Some(k) = keep.get_mut(i as usize) {
+            *k = false;
+        }
     }
+    let mut order: Vec<usize> = (0..lp.len()).filter(|&i| keep[i]).collect();
     order.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
     Ok(order
         .into_iter()

@@ -96,6 +96,10 @@ pub struct Corpus {
     pub item_ids: Vec<String>,
     /// User ids as in the source data, by user index.
     pub users: Vec<String>,
+    /// Each user's items in event order, every split ([`user_sequences`]): what the user is
+    /// known to have done, which the rankings "without history" leave out ([`UNKNOWN_ITEM`]
+    /// where no sample names the event).
+    pub sequences: Vec<Vec<u32>>,
     /// Samples per split and task.
     pub samples: BTreeMap<(Split, Task), Vec<Sample>>,
     /// The preparation configuration (saved with the run).
@@ -119,6 +123,14 @@ impl Corpus {
         let train = self.get(Split::Train, Task::Rec);
         let examples = train.iter().map(|s| (s.history.as_slice(), s.target));
         crate::collab::CoOccurrence::from_examples(self.n_items(), examples)
+    }
+
+    /// The items `sample`'s user had interacted with before its target event (the whole known
+    /// history, of which the prompt shows the last `max_history`): what a ranking "without
+    /// history" leaves out.
+    pub fn seen(&self, sample: &Sample) -> &[u32] {
+        let events = self.sequences.get(sample.user as usize).map_or(&[][..], Vec::as_slice);
+        &events[..(sample.position as usize).min(events.len())]
     }
 
     /// The user index of a source user id.
@@ -313,6 +325,7 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         titles: source.titles,
         categories: source.categories,
         item_ids: source.item_ids,
+        sequences: user_sequences(source.users.len(), &samples),
         users: source.users,
         samples,
         prepare: source.prepare,
@@ -378,6 +391,33 @@ fn add_item_tokens(
         gems_model::add_to_item_rows(pretrained, &ids, &parts)?;
     }
     Ok(())
+}
+
+/// The entry of [`Corpus::sequences`] at a position no sample names.
+pub const UNKNOWN_ITEM: u32 = u32::MAX;
+
+/// Each user's items in event order, rebuilt from the samples of every split and task: a
+/// sample at position p names the event at p (its target) and the events before it (its
+/// history). Every event after a user's first is some example's target and the first is in
+/// the history of the example at position 1, so nothing is missing for data built by
+/// `gems_data::build_examples`; a position no sample names (hand-made samples) holds
+/// [`UNKNOWN_ITEM`], which is never an item.
+pub fn user_sequences(
+    n_users: usize,
+    samples: &BTreeMap<(Split, Task), Vec<Sample>>,
+) -> Vec<Vec<u32>> {
+    let mut events: Vec<Vec<u32>> = vec![Vec::new(); n_users];
+    for s in samples.values().flatten() {
+        let Some(seq) = events.get_mut(s.user as usize) else { continue };
+        let position = s.position as usize;
+        if seq.len() <= position {
+            seq.resize(position + 1, UNKNOWN_ITEM);
+        }
+        seq[position] = s.target;
+        let start = position - s.history.len().min(position);
+        seq[start..position].copy_from_slice(&s.history[s.history.len() - (position - start)..]);
+    }
+    events
 }
 
 fn sample(example: &Example, tok: &gems_data::TokenizedExample) -> Sample {
@@ -470,6 +510,83 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Every split's samples of users with `lengths` events, prompts of `max_history`.
+    fn all_samples(lengths: &[u32], max_history: u32) -> BTreeMap<(Split, Task), Vec<Sample>> {
+        let mut out: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
+        for (u, &n) in lengths.iter().enumerate() {
+            for position in 1..n {
+                let split = match n - position {
+                    1 => Split::Test,
+                    2 => Split::Valid,
+                    _ => Split::Train,
+                };
+                let task = if position % 3 == 0 { Task::Search } else { Task::Rec };
+                let start = position.saturating_sub(max_history);
+                out.entry((split, task)).or_default().push(Sample {
+                    user: u as u32,
+                    position,
+                    ids: Vec::new(),
+                    target_pos: 0,
+                    target: 1000 * u as u32 + position,
+                    history: (start..position).map(|p| 1000 * u as u32 + p).collect(),
+                    query: None,
+                    negatives: Vec::new(),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn user_sequences_hold_every_event_and_seen_is_the_whole_past() {
+        let lengths = [2, 3, 7, 30];
+        let samples = all_samples(&lengths, 4);
+        let sequences = user_sequences(lengths.len() + 1, &samples);
+        for (u, &n) in lengths.iter().enumerate() {
+            let want: Vec<u32> = (0..n).map(|p| 1000 * u as u32 + p).collect();
+            assert_eq!(sequences[u], want, "user {u}");
+        }
+        assert!(sequences[lengths.len()].is_empty(), "a user without samples");
+        let corpus = Corpus {
+            dataset: "t".into(),
+            base_vocab: 0,
+            eos_id: 0,
+            titles: Vec::new(),
+            categories: Vec::new(),
+            item_ids: Vec::new(),
+            users: Vec::new(),
+            sequences,
+            samples,
+            prepare: PrepareConfig {
+                dataset: "t".into(),
+                format: gems_data::DataFormat::Jsonl,
+                load: gems_data::LoadOptions::default(),
+                query_synthesis: gems_data::QuerySynthesis::Off,
+                build: gems_data::BuildConfig::default(),
+            },
+        };
+        let test =
+            corpus.get(Split::Test, Task::Rec).iter().chain(corpus.get(Split::Test, Task::Search));
+        for s in test {
+            // The prompt shows 4 items; what the user had before the target is all of it.
+            let seen = corpus.seen(s);
+            assert_eq!(seen.len(), s.position as usize);
+            assert!(seen.ends_with(&s.history));
+            assert!(!seen.contains(&s.target));
+        }
+        // A hand-made sample whose earlier events no sample names: those stay unknown.
+        let lone = Sample {
+            user: 0,
+            position: 5,
+            target: 7,
+            ..corpus.get(Split::Test, Task::Rec)[0].clone()
+        };
+        let one =
+            BTreeMap::from([((Split::Test, Task::Rec), vec![Sample { history: vec![6], ..lone }])]);
+        let seq = &user_sequences(1, &one)[0];
+        assert_eq!(seq, &[UNKNOWN_ITEM, UNKNOWN_ITEM, UNKNOWN_ITEM, UNKNOWN_ITEM, 6, 7]);
     }
 
     #[test]

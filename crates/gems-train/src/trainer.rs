@@ -444,6 +444,48 @@ fn checkpoint_to_resume(run_dir: &Path) -> Result<PathBuf> {
     Ok(ckpt)
 }
 
+/// What a run writes into its directory besides `checkpoint/` and `summary.json`.
+const RUN_OUTPUTS: [&str; 7] = [
+    "config.json",
+    "nullspace.json",
+    "before.json",
+    gems_metrics::BASELINES_FILE,
+    METRICS,
+    "conflict.jsonl",
+    "model",
+];
+
+/// Removes the outputs of an earlier start in `run_dir` that never reached a checkpoint (a
+/// run killed early), so that a new run never reports a file it did not write (a tuned model,
+/// floors of other test examples). Only the names of [`RUN_OUTPUTS`] (and their `.tmp` and
+/// `.old` copies) are touched; the removal is noted.
+fn clear_earlier_start(run_dir: &Path, progress: &Reporter) -> Result<()> {
+    let mut removed = Vec::new();
+    for name in RUN_OUTPUTS {
+        for path in ["", ".tmp", ".old"].map(|s| run_dir.join(format!("{name}{s}"))) {
+            let gone = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else if path.exists() {
+                std::fs::remove_file(&path)
+            } else {
+                continue;
+            };
+            gone.map_err(|e| TrainError::io(&path, e))?;
+            removed.push(path.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        }
+    }
+    if !removed.is_empty() {
+        progress.note(|| {
+            format!(
+                "{} held an earlier start that never reached a checkpoint; removed its {}",
+                run_dir.display(),
+                removed.join(", ")
+            )
+        });
+    }
+    Ok(())
+}
+
 /// The configuration a run uses (the saved one when resuming; only `stop_after` may change),
 /// with the model path filled in, written to `config.json`; and that model path.
 fn resolve_config(
@@ -460,11 +502,15 @@ fn resolve_config(
         config = saved;
         config.stop_after = stop_after;
         progress.note(|| format!("resuming from {}", ckpt.display()));
-    } else if run_dir.join("checkpoint").exists() || run_dir.join("summary.json").exists() {
+    } else if resolve_dir(&run_dir.join("checkpoint")).is_some()
+        || run_dir.join("summary.json").exists()
+    {
         return Err(TrainError::Config(format!(
             "{} already holds a run: pass --resume to continue it, or choose another directory",
             run_dir.display()
         )));
+    } else {
+        clear_earlier_start(run_dir, progress)?;
     }
     let path = model_path(&config)?;
     config.model.path = Some(path.clone());

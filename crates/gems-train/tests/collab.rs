@@ -29,6 +29,7 @@ fn corpus(n: usize, samples: BTreeMap<(Split, Task), Vec<Sample>>) -> Corpus {
         categories: vec![Vec::new(); n],
         item_ids: (0..n).map(|i| i.to_string()).collect(),
         users: vec!["u".into()],
+        sequences: gems_train::setup::user_sequences(1, &samples),
         samples,
         prepare: gems_data::PrepareConfig {
             dataset: "t".into(),

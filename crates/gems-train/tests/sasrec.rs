@@ -43,6 +43,7 @@ fn corpus(n_items: usize, users: usize, samples: BTreeMap<(Split, Task), Vec<Sam
         categories: vec![Vec::new(); n_items],
         item_ids: (0..n_items).map(|i| i.to_string()).collect(),
         users: (0..users).map(|u| u.to_string()).collect(),
+        sequences: gems_train::setup::user_sequences(users, &samples),
         samples,
         prepare: PrepareConfig {
             dataset: "synthetic".into(),

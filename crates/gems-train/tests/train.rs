@@ -386,6 +386,38 @@ fn resume_refuses_missing_damaged_and_mixed_checkpoints() {
     assert_eq!(summary.steps, 4);
 }
 
+/// A new run in a directory where an earlier start was killed before its first checkpoint
+/// writes every file itself: nothing of the earlier start (a tuned model, floors of other test
+/// examples) survives into its results. Files the run does not write are left alone.
+#[test]
+fn a_new_run_never_keeps_an_earlier_starts_outputs() {
+    let (root, mut config) = setup(1);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    let run = root.path().join("runs/k");
+    for dir in ["model", "model.tmp"] {
+        std::fs::create_dir_all(run.join(dir)).unwrap();
+        std::fs::write(run.join(dir).join("model.safetensors"), b"earlier").unwrap();
+    }
+    for file in ["baselines.json", "before.json", "config.json", "metrics.jsonl"] {
+        std::fs::write(run.join(file), b"{\"earlier\": true}").unwrap();
+    }
+    std::fs::write(run.join("notes.txt"), b"mine").unwrap();
+    let summary = finished(train(&config, &run, &options(false)).unwrap());
+    assert_eq!(summary.steps, 1);
+    assert!(!run.join("model.tmp").exists() && !run.join("before.json").exists());
+    let weights = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    assert_ne!(weights, b"earlier");
+    for file in ["baselines.json", "config.json", "metrics.jsonl"] {
+        let text = std::fs::read_to_string(run.join(file)).unwrap();
+        assert!(!text.contains("earlier"), "{file} kept the earlier start's content");
+    }
+    assert_eq!(std::fs::read(run.join("notes.txt")).unwrap(), b"mine");
+    // A finished run is refused, not cleared.
+    let err = train(&config, &run, &options(false)).unwrap_err().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
@@ -399,30 +431,41 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The common protocol: history items out of the ranking. `recommend` never lists them, and
-/// the evaluation with them left out ranks every target at least as high.
+/// The common protocol: history items out of the ranking, the user's whole history and not
+/// only the prompt's. `recommend` never lists them, and the evaluation with them left out
+/// ranks every target at least as high.
 #[test]
 fn history_items_can_be_left_out_of_rankings() {
     use gems_train::eval::evaluate;
-    use gems_train::infer::{load_run, top_items, user_history};
+    use gems_train::infer::{load_run, top_items, user_history, user_items};
     use gems_train::trainer::eval_options;
     let (root, mut config) = setup(1);
     config.eval.before = false;
     config.eval.perplexity = false;
+    // Prompts of 3 items, so that many users have more history than their prompt shows.
+    config.data.max_history = 3;
     let run = root.path().join("runs/h");
     finished(train(&config, &run, &options(false)).unwrap());
     let loaded = load_run(&run, &Device::flex()).unwrap();
     let setup = &loaded.setup;
-    let n = setup.corpus.n_items();
-    let user = setup.corpus.users[0].clone();
+    let corpus = &setup.corpus;
+    let n = corpus.n_items();
+    let long = corpus.sequences.iter().position(|s| s.len() > 5).expect("a user of 6+ events");
+    let user = corpus.users[long].clone();
+    let known = user_items(setup, &user).unwrap();
     let history = user_history(setup, &user, config.data.max_history).unwrap();
-    assert!(!history.is_empty());
-    let all = top_items(setup, &history, None, n, false).unwrap();
+    assert_eq!(history, known[known.len() - 3..]);
+    let all = top_items(setup, &history, None, n, &[]).unwrap();
     assert_eq!(all.len(), n);
-    let fresh = top_items(setup, &history, None, n, true).unwrap();
-    assert!(fresh.iter().all(|it| !history.contains(&it.index)));
-    let distinct: std::collections::BTreeSet<u32> = history.iter().copied().collect();
+    let fresh = top_items(setup, &history, None, n, &known).unwrap();
+    assert!(fresh.iter().all(|it| !known.contains(&it.index)));
+    let distinct: std::collections::BTreeSet<u32> = known.iter().copied().collect();
     assert_eq!(fresh.len(), n - distinct.len());
+    // The evaluation leaves out every item before the target, beyond the prompt's 3.
+    let test = corpus.get(gems_data::Split::Test, gems_data::Task::Rec);
+    let s = test.iter().find(|s| s.user as usize == long).expect("the user's test example");
+    assert_eq!(s.history, known[s.position as usize - 3..s.position as usize]);
+    assert_eq!(corpus.seen(s), &known[..s.position as usize]);
 
     let tasks = [gems_data::Task::Rec, gems_data::Task::Search];
     let mut opts = eval_options(&config, gems_data::Split::Test, "t", &tasks, &Default::default());
