@@ -175,8 +175,8 @@ pub struct TrainArgs {
     /// Use the authors' NDCG normaliser (ideal DCG from hits found in the top k).
     #[arg(long)]
     pub authors_ndcg: bool,
-    /// Leave each example's history items out of the full-catalogue ranking (the common
-    /// protocol); by default every item is ranked.
+    /// Leave the items each example's user had before its target out of the full-catalogue
+    /// ranking (the common protocol); by default every item is ranked.
     #[arg(long)]
     pub exclude_history: bool,
     /// Which embedding rows train: all, items (text-token rows frozen) or none.
@@ -458,10 +458,15 @@ pub struct EvalArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
-    /// Leave each example's history items out of the full-catalogue ranking (default: the
-    /// run's own setting, which ranks every item unless it was trained with this flag).
+    /// Leave the items each example's user had before its target out of the full-catalogue
+    /// ranking (default: the run's own setting, which ranks every item unless it was trained
+    /// with this flag).
     #[arg(long)]
     pub exclude_history: bool,
+    /// Evaluate the floors without a language model (most popular, BM25, SASRec, ItemKNN:
+    /// what a run writes to baselines.json) on the same examples instead of the tuned model.
+    #[arg(long)]
+    pub floors: bool,
     /// Also write the evaluated examples (prompt ids, target, negatives) as JSON lines here,
     /// to reproduce the metrics in another implementation (docs/python.md).
     #[arg(long, value_name = "FILE")]
@@ -495,6 +500,10 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         let n = gems_train::eval::dump_examples(&loaded.setup.corpus, &options, path)?;
         eprintln!("{n} evaluated examples written to {}", path.display());
     }
+    if args.floors {
+        let floors = gems_train::baselines::evaluate_baselines(&loaded.setup.corpus, &options)?;
+        return write_or_print(&floors, args.out.as_deref());
+    }
     let model = &loaded.setup.pretrained.model;
     let report: EvalReport = match split {
         gems_data::Split::Test => {
@@ -502,8 +511,13 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         }
         _ => gems_train::eval::evaluate(model, &loaded.setup.corpus, &options)?,
     };
-    let json = serde_json::to_string_pretty(&report)?;
-    match &args.out {
+    write_or_print(&report, args.out.as_deref())
+}
+
+/// `value` as pretty JSON, written atomically to `out`, else printed.
+fn write_or_print(value: &impl serde::Serialize, out: Option<&Path>) -> Result<()> {
+    let json = serde_json::to_string_pretty(value)?;
+    match out {
         Some(p) => gems_train::checkpoint::write_atomic(p, json.as_bytes())?,
         None => println!("{json}"),
     }

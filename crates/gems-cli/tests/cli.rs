@@ -54,6 +54,14 @@ fn commands_work_on_a_finished_run() {
     assert_eq!(stderr(&o), "", "--quiet prints no progress");
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(report["full"]["rec"]["examples"], 8);
+    assert_eq!(report["whole_history"], true);
+
+    // The floors on the same examples, without the model.
+    let o = gems(&["eval", run_s, "--examples", "8", "--quiet", "--floors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let floors: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(floors["popular"]["full"]["rec"]["examples"], 8);
+    assert_eq!(floors["itemknn"]["full"]["rec"]["examples"], 8);
 
     let out = root.path().join("report");
     let o = gems(&["report", run_s, "--out", out.to_str().unwrap()]);

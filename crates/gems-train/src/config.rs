@@ -339,9 +339,10 @@ pub struct EvalSettings {
     pub perplexity_window: usize,
     /// Evaluate the untuned model on the test set before training.
     pub before: bool,
-    /// Leave the items of each example's history (the items in its prompt) out of the
-    /// full-catalogue ranking, as sequential-recommendation papers commonly do; the target is
-    /// kept even when it repeats a history item. Off by default: the whole catalogue is ranked.
+    /// Leave the items each example's user had before its target (the whole known history,
+    /// not only the prompt's) out of the full-catalogue ranking, as sequential-recommendation
+    /// papers commonly do; the target is kept even when it repeats a history item. Off by
+    /// default: the whole catalogue is ranked.
     #[serde(default)]
     pub exclude_history: bool,
     /// Evaluate the floors without a language model (`baselines.json`: most popular, BM25,

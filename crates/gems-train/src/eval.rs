@@ -35,8 +35,8 @@ pub struct EvalOptions {
     pub sampled: bool,
     /// NDCG normaliser.
     pub normaliser: NdcgNormaliser,
-    /// Leave each example's history items (but not its target) out of the full-catalogue
-    /// ranking.
+    /// Leave the items each example's user had before its target (but not the target) out of
+    /// the full-catalogue ranking ([`Corpus::seen`]).
     pub exclude_history: bool,
     /// Where progress events go (one phase per task).
     pub progress: Reporter,
