@@ -12,7 +12,7 @@ mod model_cmd;
 mod progress;
 mod run_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// GEMS: unified search and recommendation with gradient multi-subspace tuning.
 #[derive(Debug, Parser)]
@@ -90,7 +90,10 @@ enum Command {
 /// they are about the user's input or environment, and resolving a backtrace costs about half
 /// a second and 150 MB. Bugs are panics, which keep Rust's own report (`RUST_BACKTRACE=1`).
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = given_flags(&matches);
+    match run(cli, &given) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -99,11 +102,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// The ids of the arguments typed on the command line for the subcommand (not defaults or
+/// environment variables), e.g. `lr` for `gems train --lr 0.1`.
+fn given_flags(matches: &clap::ArgMatches) -> Vec<String> {
+    let Some((_, sub)) = matches.subcommand() else { return Vec::new() };
+    sub.ids()
+        .filter(|id| sub.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.as_str().to_owned())
+        .collect()
+}
+
+fn run(cli: Cli, given: &[String]) -> anyhow::Result<()> {
     match cli.command {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model_cmd::run(command),
-        Command::Train(args) => run_cmd::run_train(*args),
+        Command::Train(args) => run_cmd::run_train(*args, given),
         Command::Eval(args) => run_cmd::run_eval(args),
         Command::Drift(args) => drift_cmd::run_drift(args),
         Command::Recommend(args) => run_cmd::run_rank(args, None),

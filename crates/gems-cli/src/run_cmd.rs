@@ -369,9 +369,41 @@ fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
     }
 }
 
-/// `gems train`.
-pub fn run_train(args: TrainArgs) -> Result<()> {
+/// Flags of `gems train` that do not set the run's configuration.
+const RUN_FLAGS: [&str; 6] = ["out", "resume", "stop_after", "device", "device_index", "quiet"];
+
+/// With `--resume`, configuration flags must resolve to the run's own configuration
+/// (config.json): a resumed run keeps it, so a flag that would change it is refused, naming
+/// the settings, rather than silently ignored. Repeating the run's own flags is accepted.
+fn check_resume_flags(args: &TrainArgs, given: &[String], config: &TrainConfig) -> Result<()> {
+    if !args.resume || given.iter().all(|id| RUN_FLAGS.contains(&id.as_str())) {
+        return Ok(());
+    }
+    let path = args.out.join("config.json");
+    if !path.is_file() {
+        // The trainer refuses, saying what the directory holds.
+        return Ok(());
+    }
+    let saved: TrainConfig = gems_train::checkpoint::read_json(&path)?;
+    let (asked, _) = gems_train::trainer::resolved_config(config.clone())?;
+    let changed = asked.differences(&saved);
+    if !changed.is_empty() {
+        bail!(
+            "--resume continues the run in {} with its own configuration ({}); the flags \
+             given would change {} and are refused. Resume with --out alone (and \
+             --stop-after, --device, --quiet), or start a new run in another directory",
+            args.out.display(),
+            path.display(),
+            changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `gems train`; `given` are the ids of the flags typed on the command line.
+pub fn run_train(args: TrainArgs, given: &[String]) -> Result<()> {
     let config = resolve_config(&args)?;
+    check_resume_flags(&args, given, &config)?;
     let dev = device(args.device.device, args.device.device_index)?;
     let options = RunOptions { device: dev, resume: args.resume, progress: reporter(args.quiet) };
     match train(&config, &args.out, &options)? {

@@ -78,6 +78,11 @@ fn train_killed_at_random_moments_resumes_to_the_uninterrupted_result() {
     let whole = root.path().join("whole");
     assert!(train(&whole, false).status().unwrap().success());
     let expected = after_metrics(&whole);
+    // A flag that would change a resumed run is refused, naming the setting; the run's own
+    // flags are accepted (every resume below repeats them).
+    let o = train(&whole, true).args(["--lr", "0.5"]).stderr(Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("schedule.lr") && err.contains("refused"), "{err}");
     // Cached projectors and model setup make a run take a second or two; kill within 1.5 s.
     let parts = root.path().join("parts");
     let mut rng = SplitMix64::new(20261130);

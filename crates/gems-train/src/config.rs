@@ -462,7 +462,37 @@ pub struct TrainConfig {
 /// Parameter paths of the token embedding and an untied output head.
 const EMBEDDING_PATTERNS: [&str; 2] = ["embed_tokens.*", "lm_head.*"];
 
+/// The dotted paths at which `a` and `b` differ (objects compared field by field).
+fn json_differences(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            let null = serde_json::Value::Null;
+            for k in keys {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                json_differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &path, out);
+            }
+        }
+        _ if a != b => out.push(format!("{at} ({a} vs {b})")),
+        _ => {}
+    }
+}
+
 impl TrainConfig {
+    /// The settings in which `self` and `other` differ, as dotted paths with both values
+    /// (`schedule.lr (0.003 vs 0.05)`), `stop_after` aside (it is per process): what a resumed
+    /// run would change.
+    pub fn differences(&self, other: &TrainConfig) -> Vec<String> {
+        let comparable = |c: &TrainConfig| {
+            let mut c = c.clone();
+            c.stop_after = None;
+            serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
+        };
+        let mut out = Vec::new();
+        json_differences(&comparable(self), &comparable(other), "", &mut out);
+        out
+    }
+
     /// The CPU preset of the main job (2-core machine, about 15 minutes end to end): see
     /// docs/training.md for the measurements behind each value.
     pub fn cpu_preset() -> Self {

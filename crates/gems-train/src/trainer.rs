@@ -486,6 +486,30 @@ fn clear_earlier_start(run_dir: &Path, progress: &Reporter) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to resume when `saved` (the run's config.json) differs from the configuration the
+/// checkpoint `ckpt` was taken with, other than `stop_after`: an edited config.json would
+/// otherwise change the rest of the run silently. Checkpoints written before 2026-12-06 hold
+/// no configuration and are not checked.
+fn same_config_as_checkpoint(saved: &TrainConfig, run_dir: &Path, ckpt: &Path) -> Result<()> {
+    let theirs_path = ckpt.join("config.json");
+    if !theirs_path.is_file() {
+        return Ok(());
+    }
+    let theirs: TrainConfig = read_json(&theirs_path)?;
+    let changed = saved.differences(&theirs);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "--resume: {} differs from the configuration the checkpoint was taken with ({}) in {}: \
+         a resumed run keeps its configuration; restore the file, or start a new run in \
+         another directory",
+        run_dir.join("config.json").display(),
+        theirs_path.display(),
+        changed.join(", ")
+    )))
+}
+
 /// The configuration a run uses (the saved one when resuming; only `stop_after` may change),
 /// with the model path filled in, written to `config.json`; and that model path.
 fn resolve_config(
@@ -498,6 +522,7 @@ fn resolve_config(
     if let Some(ckpt) = resume_from {
         // The saved configuration decides the run; only `stop_after` may change.
         let saved: TrainConfig = read_json(&run_dir.join("config.json"))?;
+        same_config_as_checkpoint(&saved, run_dir, ckpt)?;
         let stop_after = config.stop_after;
         config = saved;
         config.stop_after = stop_after;
@@ -512,6 +537,18 @@ fn resolve_config(
     } else {
         clear_earlier_start(run_dir, progress)?;
     }
+    let (config, path) = resolved_config(config)?;
+    write_json(&run_dir.join("config.json"), &config)?;
+    Ok((config, path))
+}
+
+/// `config` as a run records it in config.json: the model path actually used filled in, and
+/// what the method implies (LoRA trains the embedding rows; the optimizer's record of the
+/// null space); and that model path.
+///
+/// # Errors
+/// No model is found.
+pub fn resolved_config(mut config: TrainConfig) -> Result<(TrainConfig, PathBuf)> {
     let path = model_path(&config)?;
     config.model.path = Some(path.clone());
     if config.optimizer.method == Method::Lora {
@@ -526,7 +563,6 @@ fn resolve_config(
         rule: config.null_space.rule,
         side: config.null_space.side,
     };
-    write_json(&run_dir.join("config.json"), &config)?;
     Ok((config, path))
 }
 
@@ -1098,6 +1134,8 @@ fn save_checkpoint(
         }
         gems_model::save_hf_dir(&base, &d.join("model"))?;
         optimizer.save(d.join("optimizer"))?;
+        // The configuration the checkpoint continues (checked against config.json on resume).
+        write_json(&d.join("config.json"), config)?;
         write_json(&d.join("trainer.json"), state)
     })
 }

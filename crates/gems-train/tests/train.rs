@@ -381,6 +381,16 @@ fn resume_refuses_missing_damaged_and_mixed_checkpoints() {
     std::fs::remove_dir_all(&ckpt).unwrap();
     std::fs::rename(root.path().join("good-checkpoint"), &ckpt).unwrap();
 
+    // An edited config.json is refused, naming what changed.
+    let config_path = run.join("config.json");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edited["schedule"]["lr"] = serde_json::json!(0.5);
+    std::fs::write(&config_path, edited.to_string()).unwrap();
+    let err = train(&config, &run, &options(true)).unwrap_err().to_string();
+    assert!(err.contains("schedule.lr") && err.contains("checkpoint was taken with"), "{err}");
+    std::fs::write(&config_path, text).unwrap();
+
     // The intact checkpoint resumes and finishes.
     let summary = finished(train(&config, &run, &options(true)).unwrap());
     assert_eq!(summary.steps, 4);
