@@ -90,6 +90,7 @@ enum Command {
 /// they are about the user's input or environment, and resolving a backtrace costs about half
 /// a second and 150 MB. Bugs are panics, which keep Rust's own report (`RUST_BACKTRACE=1`).
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_stdout();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let given = given_flags(&matches);
@@ -100,6 +101,26 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A reader that stops reading (`gems data stats DIR | head -1`) makes the next `println!`
+/// fail with a broken pipe, which Rust reports as a panic: end quietly instead, as Unix tools
+/// do, with success (the output was wanted only up to there). Other panics are reported as
+/// before.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 /// The ids of the arguments typed on the command line for the subcommand (not defaults or

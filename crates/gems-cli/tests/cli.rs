@@ -222,6 +222,19 @@ fn train_data_trains_on_what_data_prepare_wrote() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
+    // A reader that closes stdout early (`gems data stats DIR | head -1`) ends the program
+    // quietly, where it used to panic with exit 101.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gems"))
+        .args(["data", "stats", &path(&prepared)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{:?}: {}", o.status, stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+
     let run = root.path().join("run");
     let args =
         ["train", "--preset", "default", "--config", &path(&cfg), "--out", &path(&run), "--quiet"];

@@ -110,6 +110,9 @@ pub fn answer(p: &Pretrained, user: &str, max_new_tokens: usize) -> Result<Strin
 }
 
 /// Runs the whole check on a model file or directory.
+///
+/// # Errors
+/// The model does not load, or its loss on the reference sentence is not finite.
 pub fn check(path: &Path, device: &Device) -> Result<CheckReport> {
     let t0 = Instant::now();
     let p = load(path, device)?;
@@ -120,6 +123,16 @@ pub fn check(path: &Path, device: &Device) -> Result<CheckReport> {
         .map_err(|e| ModelError::tokenizer(None, e))?;
     let ids = enc.get_ids().to_vec();
     let cross_entropy = mean_cross_entropy(&p.model, &ids)?;
+    if !cross_entropy.is_finite() {
+        return Err(ModelError::format(
+            path,
+            None,
+            format!(
+                "the reference sentence's mean cross-entropy is {cross_entropy}: the weights \
+                 hold non-finite values (a damaged or diverged model)"
+            ),
+        ));
+    }
     let t1 = Instant::now();
     let answer = answer(&p, QUESTION, 48)?;
     Ok(CheckReport {
