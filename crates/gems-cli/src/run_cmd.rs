@@ -43,7 +43,8 @@ pub struct DeviceArgs {
 /// Arguments of `gems train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Run directory (created; must not hold a run unless --resume).
+    /// Run directory (created; must not hold a run unless --resume). A finished run writes
+    /// its report to DIR/report/report.md (as `gems report DIR --out DIR/report`).
     #[arg(long)]
     pub out: PathBuf,
     /// Continue the run in --out from its last checkpoint.
@@ -416,12 +417,19 @@ pub fn run_train(args: TrainArgs, given: &[String]) -> Result<()> {
         RunOutcome::Finished(summary) => {
             let run = gems_metrics::report::load_run(&args.out)?;
             println!("{}", gems_metrics::report::markdown_table(std::slice::from_ref(&run)));
+            // The run's report, as `gems report RUN --out RUN/report` writes it.
+            let report_dir = args.out.join("report");
+            std::fs::create_dir_all(&report_dir)
+                .with_context(|| format!("creating {}", report_dir.display()))?;
+            let report =
+                gems_metrics::report::write_report(std::slice::from_ref(&run), &report_dir)?;
             eprintln!(
-                "run {} finished: {} steps, {:.0} s training; summary in {}",
+                "run {} finished: {} steps, {:.0} s training; summary in {}, report in {}",
                 summary.label,
                 summary.steps,
                 summary.train_seconds,
-                args.out.join("summary.json").display()
+                args.out.join("summary.json").display(),
+                report.display()
             );
         }
     }

@@ -245,6 +245,10 @@ fn train_data_trains_on_what_data_prepare_wrote() {
     assert_eq!(saved["data"]["prepared"], path(&prepared));
     assert_eq!(saved["data"]["max_history"], 6, "copied from the manifest");
     assert!(run.join("summary.json").is_file());
+    // A finished `gems train` writes the run's report and says where.
+    let report = std::fs::read_to_string(run.join("report/report.md")).unwrap();
+    assert!(report.contains("## Runs"), "{report}");
+    assert!(stderr(&o).contains("report/report.md"), "{}", stderr(&o));
 
     // --data is one way to name the data, and a directory that is not there is named.
     let o = gems(&[&args[..], &["--data", &path(&prepared), "--dataset", "beauty"]].concat());

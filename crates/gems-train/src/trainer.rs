@@ -12,6 +12,7 @@
 //! checkpoint/      model/ (+ adapter/ for lora), optimizer/, trainer.json: resume point
 //! model/           the tuned model (best validation, else final), a Hugging Face directory
 //! summary.json     before/after metrics, steps, timing, optimizer-state bytes
+//! report/          report.md and plots (written by `gems train` in gems-cli when finished)
 //! ```
 
 use std::path::{Path, PathBuf};
