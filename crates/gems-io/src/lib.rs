@@ -80,11 +80,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// (a full disk, say), the partial copy is removed and the previous `dir` stays as it was.
 ///
 /// # Errors
-/// `write`'s error, or I/O failures naming the directory.
+/// `dir` is a file (refused before anything is written); `write`'s error, or I/O failures
+/// naming the directory.
 pub fn replace_dir<E: From<Error>>(
     dir: &Path,
     write: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
+    if dir.exists() && !dir.is_dir() {
+        // Checked before anything is written or moved: the file stays as it was.
+        return Err(Error::corrupt(
+            dir,
+            "exists and is not a directory; choose another path or remove the file",
+        )
+        .into());
+    }
     let tmp = sibling(dir, "tmp");
     let old = sibling(dir, "old");
     if tmp.exists() {
@@ -269,6 +278,19 @@ mod tests {
         // A crash between the renames leaves `checkpoint.old`, which is found.
         std::fs::rename(&dir, root.path().join("checkpoint.old")).unwrap();
         assert_eq!(resolve_dir(&dir).unwrap(), root.path().join("checkpoint.old"));
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_refused_before_anything_moves() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("out");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = replace_dir(&file, |d| write_atomic(&d.join("a"), b"1")).unwrap_err();
+        assert!(err.to_string().contains("is not a directory"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let names: Vec<_> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out")], "no .tmp or .old left");
     }
 
     #[test]

@@ -239,6 +239,12 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
     if cfg.is_empty() {
         return Err(ModelError::input(op, "no target_modules"));
     }
+    if !(cfg.lora_alpha.is_finite() && cfg.lora_alpha > 0.0) {
+        return Err(ModelError::input(
+            op,
+            format!("lora_alpha must be finite and > 0, got {}", cfg.lora_alpha),
+        ));
+    }
     let mut model = if freeze_base { model.no_grad() } else { model };
     if freeze_base {
         if cfg.saves("embed_tokens") {
@@ -261,6 +267,17 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
                 continue;
             }
             let [d_in, d_out] = lin.weight.dims();
+            if cfg.r > d_in.min(d_out) {
+                return Err(ModelError::input(
+                    op,
+                    format!(
+                        "rank r = {} exceeds the smaller side of layers.{i}.{name} ({d_in} x \
+                         {d_out}): an update of that matrix has rank at most {}",
+                        cfg.r,
+                        d_in.min(d_out)
+                    ),
+                ));
+            }
             // PEFT: kaiming_uniform_(a = sqrt(5)) on [r, d_in] gives U(-1/sqrt(d_in), 1/sqrt(d_in)).
             let bound = 1.0 / (d_in as f64).sqrt();
             let a: Vec<f32> = (0..d_in * cfg.r)

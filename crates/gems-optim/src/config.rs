@@ -321,8 +321,11 @@ impl OptimizerConfig {
             if self.gems.update_proj_gap == 0 {
                 return bad("gems.update_proj_gap", "must be >= 1");
             }
-            if !self.gems.scale.is_finite() {
-                return bad("gems.scale", "must be finite");
+            if !(self.gems.scale.is_finite() && self.gems.scale > 0.0) {
+                return bad(
+                    "gems.scale",
+                    &format!("must be finite and > 0, got {}", self.gems.scale),
+                );
             }
             if self.gems.complement && self.gems.single_subspace {
                 return bad("gems.complement", "needs task subspaces (single_subspace is set)");

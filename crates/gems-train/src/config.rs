@@ -478,6 +478,10 @@ fn json_differences(a: &serde_json::Value, b: &serde_json::Value, at: &str, out:
     }
 }
 
+/// The most rows a batch (`schedule.batch_size`) or an accumulation window
+/// (`schedule.grad_accum`) may have.
+pub const MAX_BATCH_ROWS: usize = 1 << 16;
+
 impl TrainConfig {
     /// The settings in which `self` and `other` differ, as dotted paths with both values
     /// (`schedule.lr (0.003 vs 0.05)`), `stop_after` aside (it is per process): what a resumed
@@ -638,11 +642,32 @@ impl TrainConfig {
         if s.batch_size == 0 || s.grad_accum == 0 {
             return bad("schedule.batch_size and schedule.grad_accum must be positive".into());
         }
+        if s.batch_size > MAX_BATCH_ROWS || s.grad_accum > MAX_BATCH_ROWS {
+            return bad(format!(
+                "schedule.batch_size {} and schedule.grad_accum {} must be at most \
+                 {MAX_BATCH_ROWS}: a batch's logits alone take tokens x vocabulary x 4 bytes per \
+                 row (8.6 MB for 40 tokens of SmolLM2's vocabulary with Scientific's items)",
+                s.batch_size, s.grad_accum
+            ));
+        }
         if s.bucket == Some(0) {
             return bad("schedule.bucket must be at least 1 (1: no bucketing)".into());
         }
-        if !(s.lr.is_finite() && s.lr > 0.0) {
-            return bad(format!("schedule.lr must be positive and finite, got {}", s.lr));
+        if !(s.lr.is_finite() && s.lr > 0.0 && s.lr <= 1.0) {
+            return bad(format!(
+                "schedule.lr must be in (0, 1], got {}: every method's step moves a weight by up \
+                 to about lr, and pretrained weights are of order 0.01-1",
+                s.lr
+            ));
+        }
+        let decay = self.optimizer.weight_decay;
+        if decay.is_finite() && s.lr * decay >= 1.0 {
+            return bad(format!(
+                "optimizer.weight_decay {decay} times schedule.lr {} is {}: decoupled decay \
+                 multiplies every weight by 1 - lr * weight_decay per step, so it must stay below 1",
+                s.lr,
+                s.lr * decay
+            ));
         }
         if !(0.0..1.0).contains(&s.warmup_ratio) {
             return bad(format!("schedule.warmup_ratio must be in [0, 1), got {}", s.warmup_ratio));
@@ -666,8 +691,13 @@ impl TrainConfig {
         if self.model.tune_layers == Some(0) {
             return bad("model.tune_layers must be at least 1 (to train nothing, evaluate)".into());
         }
-        if self.optimizer.method == Method::Lora && self.lora.rank == 0 {
-            return bad("lora.rank must be positive".into());
+        if self.optimizer.method == Method::Lora {
+            if self.lora.rank == 0 {
+                return bad("lora.rank must be positive".into());
+            }
+            if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+                return bad(format!("lora.alpha must be finite and > 0, got {}", self.lora.alpha));
+            }
         }
         self.optimizer.validate()?;
         Ok(())

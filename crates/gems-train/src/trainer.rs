@@ -9,7 +9,7 @@
 //! before.json      test evaluation of the untuned model
 //! metrics.jsonl    one line per step ("train") and per validation ("valid")
 //! conflict.jsonl   per step: cosine of G_rec and G_src for every tuned matrix
-//! checkpoint/      model/ (+ adapter/ for lora), optimizer/, trainer.json: resume point
+//! checkpoint/      model/ (+ adapter/ for lora), optimizer/, config.json, trainer.json: resume point
 //! model/           the tuned model (best validation, else final), a Hugging Face directory
 //! summary.json     before/after metrics, steps, timing, optimizer-state bytes
 //! report/          report.md and plots (written by `gems train` in gems-cli when finished)
@@ -386,13 +386,31 @@ fn keep_block(
     Param::from_mapped_value(id, updated, mapper)
 }
 
-/// Refuses a subspace rank above the full rank of a tuned matrix (it used to be capped
-/// silently, so `--rank 100000` ran as full-rank GaLore without saying so).
+/// Refuses a target pattern that matches no parameter, and a subspace rank above the full rank
+/// of a tuned matrix (it used to be capped silently, so `--rank 100000` ran as full-rank GaLore
+/// without saying so).
 fn check_rank(config: &TrainConfig, model: &Llama) -> Result<()> {
     if !config.optimizer.uses_subspaces() {
         return Ok(());
     }
     let rank = config.optimizer.gems.rank;
+    let mut paths = vec!["embed_tokens.weight".to_owned(), "lm_head.weight".to_owned()];
+    for (i, layer) in model.layers.iter().enumerate() {
+        paths
+            .extend(layer.projections().into_iter().map(|(n, _)| format!("layers.{i}.{n}.weight")));
+    }
+    if let Some(t) = config
+        .optimizer
+        .targets
+        .iter()
+        .find(|t| !paths.iter().any(|p| gems_optim::path_matches(t, p)))
+    {
+        return Err(TrainError::Config(format!(
+            "optimizer.targets pattern `{t}` matches no parameter of the model (its matrices are \
+             named like {})",
+            paths.get(2).map_or("layers.0.self_attn.q_proj.weight", String::as_str)
+        )));
+    }
     let mut smallest: Option<(usize, String)> = None;
     for (i, layer) in model.layers.iter().enumerate() {
         for (name, lin) in layer.projections() {

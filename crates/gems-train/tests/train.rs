@@ -247,14 +247,79 @@ fn bad_inputs_give_clear_errors() {
     let err = train(&bad_lr, &root.path().join("r3"), &options(false)).unwrap_err().to_string();
     assert!(err.contains("schedule.lr"), "{err}");
 
-    // A learning rate that blows up every step is stopped with a message, not a panic.
-    let mut huge = config.clone();
-    huge.schedule.steps = 12;
-    huge.schedule.lr = 1e30;
-    huge.optimizer = OptimizerConfig::for_method(Method::Full);
-    huge.eval.before = false;
-    let msg = train(&huge, &root.path().join("r4"), &options(false)).unwrap_err().to_string();
+    // Values that cannot work are refused before any work, with the limit they broke.
+    let refused: [(&str, Change); 7] = [
+        ("schedule.lr must be in (0, 1]", Box::new(|c| c.schedule.lr = 1e30)),
+        ("1 - lr * weight_decay", Box::new(|c| c.optimizer.weight_decay = 1e30)),
+        ("must be at most 65536", Box::new(|c| c.schedule.batch_size = 1_000_000_000_000)),
+        (
+            "lora.alpha must be finite",
+            Box::new(|c| {
+                c.optimizer = OptimizerConfig::for_method(Method::Lora);
+                c.lora.alpha = f64::NAN;
+            }),
+        ),
+        (
+            "exceeds the smaller side",
+            Box::new(|c| {
+                c.optimizer = OptimizerConfig::for_method(Method::Lora);
+                c.lora.rank = 1_000_000;
+            }),
+        ),
+        ("gems.scale: must be finite and > 0", Box::new(|c| c.optimizer.gems.scale = -1.0)),
+        (
+            "`no_such_proj` matches no parameter",
+            Box::new(|c| c.optimizer.targets.push("no_such_proj".into())),
+        ),
+    ];
+    for (i, (want, change)) in refused.iter().enumerate() {
+        let mut c = config.clone();
+        change(&mut c);
+        let dir = root.path().join(format!("refused{i}"));
+        let err = train(&c, &dir, &options(false)).unwrap_err().to_string();
+        assert!(err.contains(want), "{want}: {err}");
+        assert!(!dir.join("metrics.jsonl").exists(), "{want}: training began");
+    }
+
+    // A model whose loss is NaN at every step is stopped with a message, not a panic.
+    let mut poisoned = config.clone();
+    poisoned.schedule.steps = 12;
+    poisoned.optimizer = OptimizerConfig::for_method(Method::Full);
+    poisoned.eval.before = false;
+    poisoned.model.path = Some(nan_model(config.model.path.as_ref().unwrap(), root.path()));
+    let msg = train(&poisoned, &root.path().join("r4"), &options(false)).unwrap_err().to_string();
     assert!(msg.contains("non-finite") || msg.contains("not finite"), "{msg}");
+}
+
+/// A copy of the model directory `model` with a NaN in its final norm's weight (written
+/// directly: the library refuses to save non-finite weights).
+fn nan_model(model: &Path, root: &Path) -> PathBuf {
+    let out = root.join("nan-model");
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(model).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "checksums.json" {
+            std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+        }
+    }
+    let file = out.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    let norm = owned.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+    norm.1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(k, d, s, t)| {
+            (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap())
+        })
+        .collect();
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    out
 }
 
 /// A LoRA run exports a PEFT adapter of the evaluated model with its base beside it; the base
