@@ -69,6 +69,11 @@ enum Command {
         /// Export the LoRA adapter instead of the merged model.
         #[arg(long)]
         adapter: bool,
+        /// With --adapter: the base model's name recorded in adapter_config.json
+        /// (`base_model_name_or_path`: a Hub id, or the path OUT/base will have where the
+        /// adapter is used); default: OUT/base's absolute path.
+        #[arg(long, value_name = "NAME")]
+        base_name: Option<String>,
     },
     /// Compare a backend with flex on one model and the same batches: losses, gradients, the
     /// optimizer's update and an evaluation (writes parity.json into --out).
@@ -143,7 +148,9 @@ fn run(cli: Cli, given: &[String]) -> anyhow::Result<()> {
         Command::Recommend(args) => run_cmd::run_rank(args, None),
         Command::Search { rank, query } => run_cmd::run_rank(rank, Some(&query)),
         Command::Report { runs, out } => run_cmd::run_report(&runs, &out),
-        Command::Export { run, out, adapter } => run_cmd::run_export(&run, &out, adapter),
+        Command::Export { run, out, adapter, base_name } => {
+            run_cmd::run_export(&run, &out, adapter, base_name.as_deref())
+        }
         Command::Parity(args) => run_cmd::run_parity(*args),
         Command::Selftest { device, data_root, steps } => {
             run_cmd::run_selftest(&device, &data_root, steps)

@@ -662,13 +662,18 @@ pub fn run_report(runs: &[PathBuf], out: &Path) -> Result<()> {
 
 /// `gems export`: the tuned model as a Hugging Face directory, or the LoRA adapter (PEFT) with
 /// the base it applies to in `OUT/base`.
-pub fn run_export(run: &Path, out: &Path, adapter: bool) -> Result<()> {
+pub fn run_export(run: &Path, out: &Path, adapter: bool, base_name: Option<&str>) -> Result<()> {
+    if base_name.is_some() && !adapter {
+        bail!("--base-name names the base of an adapter: give it with --adapter");
+    }
     if adapter {
-        gems_train::export::export_adapter(run, out)?;
+        gems_train::export::export_adapter(run, out, base_name)?;
         eprintln!(
-            "PEFT adapter (adapter_config.json, adapter_model.safetensors) in {0}, its base model \
-             in {0}/base (see docs/python.md)",
-            out.display()
+            "PEFT adapter (adapter_config.json, adapter_model.safetensors, the tokenizer) in {0}, \
+             its base model in {0}/base, recorded as base_model_name_or_path = {1} (see \
+             docs/python.md)",
+            out.display(),
+            base_name.map_or_else(|| format!("{}/base (absolute)", out.display()), str::to_owned)
         );
     } else {
         gems_train::export::export_model(run, out)?;

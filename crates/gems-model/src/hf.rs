@@ -97,7 +97,7 @@ fn read_chat_template(dir: &Path) -> Option<String> {
 
 /// Saves `p` as a Hugging Face directory (f32 `model.safetensors`, `config.json`,
 /// `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` naming the
-/// beginning, end and padding tokens, `generation_config.json`).
+/// beginning, end and padding tokens and left padding, `generation_config.json`).
 ///
 /// LoRA adapters still attached are not saved here: merge them first.
 pub fn save_hf_dir(p: &Pretrained, dir: &Path) -> Result<()> {
@@ -119,6 +119,9 @@ pub fn save_hf_dir(p: &Pretrained, dir: &Path) -> Result<()> {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": config.max_position_embeddings,
         "clean_up_tokenization_spaces": false,
+        // Batched generation with a decoder-only model needs the padding on the left (the
+        // last position of every row is then a real token); transformers warns otherwise.
+        "padding_side": "left",
     });
     for (k, v) in &special {
         tc[k] = serde_json::json!(v);

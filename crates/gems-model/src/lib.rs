@@ -36,7 +36,7 @@ pub use hf::{Pretrained, load_hf_dir, save_hf_dir};
 pub use items::{ItemInit, ItemSpec, add_items, add_to_item_rows, item_row_norm};
 pub use llama::{KvCache, Llama, TokenBatch};
 pub use lora::{
-    LoraConfig, TargetModules, TokenIndices, apply_lora, load_peft, merge_lora,
+    LoraConfig, OneOrMany, TargetModules, TokenIndices, apply_lora, load_peft, merge_lora,
     read_adapter_config, save_peft, write_adapter_config,
 };
 pub use weights::{HostTensor, WeightMap};

@@ -79,6 +79,15 @@ pub struct LoraConfig {
     /// in `modules_to_save` to the `embed_tokens` copy).
     #[serde(default)]
     pub ensure_weight_tying: bool,
+    /// The decoder layers that carry adapters (PEFT's `layers_to_transform`); every layer when
+    /// absent. The trainer writes it whenever only the top layers are tuned, so that PEFT
+    /// attaches adapters to those layers alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<OneOrMany<usize>>,
+    /// The name of the layer list in module paths (`layers`), written with
+    /// `layers_to_transform`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_pattern: Option<OneOrMany<String>>,
     /// The base model the adapter applies to: `gems export --adapter` writes it beside the
     /// adapter and records its absolute path here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +107,26 @@ pub enum TargetModules {
     List(Vec<String>),
     /// `"all-linear"` or a regular expression.
     Pattern(String),
+}
+
+/// A PEFT field that holds one value or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// One value.
+    One(T),
+    /// A list.
+    Many(Vec<T>),
+}
+
+impl<T: PartialEq> OneOrMany<T> {
+    /// Whether `value` is the one value or in the list.
+    pub fn contains(&self, value: &T) -> bool {
+        match self {
+            Self::One(v) => v == value,
+            Self::Many(vs) => vs.contains(value),
+        }
+    }
 }
 
 /// PEFT's `trainable_token_indices`: indices of the input embedding, or indices per layer name.
@@ -150,6 +179,8 @@ impl LoraConfig {
             modules_to_save: None,
             trainable_token_indices: None,
             ensure_weight_tying: false,
+            layers_to_transform: None,
+            layers_pattern: None,
             base_model_name_or_path: None,
             init_seed: 0,
         }
@@ -165,6 +196,14 @@ impl LoraConfig {
         }
         self.modules_to_save = Some(save);
         self.ensure_weight_tying = tied_head;
+        self
+    }
+
+    /// Adapters on the decoder layers `layers` only (PEFT's `layers_to_transform`, with
+    /// `layers_pattern = "layers"`).
+    pub fn on_layers(mut self, layers: impl IntoIterator<Item = usize>) -> Self {
+        self.layers_to_transform = Some(OneOrMany::Many(layers.into_iter().collect()));
+        self.layers_pattern = Some(OneOrMany::One("layers".into()));
         self
     }
 
@@ -226,7 +265,8 @@ impl LoraConfig {
 }
 
 /// Attaches fresh adapters to every matching projection; returns how many were attached.
-/// Layers frozen by [`Llama::freeze_lower_layers`] get none.
+/// Layers frozen by [`Llama::freeze_lower_layers`], and layers not in
+/// `cfg.layers_to_transform` when it is set, get none.
 ///
 /// When `freeze_base` is true, every existing parameter stops requiring gradients except
 /// `embed_tokens` and `lm_head` when listed in `modules_to_save` (item embeddings train
@@ -262,6 +302,9 @@ pub fn apply_lora(model: Llama, cfg: &LoraConfig, freeze_base: bool) -> Result<(
     let mut n = 0;
     let frozen = model.frozen_layers;
     for (i, layer) in model.layers.iter_mut().enumerate().skip(frozen) {
+        if cfg.layers_to_transform.as_ref().is_some_and(|l| !l.contains(&i)) {
+            continue;
+        }
         for (name, lin) in layer.projections_mut() {
             if !cfg.matches(&format!("layers.{i}.{name}"))? {
                 continue;

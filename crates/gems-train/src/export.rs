@@ -22,8 +22,10 @@ pub fn export_model(run: &Path, out: &Path) -> Result<PathBuf> {
 /// Writes the PEFT adapter of a LoRA run to `out` (`adapter_config.json`,
 /// `adapter_model.safetensors`) with the base model it applies to in `out/base` (Hugging Face
 /// layout: the frozen decoder the adapters were trained on, cut to the run's layers, with the
-/// item tokens in its vocabulary). `base_model_name_or_path` in the adapter's configuration is
-/// that directory's absolute path, so `AutoPeftModelForCausalLM.from_pretrained(out)` finds it
+/// item tokens in its vocabulary), and the tokenizer files beside the adapter (so that
+/// `AutoTokenizer.from_pretrained(out)` loads). `base_model_name_or_path` in the adapter's
+/// configuration is `base_name` when given (a Hub id, or a path as the user will load it), else
+/// `out/base`'s absolute path, so `AutoPeftModelForCausalLM.from_pretrained(out)` finds it
 /// while the export stays where it was written.
 ///
 /// The adapter is the one of the tuned model (the best validation step), the same weights as
@@ -32,7 +34,7 @@ pub fn export_model(run: &Path, out: &Path) -> Result<PathBuf> {
 ///
 /// # Errors
 /// Not a LoRA run, or a run trained before adapters were kept with the tuned model; I/O.
-pub fn export_adapter(run: &Path, out: &Path) -> Result<PathBuf> {
+pub fn export_adapter(run: &Path, out: &Path, base_name: Option<&str>) -> Result<PathBuf> {
     let model = tuned_model(run)?;
     let adapter = model.join("adapter");
     if !adapter.is_dir() {
@@ -50,18 +52,35 @@ pub fn export_adapter(run: &Path, out: &Path) -> Result<PathBuf> {
             run.display()
         ))
     })?;
-    let absolute = std::path::absolute(out).map_err(|e| TrainError::io(out, e))?;
+    let base_name = match base_name {
+        Some(name) => name.to_owned(),
+        None => {
+            let absolute = std::path::absolute(out).map_err(|e| TrainError::io(out, e))?;
+            absolute.join("base").display().to_string()
+        }
+    };
     replace_dir(out, |d| -> Result<()> {
         copy_files(&adapter, d)?;
         copy_files(&base, &d.join("base"))?;
+        for name in TOKENIZER_FILES {
+            let from = base.join(name);
+            if from.is_file() {
+                let to = d.join(name);
+                std::fs::copy(&from, &to).map_err(|e| TrainError::io(&to, e))?;
+            }
+        }
         let path = d.join("adapter_config.json");
         let mut cfg = gems_model::read_adapter_config(&path)?;
-        cfg.base_model_name_or_path = Some(absolute.join("base").display().to_string());
+        cfg.base_model_name_or_path = Some(base_name);
         gems_model::write_adapter_config(&cfg, &path)?;
         Ok(())
     })?;
     Ok(out.to_path_buf())
 }
+
+/// The tokenizer files of a saved model (`gems_model::save_hf_dir`), copied beside an adapter.
+const TOKENIZER_FILES: [&str; 3] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
 
 fn tuned_model(run: &Path) -> Result<PathBuf> {
     tuned_model_dir(run).ok_or_else(|| {

@@ -175,6 +175,11 @@ fn save_model(
 pub fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
     let targets: Vec<&str> = config.lora.targets.iter().map(String::as_str).collect();
     let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets);
+    if model.frozen_layers > 0 {
+        // Only the tuned layers carry adapters; PEFT must be told, or it attaches (zero)
+        // adapters to every layer and warns about their missing keys.
+        c = c.on_layers(model.frozen_layers..model.layers.len());
+    }
     if config.model.embeddings != EmbeddingPolicy::None {
         c = c.with_embeddings(model.lm_head.is_none());
     }

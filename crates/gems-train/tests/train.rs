@@ -339,7 +339,7 @@ fn a_lora_run_exports_an_adapter_that_reproduces_the_merged_model() {
     let merged_dir = root.path().join("out/merged");
     let adapter_dir = root.path().join("out/adapter");
     gems_train::export::export_model(&run, &merged_dir).unwrap();
-    gems_train::export::export_adapter(&run, &adapter_dir).unwrap();
+    gems_train::export::export_adapter(&run, &adapter_dir, None).unwrap();
     assert!(!merged_dir.join("adapter").exists());
     assert!(adapter_dir.join("base/model.safetensors").is_file());
     let cfg: serde_json::Value = serde_json::from_str(
@@ -350,6 +350,15 @@ fn a_lora_run_exports_an_adapter_that_reproduces_the_merged_model() {
     assert_eq!(cfg["base_model_name_or_path"], base_path.display().to_string());
     assert_eq!(cfg["ensure_weight_tying"], true);
     assert!(cfg.get("init_seed").is_none());
+    // The tokenizer beside the adapter; the tiny config tunes every layer, so no layer list.
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        assert!(adapter_dir.join(f).is_file(), "{f}");
+    }
+    assert!(cfg.get("layers_to_transform").is_none());
+    let named = root.path().join("out/named");
+    gems_train::export::export_adapter(&run, &named, Some("org/base")).unwrap();
+    let cfg_named = gems_model::read_adapter_config(&named.join("adapter_config.json")).unwrap();
+    assert_eq!(cfg_named.base_model_name_or_path.as_deref(), Some("org/base"));
 
     let dev = Device::flex();
     let merged = load_hf_dir(&merged_dir, &dev).unwrap().model;
@@ -368,14 +377,15 @@ fn a_lora_run_exports_an_adapter_that_reproduces_the_merged_model() {
 
     // Exporting again replaces the directory as a whole; a run without an adapter is refused.
     std::fs::write(adapter_dir.join("stale.txt"), "old").unwrap();
-    gems_train::export::export_adapter(&run, &adapter_dir).unwrap();
+    gems_train::export::export_adapter(&run, &adapter_dir, None).unwrap();
     assert!(!adapter_dir.join("stale.txt").exists());
     let (root2, mut plain) = setup(1);
     plain.eval.before = false;
     plain.eval.perplexity = false;
     let other = root2.path().join("runs/full");
     finished(train(&plain, &other, &options(false)).unwrap());
-    let err = gems_train::export::export_adapter(&other, &root2.path().join("a")).unwrap_err();
+    let err =
+        gems_train::export::export_adapter(&other, &root2.path().join("a"), None).unwrap_err();
     assert!(err.to_string().contains("no PEFT adapter"), "{err}");
 }
 
@@ -678,6 +688,17 @@ fn tune_layers_trains_only_the_top_layers() {
         let dir = if method == Method::Lora {
             let merged = root.path().join("out/top1-lora");
             gems_train::export::export_model(&run, &merged).unwrap();
+            // The adapter names its one layer for PEFT, and loads onto exactly that layer.
+            let adapter = root.path().join("out/top1-adapter");
+            gems_train::export::export_adapter(&run, &adapter, None).unwrap();
+            let cfg =
+                gems_model::read_adapter_config(&adapter.join("adapter_config.json")).unwrap();
+            assert_eq!(cfg.layers_to_transform, Some(gems_model::OneOrMany::Many(vec![1])));
+            assert_eq!(cfg.layers_pattern, Some(gems_model::OneOrMany::One("layers".into())));
+            let base = gems_model::load_hf_dir(&adapter.join("base"), &dev).unwrap().model;
+            let (adapted, _) = gems_model::load_peft(base, &adapter).unwrap();
+            assert!(adapted.layers[0].projections().iter().all(|(_, l)| l.lora.is_none()));
+            assert!(adapted.layers[1].projections().iter().any(|(_, l)| l.lora.is_some()));
             merged
         } else {
             run.join("model")
