@@ -10,14 +10,17 @@ it prints:
   2. the max |logit difference| between the merged model and the adapter loaded the documented
      ways (PeftModel over the base, AutoPeftModelForCausalLM, merge_and_unload), over every
      position of the first prompts;
-  3. Recall/NDCG/MRR@10 of both protocols (full catalogue; target among its sampled negatives)
+  3. Recall/NDCG/MRR@10 of the three protocols (full catalogue; full catalogue without the
+     items the user had before the target, `seen`; target among its sampled negatives)
      recomputed in PyTorch from EXAMPLES, beside gems' own numbers from EVAL.
-Exits 1 when a check fails (logits beyond --tol, a missing special token, a metric that
-differs by more than 1e-9).
+Exits 1 when a check fails (logits beyond --tol, a missing special token, a tokenizer that does
+not load from the adapter folder or does not pad on the left, any peft warning about missing or
+unexpected keys, adapters attached to other modules than the file holds, a metric that differs
+by more than 1e-9).
 
 Usage: python3 peft_roundtrip.py MERGED ADAPTER EXAMPLES EVAL [--prompts 8] [--tol 1e-3]
 """
-import argparse, json, math, sys
+import argparse, json, math, sys, warnings
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,13 +39,18 @@ def main():
     torch.set_num_threads(2)
     ok = True
 
-    # 1. Tokenizers.
-    for name, path in [("merged", a.merged), ("adapter base", f"{a.adapter}/base")]:
+    # 1. Tokenizers (the adapter folder holds one too).
+    for name, path in [("merged", a.merged), ("adapter base", f"{a.adapter}/base"),
+                       ("adapter", a.adapter)]:
         tok = AutoTokenizer.from_pretrained(path)
-        print(f"{name} tokenizer: bos={tok.bos_token!r} eos={tok.eos_token!r} pad={tok.pad_token!r}")
+        print(f"{name} tokenizer: bos={tok.bos_token!r} eos={tok.eos_token!r} "
+              f"pad={tok.pad_token!r} padding_side={tok.padding_side!r}")
         if tok.eos_token is None or tok.pad_token is None:
             ok = False
             print("  FAIL: eos_token or pad_token is None")
+        if tok.padding_side != "left":
+            ok = False
+            print("  FAIL: generation needs left padding")
         batch = tok(["Below is the user's interaction history: <item_0>", "Hi"], padding=True,
                     return_tensors="pt")
         print(f"  padded batch of 2: input_ids {tuple(batch['input_ids'].shape)}, "
@@ -52,8 +60,22 @@ def main():
     examples = [json.loads(l) for l in open(a.examples)]
     merged = AutoModelForCausalLM.from_pretrained(a.merged, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(f"{a.adapter}/base", dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, a.adapter).eval()
-    auto = AutoPeftModelForCausalLM.from_pretrained(a.adapter, dtype=torch.float32).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, a.adapter).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained(a.adapter, dtype=torch.float32).eval()
+    for w in caught:
+        text = str(w.message)
+        if "missing" in text.lower() or "unexpected" in text.lower():
+            ok = False
+            print(f"FAIL: peft warned: {text[:300]}")
+    from safetensors import safe_open
+    with safe_open(f"{a.adapter}/adapter_model.safetensors", "pt") as f:
+        in_file = sum(1 for k in f.keys() if ".lora_A." in k)
+    attached = sum(1 for _, m in peft_model.named_modules()
+                   if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}))
+    print(f"LoRA modules: {attached} attached by peft, {in_file} in the adapter file")
+    ok &= attached == in_file
     prompts = [torch.tensor([e["input_ids"]]) for e in examples[: a.prompts]]
 
     def max_diff(model):
@@ -89,6 +111,12 @@ def main():
             scores = logits[first:first + n_items]
             # Ties count against the target, in both protocols.
             add(("full", e["task"]), int((scores >= scores[e["target"]]).sum()))
+            # Without the items the user had before the target (the target kept).
+            seen = [i for i in e.get("seen", []) if i != e["target"]]
+            if "seen" in e:
+                unseen = scores.clone()
+                unseen[seen] = -math.inf
+                add(("unseen", e["task"]), int((unseen >= unseen[e["target"]]).sum()))
             if e["negatives"]:
                 cand = scores[[e["target"]] + e["negatives"]]
                 add(("sampled", e["task"]), int((cand >= cand[0]).sum()))

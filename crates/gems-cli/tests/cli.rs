@@ -159,6 +159,20 @@ fn bad_arguments_and_missing_files_give_clear_errors() {
     let o = gems(&["report", "/no/such/run"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("/no/such/run"), "{}", stderr(&o));
+
+    // A missing file's OS error is stated once, whichever crate met it.
+    let missing: [&[&str]; 4] = [
+        &["model", "check", "--model", "/no/such/model.gguf"],
+        &["train", "--out", out_s, "--model", "/no/such/model.gguf"],
+        &["data", "stats", "/no/such/prepared"],
+        &["train", "--out", out_s, "--config", "/no/such/config.toml"],
+    ];
+    for args in missing {
+        let o = gems(args);
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains("/no/such/"), "{args:?}: {err}");
+        assert!(err.matches("os error").count() <= 1, "{args:?}: {err}");
+    }
 }
 
 /// A user error prints its message chain once, with no backtrace even when RUST_BACKTRACE is

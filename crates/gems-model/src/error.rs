@@ -14,12 +14,13 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading or writing a file failed at the operating-system level.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, so not also a `source()`: a chain
+        /// printed with `{:#}` would state it twice).
+        cause: std::io::Error,
     },
     /// A file exists but its content is malformed (truncated, bad magic, bad header).
     #[error("{path}: malformed file{}: {detail}", key_suffix(.key))]
@@ -104,8 +105,8 @@ fn path_suffix(path: &Option<PathBuf>) -> String {
 }
 
 impl ModelError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+    pub(crate) fn io(path: &Path, cause: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), cause }
     }
 
     pub(crate) fn format(path: &Path, key: Option<&str>, detail: impl Into<String>) -> Self {
