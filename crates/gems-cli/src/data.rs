@@ -146,6 +146,27 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
+    let items = prepared.dataset.catalogue.items();
+    let untitled = items.iter().filter(|i| !i.has_title()).count();
+    if untitled > 0 {
+        eprintln!(
+            "note: {untitled} of {} items have no title (ID-only data): training builds their \
+             rows from their categories or the mean item row, not from their ids",
+            items.len()
+        );
+    }
+    let searches: usize = manifest
+        .counts
+        .examples
+        .values()
+        .filter_map(|t| t.get(gems_data::Task::Search.name()))
+        .sum();
+    if searches == 0 {
+        eprintln!(
+            "note: no search examples (no event or item has a query): `gems train` will train \
+             rec only (see --queries for synthetic ones)"
+        );
+    }
     Ok(())
 }
 

@@ -386,7 +386,11 @@ fn check_resume_flags(args: &TrainArgs, given: &[String], config: &TrainConfig) 
         return Ok(());
     }
     let saved: TrainConfig = gems_train::checkpoint::read_json(&path)?;
-    let (asked, _) = gems_train::trainer::resolved_config(config.clone())?;
+    let (mut asked, _) = gems_train::trainer::resolved_config(config.clone())?;
+    if asked.data.tasks == gems_train::config::TaskSelection::Both {
+        // The trainer records the tasks the data has (no queries: rec only); not a change.
+        asked.data.tasks = saved.data.tasks;
+    }
     let changed = asked.differences(&saved);
     if !changed.is_empty() {
         bail!(
@@ -624,7 +628,7 @@ pub fn run_rank(args: RankArgs, query: Option<&str>) -> Result<()> {
             it.rank,
             it.id,
             it.log_prob,
-            it.title.replace('|', "\\|")
+            it.title.as_deref().unwrap_or("(no title)").replace('|', "\\|")
         );
     }
     Ok(())

@@ -22,6 +22,13 @@ pub struct Item {
     pub categories: Vec<String>,
 }
 
+impl Item {
+    /// Whether the item has a title of its own: ID-only sources use the id as the title.
+    pub fn has_title(&self) -> bool {
+        self.title != self.id
+    }
+}
+
 /// The item catalogue: items in a fixed order; an item's position is its dense index.
 #[derive(Debug, Clone, Default)]
 pub struct Catalogue {

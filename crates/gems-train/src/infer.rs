@@ -56,8 +56,8 @@ pub struct RankedItem {
     pub index: u32,
     /// Item id in the source data.
     pub id: String,
-    /// Title.
-    pub title: String,
+    /// Title; `None` for an item without one (ID-only data, [`crate::setup::Corpus::has_title`]).
+    pub title: Option<String>,
     /// log p(item token | prompt), softmax over the whole vocabulary.
     pub log_prob: f32,
 }
@@ -148,7 +148,7 @@ pub fn top_items(
             rank: r + 1,
             index: i as u32,
             id: corpus.item_ids[i].clone(),
-            title: corpus.titles[i].clone(),
+            title: corpus.has_title(i).then(|| corpus.titles[i].clone()),
             log_prob: lp[i],
         })
         .collect())

@@ -125,6 +125,17 @@ impl Corpus {
         crate::collab::CoOccurrence::from_examples(self.n_items(), examples)
     }
 
+    /// Whether item `i` has a title: ID-only sources (the SASRec layout, an ID-only JSONL) use
+    /// the id as the title (`gems_data::Item::title`), which says nothing about the item.
+    pub fn has_title(&self, i: usize) -> bool {
+        self.titles.get(i).zip(self.item_ids.get(i)).is_some_and(|(t, id)| t != id)
+    }
+
+    /// The number of items without a title ([`Corpus::has_title`]).
+    pub fn untitled(&self) -> usize {
+        (0..self.n_items()).filter(|&i| !self.has_title(i)).count()
+    }
+
     /// The items `sample`'s user had interacted with before its target event (the whole known
     /// history, of which the prompt shows the last `max_history`): what a ranking "without
     /// history" leaves out.
@@ -373,6 +384,9 @@ fn add_item_tokens(
         .zip(&corpus.categories)
         .enumerate()
         .map(|(i, (title, categories))| {
+            // An id is not a title: an untitled item's row comes from its categories if the
+            // item text uses them, else the mean item row (gems_model::ItemInit).
+            let title = if corpus.has_title(i) { title.as_str() } else { "" };
             let text = m.item_text.of(title, categories);
             ItemSpec { id: i.to_string(), title: (!text.is_empty()).then_some(text) }
         })

@@ -31,7 +31,7 @@ use gems_rng::SplitMix64;
 use crate::checkpoint::{
     Cursor, TrainerState, read_json, replace_dir, resolve_dir, verify_dir, write_atomic, write_json,
 };
-use crate::config::{EmbeddingPolicy, StopMetric, TrainConfig};
+use crate::config::{EmbeddingPolicy, StopMetric, TaskSelection, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
@@ -977,6 +977,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let (config, path) = resolve_config(config, run_dir, resume, reporter)?;
     let device = options.device.clone();
     let (setup, tasks) = load_setup(&config, &path, &device, reporter)?;
+    let config = narrow_tasks(config, &tasks, &setup, run_dir, reporter)?;
     let before = before_and_floors(run_dir, &setup, &config, &tasks, resume.is_some(), reporter)?;
 
     let train_device = device.autodiff();
@@ -1024,6 +1025,42 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     Ok(RunOutcome::Finished(Box::new(summary)))
 }
 
+/// When the data has no training examples for a task `data.tasks` asks for (no item has a
+/// query, so no search), the run trains the others: it says so and records the tasks it trains
+/// in config.json, so that the configuration is what happened.
+fn narrow_tasks(
+    mut config: TrainConfig,
+    tasks: &[Task],
+    setup: &Setup,
+    run_dir: &Path,
+    reporter: &Reporter,
+) -> Result<TrainConfig> {
+    let asked: Vec<Task> =
+        Task::ALL.into_iter().filter(|&t| config.data.tasks.includes(t)).collect();
+    if asked.len() == tasks.len() {
+        return Ok(config);
+    }
+    let dropped: Vec<&str> =
+        asked.iter().filter(|t| !tasks.contains(t)).map(|t| t.name()).collect();
+    config.data.tasks = match tasks {
+        [Task::Rec] => TaskSelection::Rec,
+        [Task::Search] => TaskSelection::Search,
+        _ => config.data.tasks,
+    };
+    reporter.note(|| {
+        format!(
+            "dataset `{}` has no training examples for {} (no item has a query): training {} \
+             only; config.json records data.tasks = {:?}",
+            setup.corpus.dataset,
+            dropped.join(", "),
+            tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+            config.data.tasks
+        )
+    });
+    write_json(&run_dir.join("config.json"), &config)?;
+    Ok(config)
+}
+
 /// The model (its lower layers frozen as configured, to check the setting early), the
 /// tokenised data with item tokens, and the tasks that have training samples.
 fn load_setup(
@@ -1055,6 +1092,17 @@ fn load_setup(
             started.elapsed().as_secs_f64()
         )
     });
+    let untitled = setup.corpus.untitled();
+    if untitled > 0 {
+        reporter.note(|| {
+            format!(
+                "{untitled} of {} items have no title (ID-only data): their ids are not used \
+                 as text; their rows start from their categories when model.item_text uses \
+                 them, else from the mean item row",
+                setup.corpus.n_items()
+            )
+        });
+    }
     Ok((setup, tasks))
 }
 

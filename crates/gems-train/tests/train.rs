@@ -749,3 +749,55 @@ fn collaborative_rows_and_every_rec_target_train_and_are_recorded() {
     let text = serde_json::to_string(&setup(1).1).unwrap();
     assert!(!text.contains("item_collab") && !text.contains("rec_targets"), "{text}");
 }
+
+/// An ID-only catalogue (no titles, no queries): the run trains rec only and records it in
+/// config.json; the ids are not used as text (untitled rows start from the mean item row, so
+/// they are all alike before training); `recommend` lists no title.
+#[test]
+fn id_only_data_trains_rec_and_says_so() {
+    use gems_train::infer::{load_run, top_items, user_history};
+    let (root, mut config) = setup(2);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.eval.every = 0;
+    let data = root.path().join("id-only");
+    std::fs::create_dir_all(&data).unwrap();
+    let items: String = (0..40).map(|i| format!("{{\"id\": \"{}\"}}\n", 1000 + i)).collect();
+    std::fs::write(data.join("items.jsonl"), items).unwrap();
+    let events: String = (0..30)
+        .map(|u| {
+            let seq: Vec<String> = (0..7)
+                .map(|k| format!("{{\"item\": \"{}\"}}", 1000 + (u * 3 + k * 5) % 40))
+                .collect();
+            format!("{{\"user\": \"u{u}\", \"events\": [{}]}}\n", seq.join(", "))
+        })
+        .collect();
+    std::fs::write(data.join("events.jsonl"), events).unwrap();
+    config.data.dataset = data.display().to_string();
+    let run = root.path().join("runs/id-only");
+    let summary = finished(train(&config, &run, &options(false)).unwrap());
+    assert!(summary.after.as_ref().unwrap().full.contains_key("rec"));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["data"]["tasks"], "rec", "the tasks trained are recorded");
+
+    // Before training every untitled row is the same (the mean item row), not one built from
+    // the digits of its id.
+    let base_model =
+        gems_train::setup::load_model(config.model.path.as_ref().unwrap(), None, &Device::flex())
+            .unwrap();
+    let untuned = gems_train::setup::build(base_model, &config).unwrap();
+    let w = untuned.pretrained.model.embed_tokens.weight.val();
+    let d = w.dims()[1];
+    let rows = w.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let first = untuned.corpus.base_vocab as usize * d;
+    let item = |k: usize| &rows[first + k * d..first + (k + 1) * d];
+    assert!((1..40).all(|k| item(k) == item(0)), "untitled rows differ");
+
+    let loaded = load_run(&run, &Device::flex()).unwrap();
+    let setup = &loaded.setup;
+    assert_eq!(setup.corpus.untitled(), 40);
+    let history = user_history(setup, "u0", 8).unwrap();
+    let top = top_items(setup, &history, None, 3, &[]).unwrap();
+    assert!(top.iter().all(|it| it.title.is_none()), "{top:?}");
+}
