@@ -28,8 +28,8 @@
 //! and print its statistics, train GEMS with the CPU preset (the untuned model and the floors
 //! are evaluated first, the tuned one after), then write the report. Outputs go to `runs/demo/`.
 //!
-//! `cargo xtask reproduce` runs every method and ablation over several seeds and rewrites
-//! docs/results.md.
+//! `cargo xtask reproduce` runs every method and ablation over several seeds, within a time
+//! budget when given one, and rewrites docs/results.md ([`reproduce`]).
 //!
 //! `cargo xtask llvm` installs the LLVM that the `cuda` and `cpu` features link, from PyPI
 //! ([`llvm`]); `cargo xtask gpu` is the one prepared command for a GPU machine ([`gpu`]) and
@@ -54,6 +54,7 @@ mod bench_step;
 mod bundle;
 mod gpu;
 mod llvm;
+mod reproduce;
 
 /// The layer of every workspace library and binary crate, bottom up. A crate may depend only
 /// on crates of a strictly lower layer (ARCHITECTURE.md). Crates not listed here (xtask,
@@ -79,7 +80,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("layers") => layers(),
         Some("demo") => demo(),
-        Some("reproduce") => reproduce(&args[1..]),
+        Some("reproduce") => reproduce::reproduce(&args[1..]),
         Some("check-backends") => check_backends(),
         Some("llvm") => llvm::llvm(&args[1..]),
         Some("gpu") => gpu::gpu(&args[1..]),
@@ -100,8 +101,8 @@ fn main() -> Result<()> {
                  (CPU preset), evaluate again, report"
             );
             eprintln!(
-                "  reproduce [--seeds N] [--only a,b] [--out DIR] [-- train flags]  every method \
-                 and ablation, N seeds, then docs/results.md"
+                "  reproduce [--seeds N] [--only a,b] [--budget 100m] [--out DIR] [-- train flags]  \
+                 every method and ablation, N seeds, within the budget, then docs/results.md"
             );
             eprintln!(
                 "  check-backends  cargo check the cuda and wgpu builds; selftest on lavapipe"
@@ -176,140 +177,6 @@ fn demo() -> Result<()> {
     }
     run("cargo", &["gems", "report", run_dir, "--out", "runs/demo/report"])?;
     eprintln!("xtask demo: done; run in {run_dir}, report in runs/demo/report/report.md");
-    Ok(())
-}
-
-/// One configuration of the reproduction: a label and the `gems train` flags that make it.
-/// Every gems variant names its null space explicitly, so a label means the same run whatever
-/// the defaults: `gems` is the paper's GEMS (output-side projectors, not strict), and
-/// `gems-input-strict` is today's default (input side, strict; docs/results.md).
-const VARIANTS: &[(&str, &[&str])] = &[
-    ("gems", &paper_gems!()),
-    ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
-    // Step-size controls: the null space also shrinks the update, so these ask how much of its
-    // retention a smaller learning rate alone buys (docs/results.md).
-    ("gems-no-null-space-lr1.5e-3", &["--method", "gems", "--no-null-space", "--lr", "1.5e-3"]),
-    ("gems-lr1.5e-3", &paper_gems!("--lr", "1.5e-3")),
-    ("gems-single-subspace", &paper_gems!("--single-subspace")),
-    ("gems-complement", &paper_gems!("--complement")),
-    ("gems-strict", &["--method", "gems", "--null-space-side", "output", "--strict-null-space"]),
-    // The AlphaEdit-style projector (statistics of each layer's inputs): with strict mode the
-    // update provably leaves the layer's response to the calibration text unchanged.
-    ("gems-input", &["--method", "gems", "--null-space-side", "input", "--no-strict-null-space"]),
-    (
-        "gems-input-strict",
-        &["--method", "gems", "--null-space-side", "input", "--strict-null-space"],
-    ),
-    // These and the single-task runs are of the default gems (input side, strict).
-    ("gems-emb-all", &["--method", "gems", "--embeddings", "all"]),
-    ("galore", &["--method", "galore"]),
-    ("full", &["--method", "full"]),
-    ("lora", &["--method", "lora"]),
-    ("pcgrad", &["--method", "pcgrad"]),
-    ("gems-rec-only", &["--method", "gems", "--tasks", "rec"]),
-    ("gems-search-only", &["--method", "gems", "--tasks", "search"]),
-];
-
-/// The hand-written reading of the reproduction, inserted into docs/results.md after its
-/// header (results.md itself is generated).
-const RESULTS_NOTES: &str = "docs/results-notes.md";
-
-/// `cargo xtask reproduce [--seeds N] [--only LABEL,...] [--out DIR] [-- extra train flags]`:
-/// every method and ablation of GEMS-SPEC §5 with the CPU preset, the same data, budget and
-/// seeds; finished runs are skipped and interrupted ones resumed, so the command can be
-/// called again until it completes. Then the report, and docs/results.md.
-fn reproduce(args: &[String]) -> Result<()> {
-    let mut seeds = 3u64;
-    let mut out = "runs/reproduce".to_string();
-    let mut only: Option<Vec<String>> = None;
-    let mut extra: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--seeds" => seeds = it.next().context("--seeds needs a number")?.parse()?,
-            "--out" => out = it.next().context("--out needs a directory")?.clone(),
-            "--only" => {
-                only = Some(
-                    it.next()
-                        .context("--only needs labels")?
-                        .split(',')
-                        .map(String::from)
-                        .collect(),
-                )
-            }
-            "--" => extra.extend(it.by_ref().cloned()),
-            other => bail!("unknown argument `{other}` (see `cargo xtask`)"),
-        }
-    }
-    if let Some(only) = &only
-        && let Some(bad) = only.iter().find(|o| !VARIANTS.iter().any(|(l, _)| l == o))
-    {
-        bail!(
-            "unknown variant `{bad}`; known: {:?}",
-            VARIANTS.iter().map(|v| v.0).collect::<Vec<_>>()
-        );
-    }
-    run("cargo", &["gems", "model", "fetch"])?;
-    for (label, flags) in VARIANTS {
-        if only.as_ref().is_some_and(|o| !o.iter().any(|x| x == label)) {
-            continue;
-        }
-        for seed in 0..seeds {
-            let dir = format!("{out}/{label}-seed{seed}");
-            if Path::new(&dir).join("summary.json").is_file() {
-                eprintln!("{dir}: finished, skipped");
-                continue;
-            }
-            let seed_text = seed.to_string();
-            let mut a: Vec<&str> = vec![
-                "gems", "train", "--preset", "cpu", "--out", &dir, "--seed", &seed_text, "--label",
-                label, "--quiet",
-            ];
-            a.extend(flags.iter());
-            a.extend(extra.iter().map(String::as_str));
-            if Path::new(&dir).join("checkpoint").exists() {
-                a.push("--resume");
-            }
-            run("cargo", &a)?;
-        }
-    }
-    let report_dir = format!("{out}/report");
-    run("cargo", &["gems", "report", &out, "--out", &report_dir])?;
-    let report = std::fs::read_to_string(format!("{report_dir}/report.md"))
-        .with_context(|| format!("reading {report_dir}/report.md"))?;
-    let mut doc = String::from(
-        "# Results\n\nWritten by `cargo xtask reproduce` (do not edit by hand). Every method and \
-         ablation of GEMS-SPEC §5 runs with the CPU preset of `gems train` (docs/training.md) on \
-         Amazon Scientific, with the same data, steps and seeds. Rerun with\n\n```\ncargo xtask \
-         reproduce\n```\n\nwhich skips finished runs and resumes interrupted ones. Measurements \
-         outside this reproduction, each with its command: [retention.md](retention.md) \
-         (embedding policy, strict null space and perplexity on the full 30-layer model).\n\n",
-    );
-    doc.push_str(&format!(
-        "Flags added to every run: `{}`\n\n",
-        if extra.is_empty() { "(none)".to_string() } else { extra.join(" ") }
-    ));
-    doc.push_str(&format!("Seeds per configuration: {seeds}.\n\n"));
-    if let Some(only) = &only {
-        doc.push_str(&format!(
-            "Variants run (`--only`): {}; the others of `cargo xtask reproduce` were not run for \
-             these tables.\n\n",
-            only.join(", ")
-        ));
-    }
-    // What the numbers show is written by a person, in its own file, and placed here.
-    if let Ok(notes) = std::fs::read_to_string(RESULTS_NOTES) {
-        doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
-    }
-    // The plots travel with the document (runs/ is not committed).
-    std::fs::create_dir_all("docs/results").context("creating docs/results")?;
-    for plot in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
-        std::fs::copy(format!("{report_dir}/{plot}"), format!("docs/results/{plot}"))
-            .with_context(|| format!("copying {report_dir}/{plot}"))?;
-    }
-    doc.push_str(&report.replace("](", "](results/"));
-    std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
-    eprintln!("xtask reproduce: report in {report_dir}/report.md, docs/results.md updated");
     Ok(())
 }
 

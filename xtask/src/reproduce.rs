@@ -1,0 +1,431 @@
+//! `cargo xtask reproduce`: every method and ablation of GEMS-SPEC §5 with the CPU preset, over
+//! several seeds, in chunks that each land. The (seed, variant) pairs run in a fixed order,
+//! seed by seed and the variants by priority, so that every chunk fills the most-read cells
+//! first. With `--budget`, a pair starts only if it is estimated (from the runs already timed)
+//! to finish within the budget. Finished runs are never redone, an interrupted one resumes,
+//! and docs/results.md is regenerated from every finished run, the missing cells listed.
+//!
+//! Every run records what decides whether it may share a table (`reproduce.json`: the
+//! [`RESULTS_EPOCH`], the preset, the extra flags, the commit and the date); the report refuses
+//! runs of another epoch or flags.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// One configuration of the reproduction: a label and the `gems train` flags that make it,
+/// in the order the reproduction runs them (most-read first). Every gems variant names its
+/// null space explicitly, so a label means the same run whatever the defaults: `gems` is the
+/// paper's GEMS (output-side projectors, not strict), and `gems-input-strict` is today's
+/// default (input side, strict), the main job's method.
+pub const VARIANTS: &[(&str, &[&str])] = &[
+    (
+        "gems-input-strict",
+        &["--method", "gems", "--null-space-side", "input", "--strict-null-space"],
+    ),
+    ("gems", &paper_gems!()),
+    ("gems-no-null-space", &["--method", "gems", "--no-null-space"]),
+    ("full", &["--method", "full"]),
+    ("lora", &["--method", "lora"]),
+    ("galore", &["--method", "galore"]),
+    ("pcgrad", &["--method", "pcgrad"]),
+    // The single-task runs are of the default gems (input side, strict).
+    ("gems-rec-only", &["--method", "gems", "--tasks", "rec"]),
+    ("gems-search-only", &["--method", "gems", "--tasks", "search"]),
+    // Step-size controls: the null space also shrinks the update, so these ask how much of its
+    // retention a smaller learning rate alone buys (docs/results.md).
+    ("gems-lr1.5e-3", &paper_gems!("--lr", "1.5e-3")),
+    ("gems-no-null-space-lr1.5e-3", &["--method", "gems", "--no-null-space", "--lr", "1.5e-3"]),
+    ("gems-single-subspace", &paper_gems!("--single-subspace")),
+    ("gems-complement", &paper_gems!("--complement")),
+    ("gems-strict", &["--method", "gems", "--null-space-side", "output", "--strict-null-space"]),
+    // The AlphaEdit-style projector (statistics of each layer's inputs) without strict mode.
+    ("gems-input", &["--method", "gems", "--null-space-side", "input", "--no-strict-null-space"]),
+    ("gems-emb-all", &["--method", "gems", "--embeddings", "all"]),
+];
+
+/// The results a run of this code gives: runs of different epochs never share a table. Bump
+/// it (to the date) in any commit that changes what the CPU preset trains or measures (the
+/// preset, the optimizer, the data, the evaluation); a change that leaves the main job's
+/// summary.json identical keeps it.
+pub const RESULTS_EPOCH: &str = "2026-12-06";
+
+/// The hand-written reading of the reproduction, inserted into docs/results.md after its
+/// header (results.md itself is generated).
+const RESULTS_NOTES: &str = "docs/results-notes.md";
+
+/// The estimate of a run's wall time before any run was timed: the preset's run took 10-14
+/// minutes on the 2-core machines of 2026-12-06 (docs/training.md).
+const FIRST_ESTIMATE_S: f64 = 15.0 * 60.0;
+
+/// The reproduction's options.
+struct Options {
+    seeds: u64,
+    out: String,
+    only: Option<Vec<String>>,
+    budget_s: Option<f64>,
+    extra: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        seeds: 3,
+        out: "runs/reproduce".into(),
+        only: None,
+        budget_s: None,
+        extra: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seeds" => o.seeds = it.next().context("--seeds needs a number")?.parse()?,
+            "--out" => o.out = it.next().context("--out needs a directory")?.clone(),
+            "--budget" => o.budget_s = Some(duration(it.next().context("--budget needs a time")?)?),
+            "--only" => {
+                let labels = it.next().context("--only needs labels")?;
+                o.only = Some(labels.split(',').map(String::from).collect());
+            }
+            "--" => o.extra.extend(it.by_ref().cloned()),
+            other => bail!("unknown argument `{other}` (see `cargo xtask`)"),
+        }
+    }
+    if let Some(bad) = o.only.iter().flatten().find(|x| !VARIANTS.iter().any(|(l, _)| l == x)) {
+        bail!(
+            "unknown variant `{bad}`; known: {:?}",
+            VARIANTS.iter().map(|v| v.0).collect::<Vec<_>>()
+        );
+    }
+    Ok(o)
+}
+
+/// Seconds of a duration written `90m`, `2h`, `1h30m` or `5400s` (a bare number is minutes).
+fn duration(text: &str) -> Result<f64> {
+    let mut total = 0.0;
+    let mut number = String::new();
+    for c in text.chars() {
+        match c {
+            '0'..='9' | '.' => number.push(c),
+            'h' | 'm' | 's' => {
+                let v: f64 = number.parse().with_context(|| format!("--budget {text}"))?;
+                total += v * match c {
+                    'h' => 3600.0,
+                    'm' => 60.0,
+                    _ => 1.0,
+                };
+                number.clear();
+            }
+            _ => bail!("--budget {text}: write a time such as 100m, 2h or 1h30m"),
+        }
+    }
+    if !number.is_empty() {
+        total += number.parse::<f64>().with_context(|| format!("--budget {text}"))? * 60.0;
+    }
+    if total.is_nan() || total <= 0.0 {
+        bail!("--budget {text}: must be a positive time");
+    }
+    Ok(total)
+}
+
+/// The (variant, seed) pairs in the order they run: seed by seed, the variants by priority.
+fn pairs(o: &Options) -> Vec<(&'static str, &'static [&'static str], u64)> {
+    (0..o.seeds)
+        .flat_map(|seed| VARIANTS.iter().map(move |&(label, flags)| (label, flags, seed)))
+        .filter(|(label, _, _)| o.only.as_ref().is_none_or(|only| only.iter().any(|x| x == label)))
+        .collect()
+}
+
+/// What a run of the reproduction records beside its outputs (`reproduce.json`).
+fn run_record(o: &Options) -> serde_json::Value {
+    serde_json::json!({
+        "results_epoch": RESULTS_EPOCH,
+        "preset": "cpu",
+        "extra_flags": o.extra,
+        "commit": commit(),
+        "started": date(),
+    })
+}
+
+fn commit() -> String {
+    let out = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = out(&["rev-parse", "--short=10", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty =
+        out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{head}-dirty") } else { head }
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The median of the wall times in `{out}/timings.jsonl`, of `label` when it has any, else of
+/// every variant, else [`FIRST_ESTIMATE_S`].
+fn estimate(out: &str, label: &str) -> f64 {
+    let lines = std::fs::read_to_string(format!("{out}/timings.jsonl")).unwrap_or_default();
+    let timed: Vec<(String, f64)> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["label"].as_str()?.to_string(), v["seconds"].as_f64()?)))
+        .collect();
+    let median = |mut v: Vec<f64>| -> Option<f64> {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    median(timed.iter().filter(|(l, _)| l == label).map(|(_, s)| *s).collect())
+        .or_else(|| median(timed.iter().map(|(_, s)| *s).collect()))
+        .unwrap_or(FIRST_ESTIMATE_S)
+}
+
+/// `cargo xtask reproduce [--seeds N] [--only LABEL,...] [--budget TIME] [--out DIR] [-- extra
+/// train flags]`.
+pub fn reproduce(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    run("cargo", &["gems", "model", "fetch"])?;
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out))?;
+    let started = Instant::now();
+    let mut stopped_at = None;
+    for (label, flags, seed) in pairs(&o) {
+        let dir = format!("{}/{label}-seed{seed}", o.out);
+        if Path::new(&dir).join("summary.json").is_file() {
+            continue;
+        }
+        let guess = estimate(&o.out, label);
+        if let Some(budget) = o.budget_s
+            && started.elapsed().as_secs_f64() + guess > budget
+        {
+            stopped_at = Some(format!(
+                "{label}-seed{seed} (estimated {:.0} min) would not fit the {:.0} min left of the \
+                 budget",
+                guess / 60.0,
+                (budget - started.elapsed().as_secs_f64()).max(0.0) / 60.0
+            ));
+            break;
+        }
+        train_one(&o, label, flags, seed, &dir)?;
+    }
+    if let Some(why) = &stopped_at {
+        eprintln!("xtask reproduce: stopped: {why}; run the same command again to go on");
+    }
+    write_results(&o)
+}
+
+/// Runs (or resumes) one pair and appends its wall time to `{out}/timings.jsonl`.
+fn train_one(o: &Options, label: &str, flags: &[&str], seed: u64, dir: &str) -> Result<()> {
+    let record_path = format!("{dir}/reproduce.json");
+    let resuming = Path::new(dir).join("checkpoint").exists();
+    if resuming {
+        let saved = read_record(Path::new(dir))?;
+        if saved["results_epoch"] != RESULTS_EPOCH {
+            bail!(
+                "{dir} was started by code of results epoch {} (this code: {RESULTS_EPOCH}): \
+                 move it away to run it again",
+                saved["results_epoch"]
+            );
+        }
+    } else {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+        let text = serde_json::to_string_pretty(&run_record(o))?;
+        std::fs::write(&record_path, text).with_context(|| format!("writing {record_path}"))?;
+    }
+    let seed_text = seed.to_string();
+    let mut a: Vec<&str> = vec![
+        "gems", "train", "--preset", "cpu", "--out", dir, "--seed", &seed_text, "--label", label,
+        "--quiet",
+    ];
+    a.extend(flags.iter());
+    a.extend(o.extra.iter().map(String::as_str));
+    if resuming {
+        a.push("--resume");
+    }
+    let t0 = Instant::now();
+    run("cargo", &a)?;
+    let line = serde_json::json!({
+        "label": label, "seed": seed, "seconds": t0.elapsed().as_secs_f64(),
+        "resumed": resuming, "commit": commit(), "finished": date(),
+    });
+    let path = format!("{}/timings.jsonl", o.out);
+    let mut all = std::fs::read_to_string(&path).unwrap_or_default();
+    all.push_str(&format!("{line}\n"));
+    std::fs::write(&path, all).with_context(|| format!("writing {path}"))
+}
+
+fn read_record(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("reproduce.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("{} has no reproduce.json (a run from before runs recorded it)", dir.display())
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A finished run's name (`label-seedN`) and its `reproduce.json`.
+type Finished = (String, serde_json::Value);
+
+/// The finished runs of the reproduction with their records, refusing any of another results
+/// epoch, preset or extra flags than this invocation's; and the pairs not finished.
+fn finished_runs(o: &Options) -> Result<(Vec<Finished>, Vec<String>)> {
+    let want = run_record(o);
+    let (mut done, mut missing, mut foreign) = (Vec::new(), Vec::new(), Vec::new());
+    for (label, _, seed) in pairs(o) {
+        let name = format!("{label}-seed{seed}");
+        let dir = Path::new(&o.out).join(&name);
+        if !dir.join("summary.json").is_file() {
+            missing.push(name);
+            continue;
+        }
+        let record = read_record(&dir)?;
+        let same = ["results_epoch", "preset", "extra_flags"].iter().all(|k| record[k] == want[k]);
+        if !same {
+            foreign.push(format!(
+                "{name} (epoch {}, preset {}, flags {})",
+                record["results_epoch"], record["preset"], record["extra_flags"]
+            ));
+        }
+        done.push((name, record));
+    }
+    if !foreign.is_empty() {
+        bail!(
+            "these runs in {} are of another results epoch, preset or flags than this code's \
+             ({RESULTS_EPOCH}, cpu, {:?}) and cannot share its tables: {}; move them away",
+            o.out,
+            o.extra,
+            foreign.join(", ")
+        );
+    }
+    Ok((done, missing))
+}
+
+/// docs/results.md from every finished run: the header, the runs used (commit and date), the
+/// missing cells, the notes, then the report of `gems report`.
+fn write_results(o: &Options) -> Result<()> {
+    let (done, missing) = finished_runs(o)?;
+    if done.is_empty() {
+        eprintln!("xtask reproduce: no finished run yet; docs/results.md left as it is");
+        return Ok(());
+    }
+    // Only this reproduction's finished runs go into the report.
+    let dirs: Vec<String> = done.iter().map(|(n, _)| format!("{}/{n}", o.out)).collect();
+    let report_dir = format!("{}/report", o.out);
+    let mut report_args = vec!["gems", "report"];
+    report_args.extend(dirs.iter().map(String::as_str));
+    report_args.extend(["--out", &report_dir]);
+    run("cargo", &report_args)?;
+    let report = std::fs::read_to_string(format!("{report_dir}/report.md"))
+        .with_context(|| format!("reading {report_dir}/report.md"))?;
+    let mut doc = header(o);
+    doc.push_str(&format!(
+        "Finished: {} of {} runs ({} variants x {} seeds). Each run's commit and start:\n\n",
+        done.len(),
+        done.len() + missing.len(),
+        pairs(o).len() as u64 / o.seeds.max(1),
+        o.seeds
+    ));
+    doc.push_str("| run | commit | started |\n|---|---|---|\n");
+    for (name, record) in &done {
+        doc.push_str(&format!(
+            "| {name} | {} | {} |\n",
+            record["commit"].as_str().unwrap_or("?"),
+            record["started"].as_str().unwrap_or("?")
+        ));
+    }
+    if !missing.is_empty() {
+        doc.push_str(&format!(
+            "\n**Missing** (not run yet; rerun the command to add them): {}.\n",
+            missing.join(", ")
+        ));
+    }
+    doc.push('\n');
+    // What the numbers show is written by a person, in its own file, and placed here.
+    if let Ok(notes) = std::fs::read_to_string(RESULTS_NOTES) {
+        doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
+    }
+    // The plots travel with the document (runs/ is not committed).
+    std::fs::create_dir_all("docs/results").context("creating docs/results")?;
+    for plot in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
+        std::fs::copy(format!("{report_dir}/{plot}"), format!("docs/results/{plot}"))
+            .with_context(|| format!("copying {report_dir}/{plot}"))?;
+    }
+    doc.push_str(&report.replace("](", "](results/"));
+    std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
+    eprintln!("xtask reproduce: report in {report_dir}/report.md, docs/results.md updated");
+    Ok(())
+}
+
+fn header(o: &Options) -> String {
+    let mut doc = format!(
+        "# Results\n\nWritten by `cargo xtask reproduce` (do not edit by hand). Every method and \
+         ablation of GEMS-SPEC §5 runs with the CPU preset of `gems train` (docs/training.md) on \
+         Amazon Scientific, with the same data, steps and seeds, results epoch {RESULTS_EPOCH} \
+         (runs of another epoch are refused). Rerun with\n\n```\ncargo xtask reproduce \
+         --budget 100m\n```\n\nwhich skips finished runs, resumes an interrupted one, starts a \
+         run only if it is estimated to finish within the budget, and rewrites this page. \
+         Measurements outside this reproduction, each with its command: \
+         [retention.md](retention.md) (embedding policy, strict null space and perplexity on \
+         the full 30-layer model), [training.md](training.md) (the preset's choices).\n\n"
+    );
+    doc.push_str(&format!(
+        "Flags added to every run: `{}`\n\n",
+        if o.extra.is_empty() { "(none)".to_string() } else { o.extra.join(" ") }
+    ));
+    doc.push_str(&format!("Seeds per configuration: {}.\n\n", o.seeds));
+    if let Some(only) = &o.only {
+        doc.push_str(&format!(
+            "Variants run (`--only`): {}; the others of `cargo xtask reproduce` were not run for \
+             these tables.\n\n",
+            only.join(", ")
+        ));
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse_and_bad_ones_are_refused() {
+        assert_eq!(duration("100m").unwrap(), 6000.0);
+        assert_eq!(duration("2h").unwrap(), 7200.0);
+        assert_eq!(duration("1h30m").unwrap(), 5400.0);
+        assert_eq!(duration("90").unwrap(), 5400.0);
+        assert_eq!(duration("45s").unwrap(), 45.0);
+        for bad in ["", "0m", "two hours", "5d"] {
+            assert!(duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pairs_run_seed_by_seed_with_the_default_first() {
+        let o = Options { seeds: 2, out: String::new(), only: None, budget_s: None, extra: vec![] };
+        let p = pairs(&o);
+        assert_eq!(p.len(), 2 * VARIANTS.len());
+        assert_eq!((p[0].0, p[0].2), ("gems-input-strict", 0));
+        assert_eq!((p[VARIANTS.len()].0, p[VARIANTS.len()].2), ("gems-input-strict", 1));
+        let only = Options { only: Some(vec!["full".into()]), ..o };
+        assert_eq!(pairs(&only).iter().map(|p| p.2).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn estimates_come_from_the_timed_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_str().unwrap();
+        assert_eq!(estimate(out, "full"), FIRST_ESTIMATE_S);
+        let lines = "{\"label\":\"full\",\"seconds\":600}\n{\"label\":\"lora\",\"seconds\":300}\n\
+                     {\"label\":\"full\",\"seconds\":700}\n";
+        std::fs::write(dir.path().join("timings.jsonl"), lines).unwrap();
+        assert_eq!(estimate(out, "full"), 700.0);
+        assert_eq!(estimate(out, "pcgrad"), 600.0);
+    }
+}
