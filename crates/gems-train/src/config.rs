@@ -436,7 +436,9 @@ impl Default for LoraSettings {
 pub struct TrainConfig {
     /// Run label (default: the method name and its ablations).
     pub label: Option<String>,
-    /// Seed of everything random in the run (data order, initialisation, sketches).
+    /// Seed of everything random in the run (data order, initialisation, sketches:
+    /// `optimizer.seed` follows it). `data.seed` is the prepared data's own (its negatives and
+    /// task draws).
     pub seed: u64,
     /// The model.
     pub model: ModelSettings,

@@ -566,13 +566,25 @@ fn resolve_config(
     Ok((config, path))
 }
 
-/// `config` as a run records it in config.json: the model path actually used filled in, and
-/// what the method implies (LoRA trains the embedding rows; the optimizer's record of the
+/// `config` as a run records it in config.json: the model path actually used filled in, the
+/// optimizer's seed from `seed`, and what the method implies (LoRA trains the embedding rows; the optimizer's record of the
 /// null space); and that model path.
 ///
 /// # Errors
 /// No model is found.
 pub fn resolved_config(mut config: TrainConfig) -> Result<(TrainConfig, PathBuf)> {
+    // One seed: the optimizer's sketches follow `seed` (`--seed` set both; a configuration
+    // file that set only `seed` used to leave them at optimizer.seed's default).
+    if config.optimizer.seed != config.seed {
+        if config.optimizer.seed != gems_optim::OptimizerConfig::default().seed {
+            return Err(TrainError::Config(format!(
+                "optimizer.seed {} differs from seed {}: the optimizer's sketches derive from \
+                 `seed`; set `seed` alone",
+                config.optimizer.seed, config.seed
+            )));
+        }
+        config.optimizer.seed = config.seed;
+    }
     let path = model_path(&config)?;
     config.model.path = Some(path.clone());
     if config.optimizer.method == Method::Lora {

@@ -801,3 +801,18 @@ fn id_only_data_trains_rec_and_says_so() {
     let top = top_items(setup, &history, None, 3, &[]).unwrap();
     assert!(top.iter().all(|it| it.title.is_none()), "{top:?}");
 }
+
+/// One seed: a configuration that sets only `seed` (a TOML file, say) seeds the optimizer's
+/// sketches with it too, and an optimizer seed set apart from it is refused.
+#[test]
+fn the_optimizer_follows_the_run_seed() {
+    use gems_train::trainer::resolved_config;
+    let (_root, mut config) = setup(1);
+    config.seed = 3;
+    let (resolved, _) = resolved_config(config.clone()).unwrap();
+    assert_eq!(resolved.optimizer.seed, 3);
+    config.seed = 0;
+    config.optimizer.seed = 5;
+    let err = resolved_config(config).unwrap_err().to_string();
+    assert!(err.contains("optimizer.seed 5 differs from seed 0"), "{err}");
+}
