@@ -33,7 +33,9 @@ use crate::eval::evaluate;
 use crate::forward::read_f32;
 use crate::progress::Reporter;
 use crate::setup::{build, load_model, model_path};
-use crate::trainer::{active_tasks, eval_options, register_null_space, step_gradients};
+use crate::trainer::{
+    active_tasks, eval_options, model_to_train, register_null_space, step_gradients,
+};
 
 /// What [`backend_parity`] measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +60,9 @@ pub struct ParityReport {
     pub update_max_rel_diff: f64,
     /// The parameter where it occurred.
     pub update_worst: String,
+    /// The parameters the steps changed on the reference, by path: what training trains.
+    #[serde(default)]
+    pub updated: Vec<String>,
     /// Evaluation of the stepped model on the reference.
     pub eval_reference: EvalReport,
     /// Evaluation of the stepped model on the device.
@@ -93,11 +98,14 @@ pub fn backend_parity(
     let setup = build(load_model(&path, config.model.keep_layers, reference)?, config)?;
     let tasks = active_tasks(config, &setup.corpus);
     let (ref_ad, dev_ad) = (reference.clone().autodiff(), device.clone().autodiff());
-    // Both copies come from the plain pretrained model: `to_device` keeps every parameter's id
-    // (so gradients keyed by id carry across), and neither copy's parameters hang off the
-    // other's autodiff graph.
-    let mut model_ref = setup.pretrained.model.clone().to_device(&ref_ad).train();
-    let mut model_dev = setup.pretrained.model.clone().to_device(&dev_ad).train();
+    // The model exactly as training trains it (`model_to_train`: frozen lower layers, LoRA
+    // adapters, the embedding policy), built once: `to_device` keeps every parameter's id (so
+    // gradients keyed by id carry across, adapters included). Each copy is trained from the
+    // plain snapshot (`valid` keeps which parameters train), so neither hangs off the other's
+    // autodiff graph.
+    let trained = model_to_train(&setup, config, None, &ref_ad)?.valid();
+    let mut model_ref = trained.clone().to_device(&ref_ad).train();
+    let mut model_dev = trained.to_device(&dev_ad).train();
     let before = param_values(&model_ref)?;
 
     let optimizer_config =
@@ -145,6 +153,7 @@ pub fn backend_parity(
     let after_ref = param_values(&model_ref)?;
     let after_dev = param_values(&model_dev)?;
     let mut update_worst = (0.0, String::new());
+    let mut updated = Vec::new();
     for (name, b) in &before {
         let (Some(r), Some(d)) = (after_ref.get(name), after_dev.get(name)) else { continue };
         let delta_ref: Vec<f32> = r.iter().zip(b).map(|(x, y)| x - y).collect();
@@ -152,6 +161,7 @@ pub fn backend_parity(
         if delta_ref.iter().all(|v| *v == 0.0) {
             continue; // not updated (frozen or no gradient)
         }
+        updated.push(name.clone());
         let diff = max_rel_diff(&delta_ref, &delta_dev);
         if diff >= update_worst.0 {
             update_worst = (diff, name.clone());
@@ -173,6 +183,7 @@ pub fn backend_parity(
         steps,
         update_max_rel_diff: update_worst.0,
         update_worst: update_worst.1,
+        updated,
         eval_reference,
         eval_device,
         eval_max_abs_diff,

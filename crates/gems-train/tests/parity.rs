@@ -51,3 +51,24 @@ fn zero_steps_is_refused() {
     .to_string();
     assert!(err.contains("at least one optimizer step"), "{err}");
 }
+
+/// Parity checks what training trains: with `--tune-layers 1` and LoRA, only the top layer's
+/// adapters (and the item rows) move, on both devices alike.
+#[test]
+fn parity_trains_what_training_trains() {
+    use gems_optim::{Method, OptimizerConfig};
+    let root = tempfile::tempdir().unwrap();
+    let mut config = tiny_run_config(root.path(), &data_root(), 2).unwrap();
+    config.optimizer = OptimizerConfig::for_method(Method::Lora);
+    config.model.tune_layers = Some(1);
+    let out = root.path().join("parity");
+    let report =
+        backend_parity(&config, &Device::flex(), &Device::flex(), 2, &out, &Default::default())
+            .unwrap();
+    assert_eq!(report.method, "lora");
+    assert_eq!(report.update_max_rel_diff, 0.0, "{}", report.update_worst);
+    let updated = &report.updated;
+    assert!(updated.iter().any(|p| p.contains("layers.1.") && p.contains("lora")), "{updated:?}");
+    assert!(!updated.iter().any(|p| p.contains("layers.0.")), "{updated:?}");
+    assert!(!updated.iter().any(|p| p.contains("layers.1.") && !p.contains("lora")), "{updated:?}");
+}
