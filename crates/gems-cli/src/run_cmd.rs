@@ -195,6 +195,10 @@ pub struct TrainArgs {
     /// history item after the first too, one row per stretch of a user's training sequence).
     #[arg(long, value_enum)]
     pub rec_targets: Option<gems_train::config::RecTargets>,
+    /// Softmax of the training loss at an item target: vocabulary (every token) or catalogue
+    /// (the item tokens only: the ranking's cross-entropy).
+    #[arg(long, value_enum)]
+    pub item_softmax: Option<gems_train::config::ItemSoftmax>,
     /// Add to every item row a collaborative part of this many dimensions, learned from the
     /// training interactions (PPMI of co-occurrences, truncated eigendecomposition); 0: none.
     #[arg(long, value_name = "DIMS")]
@@ -316,6 +320,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut c.model.item_collab, args.item_collab);
     set(&mut c.model.item_collab_scale, args.item_collab_scale);
     set(&mut c.data.rec_targets, args.rec_targets);
+    set(&mut c.data.item_softmax, args.item_softmax);
     if let Some(scale) = args.embedding_lr_scale {
         c.set_embedding_lr_scale(scale);
     }

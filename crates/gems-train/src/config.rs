@@ -199,6 +199,31 @@ pub struct DataSettings {
     /// Left out of `config.json` when `last`.
     #[serde(skip_serializing_if = "RecTargets::is_last")]
     pub rec_targets: RecTargets,
+    /// Over what the training loss's softmax runs at an item target: the whole vocabulary
+    /// (`vocabulary`, GEMS-SPEC §2, the default) or the catalogue's item tokens only
+    /// (`catalogue`: the ranking's own cross-entropy; text targets such as end-of-sequence keep
+    /// the whole vocabulary). Left out of `config.json` when `vocabulary`.
+    #[serde(skip_serializing_if = "ItemSoftmax::is_vocabulary")]
+    pub item_softmax: ItemSoftmax,
+}
+
+/// The softmax of an item target's training loss ([`DataSettings::item_softmax`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum ItemSoftmax {
+    /// Over every token of the vocabulary (text and items).
+    #[default]
+    Vocabulary,
+    /// Over the catalogue's item tokens only.
+    Catalogue,
+}
+
+impl ItemSoftmax {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_vocabulary(&self) -> bool {
+        *self == Self::Vocabulary
+    }
 }
 
 /// The targets of a recommendation training row ([`DataSettings::rec_targets`]).
@@ -235,6 +260,7 @@ impl Default for DataSettings {
             seed: 42,
             tasks: TaskSelection::Both,
             rec_targets: RecTargets::Last,
+            item_softmax: ItemSoftmax::Vocabulary,
         }
     }
 }

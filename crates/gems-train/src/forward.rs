@@ -7,7 +7,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use gems_model::{Llama, TokenBatch, llama::gather_rows};
 
 use crate::error::{Result, TrainError};
-use crate::setup::Sample;
+use crate::setup::{LossTargets, Sample};
 
 /// Right-padded batch of whole samples (prompt, target, end-of-sequence).
 ///
@@ -57,8 +57,10 @@ pub fn training_positions(
 }
 
 /// Mean cross-entropy of the target tokens (GEMS-SPEC §2: item token then end-of-sequence;
-/// with `items_from`, also the history items of [`training_positions`]), a scalar tensor on
-/// the model's device (differentiable on an autodiff device).
+/// with `targets.history_from`, also the history items of [`training_positions`]), a scalar
+/// tensor on the model's device (differentiable on an autodiff device). With
+/// `targets.catalogue`, an item target's softmax runs over the item tokens only (the other
+/// targets keep the whole vocabulary); the mean is over all targets either way.
 ///
 /// # Errors
 /// Token ids out of range, an empty batch.
@@ -66,12 +68,43 @@ pub fn target_loss(
     model: &Llama,
     samples: &[&Sample],
     pad: u32,
-    items_from: Option<u32>,
+    targets: LossTargets,
 ) -> Result<Tensor<1>> {
     let batch = sample_batch(samples, pad)?;
-    let (at, ids) = training_positions(samples, items_from);
-    let logits = model.logits_at(&batch, &at)?;
-    Ok(cross_entropy(logits, &ids))
+    let (at, ids) = training_positions(samples, targets.history_from);
+    let Some((base, n_items)) = targets.catalogue else {
+        let logits = model.logits_at(&batch, &at)?;
+        return Ok(cross_entropy(logits, &ids));
+    };
+    let hidden = model.hidden_states(&batch)?;
+    let is_item = |t: u32| t >= base && ((t - base) as usize) < n_items;
+    let (mut item_at, mut item_ids, mut text_at, mut text_ids) = (vec![], vec![], vec![], vec![]);
+    for (&p, &t) in at.iter().zip(&ids) {
+        if is_item(t) {
+            item_at.push(p);
+            item_ids.push(t - base);
+        } else {
+            text_at.push(p);
+            text_ids.push(t);
+        }
+    }
+    let total = ids.len() as f64;
+    let mut parts = Vec::new();
+    if !item_at.is_empty() {
+        let rows = gather_rows(hidden.clone(), &item_at, "target_loss")?;
+        let logits = model.head_logits(rows, base as usize, n_items);
+        parts.push(cross_entropy(logits, &item_ids).mul_scalar(item_ids.len() as f64 / total));
+    }
+    if !text_at.is_empty() {
+        let rows = gather_rows(hidden, &text_at, "target_loss")?;
+        parts.push(
+            cross_entropy(model.head(rows), &text_ids).mul_scalar(text_ids.len() as f64 / total),
+        );
+    }
+    parts
+        .into_iter()
+        .reduce(|a, b| a + b)
+        .ok_or_else(|| TrainError::Training("target_loss: no target tokens".into()))
 }
 
 /// Mean of `-log softmax(logits)[target]` over rows.

@@ -162,6 +162,19 @@ pub struct Setup {
     /// items are targets too; `None` trains the corpus's examples on their answers
     /// ([`Setup::train_rows`], [`Setup::history_targets`]).
     pub rec_all_targets: Option<Vec<Sample>>,
+    /// Whether item targets' training softmax runs over the catalogue only
+    /// (`data.item_softmax = "catalogue"`).
+    pub catalogue_softmax: bool,
+}
+
+/// What a training loss counts: see [`crate::forward::target_loss`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LossTargets {
+    /// The history items of a row are targets too, from this item token id on
+    /// ([`crate::forward::training_positions`]).
+    pub history_from: Option<u32>,
+    /// Item targets' softmax runs over the item tokens only: (first item token id, items).
+    pub catalogue: Option<(u32, usize)>,
 }
 
 impl std::fmt::Debug for Setup {
@@ -366,7 +379,8 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
 
     let rec_all_targets = (d.rec_targets == RecTargets::All)
         .then(|| stretch_rows(corpus.get(Split::Train, Task::Rec)));
-    Ok(Setup { pretrained, corpus, text, rec_all_targets })
+    let catalogue_softmax = d.item_softmax == crate::config::ItemSoftmax::Catalogue;
+    Ok(Setup { pretrained, corpus, text, rec_all_targets, catalogue_softmax })
 }
 
 /// Adds one token per catalogue item to a pretrained model and initialises its rows as
@@ -483,6 +497,16 @@ impl Setup {
     /// token id to count as one ([`crate::forward::training_positions`]), else `None`.
     pub fn history_targets(&self, task: Task) -> Option<u32> {
         (task == Task::Rec && self.rec_all_targets.is_some()).then_some(self.corpus.base_vocab)
+    }
+
+    /// What `task`'s training loss counts ([`crate::forward::target_loss`]).
+    pub fn loss_targets(&self, task: Task) -> LossTargets {
+        LossTargets {
+            history_from: self.history_targets(task),
+            catalogue: self
+                .catalogue_softmax
+                .then_some((self.corpus.base_vocab, self.corpus.n_items())),
+        }
     }
 
     /// Tokenises a prompt for `history` (item indices, oldest first) and an optional query,

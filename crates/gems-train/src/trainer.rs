@@ -37,7 +37,7 @@ use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
 use crate::nullspace::{GeneralText, projectors};
 use crate::progress::{Event, Phase, Reporter};
-use crate::setup::{Corpus, Sample, Setup, build, load_model, model_path};
+use crate::setup::{Corpus, LossTargets, Sample, Setup, build, load_model, model_path};
 
 /// How a run is driven (not part of its configuration).
 #[derive(Debug, Clone)]
@@ -134,15 +134,14 @@ fn next_batch<'a>(
     out
 }
 
-/// One task's mean loss gradient over `samples` (and their history items from `items_from`,
-/// [`crate::forward::training_positions`]).
+/// One task's mean loss gradient over `samples` ([`target_loss`] with `targets`).
 fn task_gradient(
     model: &Llama,
     samples: &[&Sample],
     pad: u32,
-    items_from: Option<u32>,
+    targets: LossTargets,
 ) -> Result<TaskGradient> {
-    let loss = target_loss(model, samples, pad, items_from)?;
+    let loss = target_loss(model, samples, pad, targets)?;
     let value = crate::forward::read_f32(loss.clone(), "task_gradient")?[0] as f64;
     let grads = GradientsParams::from_grads(loss.backward(), model);
     Ok(TaskGradient { grads, samples: samples.len(), loss: value })
@@ -879,7 +878,7 @@ pub(crate) fn step_gradients(
     for (task, batch) in step_batches(setup, config, tasks, state, perms) {
         let k = tasks.iter().position(|&t| t == task).unwrap_or_default();
         tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-        let g = task_gradient(model, &batch, setup.corpus.eos_id, setup.history_targets(task))?;
+        let g = task_gradient(model, &batch, setup.corpus.eos_id, setup.loss_targets(task))?;
         windows[k].add(model, g);
     }
     let mut grads = StepGradients::default();

@@ -816,3 +816,57 @@ fn the_optimizer_follows_the_run_seed() {
     let err = resolved_config(config).unwrap_err().to_string();
     assert!(err.contains("optimizer.seed 5 differs from seed 0"), "{err}");
 }
+
+/// `data.item_softmax = "catalogue"`: an item target's loss is its cross-entropy among the
+/// item tokens (computed by hand here from the full logits), end-of-sequence keeps the whole
+/// vocabulary, and the mean is over every target; a run with it trains and records it.
+#[test]
+fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
+    use gems_train::forward::{sample_batch, target_loss, target_positions};
+    use gems_train::setup::{LossTargets, build, load_model};
+    let (root, mut config) = setup(2);
+    let dev = Device::flex();
+    let built =
+        build(load_model(config.model.path.as_ref().unwrap(), None, &dev).unwrap(), &config)
+            .unwrap();
+    let corpus = &built.corpus;
+    let (base, n) = (corpus.base_vocab, corpus.n_items());
+    let samples: Vec<_> =
+        corpus.get(gems_data::Split::Train, gems_data::Task::Rec).iter().take(5).collect();
+    let model = &built.pretrained.model;
+    let scalar = |t: burn::tensor::Tensor<1>| {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0] as f64
+    };
+    let vocabulary =
+        scalar(target_loss(model, &samples, corpus.eos_id, LossTargets::default()).unwrap());
+    let targets = LossTargets { history_from: None, catalogue: Some((base, n)) };
+    let catalogue = scalar(target_loss(model, &samples, corpus.eos_id, targets).unwrap());
+
+    let batch = sample_batch(&samples, corpus.eos_id).unwrap();
+    let (at, ids) = target_positions(&samples);
+    let logits = model.logits_at(&batch, &at).unwrap();
+    let v = logits.dims()[1];
+    let z = logits.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let lse = |xs: &[f32]| {
+        let m = xs.iter().copied().fold(f32::MIN, f32::max) as f64;
+        m + xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let mut want = 0.0;
+    for (k, &t) in ids.iter().enumerate() {
+        let row = &z[k * v..(k + 1) * v];
+        let span = if t >= base { &row[base as usize..base as usize + n] } else { row };
+        want += lse(span) - row[t as usize] as f64;
+    }
+    want /= ids.len() as f64;
+    assert!((catalogue - want).abs() < 1e-4, "{catalogue} vs {want}");
+    assert!(catalogue < vocabulary, "{catalogue} !< {vocabulary}");
+
+    config.data.item_softmax = gems_train::config::ItemSoftmax::Catalogue;
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    let run = root.path().join("runs/catalogue");
+    finished(train(&config, &run, &options(false)).unwrap());
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["data"]["item_softmax"], "catalogue");
+}
