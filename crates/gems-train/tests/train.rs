@@ -835,7 +835,7 @@ fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
         corpus.get(gems_data::Split::Train, gems_data::Task::Rec).iter().take(5).collect();
     let model = &built.pretrained.model;
     let scalar = |t: burn::tensor::Tensor<1>| {
-        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0] as f64
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0] as f64
     };
     let vocabulary =
         scalar(target_loss(model, &samples, corpus.eos_id, LossTargets::default()).unwrap());
@@ -846,7 +846,7 @@ fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
     let (at, ids) = target_positions(&samples);
     let logits = model.logits_at(&batch, &at).unwrap();
     let v = logits.dims()[1];
-    let z = logits.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let z = logits.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
     let lse = |xs: &[f32]| {
         let m = xs.iter().copied().fold(f32::MIN, f32::max) as f64;
         m + xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
