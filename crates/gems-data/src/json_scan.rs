@@ -10,7 +10,6 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result, quote};
-use crate::load::json_message;
 
 /// Iterator-like reader over `"key": value` entries of one top-level JSON object.
 pub(crate) struct ObjectEntries<'a> {
@@ -155,6 +154,33 @@ impl<'a> ObjectEntries<'a> {
         }
         Ok(None)
     }
+}
+
+/// Shortens an error message that may quote hostile input (serde quotes whole strings): at most
+/// about 200 characters, the head and the tail kept, the cut marked.
+pub(crate) fn shorten(message: String) -> String {
+    const HEAD: usize = 120;
+    const TAIL: usize = 80;
+    let chars = message.chars().count();
+    if chars <= HEAD + TAIL + 20 {
+        return message;
+    }
+    let head: String = message.chars().take(HEAD).collect();
+    let tail: String = message.chars().skip(chars - TAIL).collect();
+    format!("{head}... ({} characters cut) ...{tail}", chars - HEAD - TAIL)
+}
+
+/// The message of a `serde_json` error for one line or value: position suffix dropped (the
+/// caller names file and line), a truncation hint added, hostile quotes shortened.
+pub(crate) fn json_message(e: &serde_json::Error) -> String {
+    let mut message = e.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    if e.is_eof() {
+        message.push_str(" (truncated JSON?)");
+    }
+    shorten(message)
 }
 
 #[cfg(test)]

@@ -50,9 +50,9 @@ pub enum MetricsError {
     #[error("ranking accumulator: cannot merge a {other} accumulator into a {this} one")]
     NormaliserMismatch {
         /// The normaliser of the accumulator merged into.
-        this: crate::ranking::NdcgNormaliser,
+        this: crate::normaliser::NdcgNormaliser,
         /// The normaliser of the accumulator merged from.
-        other: crate::ranking::NdcgNormaliser,
+        other: crate::normaliser::NdcgNormaliser,
     },
     /// Reading or writing a file failed.
     #[error("{path}: {cause}")]

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod normaliser;
 mod plot;
 pub mod ranking;
 pub mod record;

@@ -28,11 +28,12 @@
 //! Each metric is the mean over examples, reported with its standard error.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MetricsError, Result};
+pub use crate::normaliser::NdcgNormaliser;
+use crate::normaliser::discount;
 
 /// The cut-offs every ranking metric is reported at.
 pub const KS: [usize; 3] = [5, 10, 20];
@@ -52,54 +53,6 @@ pub const METRIC_NAMES: [&str; 9] = [
 ];
 
 const N_METRICS: usize = METRIC_NAMES.len();
-
-/// How the ideal DCG that normalises NDCG@k is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NdcgNormaliser {
-    /// The standard definition: the ideal DCG of `min(n_relevant, k)` items at the top.
-    #[default]
-    Standard,
-    /// The GEMS authors' variant: the ideal DCG of the hits actually found in the top k (0, and
-    /// NDCG 0, when there are none). It rewards a model that finds one of several relevant items
-    /// as much as one that finds all of them; reported only as a labelled option.
-    Authors,
-}
-
-impl NdcgNormaliser {
-    /// The name used in JSON and on the command line: `"standard"` or `"authors"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Standard => "standard",
-            Self::Authors => "authors",
-        }
-    }
-
-    /// The ideal DCG at cut-off `k` for an example with `n_relevant` relevant items, `hits` of
-    /// which are in the top `k`.
-    pub fn ideal_dcg(self, n_relevant: usize, hits: usize, k: usize) -> f64 {
-        match self {
-            Self::Standard => ideal_dcg(n_relevant.min(k)),
-            Self::Authors => ideal_dcg(hits.min(k)),
-        }
-    }
-}
-
-impl fmt::Display for NdcgNormaliser {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `sum_{i=1}^{m} 1 / log2(i + 1)`: the DCG of `m` relevant items at the top of the list.
-fn ideal_dcg(m: usize) -> f64 {
-    (1..=m).map(discount).sum()
-}
-
-/// The DCG gain of a relevant item at 1-based list position `position`.
-fn discount(position: usize) -> f64 {
-    1.0 / ((position as f64) + 1.0).log2()
-}
 
 fn check_scores(operation: &'static str, scores: &[f32]) -> Result<()> {
     if scores.is_empty() {
@@ -369,6 +322,7 @@ mod tests {
 
     #[test]
     fn ideal_dcg_of_two_items() {
+        use crate::normaliser::ideal_dcg;
         let expected = 1.0 + 1.0 / 3f64.log2();
         assert!((ideal_dcg(2) - expected).abs() < 1e-12);
         assert_eq!(ideal_dcg(0), 0.0);

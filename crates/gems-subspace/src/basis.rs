@@ -33,25 +33,7 @@ use crate::error::{Result, SubspaceError};
 use crate::host::{DeviceCopy, ensure_finite, matrix_from_tensor, tensor_values_f32};
 use crate::rng::SplitMix64;
 
-/// Which side of an m x n matrix a basis acts on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Side {
-    /// An m x r basis of the column space (left singular vectors); R = Q^T G is r x n.
-    Left,
-    /// An n x r basis of the row space (right singular vectors); R = G Q is m x r.
-    Right,
-}
-
-impl Side {
-    /// The length of the dimension this side's basis spans, for an m x n matrix.
-    pub fn dim(self, rows: usize, cols: usize) -> usize {
-        match self {
-            Side::Left => rows,
-            Side::Right => cols,
-        }
-    }
-}
+pub use crate::decompose::Side;
 
 /// GaLore's `proj_type`: the rule that picks a [`Side`] from a matrix's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

@@ -16,10 +16,29 @@ use faer::linalg::svd::{ComputeSvdVectors, svd, svd_scratch};
 use faer::{Mat, MatRef, Side as TriangleSide};
 use serde::{Deserialize, Serialize};
 
-use crate::basis::Side;
 use crate::error::{Result, SubspaceError};
 use crate::host::{ensure_finite, ensure_rank};
 use crate::rng::SplitMix64;
+
+/// Which side of an m x n matrix a basis acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// An m x r basis of the column space (left singular vectors); R = Q^T G is r x n.
+    Left,
+    /// An n x r basis of the row space (right singular vectors); R = G Q is m x r.
+    Right,
+}
+
+impl Side {
+    /// The length of the dimension this side's basis spans, for an m x n matrix.
+    pub fn dim(self, rows: usize, cols: usize) -> usize {
+        match self {
+            Side::Left => rows,
+            Side::Right => cols,
+        }
+    }
+}
 
 /// A thin singular value decomposition `A = U diag(s) V^T`.
 #[derive(Debug, Clone)]

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub(crate) use crate::json_scan::json_message;
 use crate::model::{Catalogue, Dataset, Item};
 use crate::text::QuerySynthesis;
 
@@ -301,33 +302,6 @@ impl serde::de::Visitor<'_> for IdVisitor {
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<String, E> {
         Ok(v.to_string())
     }
-}
-
-/// Shortens an error message that may quote hostile input (serde quotes whole strings): at most
-/// about 200 characters, the head and the tail kept, the cut marked.
-pub(crate) fn shorten(message: String) -> String {
-    const HEAD: usize = 120;
-    const TAIL: usize = 80;
-    let chars = message.chars().count();
-    if chars <= HEAD + TAIL + 20 {
-        return message;
-    }
-    let head: String = message.chars().take(HEAD).collect();
-    let tail: String = message.chars().skip(chars - TAIL).collect();
-    format!("{head}... ({} characters cut) ...{tail}", chars - HEAD - TAIL)
-}
-
-/// The message of a `serde_json` error for one line or value: position suffix dropped (the
-/// caller names file and line), a truncation hint added, hostile quotes shortened.
-pub(crate) fn json_message(e: &serde_json::Error) -> String {
-    let mut message = e.to_string();
-    if let Some(cut) = message.find(" at line ") {
-        message.truncate(cut);
-    }
-    if e.is_eof() {
-        message.push_str(" (truncated JSON?)");
-    }
-    shorten(message)
 }
 
 /// Fails right after reading a catalogue that has no items, unless unknown items become
