@@ -132,6 +132,8 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     let tok: Option<&dyn TextTokenizer> = tokenizer.as_ref().map(|t| t as &dyn TextTokenizer);
     let prepared = prepare(&spec.dir, &config, tok)
         .with_context(|| format!("preparing {} ({})", spec.name, spec.dir.display()))?;
+    gems_data::check_negatives(config.build.n_negatives, prepared.dataset.catalogue.len())
+        .with_context(|| format!("--negatives for {}", spec.name))?;
     let manifest =
         write_prepared(&prepared, &spec.dir, &config, tok, args.tokenizer.as_deref(), &args.out)
             .with_context(|| format!("writing {}", args.out.display()))?;

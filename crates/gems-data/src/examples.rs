@@ -121,6 +121,23 @@ pub struct Example {
 const STREAM_TASK: u64 = 1;
 const STREAM_NEGATIVES: u64 = 2;
 
+/// Refuses `n_negatives` sampled negatives per example for a catalogue of `n_items` items: they
+/// are other items than the target, so there can be at most `n_items - 1` (more used to be
+/// capped silently, which changes what the sampled protocol measures).
+///
+/// # Errors
+/// `n_negatives >= n_items`.
+pub fn check_negatives(n_negatives: usize, n_items: usize) -> Result<()> {
+    if n_negatives >= n_items {
+        return Err(Error::Config(format!(
+            "negatives {n_negatives} must be below the catalogue's {n_items} items (each is \
+             another item than the target); at most {}",
+            n_items.saturating_sub(1)
+        )));
+    }
+    Ok(())
+}
+
 /// Builds every example of a dataset, ordered by user, then position, then task (rec first).
 pub fn build_examples(dataset: &Dataset, config: &BuildConfig) -> Result<Vec<Example>> {
     if config.max_history == 0 {

@@ -35,7 +35,9 @@ pub mod text;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use examples::{BuildConfig, Example, Split, Task, TaskAssignment, build_examples};
+pub use examples::{
+    BuildConfig, Example, Split, Task, TaskAssignment, build_examples, check_negatives,
+};
 pub use load::{
     DataFormat, DatasetSpec, LoadOptions, UnknownItemPolicy, detect_format, load_dataset,
     resolve_dataset,

@@ -228,6 +228,7 @@ fn from_dataset(d: &DataSettings, text: &TextVocab) -> Result<Source> {
     prep.build.n_negatives = d.negatives;
     prep.build.seed = d.seed;
     let prepared = prepare(&spec.dir, &prep, Some(text))?;
+    gems_data::check_negatives(d.negatives, prepared.dataset.catalogue.len())?;
     let tokenized = prepared
         .tokenized
         .ok_or_else(|| TrainError::Training("preparation returned no tokenisation".into()))?;

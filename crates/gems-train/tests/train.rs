@@ -248,7 +248,8 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("schedule.lr"), "{err}");
 
     // Values that cannot work are refused before any work, with the limit they broke.
-    let refused: [(&str, Change); 7] = [
+    let refused: [(&str, Change); 8] = [
+        ("must be below the catalogue's", Box::new(|c| c.data.negatives = 1_000_000_000)),
         ("schedule.lr must be in (0, 1]", Box::new(|c| c.schedule.lr = 1e30)),
         ("1 - lr * weight_decay", Box::new(|c| c.optimizer.weight_decay = 1e30)),
         ("must be at most 65536", Box::new(|c| c.schedule.batch_size = 1_000_000_000_000)),
