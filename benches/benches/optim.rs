@@ -18,7 +18,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{Criterion, criterion_main};
 use gems_optim::{Method, Optimizer, OptimizerConfig, StepGradients, TaskGradient};
-use gems_subspace::rng::SplitMix64;
+use gems_rng::SplitMix64;
 use gems_subspace::{RandomizedSvdConfig, SvdMethod};
 
 const LAYERS: usize = 30;

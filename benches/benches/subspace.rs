@@ -11,7 +11,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, criterion_main};
 use faer::Mat;
-use gems_subspace::rng::SplitMix64;
+use gems_rng::SplitMix64;
 use gems_subspace::{RandomizedSvdConfig, Side, SubspaceBasis, SvdMethod, top_singular_vectors};
 use std::hint::black_box;
 use std::time::Duration;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{Dataset, EventKind};
-use crate::rng::SplitMix64;
+use gems_rng::SplitMix64;
 
 /// Which leave-one-out split an example belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -30,7 +30,6 @@ pub mod load;
 pub mod model;
 pub mod prepare;
 pub mod prompt;
-pub mod rng;
 pub mod text;
 pub mod tokenizer;
 

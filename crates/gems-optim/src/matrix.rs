@@ -427,14 +427,14 @@ pub(crate) fn refresh_seed(seed: u64, path: &str, kind: Subspace, step: u64) -> 
         h ^= u64::from(byte);
         h = h.wrapping_mul(0x0000_0100_0000_01B3);
     }
-    gems_subspace::rng::SplitMix64::new(h).next_u64()
+    gems_rng::SplitMix64::new(h).next_u64()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::tensor::{Device, TensorData};
-    use gems_subspace::rng::SplitMix64;
+    use gems_rng::SplitMix64;
     use gems_subspace::{NullSpaceRule, SecondMomentAccumulator};
 
     fn gaussian(rows: usize, cols: usize, seed: u64) -> Mat<f64> {

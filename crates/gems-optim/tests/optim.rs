@@ -542,7 +542,7 @@ struct Dense {
 }
 
 fn seeded(rows: usize, cols: usize, seed: u64, scale: f64, device: &Device) -> Tensor<2> {
-    let mut rng = gems_subspace::rng::SplitMix64::new(seed);
+    let mut rng = gems_rng::SplitMix64::new(seed);
     let mut v = vec![0.0; rows * cols];
     rng.fill_standard_normal(&mut v);
     let v: Vec<f32> = v.into_iter().map(|x| (x * scale) as f32).collect();

@@ -31,7 +31,7 @@ use crate::decompose::{
 };
 use crate::error::{Result, SubspaceError};
 use crate::host::{DeviceCopy, ensure_finite, matrix_from_tensor, tensor_values_f32};
-use crate::rng::SplitMix64;
+use gems_rng::SplitMix64;
 
 pub use crate::decompose::Side;
 

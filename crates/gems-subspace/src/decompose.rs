@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SubspaceError};
 use crate::host::{ensure_finite, ensure_rank};
-use crate::rng::SplitMix64;
+use gems_rng::SplitMix64;
 
 /// Which side of an m x n matrix a basis acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -35,7 +35,6 @@ pub mod diagnostics;
 pub mod error;
 pub mod host;
 pub mod nullspace;
-pub mod rng;
 
 pub use basis::{ProjectionType, Side, SubspaceBasis, SvdMethod};
 pub use decompose::{

@@ -5,7 +5,7 @@ use std::f64::consts::FRAC_PI_4;
 
 use burn::tensor::{Device, Tensor};
 use faer::{Mat, MatRef};
-use gems_subspace::rng::SplitMix64;
+use gems_rng::SplitMix64;
 use gems_subspace::*;
 use nalgebra::DMatrix;
 use proptest::prelude::*;
