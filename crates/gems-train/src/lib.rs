@@ -18,6 +18,7 @@
 //! a run's floors are the same numbers on every machine.
 
 pub mod baselines;
+mod batches;
 pub mod checkpoint;
 pub mod collab;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod nullspace;
 pub mod parity;
 pub mod peer;
 pub mod progress;
+mod rundir;
 pub mod sasrec;
 pub mod setup;
 pub mod tiny;

@@ -26,6 +26,7 @@ use gems_model::Llama;
 use gems_optim::{Method, Optimizer, StepGradients, TaskGradient};
 use serde::{Deserialize, Serialize};
 
+use crate::batches::active_tasks;
 use crate::checkpoint::{TrainerState, write_json};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
@@ -33,9 +34,7 @@ use crate::eval::evaluate;
 use crate::forward::read_f32;
 use crate::progress::Reporter;
 use crate::setup::{build, load_model, model_path};
-use crate::trainer::{
-    active_tasks, eval_options, model_to_train, register_null_space, step_gradients,
-};
+use crate::trainer::{eval_options, model_to_train, register_null_space, step_gradients};
 
 /// What [`backend_parity`] measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,11 +13,11 @@ use std::path::Path;
 use gems_data::Task;
 use serde::{Deserialize, Serialize};
 
+use crate::batches::{active_tasks, step_batches};
 use crate::checkpoint::{TrainerState, write_json};
 use crate::config::{EmbeddingPolicy, TrainConfig};
 use crate::error::Result;
 use crate::setup::{Sample, Setup, build, load_model, model_path};
-use crate::trainer::{active_tasks, step_batches};
 
 /// One task's batch of one step.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -15,7 +15,7 @@
 //! report/          report.md and plots (written by `gems train` in gems-cli when finished)
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -26,18 +26,21 @@ use gems_data::{Split, Task};
 use gems_metrics::{EvalReport, MetricsLine, RunSummary, TrainRecord, ValidRecord};
 use gems_model::{Llama, LoraConfig, Pretrained};
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
-use gems_rng::SplitMix64;
 
-use crate::checkpoint::{
-    Cursor, TrainerState, read_json, replace_dir, resolve_dir, verify_dir, write_atomic, write_json,
-};
+use crate::batches::{active_tasks, step_batches};
+use crate::checkpoint::{TrainerState, read_json, replace_dir, resolve_dir, write_json};
 use crate::config::{EmbeddingPolicy, StopMetric, TaskSelection, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
 use crate::nullspace::{GeneralText, projectors};
 use crate::progress::{Event, Phase, Reporter};
-use crate::setup::{Corpus, LossTargets, Sample, Setup, build, load_model, model_path};
+use crate::rundir::{
+    METRICS, append_text, checkpoint_to_resume, prepare_logs, resolve_config, save_checkpoint,
+    trainer_state,
+};
+pub use crate::rundir::{resolved_config, tuned_model_dir};
+use crate::setup::{LossTargets, Sample, Setup, build, load_model};
 
 /// How a run is driven (not part of its configuration).
 #[derive(Debug, Clone)]
@@ -60,78 +63,6 @@ pub enum RunOutcome {
         /// Steps done so far.
         step: u64,
     },
-}
-
-/// Tasks a configuration trains (and evaluates) that have training samples.
-pub(crate) fn active_tasks(config: &TrainConfig, corpus: &Corpus) -> Vec<Task> {
-    Task::ALL
-        .into_iter()
-        .filter(|&t| config.data.tasks.includes(t) && !corpus.get(Split::Train, t).is_empty())
-        .collect()
-}
-
-/// A seeded permutation of `0..n` for one task and epoch.
-fn permutation(n: usize, seed: u64, task: Task, epoch: u64) -> Vec<usize> {
-    let mut rng = SplitMix64::for_stream(seed, &[task as u64 + 1, epoch]);
-    let mut idx: Vec<usize> = (0..n).collect();
-    rng.shuffle(&mut idx);
-    idx
-}
-
-/// The label of the random stream that orders a bucket's batches.
-const BUCKET_STREAM: u64 = 0xB0C4E7;
-
-/// A task's sample order for one epoch: its [`permutation`], and with length bucketing
-/// (`bucket = Some((rows, k))`, k > 1) each run of `k` batches of `rows` samples sorted by
-/// length (stable) and its full batches served in a seeded random order, so that a batch holds
-/// samples of similar length and pads little. A pure function of its arguments, so a resumed
-/// run continues exactly; without bucketing it is the permutation itself.
-fn epoch_order(
-    samples: &[Sample],
-    seed: u64,
-    task: Task,
-    epoch: u64,
-    bucket: Option<(usize, usize)>,
-) -> Vec<usize> {
-    let mut order = permutation(samples.len(), seed, task, epoch);
-    let Some((rows, k)) = bucket.filter(|&(rows, k)| rows > 0 && k > 1) else { return order };
-    let mut rng = SplitMix64::for_stream(seed, &[task as u64 + 1, epoch, BUCKET_STREAM]);
-    for run in order.chunks_mut(rows * k) {
-        run.sort_by_key(|&i| samples[i].ids.len());
-        let mut batches: Vec<Vec<usize>> = run.chunks(rows).map(<[usize]>::to_vec).collect();
-        // A short last batch (at the epoch's end) stays last, so batches stay aligned.
-        let full = run.len() / rows;
-        rng.shuffle(&mut batches[..full]);
-        run.copy_from_slice(&batches.concat());
-    }
-    order
-}
-
-/// The next `rows` samples of a task's stream, advancing its cursor across epochs; `order`
-/// gives an epoch's sample order ([`epoch_order`]).
-fn next_batch<'a>(
-    samples: &'a [Sample],
-    cursor: &mut Cursor,
-    rows: usize,
-    order: impl Fn(u64) -> Vec<usize>,
-    perm: &mut Option<(u64, Vec<usize>)>,
-) -> Vec<&'a Sample> {
-    let mut out = Vec::with_capacity(rows);
-    while out.len() < rows {
-        if perm.as_ref().is_none_or(|(e, _)| *e != cursor.epoch) {
-            *perm = Some((cursor.epoch, order(cursor.epoch)));
-        }
-        let Some((_, order)) = perm.as_ref() else { break };
-        while out.len() < rows && cursor.index < order.len() {
-            out.push(&samples[order[cursor.index]]);
-            cursor.index += 1;
-        }
-        if cursor.index >= order.len() {
-            cursor.epoch += 1;
-            cursor.index = 0;
-        }
-    }
-    out
 }
 
 /// One task's mean loss gradient over `samples` ([`target_loss`] with `targets`).
@@ -184,53 +115,6 @@ pub fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
     }
     c.init_seed = config.seed;
     c
-}
-
-/// Appends one line to a text file (flushed).
-fn append_text(path: &Path, line: &str) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TrainError::io(path, e))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
-}
-
-/// Keeps only the lines of a JSON-lines log (`metrics.jsonl`, `conflict.jsonl`) whose `step` is
-/// at most `step`: a resumed run rewrites what followed. Kept lines are copied byte for byte; a
-/// damaged last line (a crash mid-write: no final newline, or JSON cut short) is dropped.
-///
-/// # Errors
-/// I/O failures; any other line that is not a JSON object with a whole-number `step`, naming
-/// the file and the 1-based line.
-fn truncate_steps(path: &Path, step: u64) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-    let lines: Vec<&str> = text.lines().collect();
-    let last = lines.iter().rposition(|line| !line.trim().is_empty());
-    let mut out = String::new();
-    for (index, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value = match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(value) => value,
-            Err(e) if Some(index) == last && (!text.ends_with('\n') || e.is_eof()) => continue,
-            Err(e) => return Err(TrainError::format(path, format!("line {}: {e}", index + 1))),
-        };
-        let Some(line_step) = value.get("step").and_then(serde_json::Value::as_u64) else {
-            let detail = format!("line {}: no whole-number `step`", index + 1);
-            return Err(TrainError::format(path, detail));
-        };
-        if line_step <= step {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    Ok(write_atomic(path, out.as_bytes())?)
 }
 
 /// The value early stopping watches, oriented so that lower is better.
@@ -437,170 +321,6 @@ fn check_rank(config: &TrainConfig, model: &Llama) -> Result<()> {
     }
 }
 
-/// The run's metrics file (`train` and `valid` lines).
-const METRICS: &str = "metrics.jsonl";
-
-/// The checkpoint `--resume` continues from, verified against its manifest; refuses, saying
-/// what the directory holds, when there is none (resuming must never start a different run).
-fn checkpoint_to_resume(run_dir: &Path) -> Result<PathBuf> {
-    let Some(ckpt) = resolve_dir(&run_dir.join("checkpoint")) else {
-        let mut found: Vec<String> = std::fs::read_dir(run_dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        found.sort();
-        let found = if found.is_empty() {
-            "it is empty".to_string()
-        } else {
-            format!("it holds {}", found.join(", "))
-        };
-        return Err(TrainError::Config(format!(
-            "--resume: {} has no checkpoint/ to resume from ({found}); run without --resume to \
-             start a new run in an empty directory",
-            run_dir.display()
-        )));
-    };
-    verify_dir(&ckpt)?;
-    Ok(ckpt)
-}
-
-/// What a run writes into its directory besides `checkpoint/` and `summary.json`.
-const RUN_OUTPUTS: [&str; 7] = [
-    "config.json",
-    "nullspace.json",
-    "before.json",
-    gems_metrics::BASELINES_FILE,
-    METRICS,
-    "conflict.jsonl",
-    "model",
-];
-
-/// Removes the outputs of an earlier start in `run_dir` that never reached a checkpoint (a
-/// run killed early), so that a new run never reports a file it did not write (a tuned model,
-/// floors of other test examples). Only the names of [`RUN_OUTPUTS`] (and their `.tmp` and
-/// `.old` copies) are touched; the removal is noted.
-fn clear_earlier_start(run_dir: &Path, progress: &Reporter) -> Result<()> {
-    let mut removed = Vec::new();
-    for name in RUN_OUTPUTS {
-        for path in ["", ".tmp", ".old"].map(|s| run_dir.join(format!("{name}{s}"))) {
-            let gone = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else if path.exists() {
-                std::fs::remove_file(&path)
-            } else {
-                continue;
-            };
-            gone.map_err(|e| TrainError::io(&path, e))?;
-            removed.push(path.file_name().unwrap_or_default().to_string_lossy().into_owned());
-        }
-    }
-    if !removed.is_empty() {
-        progress.note(|| {
-            format!(
-                "{} held an earlier start that never reached a checkpoint; removed its {}",
-                run_dir.display(),
-                removed.join(", ")
-            )
-        });
-    }
-    Ok(())
-}
-
-/// Refuses to resume when `saved` (the run's config.json) differs from the configuration the
-/// checkpoint `ckpt` was taken with, other than `stop_after`: an edited config.json would
-/// otherwise change the rest of the run silently. Checkpoints written before 2026-12-06 hold
-/// no configuration and are not checked.
-fn same_config_as_checkpoint(saved: &TrainConfig, run_dir: &Path, ckpt: &Path) -> Result<()> {
-    let theirs_path = ckpt.join("config.json");
-    if !theirs_path.is_file() {
-        return Ok(());
-    }
-    let theirs: TrainConfig = read_json(&theirs_path)?;
-    let changed = saved.differences(&theirs);
-    if changed.is_empty() {
-        return Ok(());
-    }
-    Err(TrainError::Config(format!(
-        "--resume: {} differs from the configuration the checkpoint was taken with ({}) in {}: \
-         a resumed run keeps its configuration; restore the file, or start a new run in \
-         another directory",
-        run_dir.join("config.json").display(),
-        theirs_path.display(),
-        changed.join(", ")
-    )))
-}
-
-/// The configuration a run uses (the saved one when resuming; only `stop_after` may change),
-/// with the model path filled in, written to `config.json`; and that model path.
-fn resolve_config(
-    config: &TrainConfig,
-    run_dir: &Path,
-    resume_from: Option<&Path>,
-    progress: &Reporter,
-) -> Result<(TrainConfig, PathBuf)> {
-    let mut config = config.clone();
-    if let Some(ckpt) = resume_from {
-        // The saved configuration decides the run; only `stop_after` may change.
-        let saved: TrainConfig = read_json(&run_dir.join("config.json"))?;
-        same_config_as_checkpoint(&saved, run_dir, ckpt)?;
-        let stop_after = config.stop_after;
-        config = saved;
-        config.stop_after = stop_after;
-        progress.note(|| format!("resuming from {}", ckpt.display()));
-    } else if resolve_dir(&run_dir.join("checkpoint")).is_some()
-        || run_dir.join("summary.json").exists()
-    {
-        return Err(TrainError::Config(format!(
-            "{} already holds a run: pass --resume to continue it, or choose another directory",
-            run_dir.display()
-        )));
-    } else {
-        clear_earlier_start(run_dir, progress)?;
-    }
-    let (config, path) = resolved_config(config)?;
-    write_json(&run_dir.join("config.json"), &config)?;
-    Ok((config, path))
-}
-
-/// `config` as a run records it in config.json: the model path actually used filled in, the
-/// optimizer's seed from `seed`, and what the method implies (LoRA trains the embedding rows; the optimizer's record of the
-/// null space); and that model path.
-///
-/// # Errors
-/// No model is found.
-pub fn resolved_config(mut config: TrainConfig) -> Result<(TrainConfig, PathBuf)> {
-    // One seed: the optimizer's sketches follow `seed` (`--seed` set both; a configuration
-    // file that set only `seed` used to leave them at optimizer.seed's default).
-    if config.optimizer.seed != config.seed {
-        if config.optimizer.seed != gems_optim::OptimizerConfig::default().seed {
-            return Err(TrainError::Config(format!(
-                "optimizer.seed {} differs from seed {}: the optimizer's sketches derive from \
-                 `seed`; set `seed` alone",
-                config.optimizer.seed, config.seed
-            )));
-        }
-        config.optimizer.seed = config.seed;
-    }
-    let path = model_path(&config)?;
-    config.model.path = Some(path.clone());
-    if config.optimizer.method == Method::Lora {
-        for p in ["embed_tokens.weight", "lm_head.weight"] {
-            if !config.optimizer.trainable.iter().any(|t| t == p) {
-                config.optimizer.trainable.push(p.into());
-            }
-        }
-    }
-    // The optimizer's record of its projectors is the one `null_space` section builds them by.
-    config.optimizer.null_space = gems_optim::NullSpaceSettings {
-        rule: config.null_space.rule,
-        side: config.null_space.side,
-    };
-    Ok((config, path))
-}
-
 /// The untuned model's test evaluation (kept across resumes; a new run computes its own, never
 /// one left by an earlier start with perhaps another configuration), and the floors without a
 /// language model on the same test examples (`baselines.json`; cheap: no forward pass).
@@ -723,33 +443,6 @@ pub fn freeze_lower_layers(model: Llama, config: &TrainConfig) -> Result<Llama> 
     Ok(model.freeze_lower_layers(frozen)?)
 }
 
-/// The trainer's state: the checkpoint's when resuming, checked against the optimizer's step
-/// (a checkpoint must hold one consistent state), else a fresh one.
-fn trainer_state(
-    resume_from: Option<&Path>,
-    optimizer: &Optimizer,
-    config: &TrainConfig,
-) -> Result<TrainerState> {
-    let state: TrainerState = match resume_from {
-        Some(ckpt) => read_json(&ckpt.join("trainer.json"))?,
-        None => TrainerState::default(),
-    };
-    if let Some(ckpt) = resume_from {
-        let optimizer_steps = optimizer.steps() + optimizer.skipped_steps();
-        if optimizer_steps != state.step || state.step > config.schedule.steps {
-            return Err(TrainError::format(
-                ckpt,
-                format!(
-                    "trainer.json is at step {} of {}, optimizer/ at step {optimizer_steps}: the \
-                     checkpoint does not hold one consistent state",
-                    state.step, config.schedule.steps
-                ),
-            ));
-        }
-    }
-    Ok(state)
-}
-
 /// One validation: evaluates `model` on the validation sample, updates the best value and
 /// early stopping, appends the `valid` line, and writes `model/` at a new best.
 fn validate_step(
@@ -839,31 +532,6 @@ fn finish_run(
     gems_metrics::record::write_summary(run_dir, &summary)?;
     Ok(summary)
 }
-/// The batches of one optimizer step, in the order the trainer computes them: `grad_accum`
-/// micro-batches, each holding `batch_size` samples of every trained task (task order as in
-/// `tasks`), drawn from the tasks' data cursors, which advance across epochs.
-pub(crate) fn step_batches<'a>(
-    setup: &'a Setup,
-    config: &TrainConfig,
-    tasks: &[Task],
-    state: &mut TrainerState,
-    perms: &mut [Option<(u64, Vec<usize>)>],
-) -> Vec<(Task, Vec<&'a Sample>)> {
-    let mut batches = Vec::with_capacity(config.schedule.grad_accum * tasks.len());
-    for _ in 0..config.schedule.grad_accum {
-        for &task in tasks {
-            let cursor = state.cursors.entry(task.name().to_string()).or_default();
-            let samples = setup.train_rows(task);
-            let rows = config.schedule.batch_size;
-            let bucket = config.schedule.bucket.map(|k| (rows, k));
-            let order = |epoch| epoch_order(samples, config.seed, task, epoch, bucket);
-            let batch = next_batch(samples, cursor, rows, order, &mut perms[task as usize]);
-            batches.push((task, batch));
-        }
-    }
-    batches
-}
-
 /// One optimizer step's gradients (see [`step_batches`]) and the tokens they held.
 pub(crate) fn step_gradients(
     model: &Llama,
@@ -953,24 +621,6 @@ fn log_step(
             record.tokens_per_s
         ),
     );
-    Ok(())
-}
-
-/// The run's log files at the start of a process: a resumed run keeps the lines of the steps
-/// its checkpoint holds (later ones are rewritten); a new run starts them empty.
-fn prepare_logs(run_dir: &Path, resumed: bool, step: u64) -> Result<()> {
-    let metrics_path = run_dir.join(METRICS);
-    let conflict_path = run_dir.join("conflict.jsonl");
-    if resumed {
-        truncate_steps(&metrics_path, step)?;
-        truncate_steps(&conflict_path, step)?;
-    } else {
-        for p in [&metrics_path, &conflict_path] {
-            if p.exists() {
-                std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
-            }
-        }
-    }
     Ok(())
 }
 
@@ -1195,124 +845,5 @@ impl Run<'_> {
             save_checkpoint(&dir, model, self.setup, optimizer, state, config)?;
         }
         Ok(stop_here && !last && !state.stopped_early)
-    }
-}
-
-fn save_checkpoint(
-    dir: &Path,
-    model: &Llama,
-    setup: &Setup,
-    optimizer: &Optimizer,
-    state: &TrainerState,
-    config: &TrainConfig,
-) -> Result<()> {
-    replace_dir(dir, |d| {
-        let base = Pretrained {
-            model: model.clone().valid(),
-            tokenizer: setup.pretrained.tokenizer.clone(),
-            chat_template: setup.pretrained.chat_template.clone(),
-        };
-        if config.optimizer.method == Method::Lora {
-            gems_model::save_peft(model, &lora_config(config, model), &d.join("adapter"))?;
-        }
-        gems_model::save_hf_dir(&base, &d.join("model"))?;
-        optimizer.save(d.join("optimizer"))?;
-        // The configuration the checkpoint continues (checked against config.json on resume).
-        write_json(&d.join("config.json"), config)?;
-        write_json(&d.join("trainer.json"), state)
-    })
-}
-
-/// Where a run keeps its tuned model.
-pub fn tuned_model_dir(run_dir: &Path) -> Option<PathBuf> {
-    resolve_dir(&run_dir.join("model"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn samples_of_lengths(lengths: &[usize]) -> Vec<Sample> {
-        lengths
-            .iter()
-            .map(|&n| Sample {
-                user: 0,
-                position: 1,
-                ids: vec![1; n],
-                target_pos: n - 1,
-                target: 0,
-                history: Vec::new(),
-                query: None,
-                negatives: Vec::new(),
-            })
-            .collect()
-    }
-
-    /// Padded tokens of the batches of `rows` an order gives.
-    fn padded(samples: &[Sample], order: &[usize], rows: usize) -> usize {
-        order
-            .chunks(rows)
-            .map(|b| b.len() * b.iter().map(|&i| samples[i].ids.len()).max().unwrap())
-            .sum()
-    }
-
-    #[test]
-    fn bucketing_reorders_within_runs_of_batches_and_pads_less() {
-        let mut rng = SplitMix64::new(5);
-        let lengths: Vec<usize> = (0..203).map(|_| 3 + rng.below(60) as usize).collect();
-        let samples = samples_of_lengths(&lengths);
-        let plain = epoch_order(&samples, 7, Task::Rec, 2, None);
-        assert_eq!(plain, permutation(samples.len(), 7, Task::Rec, 2), "no bucketing: as before");
-        assert_eq!(epoch_order(&samples, 7, Task::Rec, 2, Some((8, 1))), plain, "k = 1 is off");
-        let (rows, k) = (8, 4);
-        let bucketed = epoch_order(&samples, 7, Task::Rec, 2, Some((rows, k)));
-        assert_eq!(bucketed, epoch_order(&samples, 7, Task::Rec, 2, Some((rows, k))), "seeded");
-        // Each run of k batches holds the same samples as before, each batch a slice of the run
-        // sorted by length, and the run's short last batch stays last.
-        for (run, plain_run) in bucketed.chunks(rows * k).zip(plain.chunks(rows * k)) {
-            let mut a = run.to_vec();
-            let mut b = plain_run.to_vec();
-            a.sort_unstable();
-            b.sort_unstable();
-            assert_eq!(a, b);
-            let mut sorted = plain_run.to_vec();
-            sorted.sort_by_key(|&i| samples[i].ids.len());
-            let slices: Vec<&[usize]> = sorted.chunks(rows).collect();
-            for (j, batch) in run.chunks(rows).enumerate() {
-                assert!(slices.contains(&batch), "batch {j} is not a slice of its sorted run");
-                if batch.len() < rows {
-                    assert_eq!(j, run.len() / rows, "a short batch is the run's last");
-                }
-            }
-        }
-        assert!(padded(&samples, &bucketed, rows) < padded(&samples, &plain, rows) * 9 / 10);
-    }
-
-    #[test]
-    fn truncate_steps_keeps_earlier_lines_verbatim_and_drops_a_torn_last_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.jsonl");
-        let text =
-            "{\"kind\":\"train\",\"step\":1,\"x\":1.50}\n\n{\"step\":2}\n{\"step\":3}\n{\"st";
-        std::fs::write(&path, text).unwrap();
-        truncate_steps(&path, 2).unwrap();
-        let kept = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(kept, "{\"kind\":\"train\",\"step\":1,\"x\":1.50}\n{\"step\":2}\n");
-        // A missing file is left missing.
-        truncate_steps(&dir.path().join("absent.jsonl"), 2).unwrap();
-        assert!(!dir.path().join("absent.jsonl").exists());
-    }
-
-    #[test]
-    fn truncate_steps_refuses_a_damaged_line_before_the_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.jsonl");
-        for (text, line) in [("{\"step\":1}\nnot json\n{\"step\":2}\n", 2), ("{\"no\":1}\n", 1)] {
-            std::fs::write(&path, text).unwrap();
-            let err = truncate_steps(&path, 5).unwrap_err().to_string();
-            assert!(err.contains("log.jsonl") && err.contains(&format!("line {line}")), "{err}");
-            // The file is left as it was.
-            assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
-        }
     }
 }

@@ -775,6 +775,7 @@ fn id_only_data_trains_rec_and_says_so() {
         .collect();
     std::fs::write(data.join("events.jsonl"), events).unwrap();
     config.data.dataset = data.display().to_string();
+    config.data.negatives = 9; // at most 39 other items
     let run = root.path().join("runs/id-only");
     let summary = finished(train(&config, &run, &options(false)).unwrap());
     assert!(summary.after.as_ref().unwrap().full.contains_key("rec"));
