@@ -50,6 +50,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Print the resolved configuration (preset, --config file and flags) as JSON and exit
+    /// without training.
+    #[arg(long)]
+    pub print_config: bool,
     /// Starting configuration.
     #[arg(long, value_enum, default_value = "cpu")]
     pub preset: PresetArg,
@@ -353,30 +357,15 @@ fn merge_file(base: TrainConfig, path: &Path) -> Result<TrainConfig> {
         serde_json::to_value(v)?
     };
     let mut merged = serde_json::to_value(&base)?;
-    merge(&mut merged, overlay);
+    gems_train::config::merge_json(&mut merged, overlay);
     // The error names the field (`schedule.steps: invalid type: string "many", expected u64`).
     serde_path_to_error::deserialize(merged)
         .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
 }
 
-fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
-    match (base, overlay) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
-                    _ => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (b, o) => *b = o,
-    }
-}
-
 /// Flags of `gems train` that do not set the run's configuration.
-const RUN_FLAGS: [&str; 6] = ["out", "resume", "stop_after", "device", "device_index", "quiet"];
+const RUN_FLAGS: [&str; 7] =
+    ["out", "resume", "stop_after", "device", "device_index", "quiet", "print_config"];
 
 /// With `--resume`, configuration flags must resolve to the run's own configuration
 /// (config.json): a resumed run keeps it, so a flag that would change it is refused, naming
@@ -413,6 +402,10 @@ fn check_resume_flags(args: &TrainArgs, given: &[String], config: &TrainConfig) 
 /// `gems train`; `given` are the ids of the flags typed on the command line.
 pub fn run_train(args: TrainArgs, given: &[String]) -> Result<()> {
     let config = resolve_config(&args)?;
+    if args.print_config {
+        println!("{}", config.to_json());
+        return Ok(());
+    }
     check_resume_flags(&args, given, &config)?;
     let dev = device(args.device.device, args.device.device_index)?;
     let options = RunOptions { device: dev, resume: args.resume, progress: reporter(args.quiet) };

@@ -490,6 +490,29 @@ pub struct TrainConfig {
 /// Parameter paths of the token embedding and an untied output head.
 const EMBEDDING_PATTERNS: [&str; 2] = ["embed_tokens.*", "lm_head.*"];
 
+/// The CPU preset's settings: `presets/cpu.toml`, applied over the defaults.
+pub const CPU_PRESET: &str = include_str!("../../../presets/cpu.toml");
+
+/// The GPU preset's settings: `presets/gpu.toml`, applied over the defaults.
+pub const GPU_PRESET: &str = include_str!("../../../presets/gpu.toml");
+
+/// Applies `overlay` over `base`: objects merge field by field, anything else replaces.
+pub fn merge_json(base: &mut serde_json::Value, overlay: serde_json::Value) {
+    match (base, overlay) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge_json(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
 /// The dotted paths at which `a` and `b` differ (objects compared field by field).
 fn json_differences(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut Vec<String>) {
     match (a, b) {
@@ -525,44 +548,14 @@ impl TrainConfig {
         out
     }
 
-    /// The CPU preset of the main job (2-core machine, about 15 minutes end to end): see
-    /// docs/training.md for the measurements behind each value.
+    /// The CPU preset of the main job (2-core machine, about 15 minutes end to end):
+    /// `presets/cpu.toml` over the defaults; docs/training.md has the measurements behind
+    /// each value.
+    ///
+    /// # Panics
+    /// Never: the embedded file is a valid overlay (a unit test parses it).
     pub fn cpu_preset() -> Self {
-        let mut c = Self::default();
-        // The whole model (so perplexity measures retention), its top 4 layers tuned (the 26
-        // below run without an autodiff graph), only the item rows of the embedding trained.
-        c.model.tune_layers = Some(4);
-        c.model.embeddings = EmbeddingPolicy::Items;
-        // Item rows from the title and the category path, tokens weighted by idf (since
-        // 2026-12-04): at 256 steps, seed 0, test search Recall@10 0.145 against 0.025 with
-        // title-mean rows (docs/training.md, "Item rows from their categories").
-        c.model.item_text = ItemText::TitleCategories;
-        c.model.item_weights = ItemWeights::Idf;
-        // Since 2026-12-06: every rec history item a target too, and a 64-dimensional
-        // co-occurrence part in every item row at half the rows' mean norm. At seeds 0-2 rec
-        // rises above the most-popular list and search above the text rows alone
-        // (docs/training.md, "Recommendation from the interactions").
-        c.data.rec_targets = RecTargets::All;
-        c.model.item_collab = 64;
-        c.model.item_collab_scale = 0.5;
-        // Batches bucketed by length (runs of 8): a step pads far less and takes about half
-        // the time (docs/benchmarks.md). 256 steps (128 until 2026-12-03, 64 until
-        // 2026-12-02): at seeds 0, 1 and 2 the mean validation NDCG@10 over both tasks was
-        // higher than at 128 steps, and validation loss lower (docs/training.md); with the
-        // faster step the main job takes about 16 minutes on our 2-core machines.
-        c.schedule.bucket = Some(8);
-        c.schedule.steps = 256;
-        c.schedule.batch_size = 16;
-        c.schedule.lr = 3e-3;
-        c.schedule.warmup_ratio = 0.05;
-        c.optimizer.gems.rank = 32;
-        c.optimizer.gems.update_proj_gap = 50;
-        c.eval.every = 0;
-        c.eval.valid_examples = 128;
-        c.eval.test_examples = 200;
-        c.eval.perplexity_tokens = 4096;
-        c.null_space.max_tokens = 8192;
-        c
+        Self::default().with_toml(CPU_PRESET).expect("presets/cpu.toml is a valid overlay (tested)")
     }
 
     /// Sets the learning-rate multiplier of the token embedding and of an untied output head
@@ -599,25 +592,35 @@ impl TrainConfig {
 
     /// The GPU preset for the full model (every layer, the authors' batch of 32 x 4, rank
     /// 128, all test users, all of WikiText-2 test). Documented in docs/training.md; not yet
-    /// run on a GPU by this project.
+    /// run on a GPU by this project. `presets/gpu.toml` over the defaults.
+    ///
+    /// # Panics
+    /// Never: the embedded file is a valid overlay (a unit test parses it).
     pub fn gpu_preset() -> Self {
-        let mut c = Self::default();
-        c.schedule.steps = 3000;
-        c.schedule.batch_size = 32;
-        c.schedule.grad_accum = 4;
-        c.schedule.lr = 5e-4;
-        // 128, not the paper's 256: SmolLM2-135M's k_proj and v_proj are 576 x 192, so a rank
-        // above 192 is refused (check_rank).
-        c.optimizer.gems.rank = 128;
-        c.optimizer.gems.update_proj_gap = 200;
-        c.eval.every = 200;
-        c.eval.valid_examples = 2000;
-        c.eval.test_examples = 0;
-        c.eval.batch_size = 64;
-        c.eval.perplexity_tokens = 0;
-        c.null_space.max_tokens = 0;
-        c.null_space.window = 512;
-        c
+        Self::default().with_toml(GPU_PRESET).expect("presets/gpu.toml is a valid overlay (tested)")
+    }
+
+    /// `self` with the fields `overlay` names applied over it (objects merge field by field,
+    /// anything else replaces): how a preset and a `--config` file apply.
+    ///
+    /// # Errors
+    /// A field that does not exist or has the wrong type, named.
+    pub fn with_overlay(self, overlay: serde_json::Value) -> Result<Self> {
+        let mut merged = serde_json::to_value(&self)
+            .map_err(|e| TrainError::Config(format!("configuration: {e}")))?;
+        merge_json(&mut merged, overlay);
+        serde_json::from_value(merged).map_err(|e| TrainError::Config(e.to_string()))
+    }
+
+    /// `self` with the TOML text `text` applied over it ([`TrainConfig::with_overlay`]).
+    ///
+    /// # Errors
+    /// Malformed TOML, or a field that does not exist or has the wrong type.
+    pub fn with_toml(self, text: &str) -> Result<Self> {
+        let value: toml::Value =
+            toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
+        let json = serde_json::to_value(value).map_err(|e| TrainError::Config(e.to_string()))?;
+        self.with_overlay(json)
     }
 
     /// The run label: the configured one, else the method with its ablations.
@@ -759,6 +762,22 @@ mod tests {
         assert_eq!(one.lr_at(1), 2.0);
         let floored = ScheduleSettings { min_lr_ratio: 0.1, ..s };
         assert!(floored.lr_at(100) > 0.1 && floored.lr_at(100) < 0.11);
+    }
+
+    /// The presets live in presets/*.toml; they equal the values the Rust preset functions
+    /// held before they moved there (tests/fixtures/preset_*.json, printed by `gems train
+    /// --print-config` at that commit).
+    #[test]
+    fn presets_come_from_their_toml_files_unchanged() {
+        for (preset, fixture) in [
+            (TrainConfig::cpu_preset(), include_str!("../tests/fixtures/preset_cpu.json")),
+            (TrainConfig::gpu_preset(), include_str!("../tests/fixtures/preset_gpu.json")),
+        ] {
+            let want: TrainConfig = serde_json::from_str(fixture).unwrap();
+            assert_eq!(preset, want, "{}", preset.to_json());
+        }
+        let err = TrainConfig::default().with_toml("[schedule]\nstepz = 3\n").unwrap_err();
+        assert!(err.to_string().contains("stepz"), "{err}");
     }
 
     #[test]
