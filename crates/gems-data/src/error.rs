@@ -8,20 +8,10 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, building, tokenising or writing a dataset.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A crash-safe directory write or its checksum check failed.
+    /// Reading or writing a file failed (`gems_io::Error::Io`, the path and its cause), or a
+    /// crash-safe directory write or its checksum check failed.
     #[error(transparent)]
     Files(#[from] gems_io::Error),
-    /// Reading or writing a file failed.
-    ///
-    /// The message already includes the cause, so the cause is not also reported as the error's
-    /// `source()` (which printed it twice under `Caused by:`).
-    #[error("{path}: {cause}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        cause: std::io::Error,
-    },
     /// The input is not well formed (truncated JSON, a bad CSV cell, a missing field...).
     #[error("{path}:{line}: {message}")]
     Malformed {
@@ -127,7 +117,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
-        Error::Io { path: path.into(), cause }
+        Error::Files(gems_io::Error::io(path, cause))
     }
 
     /// A [`Error::Malformed`] at `path:line`.

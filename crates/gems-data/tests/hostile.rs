@@ -384,7 +384,7 @@ fn utf16_is_reported_as_utf16() {
 fn a_missing_file_states_its_cause_once() {
     let dir = dir_with(&[("items.jsonl", TWO_ITEMS.as_bytes())]);
     let err = load(dir.path(), DataFormat::Jsonl).unwrap_err();
-    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert!(matches!(err, Error::Files(gems_io::Error::Io { .. })), "{err:?}");
     assert!(err.source().is_none(), "the cause is in the message; source() would repeat it");
     let message = err.to_string();
     assert!(message.contains("events.jsonl: "), "{message}");

@@ -38,10 +38,13 @@ pub enum Error {
 }
 
 impl Error {
-    fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+    /// Reading or writing `path` failed with `cause`: the file error every crate of the
+    /// workspace wraps as it is.
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Self::Io { path: path.into(), cause }
     }
-    fn corrupt(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+    /// `path` is not what it should be (`detail` says how).
+    pub fn corrupt(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
         Self::Corrupt { path: path.into(), detail: detail.into() }
     }
 }

@@ -54,14 +54,10 @@ pub enum MetricsError {
         /// The normaliser of the accumulator merged from.
         other: crate::normaliser::NdcgNormaliser,
     },
-    /// Reading or writing a file failed.
-    #[error("{path}: {cause}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        cause: std::io::Error,
-    },
+    /// Reading or writing a file failed (`gems_io::Error::Io`, the path and its cause), or a
+    /// crash-safe write did.
+    #[error(transparent)]
+    Files(#[from] gems_io::Error),
     /// A line of a JSON-lines file is not a valid record.
     #[error("{path}:{line}: {message}")]
     Malformed {
@@ -85,20 +81,8 @@ pub enum MetricsError {
 /// `Result` with this crate's [`MetricsError`].
 pub type Result<T> = std::result::Result<T, MetricsError>;
 
-/// A failed [`gems_io::write_atomic`], reported as [`MetricsError::Io`] with its path.
-impl From<gems_io::Error> for MetricsError {
-    fn from(e: gems_io::Error) -> Self {
-        match e {
-            gems_io::Error::Io { path, cause } => Self::Io { path, cause },
-            gems_io::Error::Corrupt { path, detail } => {
-                Self::Io { path, cause: std::io::Error::other(detail) }
-            }
-        }
-    }
-}
-
 impl MetricsError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), cause: source }
+        Self::Files(gems_io::Error::io(path, source))
     }
 }

@@ -352,9 +352,12 @@ fn a_bad_line_is_an_error_naming_file_and_line() {
     assert!(matches!(read_metrics_lines(&path), Err(MetricsError::Malformed { line: 2, .. })));
     assert!(matches!(
         read_metrics_lines(&dir.path().join("missing.jsonl")),
-        Err(MetricsError::Io { .. })
+        Err(MetricsError::Files(gems_io::Error::Io { .. }))
     ));
-    assert!(matches!(read_summary(dir.path()), Err(MetricsError::Io { .. })));
+    assert!(matches!(
+        read_summary(dir.path()),
+        Err(MetricsError::Files(gems_io::Error::Io { .. }))
+    ));
     std::fs::write(dir.path().join("summary.json"), "{\"label\": 3}").unwrap();
     assert!(matches!(read_summary(dir.path()), Err(MetricsError::Json { .. })));
 }

@@ -14,14 +14,8 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading or writing a file failed at the operating-system level.
-    #[error("{path}: {cause}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error (shown in the message, so not also a `source()`: a chain
-        /// printed with `{:#}` would state it twice).
-        cause: std::io::Error,
-    },
+    #[error(transparent)]
+    Files(#[from] gems_io::Error),
     /// A file exists but its content is malformed (truncated, bad magic, bad header).
     #[error("{path}: malformed file{}: {detail}", key_suffix(.key))]
     Format {
@@ -106,7 +100,7 @@ fn path_suffix(path: &Option<PathBuf>) -> String {
 
 impl ModelError {
     pub(crate) fn io(path: &Path, cause: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), cause }
+        Self::Files(gems_io::Error::io(path, cause))
     }
 
     pub(crate) fn format(path: &Path, key: Option<&str>, detail: impl Into<String>) -> Self {
@@ -145,8 +139,5 @@ impl ModelError {
 /// Writes a file through [`gems_io::write_atomic`] (temporary sibling, fsync, rename), so a
 /// crash never leaves half a model file.
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    gems_io::write_atomic(path, bytes).map_err(|e| match e {
-        gems_io::Error::Io { path, cause } => ModelError::io(&path, cause),
-        other => ModelError::io(path, std::io::Error::other(other.to_string())),
-    })
+    Ok(gems_io::write_atomic(path, bytes)?)
 }

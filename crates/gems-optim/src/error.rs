@@ -63,16 +63,9 @@ pub enum OptimError {
     /// Reading a tensor back from its device failed.
     #[error("reading tensor data: {0}")]
     TensorRead(String),
-}
-
-/// A failed [`gems_io::write_atomic`] of saved state, as [`OptimError::State`] naming the file.
-impl From<gems_io::Error> for OptimError {
-    fn from(e: gems_io::Error) -> Self {
-        match e {
-            gems_io::Error::Io { path, cause } => Self::state(path.display(), cause),
-            gems_io::Error::Corrupt { path, detail } => Self::state(path.display(), detail),
-        }
-    }
+    /// Writing saved state failed (`gems_io::Error`: the file and its cause).
+    #[error(transparent)]
+    Files(#[from] gems_io::Error),
 }
 
 impl OptimError {

@@ -20,17 +20,10 @@ pub enum TrainError {
     /// A metric or record failed.
     #[error(transparent)]
     Metrics(#[from] gems_metrics::MetricsError),
-    /// A crash-safe write or a directory's manifest check failed.
+    /// Reading or writing a file failed (`gems_io::Error::Io`, the path and its cause), or a
+    /// crash-safe write or a directory's manifest check did.
     #[error(transparent)]
     Files(#[from] gems_io::Error),
-    /// Reading or writing a file failed.
-    #[error("{path}: {cause}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        cause: std::io::Error,
-    },
     /// A file exists but its content is not what was expected.
     #[error("{path}: {detail}")]
     Format {
@@ -58,7 +51,7 @@ pub enum TrainError {
 impl TrainError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), cause: source }
+        Self::Files(gems_io::Error::io(path, source))
     }
 
     /// A malformed file.
