@@ -12,16 +12,6 @@ pub enum Error {
     /// crash-safe directory write or its checksum check failed.
     #[error(transparent)]
     Files(#[from] gems_io::Error),
-    /// The input is not well formed (truncated JSON, a bad CSV cell, a missing field...).
-    #[error("{path}:{line}: {message}")]
-    Malformed {
-        /// The input file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
     /// An event refers to an item that the catalogue does not have.
     #[error("{path}:{line}: unknown item id {}", quote(.item))]
     UnknownItem {
@@ -120,13 +110,13 @@ impl Error {
         Error::Files(gems_io::Error::io(path, cause))
     }
 
-    /// A [`Error::Malformed`] at `path:line`.
+    /// A malformed line ([`gems_io::Error::Malformed`]) at `path:line`.
     pub(crate) fn malformed(
         path: impl Into<PathBuf>,
         line: usize,
         message: impl Into<String>,
     ) -> Self {
-        Error::Malformed { path: path.into(), line, message: message.into() }
+        Error::Files(gems_io::Error::malformed(path, line, message))
     }
 
     /// An [`Error::Empty`] about `path`.

@@ -27,6 +27,17 @@ pub enum Error {
         /// The underlying error (shown in the message, so not also a `source()`).
         cause: std::io::Error,
     },
+    /// A text file is not well formed at one line (truncated JSON, a bad CSV cell, a missing
+    /// field...).
+    #[error("{path}:{line}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A directory does not match its manifest, or a manifest is unreadable.
     #[error("{path}: {detail}")]
     Corrupt {
@@ -42,6 +53,10 @@ impl Error {
     /// workspace wraps as it is.
     pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Self::Io { path: path.into(), cause }
+    }
+    /// `path` is not well formed at 1-based `line`.
+    pub fn malformed(path: impl Into<PathBuf>, line: usize, message: impl Into<String>) -> Self {
+        Self::Malformed { path: path.into(), line, message: message.into() }
     }
     /// `path` is not what it should be (`detail` says how).
     pub fn corrupt(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {

@@ -58,16 +58,6 @@ pub enum MetricsError {
     /// crash-safe write did.
     #[error(transparent)]
     Files(#[from] gems_io::Error),
-    /// A line of a JSON-lines file is not a valid record.
-    #[error("{path}:{line}: {message}")]
-    Malformed {
-        /// The input file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong (the JSON parser's message, with its column).
-        message: String,
-    },
     /// A JSON file is not a valid record, or a record could not be serialised.
     #[error("{path}: {source}")]
     Json {

@@ -1,5 +1,5 @@
 //! How NDCG@k is normalised: the ideal DCG, standard or the GEMS authors' variant. Below
-//! [`crate::ranking`] and [`crate::error`], which both name it.
+//! [`crate::ranking`] and the crate's error type, which both name it.
 
 use std::fmt;
 

@@ -229,7 +229,7 @@ pub struct RunSummary {
 /// newline, or JSON cut short): a crash mid-write loses that record, not the run.
 ///
 /// # Errors
-/// [`MetricsError::Io`] when the file cannot be read; [`MetricsError::Malformed`] with the
+/// [`MetricsError::Files`] (`gems_io::Error::Io`) when the file cannot be read; [`MetricsError::Files`] (`gems_io::Error::Malformed`) with the
 /// 1-based line number for any other line that is not a valid record.
 pub fn read_metrics_lines(path: &Path) -> Result<Vec<MetricsLine>> {
     let bytes = std::fs::read(path).map_err(|source| MetricsError::io(path, source))?;
@@ -246,11 +246,7 @@ pub fn read_metrics_lines(path: &Path) -> Result<Vec<MetricsLine>> {
             Ok(record) => records.push(record),
             Err(error) if Some(index) == last && (!ends_with_newline || error.is_eof()) => {}
             Err(error) => {
-                return Err(MetricsError::Malformed {
-                    path: path.to_owned(),
-                    line: index + 1,
-                    message: error.to_string(),
-                });
+                return Err(gems_io::Error::malformed(path, index + 1, error.to_string()).into());
             }
         }
     }
@@ -260,7 +256,7 @@ pub fn read_metrics_lines(path: &Path) -> Result<Vec<MetricsLine>> {
 /// Appends one record as a line to a `metrics.jsonl` file (created if missing), in one write.
 ///
 /// # Errors
-/// [`MetricsError::Io`] when the file cannot be opened or written.
+/// [`MetricsError::Files`] (`gems_io::Error::Io`) when the file cannot be opened or written.
 pub fn append_metrics_line(path: &Path, line: &MetricsLine) -> Result<()> {
     let mut text = serde_json::to_string(line)
         .map_err(|source| MetricsError::Json { path: path.to_owned(), source })?;
@@ -276,7 +272,7 @@ pub fn append_metrics_line(path: &Path, line: &MetricsLine) -> Result<()> {
 /// Reads `summary.json` from a run directory.
 ///
 /// # Errors
-/// [`MetricsError::Io`] when it cannot be read, [`MetricsError::Json`] when it is not a
+/// [`MetricsError::Files`] (`gems_io::Error::Io`) when it cannot be read, [`MetricsError::Json`] when it is not a
 /// valid summary.
 pub fn read_summary(run_dir: &Path) -> Result<RunSummary> {
     let path = run_dir.join(SUMMARY_FILE);
@@ -287,7 +283,7 @@ pub fn read_summary(run_dir: &Path) -> Result<RunSummary> {
 /// Writes `summary.json` into a run directory atomically (pretty-printed) and returns its path.
 ///
 /// # Errors
-/// [`MetricsError::Io`] when it cannot be written.
+/// [`MetricsError::Files`] (`gems_io::Error::Io`) when it cannot be written.
 pub fn write_summary(run_dir: &Path, summary: &RunSummary) -> Result<PathBuf> {
     let path = run_dir.join(SUMMARY_FILE);
     let mut text = serde_json::to_string_pretty(summary)

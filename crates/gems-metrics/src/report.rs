@@ -71,7 +71,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
 /// directory name; other entries are ignored.
 ///
 /// # Errors
-/// [`MetricsError::Io`] when `root` cannot be listed, and those of [`load_run`].
+/// [`MetricsError::Files`] (`gems_io::Error::Io`) when `root` cannot be listed, and those of [`load_run`].
 pub fn load_runs(root: &Path) -> Result<Vec<Run>> {
     let entries = std::fs::read_dir(root).map_err(|source| MetricsError::io(root, source))?;
     let mut dirs = Vec::new();
@@ -514,7 +514,7 @@ fn fit_series(runs: &[Run]) -> Vec<Series> {
 /// temporary name in `out_dir` and renamed, so no reader sees a partial file.
 ///
 /// # Errors
-/// [`MetricsError::Io`] when the directory or a file cannot be written.
+/// [`MetricsError::Files`] (`gems_io::Error::Io`) when the directory or a file cannot be written.
 pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(|source| MetricsError::io(out_dir, source))?;
     let plots = [

@@ -339,7 +339,7 @@ fn a_bad_line_is_an_error_naming_file_and_line() {
     let good = serde_json::to_string(&MetricsLine::Train(train_record(1, 2.0, None))).unwrap();
     std::fs::write(&path, format!("{good}\n{{\"kind\":\"train\",\"step\":\n{good}\n")).unwrap();
     match read_metrics_lines(&path) {
-        Err(MetricsError::Malformed { line, path: p, .. }) => {
+        Err(MetricsError::Files(gems_io::Error::Malformed { line, path: p, .. })) => {
             assert_eq!(line, 2);
             assert_eq!(p, path);
         }
@@ -349,7 +349,10 @@ fn a_bad_line_is_an_error_naming_file_and_line() {
     assert!(message.contains("metrics.jsonl:2:"), "{message}");
     // A complete but invalid last line is not a crash artefact: still an error.
     std::fs::write(&path, format!("{good}\n{{\"kind\":\"bogus\"}}\n")).unwrap();
-    assert!(matches!(read_metrics_lines(&path), Err(MetricsError::Malformed { line: 2, .. })));
+    assert!(matches!(
+        read_metrics_lines(&path),
+        Err(MetricsError::Files(gems_io::Error::Malformed { line: 2, .. }))
+    ));
     assert!(matches!(
         read_metrics_lines(&dir.path().join("missing.jsonl")),
         Err(MetricsError::Files(gems_io::Error::Io { .. }))
