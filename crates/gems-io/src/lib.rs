@@ -92,6 +92,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_parent(path)
 }
 
+/// Appends `line` and a newline to the text file `path` (created if missing) in one write:
+/// the log files of a run (`metrics.jsonl`, `conflict.jsonl`), whose torn last line after a
+/// crash the reader drops.
+///
+/// # Errors
+/// The file cannot be opened or written, naming it.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
+}
+
 /// Replaces the directory `dir` with one written by `write` (given the temporary path),
 /// keeping a complete copy on disk at every instant. The new directory is sealed (every file
 /// fsynced and listed in [`MANIFEST`]) before it is renamed into place; when `write` fails

@@ -9,7 +9,6 @@
 //! `Option<f64>` field reads it as `None`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -258,15 +257,9 @@ pub fn read_metrics_lines(path: &Path) -> Result<Vec<MetricsLine>> {
 /// # Errors
 /// [`MetricsError::Files`] (`gems_io::Error::Io`) when the file cannot be opened or written.
 pub fn append_metrics_line(path: &Path, line: &MetricsLine) -> Result<()> {
-    let mut text = serde_json::to_string(line)
+    let text = serde_json::to_string(line)
         .map_err(|source| MetricsError::Json { path: path.to_owned(), source })?;
-    text.push('\n');
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| MetricsError::io(path, source))?;
-    file.write_all(text.as_bytes()).map_err(|source| MetricsError::io(path, source))
+    Ok(gems_io::append_line(path, &text)?)
 }
 
 /// Reads `summary.json` from a run directory.

@@ -17,17 +17,6 @@ use crate::progress::Reporter;
 use crate::setup::{Setup, model_path};
 use crate::trainer::lora_config;
 
-/// Appends one line to a text file (flushed).
-pub(crate) fn append_text(path: &Path, line: &str) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TrainError::io(path, e))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
-}
-
 /// Keeps only the lines of a JSON-lines log (`metrics.jsonl`, `conflict.jsonl`) whose `step` is
 /// at most `step`: a resumed run rewrites what followed. Kept lines are copied byte for byte; a
 /// damaged last line (a crash mid-write: no final newline, or JSON cut short) is dropped.

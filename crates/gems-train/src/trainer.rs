@@ -36,8 +36,7 @@ use crate::forward::target_loss;
 use crate::nullspace::{GeneralText, projectors};
 use crate::progress::{Event, Phase, Reporter};
 use crate::rundir::{
-    METRICS, append_text, checkpoint_to_resume, prepare_logs, resolve_config, save_checkpoint,
-    trainer_state,
+    METRICS, checkpoint_to_resume, prepare_logs, resolve_config, save_checkpoint, trainer_state,
 };
 pub use crate::rundir::{resolved_config, tuned_model_dir};
 use crate::setup::{LossTargets, Sample, Setup, build, load_model};
@@ -607,7 +606,7 @@ fn log_step(
         let cosines: std::collections::BTreeMap<&str, Option<f64>> =
             step.report.matrices.iter().map(|m| (m.path.as_str(), m.cosine_rec_search)).collect();
         let line = serde_json::json!({ "step": state.step, "cosine_rec_search": cosines });
-        append_text(&run_dir.join("conflict.jsonl"), &line.to_string())?;
+        gems_io::append_line(&run_dir.join("conflict.jsonl"), &line.to_string())?;
     }
     let fmt = |l: Option<f64>| l.map_or("-".into(), |v| format!("{v:.3}"));
     progress.update(
