@@ -62,6 +62,7 @@ mod reproduce;
 const LAYERS: &[(&str, u32)] = &[
     ("gems-rng", 0),
     ("gems-io", 0),
+    ("gems-host", 0),
     ("gems-subspace", 1),
     ("gems-metrics", 1),
     ("gems-optim", 2),

@@ -16,7 +16,7 @@
 use burn::tensor::activation::silu;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData};
-use gems_subspace::{HOST_CHUNK, from_host, host_data, host_kernel_applies};
+use gems_host::{HOST_CHUNK, from_host, host_data, host_kernel_applies};
 use rayon::prelude::*;
 
 /// Elements per rayon task.

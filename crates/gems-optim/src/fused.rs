@@ -6,7 +6,7 @@
 //! trained rows). Where every tensor of a chain is f32 on flex, the functions here do the chain
 //! in one pass split across the rayon pool, in place in the buffers the step holds alone
 //! (fresh gradients, the moments, the parameters of [`crate::Optimizer::step_owned`]). A buffer
-//! that something else still holds is copied first ([`gems_subspace::host_data`]), so nothing
+//! that something else still holds is copied first ([`gems_host::host_data`]), so nothing
 //! outside the step ever changes. Anywhere else (another backend, another dtype) the callers
 //! run the Burn ops.
 //!
@@ -19,7 +19,7 @@
 //! (flex's summation order follows the SIMD width).
 
 use burn::tensor::{Tensor, TensorData};
-use gems_subspace::{HOST_CHUNK, from_host, host_data, host_kernel_applies};
+use gems_host::{HOST_CHUNK, from_host, host_data, host_kernel_applies};
 use rayon::prelude::*;
 
 /// Whether every tensor may take a host kernel: f32 on flex, no autodiff wrapper.

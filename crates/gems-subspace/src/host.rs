@@ -48,33 +48,6 @@ pub fn tensor_from_matrix(matrix: MatRef<'_, f64>, device: &Device) -> Tensor<2>
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 
-/// Elements per rayon task of a host kernel: large enough that scheduling costs nothing next
-/// to the work.
-pub const HOST_CHUNK: usize = 1 << 15;
-
-/// Whether `x` may take a fused host kernel (gems-model's forward kernels, gems-optim's step):
-/// it lives on flex, holds f32, and needs no graph (`graph_free`: the caller knows no gradient
-/// is wanted through the call; a tensor without autodiff needs none anyway).
-pub fn host_kernel_applies<const D: usize>(x: &Tensor<D>, graph_free: bool) -> bool {
-    (graph_free || !x.is_autodiff())
-        && x.dtype() == burn::tensor::DType::F32
-        && x.device().inner() == Device::flex()
-}
-
-/// The tensor's values on the host: zero-copy on flex when `x` is contiguous from offset 0 and
-/// held once (the usual case for a fresh op output, or a buffer the caller owns), a copy
-/// otherwise, so a kernel that writes into it never changes what another handle sees.
-pub fn host_data<const D: usize>(x: Tensor<D>) -> TensorData {
-    x.inner().into_data()
-}
-
-/// Host values back onto flex (wrapped for autodiff when `autodiff`), without a graph and
-/// without a copy.
-pub fn from_host<const D: usize>(data: TensorData, autodiff: bool) -> Tensor<D> {
-    let t = Tensor::<D>::from_data(data, &Device::flex());
-    if autodiff { Tensor::from_inner(t) } else { t }
-}
-
 /// Fails with [`SubspaceError::NonFinite`] when `matrix` holds NaN or an infinity.
 pub(crate) fn ensure_finite(
     op: &'static str,

@@ -46,8 +46,5 @@ pub use diagnostics::{
     subspace_overlap,
 };
 pub use error::{Result, SubspaceError};
-pub use host::{
-    HOST_CHUNK, device_uploads, from_host, host_data, host_kernel_applies, matrix_from_tensor,
-    tensor_from_matrix, tensor_values_f32,
-};
+pub use host::{device_uploads, matrix_from_tensor, tensor_from_matrix, tensor_values_f32};
 pub use nullspace::{NullSpaceProjector, NullSpaceRule, ProjectorSide, SecondMomentAccumulator};
