@@ -85,6 +85,17 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer =
         Tokenizer::from_file(&tok_path).map_err(|e| ModelError::tokenizer(Some(&tok_path), e))?;
+    // A token id past the embedding would fail at the first forward pass, naming no file.
+    let (tokens, rows) = (tokenizer.get_vocab_size(true), model.embed_tokens.weight.dims()[0]);
+    if tokens > rows {
+        return Err(ModelError::tokenizer(
+            Some(&tok_path),
+            format!(
+                "it has {tokens} tokens but the model's embedding has {rows} rows (config.json \
+                 vocab_size): ids {rows} and up would have no row"
+            ),
+        ));
+    }
     let chat_template = read_chat_template(dir);
     Ok(Pretrained { model, tokenizer, chat_template })
 }

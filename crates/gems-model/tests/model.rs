@@ -839,3 +839,21 @@ fn check_fails_on_non_finite_weights() {
     let err = gems_model::check::check(dir.path(), &device()).unwrap_err().to_string();
     assert!(err.contains("NaN") && err.contains("non-finite"), "{err}");
 }
+
+/// A tokenizer with more tokens than the embedding has rows is refused at load, naming
+/// tokenizer.json (a token id past the vocabulary used to fail at the first forward pass,
+/// naming no file).
+#[test]
+fn a_tokenizer_larger_than_the_embedding_is_refused_at_load() {
+    let p = load_gguf(&fixtures().join("tiny_llama.gguf"), &device()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    gems_model::save_hf_dir(&p, dir.path()).unwrap();
+    let mut tok = p.tokenizer.clone();
+    let extra: Vec<tokenizers::AddedToken> =
+        (0..3).map(|i| tokenizers::AddedToken::from(format!("<extra_{i}>"), true)).collect();
+    tok.add_tokens(&extra);
+    tok.save(dir.path().join("tokenizer.json"), false).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("checksums.json"));
+    let err = load_hf_dir(dir.path(), &device()).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("rows"), "{err}");
+}
