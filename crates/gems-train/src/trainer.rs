@@ -752,6 +752,13 @@ fn load_setup(
             started.elapsed().as_secs_f64()
         )
     });
+    if config.data.negatives == 0 {
+        reporter.note(|| {
+            "data.negatives = 0: no sampled negatives, so the sampled protocol (the target among \
+             its negatives) is not reported; the full-catalogue ranking is"
+                .to_string()
+        });
+    }
     let untitled = setup.corpus.untitled();
     if untitled > 0 {
         reporter.note(|| {
