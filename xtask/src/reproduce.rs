@@ -57,6 +57,53 @@ pub const RESULTS_EPOCH: &str = "2026-12-06";
 /// header (results.md itself is generated).
 const RESULTS_NOTES: &str = "docs/results-notes.md";
 
+/// Where the finished runs' records are committed (`docs/results/runs/<label>-seed<N>/`), so
+/// that the chunks of a reproduction accumulate across machines: runs/ is not committed.
+const RECORDS: &str = "docs/results/runs";
+
+/// The files of a finished run that its report needs (a few hundred kB; the model is not kept).
+const RECORD_FILES: [&str; 6] = [
+    "summary.json",
+    "metrics.jsonl",
+    "baselines.json",
+    "before.json",
+    "config.json",
+    "reproduce.json",
+];
+
+/// Copies `files` that exist from `from` into `to` (created).
+fn copy_records(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for f in RECORD_FILES {
+        if from.join(f).is_file() {
+            std::fs::copy(from.join(f), to.join(f)).with_context(|| {
+                format!("copying {} to {}", from.join(f).display(), to.display())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Brings the committed records of finished runs into `out` where `out` lacks them (a fresh
+/// clone), and copies into `records` (to be committed) those of runs finished in `out` that
+/// it lacks.
+/// Returns how many runs were restored.
+fn sync_records(o: &Options, records: &Path) -> Result<usize> {
+    let mut restored = 0;
+    for (label, _, seed) in pairs(o) {
+        let name = format!("{label}-seed{seed}");
+        let (run, kept) = (Path::new(&o.out).join(&name), records.join(&name));
+        let run_done = run.join("summary.json").is_file();
+        if !run_done && kept.join("summary.json").is_file() && !run.join("checkpoint").exists() {
+            copy_records(&kept, &run)?;
+            restored += 1;
+        } else if run_done && !kept.join("summary.json").is_file() {
+            copy_records(&run, &kept)?;
+        }
+    }
+    Ok(restored)
+}
+
 /// The estimate of a run's wall time before any run was timed: the preset's run took 10-14
 /// minutes on the 2-core machines of 2026-12-06 (docs/training.md).
 const FIRST_ESTIMATE_S: f64 = 15.0 * 60.0;
@@ -195,6 +242,10 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     let o = parse(args)?;
     run("cargo", &["gems", "model", "fetch"])?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out))?;
+    let restored = sync_records(&o, Path::new(RECORDS))?;
+    if restored > 0 {
+        eprintln!("xtask reproduce: {restored} finished runs restored from {RECORDS}");
+    }
     let started = Instant::now();
     let mut stopped_at = None;
     for (label, flags, seed) in pairs(&o) {
@@ -310,6 +361,7 @@ fn finished_runs(o: &Options) -> Result<(Vec<Finished>, Vec<String>)> {
 /// docs/results.md from every finished run: the header, the runs used (commit and date), the
 /// missing cells, the notes, then the report of `gems report`.
 fn write_results(o: &Options) -> Result<()> {
+    sync_records(o, Path::new(RECORDS))?;
     let (done, missing) = finished_runs(o)?;
     if done.is_empty() {
         eprintln!("xtask reproduce: no finished run yet; docs/results.md left as it is");
@@ -370,7 +422,9 @@ fn header(o: &Options) -> String {
          Amazon Scientific, with the same data, steps and seeds, results epoch {RESULTS_EPOCH} \
          (runs of another epoch are refused). Rerun with\n\n```\ncargo xtask reproduce \
          --budget 100m\n```\n\nwhich skips finished runs, resumes an interrupted one, starts a \
-         run only if it is estimated to finish within the budget, and rewrites this page. \
+         run only if it is estimated to finish within the budget, and rewrites this page. The \
+         records of the finished runs (not their models) are committed in `results/runs/`, so \
+         the chunks accumulate from one machine to the next. \
          Measurements outside this reproduction, each with its command: \
          [retention.md](retention.md) (embedding policy, strict null space and perplexity on \
          the full 30-layer model), [training.md](training.md) (the preset's choices).\n\n"
@@ -415,6 +469,34 @@ mod tests {
         assert_eq!((p[VARIANTS.len()].0, p[VARIANTS.len()].2), ("gems-input-strict", 1));
         let only = Options { only: Some(vec!["full".into()]), ..o };
         assert_eq!(pairs(&only).iter().map(|p| p.2).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn finished_runs_are_kept_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("runs");
+        let records = dir.path().join("records");
+        let o = Options {
+            seeds: 1,
+            out: out.display().to_string(),
+            only: Some(vec!["full".into(), "lora".into()]),
+            budget_s: None,
+            extra: vec![],
+        };
+        // A run finished here is kept (its records, not its model).
+        let run = out.join("full-seed0");
+        std::fs::create_dir_all(run.join("model")).unwrap();
+        for f in ["summary.json", "reproduce.json", "metrics.jsonl"] {
+            std::fs::write(run.join(f), f).unwrap();
+        }
+        assert_eq!(sync_records(&o, &records).unwrap(), 0);
+        assert!(records.join("full-seed0/summary.json").is_file());
+        assert!(!records.join("full-seed0/model").exists());
+        // On a fresh clone (no runs/), it comes back as finished; nothing else is invented.
+        std::fs::remove_dir_all(&out).unwrap();
+        assert_eq!(sync_records(&o, &records).unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(run.join("summary.json")).unwrap(), "summary.json");
+        assert!(!out.join("lora-seed0").exists());
     }
 
     #[test]
