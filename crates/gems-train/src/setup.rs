@@ -530,23 +530,27 @@ impl Setup {
 mod tests {
     use super::*;
 
+    /// User `u`'s sample at `position` (item `1000 u + p` at every position p), with a history
+    /// of at most `max_history` events.
+    fn event_sample(u: usize, position: u32, max_history: u32) -> Sample {
+        let start = position.saturating_sub(max_history);
+        Sample {
+            user: u as u32,
+            position,
+            ids: Vec::new(),
+            target_pos: 0,
+            target: 1000 * u as u32 + position,
+            history: (start..position).map(|p| 1000 * u as u32 + p).collect(),
+            query: None,
+            negatives: Vec::new(),
+        }
+    }
+
     /// The training rec examples of users with `lengths` events (positions 1 to n - 3 train).
     fn train_samples(lengths: &[u32], max_history: u32) -> Vec<Sample> {
         let mut out = Vec::new();
         for (u, &n) in lengths.iter().enumerate() {
-            for position in 1..n.saturating_sub(2) {
-                let start = position.saturating_sub(max_history);
-                out.push(Sample {
-                    user: u as u32,
-                    position,
-                    ids: Vec::new(),
-                    target_pos: 0,
-                    target: 1000 * u as u32 + position,
-                    history: (start..position).map(|p| 1000 * u as u32 + p).collect(),
-                    query: None,
-                    negatives: Vec::new(),
-                });
-            }
+            out.extend((1..n.saturating_sub(2)).map(|p| event_sample(u, p, max_history)));
         }
         out
     }
@@ -562,17 +566,7 @@ mod tests {
                     _ => Split::Train,
                 };
                 let task = if position % 3 == 0 { Task::Search } else { Task::Rec };
-                let start = position.saturating_sub(max_history);
-                out.entry((split, task)).or_default().push(Sample {
-                    user: u as u32,
-                    position,
-                    ids: Vec::new(),
-                    target_pos: 0,
-                    target: 1000 * u as u32 + position,
-                    history: (start..position).map(|p| 1000 * u as u32 + p).collect(),
-                    query: None,
-                    negatives: Vec::new(),
-                });
+                out.entry((split, task)).or_default().push(event_sample(u, position, max_history));
             }
         }
         out

@@ -303,23 +303,10 @@ fn nan_model(model: &Path, root: &Path) -> PathBuf {
             std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
         }
     }
+    let mut w = gems_model::hf::read_hf_weights(&out).unwrap();
+    w.tensors.get_mut(gems_model::llama::FINAL_NORM_KEY).unwrap().data[0] = f32::NAN;
     let file = out.join("model.safetensors");
-    let bytes = std::fs::read(&file).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = tensors
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
-        .collect();
-    let norm = owned.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
-    norm.1[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    let views: Vec<_> = owned
-        .iter()
-        .map(|(k, d, s, t)| {
-            (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap())
-        })
-        .collect();
-    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    gems_model::weights::write_safetensors(&file, &w.tensors, &Default::default()).unwrap();
     out
 }
 
