@@ -130,6 +130,7 @@ fn main() -> Result<()> {
 }
 
 fn ci() -> Result<()> {
+    check_free_disk(Path::new("."))?;
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     layers()?;
     run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
@@ -274,6 +275,39 @@ fn vulkan_icd() -> Option<String> {
     found.into_iter().next()
 }
 
+/// What `cargo xtask ci` writes under `target/` on a fresh clone, in GiB, rounded up: the debug
+/// build with every test binary (about 15) and the toy GPU command's runs (4.5, removed after).
+const CI_DISK_GIB: u64 = 22;
+
+/// Refuses to start CI where the disk cannot hold its build: a full disk surfaces 20 minutes
+/// later as a linker killed by SIGBUS ("ld terminated with signal 7 [Bus error]", stop 41),
+/// which names neither the disk nor the space it needed.
+fn check_free_disk(dir: &Path) -> Result<()> {
+    let output = Command::new("df").args(["-Pk"]).arg(dir).output();
+    // Where `df` is missing or unreadable the check is skipped: it guards, it does not gate.
+    let Ok(output) = output else { return Ok(()) };
+    let Some(free_gib) = df_available_gib(&String::from_utf8_lossy(&output.stdout)) else {
+        return Ok(());
+    };
+    eprintln!("ci: {free_gib} GiB free on the disk of {}", dir.display());
+    if free_gib < CI_DISK_GIB {
+        bail!(
+            "only {free_gib} GiB free on the disk of {}; CI's build and tests need about \
+             {CI_DISK_GIB} GiB (free space first: old runs' checkpoints, other target/ folders)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The available space, in whole GiB, from `df -Pk`'s output (POSIX format: a header line,
+/// then `filesystem blocks used available capacity mount`, in 1024-byte blocks).
+fn df_available_gib(df: &str) -> Option<u64> {
+    let line = df.lines().nth(1)?;
+    let available_kib: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(available_kib / (1024 * 1024))
+}
+
 fn run(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("$ {program} {}", args.join(" "));
     let started = std::time::Instant::now();
@@ -368,6 +402,15 @@ fn check_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn df_output_is_read_in_gib() {
+        let df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n\
+                  /dev/vda 264241152 47185920 48234496 50% /\n";
+        assert_eq!(df_available_gib(df), Some(46));
+        assert_eq!(df_available_gib("Filesystem\n"), None);
+        assert_eq!(df_available_gib("header\n/dev/vda 1 2 lots 4% /\n"), None);
+    }
 
     fn layer_map() -> BTreeMap<&'static str, u32> {
         LAYERS.iter().copied().collect()
