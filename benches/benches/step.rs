@@ -43,7 +43,7 @@ use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
-use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
+use gems_optim::{GradientWindow, Method, StepGradients, TaskGradient};
 use gems_train::TrainConfig;
 use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
 use gems_train::peer;
@@ -158,29 +158,17 @@ fn main() {
     config.data.rec_targets = gems_train::config::RecTargets::Last;
     let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));
     let started = Instant::now();
-    let (setup, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
+    let (run, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
     eprintln!("setup {:.1} s; dumped to {}", started.elapsed().as_secs_f64(), dump.display());
-    let device = Device::flex();
-    let base = setup.corpus.base_vocab as usize;
-    let mut optimizer = Optimizer::new(gems_train::trainer::optimizer_config(&config, base))
-        .expect("optimizer config");
-    if a.method == Method::Gems && config.optimizer.gems.null_space {
-        let path = gems_train::setup::model_path(&config).expect("model");
-        gems_train::trainer::register_null_space(
-            &mut optimizer,
-            &setup,
-            &config,
-            &path,
-            &dump,
-            &Default::default(),
-        )
-        .expect("null space");
-    }
-    // The model as the trainer starts it: lower layers frozen, LoRA adapters, embedding policy.
-    let mut model =
-        gems_train::trainer::model_to_train(&setup, &config, None, &device.clone().autodiff())
-            .expect("model to train");
-    let samples = peer::sample_steps(&setup, &config, a.steps);
+    let plain = Device::flex();
+    let device = plain.clone().autodiff();
+    // The optimizer (with its null space) and the model as the trainer starts them: lower
+    // layers frozen, LoRA adapters, embedding policy.
+    let mut optimizer =
+        run.optimizer(None, &dump, &device, &Default::default()).expect("optimizer");
+    let mut model = run.model_to_train(None, &device).expect("model to train");
+    let samples = peer::sample_steps(&run, a.steps);
+    let setup = &run.setup;
     let cfg = &setup.pretrained.model.config;
     let (vocab, trained_layers) = (batches.vocab, batches.layers - batches.frozen_layers);
     let pad = setup.corpus.eos_id;
@@ -264,7 +252,7 @@ fn main() {
         cfg.hidden_size,
         cfg.intermediate_size,
         5,
-        &device,
+        &plain,
     );
     let summary = json!({
         "summary": true, "method": a.method.as_str(), "layers": batches.layers,

@@ -9,7 +9,8 @@ use gems_model::TokenBatch;
 use crate::checkpoint::read_json;
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::setup::{Setup, UNKNOWN_ITEM, build, load_model};
+use crate::run_setup::RunSetup;
+use crate::setup::{Setup, UNKNOWN_ITEM};
 use crate::trainer::tuned_model_dir;
 
 /// A run's configuration with its tuned model and data.
@@ -42,9 +43,8 @@ pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
             dir.display()
         ))
     })?;
-    let pretrained = load_model(&model_dir, None, device)?;
-    let setup = build(pretrained, &config)?;
-    Ok(LoadedRun { dir: dir.to_path_buf(), config, setup })
+    let run = RunSetup::tuned(config, &model_dir, device)?;
+    Ok(LoadedRun { dir: dir.to_path_buf(), config: run.config, setup: run.setup })
 }
 
 /// One ranked item.

@@ -23,18 +23,17 @@ use burn::tensor::{Device, Tensor};
 use gems_data::{Split, Task};
 use gems_metrics::EvalReport;
 use gems_model::Llama;
-use gems_optim::{Method, Optimizer, StepGradients, TaskGradient};
+use gems_optim::{StepGradients, TaskGradient};
 use serde::{Deserialize, Serialize};
 
-use crate::batches::active_tasks;
 use crate::checkpoint::{TrainerState, write_json};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::eval::evaluate;
 use crate::forward::read_f32;
 use crate::progress::Reporter;
-use crate::setup::{build, load_model, model_path};
-use crate::trainer::{eval_options, model_to_train, register_null_space, step_gradients};
+use crate::run_setup::RunSetup;
+use crate::trainer::{eval_options, step_gradients};
 
 /// What [`backend_parity`] measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,95 +86,56 @@ pub fn backend_parity(
     out_dir: &Path,
     progress: &Reporter,
 ) -> Result<ParityReport> {
-    config.validate()?;
     if steps == 0 {
         return Err(TrainError::Config("parity needs at least one optimizer step".into()));
     }
     let started = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(|e| TrainError::io(out_dir, e))?;
-    let path = model_path(config)?;
-    let setup = build(load_model(&path, config.model.keep_layers, reference)?, config)?;
-    let tasks = active_tasks(config, &setup.corpus);
+    let run = RunSetup::load(config, reference, &Reporter::silent())?;
     let (ref_ad, dev_ad) = (reference.clone().autodiff(), device.clone().autodiff());
     // The model exactly as training trains it (`model_to_train`: frozen lower layers, LoRA
     // adapters, the embedding policy), built once: `to_device` keeps every parameter's id (so
     // gradients keyed by id carry across, adapters included). Each copy is trained from the
     // plain snapshot (`valid` keeps which parameters train), so neither hangs off the other's
     // autodiff graph.
-    let trained = model_to_train(&setup, config, None, &ref_ad)?.valid();
-    let mut model_ref = trained.clone().to_device(&ref_ad).train();
-    let mut model_dev = trained.to_device(&dev_ad).train();
-    let before = param_values(&model_ref)?;
-
-    let optimizer_config =
-        crate::trainer::optimizer_config(config, setup.corpus.base_vocab as usize);
-    let mut optimizers =
-        [Optimizer::new(optimizer_config.clone())?, Optimizer::new(optimizer_config)?];
-    if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
-        for optimizer in &mut optimizers {
-            register_null_space(optimizer, &setup, config, &path, out_dir, progress)?;
-        }
-    }
+    let trained = run.model_to_train(None, &ref_ad)?.valid();
+    let mut models =
+        [trained.clone().to_device(&ref_ad).train(), trained.to_device(&dev_ad).train()];
+    let before = param_values(&models[0])?;
+    let mut optimizers = [
+        run.optimizer(None, out_dir, &ref_ad, progress)?,
+        run.optimizer(None, out_dir, &ref_ad, progress)?,
+    ];
     let mut state = TrainerState::default();
     let mut perms = vec![None; Task::ALL.len()];
-    let mut losses = BTreeMap::new();
-    let mut gradient_worst = (0.0, String::new());
+    let mut first = None;
     for step in 1..=steps {
+        let [model_ref, model_dev] = &models;
         let (grads_ref, _) =
-            step_gradients(&model_ref, &setup, config, &tasks, &mut state, &mut perms)?;
+            step_gradients(model_ref, &run.setup, &run.config, &run.tasks, &mut state, &mut perms)?;
         if step == 1 {
-            // The device computes the same batch itself: its losses and gradients are compared,
-            // then the reference's gradients drive both optimizers.
-            let mut replay = TrainerState::default();
-            let mut replay_perms = vec![None; Task::ALL.len()];
-            let (grads_dev, _) =
-                step_gradients(&model_dev, &setup, config, &tasks, &mut replay, &mut replay_perms)?;
-            for (name, a, b) in [
-                ("rec", &grads_ref.rec, &grads_dev.rec),
-                ("search", &grads_ref.search, &grads_dev.search),
-            ] {
-                if let (Some(a), Some(b)) = (a, b) {
-                    losses.insert(name.to_string(), (a.loss, b.loss));
-                    let worst = compare_gradients(&model_ref, &a.grads, &b.grads)?;
-                    if worst.0 >= gradient_worst.0 {
-                        gradient_worst = (worst.0, format!("{name}: {}", worst.1));
-                    }
-                }
-            }
+            first = Some(compare_first_batch(&run, model_ref, model_dev, &grads_ref)?);
         }
-        let grads_dev = gradients_to(&model_ref, &grads_ref, device);
-        let lr = config.schedule.lr_at(step);
+        let grads_dev = gradients_to(model_ref, &grads_ref, device);
+        let lr = run.config.schedule.lr_at(step);
         let [opt_ref, opt_dev] = &mut optimizers;
-        model_ref = opt_ref.step(lr, &model_ref, grads_ref)?.0;
-        model_dev = opt_dev.step(lr, &model_dev, grads_dev)?.0;
+        models =
+            [opt_ref.step(lr, model_ref, grads_ref)?.0, opt_dev.step(lr, model_dev, grads_dev)?.0];
     }
-    let after_ref = param_values(&model_ref)?;
-    let after_dev = param_values(&model_dev)?;
-    let mut update_worst = (0.0, String::new());
-    let mut updated = Vec::new();
-    for (name, b) in &before {
-        let (Some(r), Some(d)) = (after_ref.get(name), after_dev.get(name)) else { continue };
-        let delta_ref: Vec<f32> = r.iter().zip(b).map(|(x, y)| x - y).collect();
-        let delta_dev: Vec<f32> = d.iter().zip(b).map(|(x, y)| x - y).collect();
-        if delta_ref.iter().all(|v| *v == 0.0) {
-            continue; // not updated (frozen or no gradient)
-        }
-        updated.push(name.clone());
-        let diff = max_rel_diff(&delta_ref, &delta_dev);
-        if diff >= update_worst.0 {
-            update_worst = (diff, name.clone());
-        }
-    }
+    let (losses, gradient_worst) = first.unwrap_or_default();
+    let [model_ref, model_dev] = models;
+    let (update_worst, updated) = compare_updates(&before, &model_ref, &model_dev)?;
 
-    let options = eval_options(config, Split::Valid, "parity", &tasks, &Reporter::silent());
-    let eval_reference = evaluate(&model_ref.valid(), &setup.corpus, &options)?;
-    let eval_device = evaluate(&model_dev.valid(), &setup.corpus, &options)?;
+    let options =
+        eval_options(&run.config, Split::Valid, "parity", &run.tasks, &Reporter::silent());
+    let eval_reference = evaluate(&model_ref.valid(), &run.setup.corpus, &options)?;
+    let eval_device = evaluate(&model_dev.valid(), &run.setup.corpus, &options)?;
     let eval_max_abs_diff = max_metric_diff(&eval_reference, &eval_device);
     let report = ParityReport {
         reference: format!("{reference:?}"),
         device: format!("{device:?}"),
-        method: config.optimizer.method.as_str().to_string(),
-        layers: setup.pretrained.model.layers.len(),
+        method: run.config.optimizer.method.as_str().to_string(),
+        layers: run.setup.pretrained.model.layers.len(),
         losses,
         gradient_max_rel_diff: gradient_worst.0,
         gradient_worst: gradient_worst.1,
@@ -190,6 +150,70 @@ pub fn backend_parity(
     };
     write_json(&out_dir.join("parity.json"), &report)?;
     Ok(report)
+}
+
+/// Each task's loss on both devices, and the worst gradient difference with where it is.
+type FirstBatch = (BTreeMap<String, (f64, f64)>, (f64, String));
+
+/// The first batch on the device too: it computes the same batch itself, and its losses and
+/// gradients are compared with the reference's (whose gradients then drive both optimizers).
+fn compare_first_batch(
+    run: &RunSetup,
+    model_ref: &Llama,
+    model_dev: &Llama,
+    grads_ref: &StepGradients,
+) -> Result<FirstBatch> {
+    let mut replay = TrainerState::default();
+    let mut replay_perms = vec![None; Task::ALL.len()];
+    let (grads_dev, _) = step_gradients(
+        model_dev,
+        &run.setup,
+        &run.config,
+        &run.tasks,
+        &mut replay,
+        &mut replay_perms,
+    )?;
+    let mut losses = BTreeMap::new();
+    let mut worst = (0.0, String::new());
+    for (name, a, b) in
+        [("rec", &grads_ref.rec, &grads_dev.rec), ("search", &grads_ref.search, &grads_dev.search)]
+    {
+        if let (Some(a), Some(b)) = (a, b) {
+            losses.insert(name.to_string(), (a.loss, b.loss));
+            let diff = compare_gradients(model_ref, &a.grads, &b.grads)?;
+            if diff.0 >= worst.0 {
+                worst = (diff.0, format!("{name}: {}", diff.1));
+            }
+        }
+    }
+    Ok((losses, worst))
+}
+
+/// The worst relative difference of the two models' updates (`after - before`), with the
+/// parameter, and every parameter the reference updated.
+fn compare_updates(
+    before: &BTreeMap<String, Vec<f32>>,
+    model_ref: &Llama,
+    model_dev: &Llama,
+) -> Result<((f64, String), Vec<String>)> {
+    let after_ref = param_values(model_ref)?;
+    let after_dev = param_values(model_dev)?;
+    let mut worst = (0.0, String::new());
+    let mut updated = Vec::new();
+    for (name, b) in before {
+        let (Some(r), Some(d)) = (after_ref.get(name), after_dev.get(name)) else { continue };
+        let delta_ref: Vec<f32> = r.iter().zip(b).map(|(x, y)| x - y).collect();
+        let delta_dev: Vec<f32> = d.iter().zip(b).map(|(x, y)| x - y).collect();
+        if delta_ref.iter().all(|v| *v == 0.0) {
+            continue; // not updated (frozen or no gradient)
+        }
+        updated.push(name.clone());
+        let diff = max_rel_diff(&delta_ref, &delta_dev);
+        if diff >= worst.0 {
+            worst = (diff, name.clone());
+        }
+    }
+    Ok((worst, updated))
 }
 
 /// max_i |a_i - b_i| / max_i |a_i| (0 when both are all zero; infinite for NaN).

@@ -13,11 +13,13 @@ use std::path::Path;
 use gems_data::Task;
 use serde::{Deserialize, Serialize};
 
-use crate::batches::{active_tasks, step_batches};
+use crate::batches::step_batches;
 use crate::checkpoint::{TrainerState, write_json};
 use crate::config::{EmbeddingPolicy, TrainConfig};
 use crate::error::Result;
-use crate::setup::{Sample, Setup, build, load_model, model_path};
+use crate::progress::Reporter;
+use crate::run_setup::RunSetup;
+use crate::setup::Sample;
 
 /// One task's batch of one step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,41 +68,36 @@ pub struct PeerBatches {
 }
 
 /// Writes `dir/model/` and `dir/batches.json` for the first `steps` steps of `config`, and
-/// returns the setup (for callers that go on to time the step themselves).
+/// returns the assembled run (for callers that go on to time the step themselves).
 ///
 /// # Errors
-/// Missing model or data, I/O failures.
-pub fn dump(config: &TrainConfig, dir: &Path, steps: u64) -> Result<(Setup, PeerBatches)> {
-    config.validate()?;
-    let path = model_path(config)?;
-    let setup =
-        build(load_model(&path, config.model.keep_layers, &burn::tensor::Device::flex())?, config)?;
-    let batches = batches(&setup, config, steps);
-    gems_model::save_hf_dir(&setup.pretrained, &dir.join("model"))?;
+/// Invalid configuration, missing model or data, I/O failures.
+pub fn dump(config: &TrainConfig, dir: &Path, steps: u64) -> Result<(RunSetup, PeerBatches)> {
+    let run = RunSetup::load(config, &burn::tensor::Device::flex(), &Reporter::silent())?;
+    let batches = batches(&run, steps);
+    gems_model::save_hf_dir(&run.setup.pretrained, &dir.join("model"))?;
     write_json(&dir.join("batches.json"), &batches)?;
-    Ok((setup, batches))
+    Ok((run, batches))
 }
 
-/// The samples of the first `steps` steps of `config` over `setup`, per step in the order the
-/// trainer computes them (the trainer's own batch stream).
-pub fn sample_steps<'a>(
-    setup: &'a Setup,
-    config: &TrainConfig,
-    steps: u64,
-) -> Vec<Vec<(Task, Vec<&'a Sample>)>> {
-    let tasks = active_tasks(config, &setup.corpus);
+/// The samples of the first `steps` steps of `run`, per step in the order the trainer computes
+/// them (the trainer's own batch stream).
+pub fn sample_steps(run: &RunSetup, steps: u64) -> Vec<Vec<(Task, Vec<&Sample>)>> {
     let mut state = TrainerState::default();
     let mut perms = vec![None; Task::ALL.len()];
-    (0..steps).map(|_| step_batches(setup, config, &tasks, &mut state, &mut perms)).collect()
+    (0..steps)
+        .map(|_| step_batches(&run.setup, &run.config, &run.tasks, &mut state, &mut perms))
+        .collect()
 }
 
 fn all_rows() -> Option<usize> {
     Some(0)
 }
 
-/// The first `steps` steps' batches of `config` over `setup`.
-pub fn batches(setup: &Setup, config: &TrainConfig, steps: u64) -> PeerBatches {
-    let steps_out = sample_steps(setup, config, steps)
+/// The first `steps` steps' batches of `run`.
+pub fn batches(run: &RunSetup, steps: u64) -> PeerBatches {
+    let (setup, config) = (&run.setup, &run.config);
+    let steps_out = sample_steps(run, steps)
         .into_iter()
         .map(|step| {
             step.into_iter()

@@ -14,8 +14,8 @@ use crate::checkpoint::{
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::progress::Reporter;
+use crate::run_setup::lora_config;
 use crate::setup::{Setup, model_path};
-use crate::trainer::lora_config;
 
 /// Keeps only the lines of a JSON-lines log (`metrics.jsonl`, `conflict.jsonl`) whose `step` is
 /// at most `step`: a resumed run rewrites what followed. Kept lines are copied byte for byte; a

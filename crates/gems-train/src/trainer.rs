@@ -19,27 +19,26 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::module::Param;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use gems_data::{Split, Task};
 use gems_metrics::{EvalReport, MetricsLine, RunSummary, TrainRecord, ValidRecord};
-use gems_model::{Llama, LoraConfig, Pretrained};
+use gems_model::{Llama, Pretrained};
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
 
-use crate::batches::{active_tasks, step_batches};
+use crate::batches::step_batches;
 use crate::checkpoint::{TrainerState, read_json, replace_dir, resolve_dir, write_json};
-use crate::config::{EmbeddingPolicy, StopMetric, TaskSelection, TrainConfig};
+use crate::config::{StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
-use crate::nullspace::{GeneralText, projectors};
 use crate::progress::{Event, Phase, Reporter};
+use crate::run_setup::{FrozenRows, RunSetup, lora_config};
 use crate::rundir::{
     METRICS, checkpoint_to_resume, prepare_logs, resolve_config, save_checkpoint, trainer_state,
 };
 pub use crate::rundir::{resolved_config, tuned_model_dir};
-use crate::setup::{LossTargets, Sample, Setup, build, load_model};
+use crate::setup::{LossTargets, Sample, Setup};
 
 /// How a run is driven (not part of its configuration).
 #[derive(Debug, Clone)]
@@ -98,22 +97,6 @@ fn save_model(
     };
     gems_model::save_hf_dir(&p, dir)?;
     Ok(())
-}
-
-/// The LoRA configuration of a run, with the embedding (and an untied head) saved whole.
-pub fn lora_config(config: &TrainConfig, model: &Llama) -> LoraConfig {
-    let targets: Vec<&str> = config.lora.targets.iter().map(String::as_str).collect();
-    let mut c = LoraConfig::new(config.lora.rank, config.lora.alpha, &targets);
-    if model.frozen_layers > 0 {
-        // Only the tuned layers carry adapters; PEFT must be told, or it attaches (zero)
-        // adapters to every layer and warns about their missing keys.
-        c = c.on_layers(model.frozen_layers..model.layers.len());
-    }
-    if config.model.embeddings != EmbeddingPolicy::None {
-        c = c.with_embeddings(model.lm_head.is_none());
-    }
-    c.init_seed = config.seed;
-    c
 }
 
 /// The value early stopping watches, oriented so that lower is better.
@@ -186,140 +169,6 @@ pub fn test_report(
     Ok(report)
 }
 
-/// A stable key of the model file(s) a configuration starts from (path, size, keep_layers).
-fn model_key(path: &Path, config: &TrainConfig) -> String {
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let bytes = if path.is_dir() { size(&path.join("model.safetensors")) } else { size(path) };
-    format!("{}|{bytes}|{:?}", path.display(), config.model.keep_layers)
-}
-
-/// `--embeddings none`: the embedding (and an untied head) stop requiring gradients, so no
-/// gradient is computed for them at all.
-fn freeze_embeddings(mut model: Llama, policy: EmbeddingPolicy) -> Llama {
-    if policy == EmbeddingPolicy::None {
-        model.embed_tokens.weight = model.embed_tokens.weight.set_require_grad(false);
-        if let Some(h) = model.lm_head.as_mut() {
-            h.weight = h.weight.clone().set_require_grad(false);
-        }
-    }
-    model
-}
-
-/// The run's optimizer configuration: the configured one, and with `--embeddings items` only
-/// the item rows (`base..`) of the token embedding train (`trained_rows`), so AdamW neither
-/// moves the text rows nor spends time and moments on them. Set at run time, since `base`
-/// comes from the data; a checkpoint's optimizer keeps it.
-pub fn optimizer_config(config: &TrainConfig, base: usize) -> gems_optim::OptimizerConfig {
-    let mut c = config.optimizer.clone();
-    if config.model.embeddings == EmbeddingPolicy::Items {
-        c.trained_rows
-            .push(gems_optim::TrainedRows { pattern: "embed_tokens.*".into(), from: base });
-    }
-    c
-}
-
-/// `--embeddings items` with an untied head: the pretrained text-token columns of the head
-/// (`[0, base)` of `[d, vocab]`), written back after every optimizer step, so AdamW (its update
-/// and its weight decay) never moves them. (The embedding's text rows are not trained at all:
-/// [`optimizer_config`].)
-struct FrozenRows {
-    base: usize,
-    head: Tensor<2>,
-}
-
-impl FrozenRows {
-    fn new(
-        pretrained: &Llama,
-        policy: EmbeddingPolicy,
-        base: usize,
-        device: &Device,
-    ) -> Option<Self> {
-        if policy != EmbeddingPolicy::Items {
-            return None;
-        }
-        let plain = device.clone().inner();
-        let w = pretrained.lm_head.as_ref()?.weight.val();
-        let rows = w.dims()[0];
-        Some(Self { base, head: w.slice([0..rows, 0..base]).to_device(&plain) })
-    }
-
-    fn restore(&self, mut model: Llama) -> Llama {
-        if let Some(h) = model.lm_head.as_mut() {
-            let rows = self.head.dims()[0];
-            h.weight = keep_block(h.weight.clone(), [0..rows, 0..self.base], &self.head);
-        }
-        model
-    }
-}
-
-/// `param` with the block `at` set to `values`, as a fresh leaf that keeps the parameter's id
-/// and gradient setting (the optimizer's own writer does the same).
-fn keep_block(
-    param: Param<Tensor<2>>,
-    at: [std::ops::Range<usize>; 2],
-    values: &Tensor<2>,
-) -> Param<Tensor<2>> {
-    let (id, tensor, mapper) = param.consume();
-    let require_grad = tensor.is_require_grad();
-    let autodiff = tensor.is_autodiff();
-    let inner = if autodiff { tensor.inner() } else { tensor };
-    let mut updated = inner.slice_assign(at, values.clone());
-    if autodiff {
-        updated = Tensor::from_inner(updated);
-    }
-    if require_grad {
-        updated = updated.require_grad();
-    }
-    Param::from_mapped_value(id, updated, mapper)
-}
-
-/// Refuses a target pattern that matches no parameter, and a subspace rank above the full rank
-/// of a tuned matrix (it used to be capped silently, so `--rank 100000` ran as full-rank GaLore
-/// without saying so).
-fn check_rank(config: &TrainConfig, model: &Llama) -> Result<()> {
-    if !config.optimizer.uses_subspaces() {
-        return Ok(());
-    }
-    let rank = config.optimizer.gems.rank;
-    let mut paths = vec!["embed_tokens.weight".to_owned(), "lm_head.weight".to_owned()];
-    for (i, layer) in model.layers.iter().enumerate() {
-        paths
-            .extend(layer.projections().into_iter().map(|(n, _)| format!("layers.{i}.{n}.weight")));
-    }
-    if let Some(t) = config
-        .optimizer
-        .targets
-        .iter()
-        .find(|t| !paths.iter().any(|p| gems_optim::path_matches(t, p)))
-    {
-        return Err(TrainError::Config(format!(
-            "optimizer.targets pattern `{t}` matches no parameter of the model (its matrices are \
-             named like {})",
-            paths.get(2).map_or("layers.0.self_attn.q_proj.weight", String::as_str)
-        )));
-    }
-    let mut smallest: Option<(usize, String)> = None;
-    for (i, layer) in model.layers.iter().enumerate() {
-        for (name, lin) in layer.projections() {
-            let path = format!("layers.{i}.{name}.weight");
-            if !config.optimizer.targets.iter().any(|t| gems_optim::path_matches(t, &path)) {
-                continue;
-            }
-            let [a, b] = lin.weight.dims();
-            if smallest.as_ref().is_none_or(|(full, _)| a.min(b) < *full) {
-                smallest = Some((a.min(b), format!("{path} ({a} x {b})")));
-            }
-        }
-    }
-    match smallest {
-        Some((full, what)) if rank > full => Err(TrainError::Config(format!(
-            "optimizer.gems.rank {rank} exceeds the full rank {full} of {what}; choose at most \
-             {full}"
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// The untuned model's test evaluation (kept across resumes; a new run computes its own, never
 /// one left by an earlier start with perhaps another configuration), and the floors without a
 /// language model on the same test examples (`baselines.json`; cheap: no forward pass).
@@ -348,98 +197,6 @@ fn before_and_floors(
         write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
     }
     Ok(before)
-}
-
-/// Null-space projectors from the pretrained model (cached), registered with the optimizer;
-/// `nullspace.json` reports them.
-pub fn register_null_space(
-    optimizer: &mut Optimizer,
-    setup: &Setup,
-    config: &TrainConfig,
-    path: &Path,
-    run_dir: &Path,
-    progress: &Reporter,
-) -> Result<()> {
-    let cache = config
-        .null_space
-        .cache
-        .clone()
-        .unwrap_or_else(|| run_dir.parent().unwrap_or(Path::new(".")).join("nullspace-cache"));
-    let text = config.null_space_text();
-    let source = GeneralText {
-        tokenizer: &setup.text,
-        text: &text,
-        model_key: &model_key(path, config),
-        cache_dir: &cache,
-    };
-    // Only the trained layers need projectors.
-    let model = freeze_lower_layers(setup.pretrained.model.clone(), config)?;
-    let (projectors, report) =
-        projectors(&model, &source, &config.optimizer.targets, &config.null_space, progress)?;
-    progress.note(|| {
-        let kept: usize = report.layers.iter().map(|l| l.null_directions).sum();
-        let dims: usize = report.layers.iter().map(|l| l.dim).sum();
-        format!(
-            "null space: {} matrices, {kept} of {dims} directions free ({}, {:.1}s)",
-            report.layers.len(),
-            if report.from_cache { "cached" } else { "built" },
-            report.seconds
-        )
-    });
-    write_json(&run_dir.join("nullspace.json"), &report)?;
-    for (p, proj) in projectors {
-        optimizer.set_null_space_projector(p, proj);
-    }
-    Ok(())
-}
-
-/// The model to train, on the autodiff `device`: the checkpoint's when resuming, else the
-/// pretrained one; its lower layers frozen when `model.tune_layers` says so, with LoRA adapters
-/// (on the trained layers) for `lora`, and the embedding policy applied. The step bench
-/// (benches/benches/step.rs) starts from the same model.
-///
-/// # Errors
-/// An unreadable checkpoint, `model.tune_layers` beyond the model's layers, a LoRA failure.
-pub fn model_to_train(
-    setup: &Setup,
-    config: &TrainConfig,
-    resume_from: Option<&Path>,
-    device: &Device,
-) -> Result<Llama> {
-    let base = match resume_from {
-        Some(ckpt) => gems_model::load_hf_dir(&ckpt.join("model"), device)?.model,
-        None => setup.pretrained.model.clone().to_device(device).train(),
-    };
-    let base = freeze_lower_layers(base, config)?;
-    let model = if config.optimizer.method == Method::Lora {
-        let cfg = lora_config(config, &base);
-        let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
-        match resume_from {
-            Some(ckpt) => gems_model::load_peft(m, &ckpt.join("adapter"))?.0,
-            None => m,
-        }
-    } else {
-        base
-    };
-    Ok(freeze_embeddings(model, config.model.embeddings))
-}
-
-/// `model` with the layers below the top `model.tune_layers` frozen (none when it is unset).
-///
-/// # Errors
-/// `model.tune_layers` exceeds the model's layers.
-pub fn freeze_lower_layers(model: Llama, config: &TrainConfig) -> Result<Llama> {
-    let n = model.layers.len();
-    let frozen = match config.model.tune_layers {
-        None => 0,
-        Some(k) if k > n => {
-            return Err(TrainError::Config(format!(
-                "model.tune_layers {k} exceeds the model's {n} layers (after keep_layers)"
-            )));
-        }
-        Some(k) => n - k,
-    };
-    Ok(model.freeze_lower_layers(frozen)?)
 }
 
 /// One validation: evaluates `model` on the validation sample, updates the best value and
@@ -634,35 +391,27 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
     let resume_from = if options.resume { Some(checkpoint_to_resume(run_dir)?) } else { None };
     let resume = resume_from.as_deref();
-    let (config, path) = resolve_config(config, run_dir, resume, reporter)?;
+    let (config, _) = resolve_config(config, run_dir, resume, reporter)?;
     let device = options.device.clone();
-    let (setup, tasks) = load_setup(&config, &path, &device, reporter)?;
-    let config = narrow_tasks(config, &tasks, &setup, run_dir, reporter)?;
-    let before = before_and_floors(run_dir, &setup, &config, &tasks, resume.is_some(), reporter)?;
+    let assembled = RunSetup::load(&config, &device, reporter)?;
+    if assembled.config.data.tasks != config.data.tasks {
+        write_json(&run_dir.join("config.json"), &assembled.config)?;
+    }
+    let RunSetup { config, setup, tasks, .. } = &assembled;
+    let before = before_and_floors(run_dir, setup, config, tasks, resume.is_some(), reporter)?;
 
     let train_device = device.autodiff();
-    let mut optimizer = match resume {
-        Some(ckpt) => Optimizer::load(ckpt.join("optimizer"), &train_device)?,
-        None => Optimizer::new(optimizer_config(&config, setup.corpus.base_vocab as usize))?,
-    };
-    if config.optimizer.method == Method::Gems && config.optimizer.gems.null_space {
-        register_null_space(&mut optimizer, &setup, &config, &path, run_dir, reporter)?;
-    }
-    let mut model = model_to_train(&setup, &config, resume, &train_device)?;
+    let mut optimizer = assembled.optimizer(resume, run_dir, &train_device, reporter)?;
+    let mut model = assembled.model_to_train(resume, &train_device)?;
     let run = Run {
-        frozen: FrozenRows::new(
-            &setup.pretrained.model,
-            config.model.embeddings,
-            setup.corpus.base_vocab as usize,
-            &train_device,
-        ),
+        frozen: assembled.frozen_rows(&train_device),
         n_train: tasks.iter().map(|&t| setup.train_rows(t).len()).collect(),
-        setup: &setup,
-        config: &config,
-        tasks: &tasks,
+        setup,
+        config,
+        tasks,
         run_dir,
     };
-    let mut state = trainer_state(resume, &optimizer, &config)?;
+    let mut state = trainer_state(resume, &optimizer, config)?;
     prepare_logs(run_dir, resume.is_some(), state.step)?;
 
     let total = config.schedule.steps;
@@ -681,96 +430,8 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     progress.finish(Some(format!("{} steps", state.step)));
 
     let summary =
-        finish_run(&model, &setup, &config, &tasks, &optimizer, &state, before, run_dir, reporter)?;
+        finish_run(&model, setup, config, tasks, &optimizer, &state, before, run_dir, reporter)?;
     Ok(RunOutcome::Finished(Box::new(summary)))
-}
-
-/// When the data has no training examples for a task `data.tasks` asks for (no item has a
-/// query, so no search), the run trains the others: it says so and records the tasks it trains
-/// in config.json, so that the configuration is what happened.
-fn narrow_tasks(
-    mut config: TrainConfig,
-    tasks: &[Task],
-    setup: &Setup,
-    run_dir: &Path,
-    reporter: &Reporter,
-) -> Result<TrainConfig> {
-    let asked: Vec<Task> =
-        Task::ALL.into_iter().filter(|&t| config.data.tasks.includes(t)).collect();
-    if asked.len() == tasks.len() {
-        return Ok(config);
-    }
-    let dropped: Vec<&str> =
-        asked.iter().filter(|t| !tasks.contains(t)).map(|t| t.name()).collect();
-    config.data.tasks = match tasks {
-        [Task::Rec] => TaskSelection::Rec,
-        [Task::Search] => TaskSelection::Search,
-        _ => config.data.tasks,
-    };
-    reporter.note(|| {
-        format!(
-            "dataset `{}` has no training examples for {} (no item has a query): training {} \
-             only; config.json records data.tasks = {:?}",
-            setup.corpus.dataset,
-            dropped.join(", "),
-            tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
-            config.data.tasks
-        )
-    });
-    write_json(&run_dir.join("config.json"), &config)?;
-    Ok(config)
-}
-
-/// The model (its lower layers frozen as configured, to check the setting early), the
-/// tokenised data with item tokens, and the tasks that have training samples.
-fn load_setup(
-    config: &TrainConfig,
-    path: &Path,
-    device: &Device,
-    reporter: &Reporter,
-) -> Result<(Setup, Vec<Task>)> {
-    let started = Instant::now();
-    let pretrained = load_model(path, config.model.keep_layers, device)?;
-    check_rank(config, &pretrained.model)?;
-    freeze_lower_layers(pretrained.model.clone(), config)?;
-    let setup = build(pretrained, config)?;
-    let tasks = active_tasks(config, &setup.corpus);
-    if tasks.is_empty() {
-        return Err(TrainError::Config(format!(
-            "dataset `{}` has no training samples for tasks {:?}",
-            setup.corpus.dataset, config.data.tasks
-        )));
-    }
-    reporter.note(|| {
-        format!(
-            "model {} ({} layers, {} parameters), {} items, tasks {:?}, setup {:.1}s",
-            path.display(),
-            setup.pretrained.model.layers.len(),
-            setup.pretrained.model.num_params(),
-            setup.corpus.n_items(),
-            tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
-            started.elapsed().as_secs_f64()
-        )
-    });
-    if config.data.negatives == 0 {
-        reporter.note(|| {
-            "data.negatives = 0: no sampled negatives, so the sampled protocol (the target among \
-             its negatives) is not reported; the full-catalogue ranking is"
-                .to_string()
-        });
-    }
-    let untitled = setup.corpus.untitled();
-    if untitled > 0 {
-        reporter.note(|| {
-            format!(
-                "{untitled} of {} items have no title (ID-only data): their ids are not used \
-                 as text; their rows start from their categories when model.item_text uses \
-                 them, else from the mean item row",
-                setup.corpus.n_items()
-            )
-        });
-    }
-    Ok((setup, tasks))
 }
 
 /// What every step of a run reads: the data, the configuration, the trained tasks, the run
