@@ -15,6 +15,7 @@ use gems_train::config::{StopMetric, TaskSelection};
 use gems_train::infer::{load_run, top_items, user_history, user_items};
 use gems_train::trainer::{eval_options, test_report};
 use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
+use serde::Serialize;
 
 use crate::device::{Backend, device};
 use crate::progress::reporter;
@@ -40,28 +41,35 @@ pub struct DeviceArgs {
     pub device_index: usize,
 }
 
-/// Arguments of `gems train`.
-#[derive(Debug, Args)]
+/// Arguments of `gems train`. Serialised (field name to value), the configuration flags are
+/// what [`CONFIG_FLAGS`] reads; the others are skipped.
+#[derive(Debug, Args, Serialize)]
 pub struct TrainArgs {
     /// Run directory (created; must not hold a run unless --resume). A finished run writes
     /// its report to DIR/report/report.md (as `gems report DIR --out DIR/report`).
     #[arg(long)]
+    #[serde(skip)]
     pub out: PathBuf,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
+    #[serde(skip)]
     pub resume: bool,
     /// Print the resolved configuration (preset, --config file and flags) as JSON and exit
     /// without training.
     #[arg(long)]
+    #[serde(skip)]
     pub print_config: bool,
     /// Starting configuration.
     #[arg(long, value_enum, default_value = "cpu")]
+    #[serde(skip)]
     pub preset: PresetArg,
     /// A JSON (.json) or TOML configuration file applied over the preset.
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Training method.
     #[arg(long, value_enum)]
+    #[serde(skip)]
     pub method: Option<Method>,
     /// gems ablation: no null-space projection.
     #[arg(long)]
@@ -149,6 +157,7 @@ pub struct TrainArgs {
     /// preparing --dataset here; its manifest decides the dataset, history length, negatives
     /// and seed.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["dataset", "max_history"])]
+    #[serde(skip)]
     pub data: Option<PathBuf>,
     /// Where dataset names are looked up.
     #[arg(long, env = "GEMS_DATA_DIR")]
@@ -213,6 +222,7 @@ pub struct TrainArgs {
     /// Learning rate of the embedding (and an untied head) as a multiple of --lr; with
     /// `--embeddings items` only the new item rows feel it.
     #[arg(long)]
+    #[serde(skip)]
     pub embedding_lr_scale: Option<f64>,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
@@ -225,12 +235,79 @@ pub struct TrainArgs {
     pub label: Option<String>,
     /// No progress output.
     #[arg(long)]
+    #[serde(skip)]
     pub quiet: bool,
     #[command(flatten)]
+    #[serde(skip)]
     pub device: DeviceArgs,
 }
 
-/// The configuration `args` describe (preset, file, flags).
+/// Where each configuration flag of `gems train` writes: the flag (its field in [`TrainArgs`]),
+/// the dotted path of the configuration field, and for a switch the JSON value it writes when
+/// given (`None`: the flag's own value). The flags reach the configuration through the same
+/// merge as a preset and a `--config` file ([`TrainConfig::with_overlay`]), so a field is named
+/// once here and nowhere else; a test sets every flag and finds its value at its path.
+const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
+    ("no_null_space", "optimizer.gems.null_space", Some("false")),
+    ("single_subspace", "optimizer.gems.single_subspace", Some("true")),
+    ("complement", "optimizer.gems.complement", Some("true")),
+    ("strict_null_space", "optimizer.gems.strict_null_space", Some("true")),
+    ("no_strict_null_space", "optimizer.gems.strict_null_space", Some("false")),
+    ("null_space_side", "null_space.side", None),
+    ("rank", "optimizer.gems.rank", None),
+    ("update_proj_gap", "optimizer.gems.update_proj_gap", None),
+    ("scale", "optimizer.gems.scale", None),
+    ("proj_type", "optimizer.gems.proj_type", None),
+    ("weight_decay", "optimizer.weight_decay", None),
+    ("lora_rank", "lora.rank", None),
+    ("lora_alpha", "lora.alpha", None),
+    ("tasks", "data.tasks", None),
+    ("steps", "schedule.steps", None),
+    ("batch_size", "schedule.batch_size", None),
+    ("grad_accum", "schedule.grad_accum", None),
+    ("bucket", "schedule.bucket", None),
+    ("lr", "schedule.lr", None),
+    // One seed: the optimizer's sketches follow it (`resolved_config` checks the two agree).
+    ("seed", "seed", None),
+    ("seed", "optimizer.seed", None),
+    ("model", "model.path", None),
+    ("keep_layers", "model.keep_layers", None),
+    ("all_layers", "model.keep_layers", Some("null")),
+    ("tune_layers", "model.tune_layers", None),
+    ("tune_all_layers", "model.tune_layers", Some("null")),
+    ("dataset", "data.dataset", None),
+    ("data_root", "data.data_root", None),
+    ("max_history", "data.max_history", None),
+    ("eval_every", "eval.every", None),
+    ("patience", "eval.patience", None),
+    ("stop_metric", "eval.metric", None),
+    ("valid_examples", "eval.valid_examples", None),
+    ("test_examples", "eval.test_examples", None),
+    ("no_before", "eval.before", Some("false")),
+    ("no_perplexity", "eval.perplexity", Some("false")),
+    ("authors_ndcg", "eval.ndcg_normaliser", Some("\"authors\"")),
+    ("exclude_history", "eval.exclude_history", Some("true")),
+    ("embeddings", "model.embeddings", None),
+    ("item_text", "model.item_text", None),
+    ("item_weights", "model.item_weights", None),
+    ("item_collab", "model.item_collab", None),
+    ("item_collab_scale", "model.item_collab_scale", None),
+    ("rec_targets", "data.rec_targets", None),
+    ("item_softmax", "data.item_softmax", None),
+    ("checkpoint_every", "checkpoint_every", None),
+    ("stop_after", "stop_after", None),
+    ("label", "label", None),
+];
+
+/// Configuration flags that are not one field: the preset and file the flags apply over, the
+/// method (which switches the optimizer's section: `switch_method`), a prepared directory
+/// (whose manifest sets several data fields) and the embedding's learning-rate scale (a
+/// parameter group). With [`RUN_FLAGS`] and [`CONFIG_FLAGS`] they are every flag (tested).
+#[cfg(test)]
+const DERIVED_FLAGS: [&str; 5] = ["preset", "config", "method", "data", "embedding_lr_scale"];
+
+/// The configuration `args` describe: the preset, the `--config` file over it, then the flags
+/// (the method first, so that the flags of its section apply to the switched section).
 pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut c = match args.preset {
         PresetArg::Cpu => TrainConfig::cpu_preset(),
@@ -243,106 +320,36 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(method) = args.method {
         c.optimizer = c.optimizer.switch_method(method);
     }
-    let g = &mut c.optimizer.gems;
-    if args.no_null_space {
-        g.null_space = false;
-    }
-    if args.single_subspace {
-        g.single_subspace = true;
-    }
-    if args.complement {
-        g.complement = true;
-    }
-    if args.strict_null_space {
-        g.strict_null_space = true;
-    }
-    if args.no_strict_null_space {
-        g.strict_null_space = false;
-    }
-    set(&mut c.null_space.side, args.null_space_side);
-    set(&mut g.rank, args.rank);
-    set(&mut g.update_proj_gap, args.update_proj_gap);
-    set(&mut g.scale, args.scale);
-    set(&mut g.proj_type, args.proj_type);
-    set(&mut c.optimizer.weight_decay, args.weight_decay);
-    set(&mut c.lora.rank, args.lora_rank);
-    set(&mut c.lora.alpha, args.lora_alpha);
-    set(&mut c.data.tasks, args.tasks);
-    set(&mut c.schedule.steps, args.steps);
-    set(&mut c.schedule.batch_size, args.batch_size);
-    set(&mut c.schedule.grad_accum, args.grad_accum);
-    if args.bucket.is_some() {
-        c.schedule.bucket = args.bucket;
-    }
-    set(&mut c.schedule.lr, args.lr);
-    if let Some(s) = args.seed {
-        c.seed = s;
-        c.optimizer.seed = s;
-    }
-    if args.model.is_some() {
-        c.model.path = args.model.clone();
-    }
-    if args.keep_layers.is_some() {
-        c.model.keep_layers = args.keep_layers;
-    }
-    if args.all_layers {
-        c.model.keep_layers = None;
-    }
-    if args.tune_layers.is_some() {
-        c.model.tune_layers = args.tune_layers;
-    }
-    if args.tune_all_layers {
-        c.model.tune_layers = None;
-    }
-    set(&mut c.data.dataset, args.dataset.clone());
-    set(&mut c.data.data_root, args.data_root.clone());
-    set(&mut c.data.max_history, args.max_history);
+    c = c.with_overlay(flag_overlay(args)?).context("applying the flags")?;
     if let Some(dir) = &args.data {
         gems_train::setup::adopt_prepared(&mut c.data, dir)
             .with_context(|| format!("--data {}", dir.display()))?;
     }
-    set(&mut c.eval.every, args.eval_every);
-    set(&mut c.eval.patience, args.patience);
-    set(&mut c.eval.metric, args.stop_metric);
-    set(&mut c.eval.valid_examples, args.valid_examples);
-    set(&mut c.eval.test_examples, args.test_examples);
-    if args.no_before {
-        c.eval.before = false;
-    }
-    if args.no_perplexity {
-        c.eval.perplexity = false;
-    }
-    if args.authors_ndcg {
-        c.eval.ndcg_normaliser = gems_metrics::NdcgNormaliser::Authors;
-    }
-    if args.exclude_history {
-        c.eval.exclude_history = true;
-    }
-    set(&mut c.model.embeddings, args.embeddings);
-    set(&mut c.model.item_text, args.item_text);
-    set(&mut c.model.item_weights, args.item_weights);
-    set(&mut c.model.item_collab, args.item_collab);
-    set(&mut c.model.item_collab_scale, args.item_collab_scale);
-    set(&mut c.data.rec_targets, args.rec_targets);
-    set(&mut c.data.item_softmax, args.item_softmax);
     if let Some(scale) = args.embedding_lr_scale {
         c.set_embedding_lr_scale(scale);
-    }
-    set(&mut c.checkpoint_every, args.checkpoint_every);
-    if args.stop_after.is_some() {
-        c.stop_after = args.stop_after;
-    }
-    if args.label.is_some() {
-        c.label = args.label.clone();
     }
     c.validate()?;
     Ok(c)
 }
 
-fn set<T>(slot: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *slot = v;
+/// The configuration fields the given flags set, as an overlay ([`CONFIG_FLAGS`]).
+fn flag_overlay(args: &TrainArgs) -> Result<serde_json::Value> {
+    let given = serde_json::to_value(args)?;
+    let mut overlay = serde_json::json!({});
+    for &(flag, path, switch) in CONFIG_FLAGS {
+        let value = &given[flag];
+        let value = match switch {
+            _ if value.is_null() || *value == serde_json::Value::Bool(false) => continue,
+            Some(json) => serde_json::from_str(json)?,
+            None => value.clone(),
+        };
+        let mut slot = &mut overlay;
+        for key in path.split('.') {
+            slot = &mut slot[key];
+        }
+        *slot = value;
     }
+    Ok(overlay)
 }
 
 /// Applies the fields a configuration file names over `base` (JSON objects merge recursively).
@@ -356,11 +363,8 @@ fn merge_file(base: TrainConfig, path: &Path) -> Result<TrainConfig> {
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         serde_json::to_value(v)?
     };
-    let mut merged = serde_json::to_value(&base)?;
-    gems_train::config::merge_json(&mut merged, overlay);
     // The error names the field (`schedule.steps: invalid type: string "many", expected u64`).
-    serde_path_to_error::deserialize(merged)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    base.with_overlay(overlay).with_context(|| path.display().to_string())
 }
 
 /// Flags of `gems train` that do not set the run's configuration.
@@ -713,4 +717,145 @@ pub fn run_selftest(device_args: &DeviceArgs, data_root: &Path, steps: u64) -> R
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Train {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(flags: &[&str]) -> TrainArgs {
+        let line = ["gems-train", "--out", "run", "--preset", "default"].iter().chain(flags);
+        Train::try_parse_from(line).expect("valid flags").args
+    }
+
+    #[test]
+    fn every_train_flag_is_a_config_field_or_named_as_not_one() {
+        let command = Train::command();
+        let ids: Vec<&str> = command.get_arguments().map(|a| a.get_id().as_str()).collect();
+        for id in &ids {
+            let listed = CONFIG_FLAGS.iter().any(|(f, _, _)| f == id)
+                || DERIVED_FLAGS.contains(id)
+                || RUN_FLAGS.contains(id);
+            assert!(listed, "--{id} is neither in CONFIG_FLAGS nor named as derived or a run flag");
+        }
+        for (flag, _, _) in CONFIG_FLAGS {
+            assert!(ids.contains(flag), "CONFIG_FLAGS names `{flag}`, which is no flag");
+        }
+    }
+
+    /// Every configuration flag, given a value other than the default, is found at its field
+    /// in the resolved configuration (two command lines: three pairs of flags conflict).
+    #[test]
+    fn every_config_flag_lands_at_its_field() {
+        let common = [
+            "--no-null-space",
+            "--null-space-side",
+            "output",
+            "--rank",
+            "12",
+            "--update-proj-gap",
+            "7",
+            "--scale",
+            "0.5",
+            "--proj-type",
+            "left",
+            "--weight-decay",
+            "0.03",
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "9",
+            "--tasks",
+            "rec",
+            "--steps",
+            "11",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "2",
+            "--bucket",
+            "5",
+            "--lr",
+            "0.002",
+            "--seed",
+            "41",
+            "--model",
+            "/m.gguf",
+            "--dataset",
+            "beauty",
+            "--data-root",
+            "/d",
+            "--max-history",
+            "6",
+            "--eval-every",
+            "4",
+            "--patience",
+            "2",
+            "--stop-metric",
+            "ndcg10",
+            "--valid-examples",
+            "17",
+            "--test-examples",
+            "19",
+            "--no-before",
+            "--no-perplexity",
+            "--authors-ndcg",
+            "--exclude-history",
+            "--embeddings",
+            "none",
+            "--item-text",
+            "title-categories",
+            "--item-weights",
+            "idf",
+            "--item-collab",
+            "8",
+            "--item-collab-scale",
+            "0.25",
+            "--rec-targets",
+            "all",
+            "--item-softmax",
+            "catalogue",
+            "--checkpoint-every",
+            "3",
+            "--stop-after",
+            "2",
+            "--label",
+            "x",
+        ];
+        let one =
+            ["--complement", "--strict-null-space", "--keep-layers", "3", "--tune-layers", "2"];
+        let other =
+            ["--single-subspace", "--no-strict-null-space", "--all-layers", "--tune-all-layers"];
+        let mut checked = std::collections::BTreeSet::new();
+        for extra in [&one[..], &other[..]] {
+            let args = parse(&[&common[..], extra].concat());
+            let given = serde_json::to_value(&args).unwrap();
+            let resolved = serde_json::to_value(resolve_config(&args).unwrap()).unwrap();
+            for &(flag, path, switch) in CONFIG_FLAGS {
+                let value = &given[flag];
+                if value.is_null() || *value == serde_json::Value::Bool(false) {
+                    continue;
+                }
+                let expected = match switch {
+                    Some(json) => serde_json::from_str(json).unwrap(),
+                    None => value.clone(),
+                };
+                let at = path.split('.').fold(&resolved, |v, key| &v[key]);
+                assert_eq!(*at, expected, "--{flag} did not set {path}");
+                checked.insert(flag);
+            }
+        }
+        assert_eq!(
+            checked.len(),
+            CONFIG_FLAGS.iter().map(|f| f.0).collect::<std::collections::BTreeSet<_>>().len()
+        );
+    }
 }

@@ -609,7 +609,9 @@ impl TrainConfig {
         let mut merged = serde_json::to_value(&self)
             .map_err(|e| TrainError::Config(format!("configuration: {e}")))?;
         merge_json(&mut merged, overlay);
-        serde_json::from_value(merged).map_err(|e| TrainError::Config(e.to_string()))
+        // The error names the field (`schedule.steps: invalid type: string "many", ...`).
+        serde_path_to_error::deserialize(merged)
+            .map_err(|e| TrainError::Config(format!("{}: {}", e.path(), e.inner())))
     }
 
     /// `self` with the TOML text `text` applied over it ([`TrainConfig::with_overlay`]).
