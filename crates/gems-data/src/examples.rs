@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Dataset, EventKind};
+use crate::model::{BehaviourSequence, Dataset, Event, EventKind};
 use gems_rng::SplitMix64;
 
 /// Which leave-one-out split an example belongs to.
@@ -140,14 +140,7 @@ pub fn check_negatives(n_negatives: usize, n_items: usize) -> Result<()> {
 
 /// Builds every example of a dataset, ordered by user, then position, then task (rec first).
 pub fn build_examples(dataset: &Dataset, config: &BuildConfig) -> Result<Vec<Example>> {
-    if config.max_history == 0 {
-        return Err(Error::Config("max_history must be at least 1".into()));
-    }
-    if let TaskAssignment::Split { search_probability: p } = config.assignment
-        && !(0.0..=1.0).contains(&p)
-    {
-        return Err(Error::Config(format!("search probability {p} is not in [0, 1]")));
-    }
+    check_build_config(config)?;
     let n_items = dataset.catalogue.len();
     let mut examples = Vec::new();
     let mut touched = vec![false; n_items];
@@ -156,24 +149,10 @@ pub fn build_examples(dataset: &Dataset, config: &BuildConfig) -> Result<Vec<Exa
         if n < 2 {
             continue;
         }
-        let mut n_touched = 0;
-        for event in &user.events {
-            if let Some(t) = touched.get_mut(event.item as usize)
-                && !*t
-            {
-                *t = true;
-                n_touched += 1;
-            }
-        }
+        let n_touched = mark_touched(&mut touched, user);
         let user_index = user_index as u32;
         for position in 1..n {
-            let split = if position == n - 1 {
-                Split::Test
-            } else if position == n - 2 {
-                Split::Valid
-            } else {
-                Split::Train
-            };
+            let split = split_of(position, n);
             let event = &user.events[position];
             let start = position.saturating_sub(config.max_history);
             let history: Vec<u32> = user.events[start..position].iter().map(|e| e.item).collect();
@@ -186,28 +165,7 @@ pub fn build_examples(dataset: &Dataset, config: &BuildConfig) -> Result<Vec<Exa
                 );
                 sample_negatives(&mut rng, &touched, n_touched, config.n_negatives)
             };
-            let tasks: &[Task] = match (config.assignment, event.query.is_some()) {
-                (TaskAssignment::Both, true) => &[Task::Rec, Task::Search],
-                (TaskAssignment::Both, false) | (TaskAssignment::Split { .. }, false) => {
-                    &[Task::Rec]
-                }
-                (TaskAssignment::Split { search_probability }, true) => {
-                    if event.kind == EventKind::Search {
-                        &[Task::Search]
-                    } else {
-                        let mut rng = SplitMix64::for_stream(
-                            config.seed,
-                            &[STREAM_TASK, u64::from(user_index), position as u64],
-                        );
-                        if rng.next_f64() < search_probability {
-                            &[Task::Search]
-                        } else {
-                            &[Task::Rec]
-                        }
-                    }
-                }
-            };
-            for &task in tasks {
+            for &task in tasks_of(config, event, user_index, position) {
                 examples.push(Example {
                     user: user_index,
                     position: position as u32,
@@ -227,6 +185,71 @@ pub fn build_examples(dataset: &Dataset, config: &BuildConfig) -> Result<Vec<Exa
         }
     }
     Ok(examples)
+}
+
+/// Refuses a `max_history` of 0 and a search probability outside [0, 1].
+fn check_build_config(config: &BuildConfig) -> Result<()> {
+    if config.max_history == 0 {
+        return Err(Error::Config("max_history must be at least 1".into()));
+    }
+    if let TaskAssignment::Split { search_probability: p } = config.assignment
+        && !(0.0..=1.0).contains(&p)
+    {
+        return Err(Error::Config(format!("search probability {p} is not in [0, 1]")));
+    }
+    Ok(())
+}
+
+/// Marks the items of `user`'s events in `touched` (indices past its end are skipped) and
+/// returns how many were newly marked.
+fn mark_touched(touched: &mut [bool], user: &BehaviourSequence) -> usize {
+    let mut n_touched = 0;
+    for event in &user.events {
+        if let Some(t) = touched.get_mut(event.item as usize)
+            && !*t
+        {
+            *t = true;
+            n_touched += 1;
+        }
+    }
+    n_touched
+}
+
+/// The split of the target at `position` in a sequence of `n` events: the last is test, the
+/// second last valid, earlier ones train.
+fn split_of(position: usize, n: usize) -> Split {
+    if position == n - 1 {
+        Split::Test
+    } else if position == n - 2 {
+        Split::Valid
+    } else {
+        Split::Train
+    }
+}
+
+/// The tasks the target `event` at `position` of user `user_index` gives examples for, under
+/// `config`'s task assignment.
+fn tasks_of(
+    config: &BuildConfig,
+    event: &Event,
+    user_index: u32,
+    position: usize,
+) -> &'static [Task] {
+    match (config.assignment, event.query.is_some()) {
+        (TaskAssignment::Both, true) => &[Task::Rec, Task::Search],
+        (TaskAssignment::Both, false) | (TaskAssignment::Split { .. }, false) => &[Task::Rec],
+        (TaskAssignment::Split { search_probability }, true) => {
+            if event.kind == EventKind::Search {
+                &[Task::Search]
+            } else {
+                let mut rng = SplitMix64::for_stream(
+                    config.seed,
+                    &[STREAM_TASK, u64::from(user_index), position as u64],
+                );
+                if rng.next_f64() < search_probability { &[Task::Search] } else { &[Task::Rec] }
+            }
+        }
+    }
 }
 
 /// Draws up to `k` distinct items uniformly from those with `excluded[i] == false`, in draw

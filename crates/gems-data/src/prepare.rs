@@ -344,6 +344,7 @@ fn write_example_files(
     Ok((files, example_counts))
 }
 
+/// Writes the prepared files and `manifest.json` into `out` and returns the manifest.
 fn write_prepared_into(
     prepared: &Prepared,
     source_dir: &Path,
@@ -354,7 +355,50 @@ fn write_prepared_into(
 ) -> Result<Manifest> {
     let dataset = &prepared.dataset;
     let (mut files, example_counts) = write_example_files(prepared, out)?;
+    let (name, written) = write_vocabulary(dataset, tokenizer, out)?;
+    files.insert(name, written);
 
+    let inputs = input_files(dataset, source_dir)?;
+    let tokenizer_info = match tokenizer {
+        Some(t) => Some(TokenizerInfo {
+            path: tokenizer_file.map(|p| p.display().to_string()),
+            sha256: tokenizer_file.map(sha256_file).transpose()?.map(|(_, h)| h),
+            vocab_size: t.vocab_size(),
+            eos_id: t.eos_id(),
+        }),
+        None => None,
+    };
+    let mut seeds = BTreeMap::new();
+    seeds.insert("seed".to_string(), config.build.seed.to_string());
+    seeds.insert(
+        "streams".to_string(),
+        "SplitMix64 per (seed, purpose, user index, position); purpose 1 = split task draw, \
+         2 = negatives"
+            .to_string(),
+    );
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        config: config.clone(),
+        seeds,
+        inputs,
+        tokenized: prepared.tokenized.is_some(),
+        tokenizer: tokenizer_info,
+        counts: dataset_counts(dataset, example_counts),
+        files,
+    };
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|cause| Error::Serialize { what: "manifest.json".into(), cause })?;
+    write_output(out, "manifest.json", &json)?;
+    Ok(manifest)
+}
+
+/// Writes `items.json`, the item vocabulary (with token ids after the tokenizer's vocabulary
+/// when there is one), into `out`; returns its name and the written file.
+fn write_vocabulary(
+    dataset: &Dataset,
+    tokenizer: Option<&dyn TextTokenizer>,
+    out: &Path,
+) -> Result<(String, OutputFile)> {
     let base = tokenizer.map(|t| t.vocab_size());
     let vocab: Vec<VocabEntry> = dataset
         .catalogue
@@ -372,59 +416,39 @@ fn write_prepared_into(
         .collect();
     let mut written = write_output(out, "items.json", &to_json(&vocab, "items.json")?)?;
     written.records = vocab.len();
-    files.insert("items.json".into(), written);
+    Ok(("items.json".into(), written))
+}
 
+/// The dataset's input files, named relative to `source_dir` when under it, with their sizes
+/// and checksums.
+fn input_files(dataset: &Dataset, source_dir: &Path) -> Result<Vec<InputFile>> {
     let mut inputs = Vec::new();
     for path in &dataset.inputs {
         let (bytes, sha256) = sha256_file(path)?;
         let file = path.strip_prefix(source_dir).unwrap_or(path).display().to_string();
         inputs.push(InputFile { file, bytes, sha256 });
     }
-    let tokenizer_info = match tokenizer {
-        Some(t) => Some(TokenizerInfo {
-            path: tokenizer_file.map(|p| p.display().to_string()),
-            sha256: tokenizer_file.map(sha256_file).transpose()?.map(|(_, h)| h),
-            vocab_size: t.vocab_size(),
-            eos_id: t.eos_id(),
-        }),
-        None => None,
-    };
+    Ok(inputs)
+}
+
+/// The manifest's counts of users, items, events and queries of `dataset`, with
+/// `example_counts`.
+fn dataset_counts(dataset: &Dataset, example_counts: ExampleCounts) -> Counts {
     let queries: BTreeSet<&str> =
         dataset.users.iter().flat_map(|u| &u.events).filter_map(|e| e.query.as_deref()).collect();
-    let mut seeds = BTreeMap::new();
-    seeds.insert("seed".to_string(), config.build.seed.to_string());
-    seeds.insert(
-        "streams".to_string(),
-        "SplitMix64 per (seed, purpose, user index, position); purpose 1 = split task draw, \
-         2 = negatives"
-            .to_string(),
-    );
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        config: config.clone(),
-        seeds,
-        inputs,
-        tokenized: prepared.tokenized.is_some(),
-        tokenizer: tokenizer_info,
-        counts: Counts {
-            users: dataset.users.len(),
-            items: dataset.catalogue.len(),
-            events: dataset.n_events(),
-            events_with_query: dataset
-                .users
-                .iter()
-                .flat_map(|u| &u.events)
-                .filter(|e| e.query.is_some())
-                .count(),
-            distinct_queries: queries.len(),
-            examples: example_counts,
-        },
-        files,
-    };
-    let json = serde_json::to_vec_pretty(&manifest)
-        .map_err(|cause| Error::Serialize { what: "manifest.json".into(), cause })?;
-    write_output(out, "manifest.json", &json)?;
-    Ok(manifest)
+    Counts {
+        users: dataset.users.len(),
+        items: dataset.catalogue.len(),
+        events: dataset.n_events(),
+        events_with_query: dataset
+            .users
+            .iter()
+            .flat_map(|u| &u.events)
+            .filter(|e| e.query.is_some())
+            .count(),
+        distinct_queries: queries.len(),
+        examples: example_counts,
+    }
 }
 
 /// A distribution summary.
@@ -588,7 +612,39 @@ pub fn read_prepared(dir: &Path) -> Result<PreparedDir> {
     gems_io::verify_dir(dir)?;
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| Error::malformed(&manifest_path, e.line(), format!("bad manifest: {e}")))?;
+    let items = read_vocabulary(dir, &manifest)?;
+    let bounds = ExampleBounds {
+        n_items: items.len() as u32,
+        n_users: manifest.counts.users,
+        tokenized: manifest.tokenized,
+    };
+    let mut read = ExamplesRead {
+        users: vec![String::new(); bounds.n_users],
+        examples: Vec::new(),
+        tokenized: Vec::new(),
+        origins: Vec::new(),
+    };
+    for split in Split::ALL {
+        for task in Task::ALL {
+            let path = dir.join(format!("{}.{}.jsonl", split.name(), task.name()));
+            read.read_file(&path, split, task, &bounds)?;
+        }
+    }
+    let ExamplesRead { users, examples, tokenized, origins } = read;
+    Ok(PreparedDir {
+        dir: dir.to_path_buf(),
+        tokenized: manifest.tokenized.then_some(tokenized),
+        manifest,
+        items,
+        users,
+        examples,
+        origins,
+    })
+}
 
+/// Reads `dir/items.json` and checks its indices (0, 1, 2, ...) and its length against the
+/// manifest's item count.
+fn read_vocabulary(dir: &Path, manifest: &Manifest) -> Result<Vec<VocabEntry>> {
     let items_path = dir.join("items.json");
     let items_text = std::fs::read_to_string(&items_path).map_err(|e| Error::io(&items_path, e))?;
     let items: Vec<VocabEntry> = serde_json::from_str(&items_text)
@@ -607,84 +663,111 @@ pub fn read_prepared(dir: &Path) -> Result<PreparedDir> {
             format!("{} items, but manifest.json counts {}", items.len(), manifest.counts.items),
         ));
     }
-    let n_items = items.len() as u32;
-    let n_users = manifest.counts.users;
-    let mut users = vec![String::new(); n_users];
-    let mut examples = Vec::new();
-    let mut tokenized = Vec::new();
-    let mut origins = Vec::new();
-    for split in Split::ALL {
-        for task in Task::ALL {
-            let path = dir.join(format!("{}.{}.jsonl", split.name(), task.name()));
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(|e| Error::io(&path, e))?;
-                let bad = |message: String| Error::malformed(&path, index + 1, message);
-                let record: ExampleRecord =
-                    serde_json::from_str(&line).map_err(|e| bad(format!("bad example: {e}")))?;
-                if record.split != split || record.task != task {
-                    return Err(bad(format!(
-                        "a {} {} example in the {} {} file",
-                        record.split.name(),
-                        record.task.name(),
-                        split.name(),
-                        task.name()
-                    )));
-                }
-                let user = record.user_index as usize;
-                if user >= n_users {
-                    return Err(bad(format!(
-                        "user_index {user} out of range ({n_users} users in manifest.json)"
-                    )));
-                }
-                if users[user].is_empty() {
-                    users[user] = record.user.clone();
-                } else if users[user] != record.user {
-                    return Err(bad(format!(
-                        "user_index {user} is user {:?} here but {:?} elsewhere",
-                        record.user, users[user]
-                    )));
-                }
-                let all_items = record.history.iter().chain(&record.negatives);
-                if let Some(bad_item) = all_items.chain([&record.target]).find(|&&i| i >= n_items) {
-                    return Err(bad(format!(
-                        "item index {bad_item} out of range ({n_items} items in items.json)"
-                    )));
-                }
-                match (manifest.tokenized, record.input_ids, record.target_span) {
-                    (true, Some(input_ids), Some(target_span)) => {
-                        tokenized.push(TokenizedExample { input_ids, target_span });
-                    }
-                    (true, _, _) => {
-                        return Err(bad(
-                            "no input_ids or target_span, but manifest.json says tokenized".into(),
-                        ));
-                    }
-                    (false, _, _) => {}
-                }
-                examples.push(Example {
-                    user: record.user_index,
-                    position: record.position,
-                    split,
-                    task,
-                    history: record.history,
-                    query: record.query,
-                    target: record.target,
-                    negatives: record.negatives,
-                });
-                origins.push((path.clone(), index + 1));
+    Ok(items)
+}
+
+/// What every example record of a prepared directory must agree with: the vocabulary's size,
+/// the manifest's user count and whether the manifest says tokenized.
+struct ExampleBounds {
+    n_items: u32,
+    n_users: usize,
+    tokenized: bool,
+}
+
+/// The examples of a prepared directory as they are read, file by file (the fields of
+/// [`PreparedDir`] of the same names).
+struct ExamplesRead {
+    users: Vec<String>,
+    examples: Vec<Example>,
+    tokenized: Vec<TokenizedExample>,
+    origins: Vec<(PathBuf, usize)>,
+}
+
+impl ExamplesRead {
+    /// Reads the example file of `split` and `task` at `path`, checking each record.
+    fn read_file(
+        &mut self,
+        path: &Path,
+        split: Split,
+        task: Task,
+        bounds: &ExampleBounds,
+    ) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| Error::io(path, e))?;
+            let bad = |message: String| Error::malformed(path, index + 1, message);
+            let record: ExampleRecord =
+                serde_json::from_str(&line).map_err(|e| bad(format!("bad example: {e}")))?;
+            if record.split != split || record.task != task {
+                return Err(bad(format!(
+                    "a {} {} example in the {} {} file",
+                    record.split.name(),
+                    record.task.name(),
+                    split.name(),
+                    task.name()
+                )));
             }
+            self.add(record, bounds, path, index + 1)?;
         }
+        Ok(())
     }
-    Ok(PreparedDir {
-        dir: dir.to_path_buf(),
-        tokenized: manifest.tokenized.then_some(tokenized),
-        manifest,
-        items,
-        users,
-        examples,
-        origins,
-    })
+
+    /// Checks a record read from `line` of `path` (its split and task already checked) against
+    /// `bounds` and the users seen so far, and adds it.
+    fn add(
+        &mut self,
+        record: ExampleRecord,
+        bounds: &ExampleBounds,
+        path: &Path,
+        line: usize,
+    ) -> Result<()> {
+        let bad = |message: String| Error::malformed(path, line, message);
+        let (n_items, n_users) = (bounds.n_items, bounds.n_users);
+        let user = record.user_index as usize;
+        if user >= n_users {
+            return Err(bad(format!(
+                "user_index {user} out of range ({n_users} users in manifest.json)"
+            )));
+        }
+        let users = &mut self.users;
+        if users[user].is_empty() {
+            users[user] = record.user.clone();
+        } else if users[user] != record.user {
+            return Err(bad(format!(
+                "user_index {user} is user {:?} here but {:?} elsewhere",
+                record.user, users[user]
+            )));
+        }
+        let all_items = record.history.iter().chain(&record.negatives);
+        if let Some(bad_item) = all_items.chain([&record.target]).find(|&&i| i >= n_items) {
+            return Err(bad(format!(
+                "item index {bad_item} out of range ({n_items} items in items.json)"
+            )));
+        }
+        match (bounds.tokenized, record.input_ids, record.target_span) {
+            (true, Some(input_ids), Some(target_span)) => {
+                self.tokenized.push(TokenizedExample { input_ids, target_span });
+            }
+            (true, _, _) => {
+                return Err(bad(
+                    "no input_ids or target_span, but manifest.json says tokenized".into()
+                ));
+            }
+            (false, _, _) => {}
+        }
+        self.examples.push(Example {
+            user: record.user_index,
+            position: record.position,
+            split: record.split,
+            task: record.task,
+            history: record.history,
+            query: record.query,
+            target: record.target,
+            negatives: record.negatives,
+        });
+        self.origins.push((path.to_path_buf(), line));
+        Ok(())
+    }
 }
 
 /// `dir/manifest.json` and its text, after checking that `dir` exists, holds it, and that it is

@@ -157,19 +157,31 @@ fn parse_line<T: serde::de::DeserializeOwned>(
 pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     let items_path = dir.join("items.jsonl");
     let events_path = dir.join("events.jsonl");
+    let mut catalogue = read_items(&items_path)?;
+
+    require_items(&catalogue, &items_path, options)?;
+
+    let users = read_users(&events_path, &mut catalogue, options)?;
+    let dataset = Dataset { catalogue, users, inputs: vec![items_path.clone(), events_path] };
+    require_data(&dataset, &items_path, &dataset.inputs[1..])?;
+    Ok(dataset)
+}
+
+/// Reads `items.jsonl` into a catalogue, refusing an item id seen twice.
+fn read_items(items_path: &Path) -> Result<Catalogue> {
     let mut catalogue = Catalogue::new();
     let mut item_lines: HashMap<String, usize> = HashMap::new();
-    let text = read_text(&items_path)?;
+    let text = read_text(items_path)?;
     for (index, line) in text.lines().enumerate() {
         let line_no = index + 1;
         if line.trim().is_empty() {
             continue;
         }
-        let record: ItemLine = parse_line(&items_path, line_no, line)?;
+        let record: ItemLine = parse_line(items_path, line_no, line)?;
         let id = record.id;
         if let Some(&first_line) = item_lines.get(&id) {
             return Err(Error::DuplicateItem {
-                path: items_path,
+                path: items_path.to_path_buf(),
                 line: line_no,
                 item: id,
                 first_line,
@@ -195,10 +207,17 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         };
         let _ = catalogue.push(item);
     }
+    Ok(catalogue)
+}
 
-    require_items(&catalogue, &items_path, options)?;
-
-    let text = read_text(&events_path)?;
+/// Reads `events.jsonl` into behaviour sequences, one per line, refusing a user seen twice or
+/// without events.
+fn read_users(
+    events_path: &Path,
+    catalogue: &mut Catalogue,
+    options: &LoadOptions,
+) -> Result<Vec<BehaviourSequence>> {
+    let text = read_text(events_path)?;
     let mut users = Vec::new();
     let mut user_lines: HashMap<String, usize> = HashMap::new();
     for (index, line) in text.lines().enumerate() {
@@ -206,11 +225,11 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         if line.trim().is_empty() {
             continue;
         }
-        let record: UserLine = parse_line(&events_path, line_no, line)?;
+        let record: UserLine = parse_line(events_path, line_no, line)?;
         let user = record.user;
         if let Some(&first_line) = user_lines.get(&user) {
             return Err(Error::DuplicateUser {
-                path: events_path,
+                path: events_path.to_path_buf(),
                 line: line_no,
                 user,
                 first_line,
@@ -218,59 +237,65 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         }
         user_lines.insert(user.clone(), line_no);
         if record.events.is_empty() {
-            return Err(Error::EmptyUser { path: events_path, line: line_no, user });
+            return Err(Error::EmptyUser { path: events_path.to_path_buf(), line: line_no, user });
         }
-        let mut events = Vec::with_capacity(record.events.len());
-        let mut last_ts: Option<Timestamp> = None;
-        for (position, event) in record.events.into_iter().enumerate() {
-            if let (Some(prev), Some(ts)) = (last_ts, event.timestamp)
-                && ts.before(prev)
-            {
+        let source = LineSource { path: events_path, line_no, user: &user };
+        let events = user_events(record.events, &source, catalogue, options)?;
+        users.push(BehaviourSequence { user, events });
+    }
+    Ok(users)
+}
+
+/// Where a user's events were read: the file, the 1-based line and the user (for errors).
+struct LineSource<'a> {
+    path: &'a Path,
+    line_no: usize,
+    user: &'a str,
+}
+
+/// Turns a user's event records into events, checking their time order and resolving their
+/// items against `catalogue`.
+fn user_events(
+    records: Vec<EventRecord>,
+    source: &LineSource,
+    catalogue: &mut Catalogue,
+    options: &LoadOptions,
+) -> Result<Vec<Event>> {
+    let &LineSource { path: events_path, line_no, user } = source;
+    let mut events = Vec::with_capacity(records.len());
+    let mut last_ts: Option<Timestamp> = None;
+    for (position, event) in records.into_iter().enumerate() {
+        if let (Some(prev), Some(ts)) = (last_ts, event.timestamp)
+            && ts.before(prev)
+        {
+            return Err(Error::malformed(
+                events_path,
+                line_no,
+                format!("user {}: events are not in time order ({ts} after {prev})", quote(user)),
+            ));
+        }
+        last_ts = event.timestamp.or(last_ts);
+        let item =
+            resolve_item(catalogue, &event.item, options.unknown_items, events_path, line_no)?;
+        let query = event.query.map(|q| clean_text(&q)).filter(|q| !q.is_empty());
+        let kind = match (event.kind, &query) {
+            (Some(EventKind::Search), None) => {
                 return Err(Error::malformed(
-                    &events_path,
+                    events_path,
                     line_no,
                     format!(
-                        "user {}: events are not in time order ({ts} after {prev})",
-                        quote(&user)
+                        "user {}, event {}: kind \"search\" needs a non-empty \
+                         \"query\" (give the query, or use kind \"rec\")",
+                        quote(user),
+                        position + 1
                     ),
                 ));
             }
-            last_ts = event.timestamp.or(last_ts);
-            let item = resolve_item(
-                &mut catalogue,
-                &event.item,
-                options.unknown_items,
-                &events_path,
-                line_no,
-            )?;
-            let query = event.query.map(|q| clean_text(&q)).filter(|q| !q.is_empty());
-            let kind = match (event.kind, &query) {
-                (Some(EventKind::Search), None) => {
-                    return Err(Error::malformed(
-                        &events_path,
-                        line_no,
-                        format!(
-                            "user {}, event {}: kind \"search\" needs a non-empty \
-                             \"query\" (give the query, or use kind \"rec\")",
-                            quote(&user),
-                            position + 1
-                        ),
-                    ));
-                }
-                (Some(kind), _) => kind,
-                (None, Some(_)) => EventKind::Search,
-                (None, None) => EventKind::Rec,
-            };
-            events.push(Event {
-                item,
-                timestamp: event.timestamp.map(Timestamp::to_i64),
-                query,
-                kind,
-            });
-        }
-        users.push(BehaviourSequence { user, events });
+            (Some(kind), _) => kind,
+            (None, Some(_)) => EventKind::Search,
+            (None, None) => EventKind::Rec,
+        };
+        events.push(Event { item, timestamp: event.timestamp.map(Timestamp::to_i64), query, kind });
     }
-    let dataset = Dataset { catalogue, users, inputs: vec![items_path.clone(), events_path] };
-    require_data(&dataset, &items_path, &dataset.inputs[1..])?;
-    Ok(dataset)
+    Ok(events)
 }

@@ -126,10 +126,80 @@ struct UserAcc {
     events: Vec<(i64, Event)>,
 }
 
+/// The users of the behaviour files as they are read: their order of first appearance and what
+/// each has gathered so far.
+#[derive(Default)]
+struct Users {
+    /// User ids in order of first appearance.
+    order: Vec<String>,
+    /// What each user has gathered so far.
+    accs: HashMap<String, UserAcc>,
+}
+
+/// The columns of one behaviour file, and the key and scale (to milliseconds) of its result
+/// timestamps.
+struct BehaviourColumns {
+    user: usize,
+    history: usize,
+    results: usize,
+    query: Option<usize>,
+    results_name: &'static str,
+    ts_key: &'static str,
+    ts_scale: f64,
+}
+
+/// `(timestamp, note id)` of the clicked results of a row, in result order.
+type Clicks = Vec<(i64, String)>;
+
+/// One behaviour row, parsed but not yet resolved against the catalogue.
+struct Row {
+    /// 1-based starting line of the row.
+    line: usize,
+    user: String,
+    /// The cleaned query, when non-empty (search files only).
+    query: Option<String>,
+    /// The earliest result timestamp of the row, when it has results.
+    row_ts: Option<i64>,
+    /// `(timestamp, note id)` of every clicked result, in result order.
+    clicks: Clicks,
+    /// The `recent_clicked_note_idxs` cell.
+    history: Vec<String>,
+}
+
 pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
     let notes_path = dir.join("notes.csv");
+    let mut catalogue = read_notes(&notes_path)?;
+
+    require_items(&catalogue, &notes_path, options)?;
+
+    let mut inputs = vec![notes_path];
+    let mut users = Users::default();
+    for &(file, kind) in BEHAVIOUR_FILES {
+        let path = dir.join(file);
+        if !path.is_file() {
+            continue;
+        }
+        read_behaviour_file(&path, kind, &mut catalogue, &mut users, options)?;
+        inputs.push(path);
+    }
+
+    let users = users.into_sequences();
+    if inputs.len() == 1 && !catalogue.is_empty() {
+        let names: Vec<&str> = BEHAVIOUR_FILES.iter().map(|(name, _)| *name).collect();
+        return Err(Error::empty(
+            dir,
+            format!("no behaviour file, so no users: expected one of {}", names.join(", ")),
+        ));
+    }
+    let dataset = Dataset { catalogue, users, inputs };
+    require_data(&dataset, &dataset.inputs[0], &dataset.inputs[1..])?;
+    Ok(dataset)
+}
+
+/// Reads `notes.csv` into a catalogue, refusing a note id seen twice.
+fn read_notes(notes_path: &Path) -> Result<Catalogue> {
     let mut catalogue = Catalogue::new();
-    let mut notes = Csv::open(notes_path.clone())?;
+    let mut notes = Csv::open(notes_path.to_path_buf())?;
     let id_col = notes.column("note_idx")?;
     let title_col = notes.column("note_title")?;
     let content_col = notes.optional_column("note_content");
@@ -139,18 +209,23 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         .collect();
     let mut note_lines: HashMap<String, usize> = HashMap::new();
     while let Some((record, line)) = notes.next()? {
-        let raw_id = cell(&record, id_col, &notes_path, line)?;
+        let raw_id = cell(&record, id_col, notes_path, line)?;
         let id = parse_id(raw_id).ok_or_else(|| {
-            bad_cell(&notes_path, line, "note_idx", format!("{} is not an id", quote(raw_id)))
+            bad_cell(notes_path, line, "note_idx", format!("{} is not an id", quote(raw_id)))
         })?;
         if let Some(&first_line) = note_lines.get(&id) {
-            return Err(Error::DuplicateItem { path: notes_path, line, item: id, first_line });
+            return Err(Error::DuplicateItem {
+                path: notes_path.to_path_buf(),
+                line,
+                item: id,
+                first_line,
+            });
         }
         note_lines.insert(id.clone(), line);
-        let title = clean_text(cell(&record, title_col, &notes_path, line)?);
+        let title = clean_text(cell(&record, title_col, notes_path, line)?);
         let mut text = Vec::new();
         if let Some(c) = content_col {
-            let content = clean_text(cell(&record, c, &notes_path, line)?);
+            let content = clean_text(cell(&record, c, notes_path, line)?);
             if !content.is_empty() {
                 text.push(("content".to_string(), content));
             }
@@ -165,119 +240,144 @@ pub(super) fn load(dir: &Path, options: &LoadOptions) -> Result<Dataset> {
         let title = if title.is_empty() { id.clone() } else { title };
         let _ = catalogue.push(Item { id, title, text, categories });
     }
+    Ok(catalogue)
+}
 
-    require_items(&catalogue, &notes_path, options)?;
+/// Reads one behaviour file of `kind` into `users`, resolving its notes against `catalogue`.
+fn read_behaviour_file(
+    path: &Path,
+    kind: EventKind,
+    catalogue: &mut Catalogue,
+    users: &mut Users,
+    options: &LoadOptions,
+) -> Result<()> {
+    let mut csv = Csv::open(path.to_path_buf())?;
+    let columns = BehaviourColumns::find(&csv, kind)?;
+    while let Some((record, line)) = csv.next()? {
+        let row = columns.parse_row(&record, path, line)?;
+        users.add_row(row, kind, catalogue, options, path)?;
+    }
+    Ok(())
+}
 
-    let mut inputs = vec![notes_path];
-    let mut user_order: Vec<String> = Vec::new();
-    let mut accs: HashMap<String, UserAcc> = HashMap::new();
-    for &(file, kind) in BEHAVIOUR_FILES {
-        let path = dir.join(file);
-        if !path.is_file() {
-            continue;
-        }
-        let mut csv = Csv::open(path.clone())?;
-        let user_col = csv.column("user_idx")?;
-        let history_col = csv.column("recent_clicked_note_idxs")?;
+impl BehaviourColumns {
+    /// Finds the columns a behaviour file of `kind` needs.
+    fn find(csv: &Csv, kind: EventKind) -> Result<Self> {
+        let user = csv.column("user_idx")?;
+        let history = csv.column("recent_clicked_note_idxs")?;
         let (results_name, ts_key, ts_scale) = match kind {
             EventKind::Search => ("search_result_details_with_idx", "search_timestamp", 1000.0),
             EventKind::Rec => ("rec_result_details_with_idx", "request_timestamp", 1.0),
         };
-        let results_col = csv.column(results_name)?;
-        let query_col = match kind {
+        let results = csv.column(results_name)?;
+        let query = match kind {
             EventKind::Search => Some(csv.column("query")?),
             EventKind::Rec => None,
         };
-        while let Some((record, line)) = csv.next()? {
-            let raw_user = cell(&record, user_col, &path, line)?;
-            let user = parse_id(raw_user).ok_or_else(|| {
-                bad_cell(&path, line, "user_idx", format!("{} is not an id", quote(raw_user)))
-            })?;
-            let query = match query_col {
-                Some(c) => {
-                    Some(clean_text(cell(&record, c, &path, line)?)).filter(|q| !q.is_empty())
-                }
-                None => None,
-            };
-            let results = pylit::parse(cell(&record, results_col, &path, line)?)
-                .map_err(|e| bad_cell(&path, line, results_name, e))?;
-            let PyValue::List(results) = results else {
-                return Err(bad_cell(&path, line, results_name, "not a list"));
-            };
-            let mut row_ts: Option<i64> = None;
-            let mut clicks = Vec::new();
-            for result in &results {
-                let field = |key: &str| {
-                    result.get(key).and_then(PyValue::as_f64).ok_or_else(|| {
-                        bad_cell(
-                            &path,
-                            line,
-                            results_name,
-                            format!("a result lacks a numeric {key:?}"),
-                        )
-                    })
-                };
-                let ts = (field(ts_key)? * ts_scale).round() as i64;
-                row_ts = Some(row_ts.map_or(ts, |r| r.min(ts)));
-                if field("click")? > 0.0 {
-                    let raw = field("note_idx")?;
-                    let id = parse_id(&raw.to_string()).ok_or_else(|| {
-                        bad_cell(&path, line, results_name, format!("bad note_idx {raw}"))
-                    })?;
-                    clicks.push((ts, id));
-                }
-            }
-            let history = id_list(
-                cell(&record, history_col, &path, line)?,
-                &path,
-                line,
-                "recent_clicked_note_idxs",
-            )?;
-            let acc = accs.entry(user.clone()).or_insert_with(|| {
-                user_order.push(user.clone());
-                UserAcc::default()
-            });
-            let row_ts = row_ts.unwrap_or(i64::MAX);
-            if acc.prefix.as_ref().is_none_or(|(ts, _)| row_ts < *ts) {
-                let items = history
-                    .iter()
-                    .map(|id| resolve_item(&mut catalogue, id, options.unknown_items, &path, line))
-                    .collect::<Result<Vec<u32>>>()?;
-                acc.prefix = Some((row_ts, items));
-            }
-            for (ts, id) in clicks {
-                let item = resolve_item(&mut catalogue, &id, options.unknown_items, &path, line)?;
-                let query = if kind == EventKind::Search { query.clone() } else { None };
-                acc.events.push((ts, Event { item, timestamp: Some(ts), query, kind }));
-            }
-        }
-        inputs.push(path);
+        Ok(Self { user, history, results, query, results_name, ts_key, ts_scale })
     }
 
-    let mut users = Vec::new();
-    for user in user_order {
-        let Some(mut acc) = accs.remove(&user) else { continue };
-        acc.events.sort_by_key(|(ts, _)| *ts);
-        let mut events: Vec<Event> = acc
-            .prefix
-            .map(|(_, items)| items)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|item| Event { item, timestamp: None, query: None, kind: EventKind::Rec })
-            .collect();
-        events.extend(acc.events.into_iter().map(|(_, e)| e));
-        if !events.is_empty() {
-            users.push(BehaviourSequence { user, events });
+    /// Parses the row `record`, which starts at `line` of `path`.
+    fn parse_row(&self, record: &csv::StringRecord, path: &Path, line: usize) -> Result<Row> {
+        let raw_user = cell(record, self.user, path, line)?;
+        let user = parse_id(raw_user).ok_or_else(|| {
+            bad_cell(path, line, "user_idx", format!("{} is not an id", quote(raw_user)))
+        })?;
+        let query = match self.query {
+            Some(c) => Some(clean_text(cell(record, c, path, line)?)).filter(|q| !q.is_empty()),
+            None => None,
+        };
+        let (row_ts, clicks) = self.clicks(cell(record, self.results, path, line)?, path, line)?;
+        let history = id_list(
+            cell(record, self.history, path, line)?,
+            path,
+            line,
+            "recent_clicked_note_idxs",
+        )?;
+        Ok(Row { line, user, query, row_ts, clicks, history })
+    }
+
+    /// Parses a result-list cell: the earliest result timestamp (in milliseconds) and the
+    /// `(timestamp, note id)` of every clicked result.
+    fn clicks(&self, raw: &str, path: &Path, line: usize) -> Result<(Option<i64>, Clicks)> {
+        let results_name = self.results_name;
+        let results = pylit::parse(raw).map_err(|e| bad_cell(path, line, results_name, e))?;
+        let PyValue::List(results) = results else {
+            return Err(bad_cell(path, line, results_name, "not a list"));
+        };
+        let mut row_ts: Option<i64> = None;
+        let mut clicks = Vec::new();
+        for result in &results {
+            let field = |key: &str| {
+                result.get(key).and_then(PyValue::as_f64).ok_or_else(|| {
+                    bad_cell(path, line, results_name, format!("a result lacks a numeric {key:?}"))
+                })
+            };
+            let ts = (field(self.ts_key)? * self.ts_scale).round() as i64;
+            row_ts = Some(row_ts.map_or(ts, |r| r.min(ts)));
+            if field("click")? > 0.0 {
+                let raw = field("note_idx")?;
+                let id = parse_id(&raw.to_string()).ok_or_else(|| {
+                    bad_cell(path, line, results_name, format!("bad note_idx {raw}"))
+                })?;
+                clicks.push((ts, id));
+            }
         }
+        Ok((row_ts, clicks))
     }
-    if inputs.len() == 1 && !catalogue.is_empty() {
-        let names: Vec<&str> = BEHAVIOUR_FILES.iter().map(|(name, _)| *name).collect();
-        return Err(Error::empty(
-            dir,
-            format!("no behaviour file, so no users: expected one of {}", names.join(", ")),
-        ));
+}
+
+impl Users {
+    /// Adds a row of a `kind` file read from `path`: its history becomes the user's prefix when
+    /// the row is the user's earliest so far, and its clicks become events.
+    fn add_row(
+        &mut self,
+        row: Row,
+        kind: EventKind,
+        catalogue: &mut Catalogue,
+        options: &LoadOptions,
+        path: &Path,
+    ) -> Result<()> {
+        let Row { line, user, query, row_ts, clicks, history } = row;
+        let acc = self.accs.entry(user.clone()).or_insert_with(|| {
+            self.order.push(user.clone());
+            UserAcc::default()
+        });
+        let row_ts = row_ts.unwrap_or(i64::MAX);
+        if acc.prefix.as_ref().is_none_or(|(ts, _)| row_ts < *ts) {
+            let items = history
+                .iter()
+                .map(|id| resolve_item(catalogue, id, options.unknown_items, path, line))
+                .collect::<Result<Vec<u32>>>()?;
+            acc.prefix = Some((row_ts, items));
+        }
+        for (ts, id) in clicks {
+            let item = resolve_item(catalogue, &id, options.unknown_items, path, line)?;
+            let query = if kind == EventKind::Search { query.clone() } else { None };
+            acc.events.push((ts, Event { item, timestamp: Some(ts), query, kind }));
+        }
+        Ok(())
     }
-    let dataset = Dataset { catalogue, users, inputs };
-    require_data(&dataset, &dataset.inputs[0], &dataset.inputs[1..])?;
-    Ok(dataset)
+
+    /// The users' sequences in order of first appearance: the prefix, then the clicks in time
+    /// order; users without events are left out.
+    fn into_sequences(mut self) -> Vec<BehaviourSequence> {
+        let mut users = Vec::new();
+        for user in self.order {
+            let Some(mut acc) = self.accs.remove(&user) else { continue };
+            acc.events.sort_by_key(|(ts, _)| *ts);
+            let mut events: Vec<Event> = acc
+                .prefix
+                .map(|(_, items)| items)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|item| Event { item, timestamp: None, query: None, kind: EventKind::Rec })
+                .collect();
+            events.extend(acc.events.into_iter().map(|(_, e)| e));
+            if !events.is_empty() {
+                users.push(BehaviourSequence { user, events });
+            }
+        }
+        users
+    }
 }
