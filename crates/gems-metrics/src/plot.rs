@@ -132,21 +132,54 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
         .iter()
         .map(|s| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect())
         .collect();
+    let mut svg = String::new();
+    write_frame(&mut svg, series.len(), [title, x_label, y_label]);
+    match bounds(&finite) {
+        None => {
+            // `write!` into a String cannot fail.
+            let _ = writeln!(
+                svg,
+                r##"<text x="{}" y="{}" text-anchor="middle" fill="#666">no data</text>"##,
+                LEFT + PLOT_WIDTH / 2.0,
+                TOP + PLOT_HEIGHT / 2.0
+            );
+        }
+        Some((x_min, x_max, y_min, y_max)) => {
+            let plane = Plane { x_axis: Axis::new(x_min, x_max), y_axis: Axis::new(y_min, y_max) };
+            plane.write_grid(&mut svg);
+            plane.write_curves(&mut svg, &finite);
+        }
+    }
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{LEFT}" y="{TOP}" width="{PLOT_WIDTH}" height="{PLOT_HEIGHT}" fill="none" stroke="black"/>"#
+    );
+    write_legend(&mut svg, series, &finite);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// `(x_min, x_max, y_min, y_max)` over every point of `finite`, or `None` when it has none.
+fn bounds(finite: &[Vec<(f64, f64)>]) -> Option<(f64, f64, f64, f64)> {
     let all = finite.iter().flatten();
-    let bounds = all.fold(None, |acc: Option<(f64, f64, f64, f64)>, &(x, y)| {
+    all.fold(None, |acc: Option<(f64, f64, f64, f64)>, &(x, y)| {
         Some(match acc {
             None => (x, x, y, y),
             Some((x0, x1, y0, y1)) => (x0.min(x), x1.max(x), y0.min(y), y1.max(y)),
         })
-    });
+    })
+}
 
+/// Writes the opening `<svg>` tag sized for `n_series` legend rows, the white background, the
+/// title and the axis labels (`labels` is title, x label, y label).
+fn write_frame(svg: &mut String, n_series: usize, labels: [&str; 3]) {
+    let [title, x_label, y_label] = labels;
     let bottom = TOP + PLOT_HEIGHT;
     let right = LEFT + PLOT_WIDTH;
     let width = right + LEGEND_WIDTH;
-    let legend_bottom = TOP + LEGEND_ROW * (series.len() as f64 + 1.0);
+    let legend_bottom = TOP + LEGEND_ROW * (n_series as f64 + 1.0);
     let height = (bottom + 60.0).max(legend_bottom + 10.0);
 
-    let mut svg = String::new();
     // `write!` into a String cannot fail.
     let _ = writeln!(
         svg,
@@ -172,68 +205,85 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
         TOP + PLOT_HEIGHT / 2.0,
         escape(y_label)
     );
+}
 
-    match bounds {
-        None => {
+/// The plot area's two axes, mapping data coordinates to SVG coordinates.
+struct Plane {
+    x_axis: Axis,
+    y_axis: Axis,
+}
+
+impl Plane {
+    /// The SVG x coordinate of data value `x`.
+    fn px(&self, x: f64) -> f64 {
+        LEFT + self.x_axis.fraction(x) * PLOT_WIDTH
+    }
+
+    /// The SVG y coordinate of data value `y`.
+    fn py(&self, y: f64) -> f64 {
+        let bottom = TOP + PLOT_HEIGHT;
+        bottom - self.y_axis.fraction(y) * PLOT_HEIGHT
+    }
+
+    /// Writes a grid line and a label at every tick of both axes.
+    fn write_grid(&self, svg: &mut String) {
+        let bottom = TOP + PLOT_HEIGHT;
+        let right = LEFT + PLOT_WIDTH;
+        // `write!` into a String cannot fail.
+        for &tick in &self.x_axis.ticks {
+            let x = self.px(tick);
             let _ = writeln!(
                 svg,
-                r##"<text x="{}" y="{}" text-anchor="middle" fill="#666">no data</text>"##,
-                LEFT + PLOT_WIDTH / 2.0,
-                TOP + PLOT_HEIGHT / 2.0
+                r##"<line x1="{x:.2}" y1="{TOP}" x2="{x:.2}" y2="{bottom}" stroke="#e5e5e5"/><text x="{x:.2}" y="{}" text-anchor="middle">{}</text>"##,
+                bottom + 18.0,
+                self.x_axis.label(tick)
             );
         }
-        Some((x_min, x_max, y_min, y_max)) => {
-            let x_axis = Axis::new(x_min, x_max);
-            let y_axis = Axis::new(y_min, y_max);
-            let px = |x: f64| LEFT + x_axis.fraction(x) * PLOT_WIDTH;
-            let py = |y: f64| bottom - y_axis.fraction(y) * PLOT_HEIGHT;
-            for &tick in &x_axis.ticks {
-                let x = px(tick);
-                let _ = writeln!(
-                    svg,
-                    r##"<line x1="{x:.2}" y1="{TOP}" x2="{x:.2}" y2="{bottom}" stroke="#e5e5e5"/><text x="{x:.2}" y="{}" text-anchor="middle">{}</text>"##,
-                    bottom + 18.0,
-                    x_axis.label(tick)
-                );
+        for &tick in &self.y_axis.ticks {
+            let y = self.py(tick);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{LEFT}" y1="{y:.2}" x2="{right}" y2="{y:.2}" stroke="#e5e5e5"/><text x="{}" y="{:.2}" text-anchor="end">{}</text>"##,
+                LEFT - 6.0,
+                y + 4.0,
+                self.y_axis.label(tick)
+            );
+        }
+    }
+
+    /// Writes one `<polyline>` per non-empty series of `finite` (plus a dot for a single point).
+    fn write_curves(&self, svg: &mut String, finite: &[Vec<(f64, f64)>]) {
+        for (index, points) in finite.iter().enumerate() {
+            if points.is_empty() {
+                continue;
             }
-            for &tick in &y_axis.ticks {
-                let y = py(tick);
+            let (colour, dash) = style(index);
+            let coordinates: Vec<String> = points
+                .iter()
+                .map(|&(x, y)| format!("{:.2},{:.2}", self.px(x), self.py(y)))
+                .collect();
+            // `write!` into a String cannot fail.
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dash} points="{}"/>"#,
+                coordinates.join(" ")
+            );
+            if let [(x, y)] = points[..] {
                 let _ = writeln!(
                     svg,
-                    r##"<line x1="{LEFT}" y1="{y:.2}" x2="{right}" y2="{y:.2}" stroke="#e5e5e5"/><text x="{}" y="{:.2}" text-anchor="end">{}</text>"##,
-                    LEFT - 6.0,
-                    y + 4.0,
-                    y_axis.label(tick)
+                    r#"<circle cx="{:.2}" cy="{:.2}" r="3" fill="{colour}"/>"#,
+                    self.px(x),
+                    self.py(y)
                 );
-            }
-            for (index, points) in finite.iter().enumerate() {
-                if points.is_empty() {
-                    continue;
-                }
-                let (colour, dash) = style(index);
-                let coordinates: Vec<String> =
-                    points.iter().map(|&(x, y)| format!("{:.2},{:.2}", px(x), py(y))).collect();
-                let _ = writeln!(
-                    svg,
-                    r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dash} points="{}"/>"#,
-                    coordinates.join(" ")
-                );
-                if let [(x, y)] = points[..] {
-                    let _ = writeln!(
-                        svg,
-                        r#"<circle cx="{:.2}" cy="{:.2}" r="3" fill="{colour}"/>"#,
-                        px(x),
-                        py(y)
-                    );
-                }
             }
         }
     }
-    let _ = writeln!(
-        svg,
-        r#"<rect x="{LEFT}" y="{TOP}" width="{PLOT_WIDTH}" height="{PLOT_HEIGHT}" fill="none" stroke="black"/>"#
-    );
+}
 
+/// Writes the legend right of the plot: one row per series, cut to [`LEGEND_CHARS`] and marked
+/// "(no data)" when its series in `finite` is empty.
+fn write_legend(svg: &mut String, series: &[Series], finite: &[Vec<(f64, f64)>]) {
+    let right = LEFT + PLOT_WIDTH;
     for (index, s) in series.iter().enumerate() {
         let (colour, dash) = style(index);
         let y = TOP + LEGEND_ROW * (index as f64 + 0.5);
@@ -245,6 +295,7 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
         if finite[index].is_empty() {
             name.push_str(" (no data)");
         }
+        // `write!` into a String cannot fail.
         let _ = writeln!(
             svg,
             r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{colour}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
@@ -254,8 +305,6 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
             escape(&name)
         );
     }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 /// Colour and dash attribute of the series at `index`.

@@ -517,7 +517,23 @@ fn fit_series(runs: &[Run]) -> Vec<Series> {
 /// [`MetricsError::Files`] (`gems_io::Error::Io`) when the directory or a file cannot be written.
 pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(|source| MetricsError::io(out_dir, source))?;
-    let plots = [
+    let plots = report_plots(runs);
+    for (file, title, x_label, y_label, series) in &plots {
+        let svg = svg_line_plot(title, x_label, y_label, series);
+        write_atomic(&out_dir.join(file), svg.as_bytes())?;
+    }
+    let md = report_markdown(runs, &plots);
+    let path = out_dir.join("report.md");
+    write_atomic(&path, md.as_bytes())?;
+    Ok(path)
+}
+
+/// One plot of the report: file name, title, x label, y label and series.
+type Plot = (&'static str, &'static str, &'static str, &'static str, Vec<Series>);
+
+/// The report's five plots of `runs`, in the order they are written and listed.
+fn report_plots(runs: &[Run]) -> [Plot; 5] {
+    [
         ("loss.svg", "Training loss", "step", "loss", loss_series(runs)),
         ("valid.svg", "Validation NDCG@10 (full catalogue)", "step", "NDCG@10", valid_series(runs)),
         (
@@ -541,18 +557,39 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
             "test target loss, mean of the tasks",
             fit_series(runs),
         ),
-    ];
-    for (file, title, x_label, y_label, series) in &plots {
-        let svg = svg_line_plot(title, x_label, y_label, series);
-        write_atomic(&out_dir.join(file), svg.as_bytes())?;
-    }
+    ]
+}
 
+/// The text of `report.md`: title, introduction, the tables and links to `plots`.
+fn report_markdown(runs: &[Run], plots: &[Plot]) -> String {
+    let mut md = String::from("# gems run report\n\n");
+    write_introduction(&mut md, runs);
+    md.push_str("## Runs\n\n");
+    md.push_str(&markdown_table(runs));
+    write_optional_sections(&mut md, runs);
+    md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
+    md.push_str(&markdown_groups(runs));
+    md.push_str("\n## Plots\n\n");
+    // `write!` into a String cannot fail.
+    for (file, title, _, _, _) in plots {
+        let _ = writeln!(md, "- [{title}]({file})");
+    }
+    md.push('\n');
+    for (file, title, _, _, _) in plots {
+        let _ = writeln!(md, "![{title}]({file})\n");
+    }
+    md
+}
+
+/// Writes the report's opening paragraphs: how many runs and groups, what the metrics are, and
+/// which ranking protocol each run used.
+fn write_introduction(md: &mut String, runs: &[Run]) {
     let n_groups = runs
         .iter()
         .map(|r| r.summary.group.as_str())
         .collect::<std::collections::BTreeSet<_>>()
         .len();
-    let mut md = String::from("# gems run report\n\n");
+    // `write!` into a String cannot fail.
     let _ = writeln!(
         md,
         "{} runs in {} groups. Ranking metrics are at k = 10 on each run's `before` and `after` \
@@ -579,8 +616,10 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
             excluded.join(", ")
         );
     }
-    md.push_str("## Runs\n\n");
-    md.push_str(&markdown_table(runs));
+}
+
+/// Writes the floors, protocol and loss sections, each only when it has rows.
+fn write_optional_sections(md: &mut String, runs: &[Run]) {
     let floors = markdown_floors(runs);
     if !floors.is_empty() {
         md.push_str(
@@ -619,17 +658,4 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
         );
         md.push_str(&losses);
     }
-    md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
-    md.push_str(&markdown_groups(runs));
-    md.push_str("\n## Plots\n\n");
-    for (file, title, _, _, _) in &plots {
-        let _ = writeln!(md, "- [{title}]({file})");
-    }
-    md.push('\n');
-    for (file, title, _, _, _) in &plots {
-        let _ = writeln!(md, "![{title}]({file})\n");
-    }
-    let path = out_dir.join("report.md");
-    write_atomic(&path, md.as_bytes())?;
-    Ok(path)
 }
