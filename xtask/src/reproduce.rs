@@ -292,9 +292,23 @@ fn train_one(o: &Options, label: &str, flags: &[&str], seed: u64, dir: &str) -> 
         std::fs::write(&record_path, text).with_context(|| format!("writing {record_path}"))?;
     }
     let seed_text = seed.to_string();
+    // The variants of one seed share the untuned model's evaluation and the floors; the cache
+    // is per results epoch, since its key does not cover the code.
+    let eval_cache = format!("{}/eval-cache/{RESULTS_EPOCH}", o.out);
     let mut a: Vec<&str> = vec![
-        "gems", "train", "--preset", "cpu", "--out", dir, "--seed", &seed_text, "--label", label,
+        "gems",
+        "train",
+        "--preset",
+        "cpu",
+        "--out",
+        dir,
+        "--seed",
+        &seed_text,
+        "--label",
+        label,
         "--quiet",
+        "--eval-cache",
+        &eval_cache,
     ];
     a.extend(flags.iter());
     a.extend(o.extra.iter().map(String::as_str));

@@ -224,6 +224,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub embedding_lr_scale: Option<f64>,
+    /// Keep the untuned model's evaluation and the floors in DIR, keyed by every setting they
+    /// depend on, and reuse them in runs that differ only in how they train (method,
+    /// optimizer, schedule); the key does not cover the code, so use one DIR per version.
+    #[arg(long, value_name = "DIR")]
+    pub eval_cache: Option<PathBuf>,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -294,6 +299,7 @@ const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
     ("item_collab_scale", "model.item_collab_scale", None),
     ("rec_targets", "data.rec_targets", None),
     ("item_softmax", "data.item_softmax", None),
+    ("eval_cache", "eval.cache", None),
     ("checkpoint_every", "checkpoint_every", None),
     ("stop_after", "stop_after", None),
     ("label", "label", None),
@@ -389,6 +395,8 @@ fn check_resume_flags(args: &TrainArgs, given: &[String], config: &TrainConfig) 
         // The trainer records the tasks the data has (no queries: rec only); not a change.
         asked.data.tasks = saved.data.tasks;
     }
+    // Where the untuned evaluation and the floors are cached changes no result.
+    asked.eval.cache.clone_from(&saved.eval.cache);
     let changed = asked.differences(&saved);
     if !changed.is_empty() {
         bail!(
@@ -825,6 +833,8 @@ mod tests {
             "catalogue",
             "--checkpoint-every",
             "3",
+            "--eval-cache",
+            "/c",
             "--stop-after",
             "2",
             "--label",

@@ -375,6 +375,12 @@ pub struct EvalSettings {
     /// SASRec, which trains for about a minute). Off only where a run's floors are not wanted
     /// (the GPU command's smoke runs).
     pub floors: bool,
+    /// A directory that keeps the untuned model's evaluation (`before.json`) and the floors
+    /// (`baselines.json`) under a key of every setting they depend on, so that runs which
+    /// differ only in how they train share them ([`crate::eval_cache`]); `None` (the default):
+    /// every run computes its own. `cargo xtask reproduce` sets one per results epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
 }
 
 impl Default for EvalSettings {
@@ -395,6 +401,7 @@ impl Default for EvalSettings {
             before: true,
             exclude_history: false,
             floors: true,
+            cache: None,
         }
     }
 }

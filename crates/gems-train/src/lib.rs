@@ -25,6 +25,7 @@ pub mod config;
 pub mod drift;
 mod error;
 pub mod eval;
+pub mod eval_cache;
 pub mod export;
 pub mod forward;
 pub mod infer;

@@ -263,6 +263,14 @@ impl RunSetup {
         Ok(())
     }
 
+    /// The evaluation cache of this run (`eval.cache`), keyed by its settings and model.
+    pub fn eval_cache(&self) -> Option<crate::eval_cache::EvalCache> {
+        crate::eval_cache::EvalCache::for_run(
+            &self.config,
+            &model_key(&self.model_path, &self.config),
+        )
+    }
+
     /// What every optimizer step writes back for `--embeddings items` with an untied head
     /// ([`FrozenRows`]); `None` when nothing needs it.
     pub(crate) fn frozen_rows(&self, device: &Device) -> Option<FrozenRows> {

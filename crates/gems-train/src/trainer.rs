@@ -171,30 +171,49 @@ pub fn test_report(
 
 /// The untuned model's test evaluation (kept across resumes; a new run computes its own, never
 /// one left by an earlier start with perhaps another configuration), and the floors without a
-/// language model on the same test examples (`baselines.json`; cheap: no forward pass).
+/// language model on the same test examples (`baselines.json`; SASRec trains about a minute).
+/// With `eval.cache` both come from the cache when a run with the same settings stored them
+/// ([`crate::eval_cache`]), and are stored there when computed.
 fn before_and_floors(
+    run: &RunSetup,
     run_dir: &Path,
-    setup: &Setup,
-    config: &TrainConfig,
-    tasks: &[Task],
     resumed: bool,
     progress: &Reporter,
 ) -> Result<Option<EvalReport>> {
+    let RunSetup { config, setup, tasks, .. } = run;
+    let cache = run.eval_cache();
+    let from_cache = |name: &str, dest: &Path| -> Result<bool> {
+        let Some(cache) = &cache else { return Ok(false) };
+        let restored = cache.restore(name, dest)?;
+        if restored {
+            progress.note(|| {
+                format!("{name}: from the evaluation cache {}", cache.path(name).display())
+            });
+        }
+        Ok(restored)
+    };
+    let to_cache = |name: &str, src: &Path| match &cache {
+        Some(cache) => cache.store(name, src, config),
+        None => Ok(()),
+    };
     let before_path = run_dir.join("before.json");
     let before: Option<EvalReport> = if !config.eval.before {
         None
-    } else if before_path.exists() && resumed {
+    } else if (before_path.exists() && resumed) || from_cache("before.json", &before_path)? {
         Some(read_json(&before_path)?)
     } else {
         let r = test_report(&setup.pretrained.model, setup, config, "before", tasks, progress)?;
         write_json(&before_path, &r)?;
+        to_cache("before.json", &before_path)?;
         Some(r)
     };
 
-    let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
-    if config.eval.floors && !floors_path.exists() {
+    let name = gems_metrics::BASELINES_FILE;
+    let floors_path = run_dir.join(name);
+    if config.eval.floors && !floors_path.exists() && !from_cache(name, &floors_path)? {
         let options = eval_options(config, Split::Test, "floor", tasks, &Reporter::silent());
         write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
+        to_cache(name, &floors_path)?;
     }
     Ok(before)
 }
@@ -398,7 +417,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         write_json(&run_dir.join("config.json"), &assembled.config)?;
     }
     let RunSetup { config, setup, tasks, .. } = &assembled;
-    let before = before_and_floors(run_dir, setup, config, tasks, resume.is_some(), reporter)?;
+    let before = before_and_floors(&assembled, run_dir, resume.is_some(), reporter)?;
 
     let train_device = device.autodiff();
     let mut optimizer = assembled.optimizer(resume, run_dir, &train_device, reporter)?;

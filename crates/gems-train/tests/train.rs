@@ -859,3 +859,34 @@ fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["data"]["item_softmax"], "catalogue");
 }
+
+#[test]
+fn runs_that_differ_only_in_training_share_the_untuned_evaluation_and_the_floors() {
+    let (root, mut config) = setup(1);
+    config.eval.every = 0;
+    config.eval.cache = Some(root.path().join("eval-cache"));
+    let first = root.path().join("runs/gems");
+    finished(train(&config, &first, &options(false)).unwrap());
+
+    let mut other = config.clone();
+    other.optimizer = other.optimizer.switch_method(Method::Full);
+    other.schedule.lr = 1e-3;
+    other.label = Some("full".into());
+    let second = root.path().join("runs/full");
+    finished(train(&other, &second, &options(false)).unwrap());
+    let bytes = |dir: &Path, f: &str| std::fs::read(dir.join(f)).unwrap();
+    // Byte for byte, timings included: the second run computed neither.
+    for f in ["before.json", "baselines.json"] {
+        assert_eq!(bytes(&first, f), bytes(&second, f), "{f}");
+    }
+    let cached = std::fs::read_dir(root.path().join("eval-cache")).unwrap().count();
+    assert_eq!(cached, 3, "before, baselines and the keyed settings");
+
+    // Another test sample is another key: that run evaluates its own.
+    let mut fewer = config.clone();
+    fewer.eval.test_examples = 16;
+    let third = root.path().join("runs/fewer");
+    let summary = finished(train(&fewer, &third, &options(false)).unwrap());
+    assert_eq!(summary.before.unwrap().full["rec"].examples, 16);
+    assert_ne!(bytes(&first, "baselines.json"), bytes(&third, "baselines.json"));
+}
