@@ -854,75 +854,69 @@ fn tensor_layout(
     data_start: usize,
     file_len: usize,
 ) -> Result<Vec<GgufTensorInfo>> {
-    let fmt = |name: &str, d: String| ModelError::format(path, Some(name), d);
-    let align = align as u64;
-    let data_len = (file_len as u64).saturating_sub(data_start as u64);
     let mut names = std::collections::HashSet::with_capacity(raw.len());
     for (name, ..) in &raw {
         if !names.insert(name.as_str()) {
-            return Err(fmt(name, "duplicate tensor entry".into()));
+            return Err(ModelError::format(path, Some(name), "duplicate tensor entry".to_string()));
         }
     }
     drop(names);
-    let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(raw.len());
-    // Where the next tensor must start, relative to the data section.
-    let mut next = 0u64;
-    // The previous tensor's type name and data range relative to the data section.
-    let mut prev: Option<(&'static str, u64, u64)> = None;
+    let mut layout = Layout {
+        path,
+        data_start,
+        file_len,
+        align: align as u64,
+        data_len: (file_len as u64).saturating_sub(data_start as u64),
+        tensors: Vec::with_capacity(raw.len()),
+        next: 0,
+        prev: None,
+    };
     for (name, dims, ty, off) in raw {
-        let (tname, be, bb) = ggml_type_layout(ty).ok_or_else(|| {
-            ModelError::unsupported(path, Some(&name), format!("tensor type {ty}"))
+        layout.place(name, dims, ty, off)?;
+    }
+    layout.finish()
+}
+
+/// The tensors of a GGUF directory placed so far by [`tensor_layout`], and where the next one
+/// must start.
+struct Layout<'p> {
+    /// The file, for errors.
+    path: &'p Path,
+    /// Byte offset of the data section in the file.
+    data_start: usize,
+    /// Length of the file in bytes.
+    file_len: usize,
+    /// Alignment of each tensor's data.
+    align: u64,
+    /// Length of the data section in bytes.
+    data_len: u64,
+    /// The tensors placed so far, with absolute byte ranges.
+    tensors: Vec<GgufTensorInfo>,
+    /// Where the next tensor must start, relative to the data section.
+    next: u64,
+    /// The previous tensor's type name and data range relative to the data section.
+    prev: Option<(&'static str, u64, u64)>,
+}
+
+impl Layout<'_> {
+    /// A format error naming tensor `name`.
+    fn error(&self, name: &str, d: String) -> ModelError {
+        ModelError::format(self.path, Some(name), d)
+    }
+
+    /// Places tensor `name` of GGML type `ty` and shape `dims` at offset `off` of the data
+    /// section, checking that it starts where the previous one ends and lies within the file.
+    fn place(&mut self, name: String, dims: Vec<usize>, ty: u32, off: u64) -> Result<()> {
+        let (tname, size) = self.tensor_size(&name, &dims, ty)?;
+        let end = off.checked_add(size).ok_or_else(|| {
+            self.error(&name, format!("offset {off} plus {size} bytes overflows"))
         })?;
-        let count = dims
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| fmt(&name, format!("dims {dims:?} overflow")))?;
-        if !dims[0].is_multiple_of(be) {
-            return Err(fmt(
-                &name,
-                format!("row length {} is not a multiple of the {tname} block size {be}", dims[0]),
-            ));
+        if off != self.next {
+            return Err(self.misplaced(&name, off, end));
         }
-        let size = (count / be)
-            .checked_mul(bb)
-            .and_then(|x| u64::try_from(x).ok())
-            .ok_or_else(|| fmt(&name, format!("{tname} dims {dims:?} overflow")))?;
-        let end = off
-            .checked_add(size)
-            .ok_or_else(|| fmt(&name, format!("offset {off} plus {size} bytes overflows")))?;
-        if off != next {
-            let abs_off = (data_start as u64).saturating_add(off);
-            let abs_end = (data_start as u64).saturating_add(end).max(abs_off.saturating_add(1));
-            let overlapped = tensors.iter().find(|t| {
-                t.range.0 < t.range.1 && (t.range.0 as u64) < abs_end && abs_off < t.range.1 as u64
-            });
-            let (p, pd) = tensors.last().map_or(("", &[][..]), |t| (t.name.as_str(), &t.dims[..]));
-            let d = match (&prev, overlapped) {
-                (_, Some(t)) => format!(
-                    "data (bytes {off}..{end} of the data section) overlaps tensor `{}` (bytes \
-                     {}..{})",
-                    t.name,
-                    t.range.0 - data_start,
-                    t.range.1 - data_start
-                ),
-                (None, None) => format!(
-                    "data of the first tensor starts at offset {off} of the data section, not 0"
-                ),
-                (Some((pt, ps, pe)), None) => format!(
-                    "data starts at offset {off} of the data section, but the previous tensor \
-                     `{p}` ({pt} {pd:?}, bytes {ps}..{pe}) puts the next one at {next}: {} \
-                     (a wrong type or shape for `{p}`, or a shifted offset)",
-                    if off > next {
-                        format!("{} bytes belong to no tensor", off - next)
-                    } else {
-                        "tensor data must follow the directory order".to_string()
-                    }
-                ),
-            };
-            return Err(fmt(&name, d));
-        }
-        if end > data_len {
-            return Err(fmt(
+        if end > self.data_len {
+            let (data_start, file_len) = (self.data_start, self.file_len);
+            return Err(self.error(
                 &name,
                 format!(
                     "tensor data ({tname} {dims:?}: {size} bytes at offset {off} of the data \
@@ -931,26 +925,92 @@ fn tensor_layout(
                 ),
             ));
         }
-        next = end.div_ceil(align) * align;
-        let range = ((data_start as u64 + off) as usize, (data_start as u64 + end) as usize);
-        tensors.push(GgufTensorInfo { name, dims, type_id: ty, range });
-        prev = Some((tname, off, end));
+        self.next = end.div_ceil(self.align) * self.align;
+        let data_start = self.data_start as u64;
+        let range = ((data_start + off) as usize, (data_start + end) as usize);
+        self.tensors.push(GgufTensorInfo { name, dims, type_id: ty, range });
+        self.prev = Some((tname, off, end));
+        Ok(())
     }
-    if let (Some((pt, ps, pe)), Some(last)) = (prev, tensors.last())
-        && data_len > next
-    {
-        let (p, pd) = (&last.name, &last.dims);
-        return Err(fmt(
-            p,
-            format!(
-                "the data section has {} bytes after the last tensor `{p}` ({pt} {pd:?}, bytes \
-                 {ps}..{pe}, padded to {next}) that belong to no tensor (a wrong type or shape \
-                 for `{p}`?)",
-                data_len - next
+
+    /// The type name and byte size of tensor `name` of GGML type `ty` and shape `dims`.
+    fn tensor_size(&self, name: &str, dims: &[usize], ty: u32) -> Result<(&'static str, u64)> {
+        let (tname, be, bb) = ggml_type_layout(ty).ok_or_else(|| {
+            ModelError::unsupported(self.path, Some(name), format!("tensor type {ty}"))
+        })?;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| self.error(name, format!("dims {dims:?} overflow")))?;
+        if !dims[0].is_multiple_of(be) {
+            return Err(self.error(
+                name,
+                format!("row length {} is not a multiple of the {tname} block size {be}", dims[0]),
+            ));
+        }
+        let size = (count / be)
+            .checked_mul(bb)
+            .and_then(|x| u64::try_from(x).ok())
+            .ok_or_else(|| self.error(name, format!("{tname} dims {dims:?} overflow")))?;
+        Ok((tname, size))
+    }
+
+    /// The error for tensor `name` whose data (bytes `off..end` of the data section) does not
+    /// start where the previous tensor puts it: the tensor it overlaps, or the gap.
+    fn misplaced(&self, name: &str, off: u64, end: u64) -> ModelError {
+        let (data_start, next) = (self.data_start, self.next);
+        let abs_off = (data_start as u64).saturating_add(off);
+        let abs_end = (data_start as u64).saturating_add(end).max(abs_off.saturating_add(1));
+        let overlapped = self.tensors.iter().find(|t| {
+            t.range.0 < t.range.1 && (t.range.0 as u64) < abs_end && abs_off < t.range.1 as u64
+        });
+        let (p, pd) = self.tensors.last().map_or(("", &[][..]), |t| (t.name.as_str(), &t.dims[..]));
+        let d = match (&self.prev, overlapped) {
+            (_, Some(t)) => format!(
+                "data (bytes {off}..{end} of the data section) overlaps tensor `{}` (bytes \
+                 {}..{})",
+                t.name,
+                t.range.0 - data_start,
+                t.range.1 - data_start
             ),
-        ));
+            (None, None) => {
+                format!(
+                    "data of the first tensor starts at offset {off} of the data section, not 0"
+                )
+            }
+            (Some((pt, ps, pe)), None) => format!(
+                "data starts at offset {off} of the data section, but the previous tensor \
+                 `{p}` ({pt} {pd:?}, bytes {ps}..{pe}) puts the next one at {next}: {} \
+                 (a wrong type or shape for `{p}`, or a shifted offset)",
+                if off > next {
+                    format!("{} bytes belong to no tensor", off - next)
+                } else {
+                    "tensor data must follow the directory order".to_string()
+                }
+            ),
+        };
+        self.error(name, d)
     }
-    Ok(tensors)
+
+    /// The placed tensors, after checking that no bytes follow the last one's padding.
+    fn finish(self) -> Result<Vec<GgufTensorInfo>> {
+        let (next, data_len) = (self.next, self.data_len);
+        if let (Some((pt, ps, pe)), Some(last)) = (self.prev, self.tensors.last())
+            && data_len > next
+        {
+            let (p, pd) = (&last.name, &last.dims);
+            return Err(self.error(
+                p,
+                format!(
+                    "the data section has {} bytes after the last tensor `{p}` ({pt} {pd:?}, \
+                     bytes {ps}..{pe}, padded to {next}) that belong to no tensor (a wrong type \
+                     or shape for `{p}`?)",
+                    data_len - next
+                ),
+            ));
+        }
+        Ok(self.tensors)
+    }
 }
 
 /// Maps a GGUF tensor name to its Hugging Face key; `None` for tensors the decoder ignores.
@@ -1044,58 +1104,64 @@ pub fn dequantize(t: GgmlType, raw: &[u8]) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
-        GgmlType::Q4K => {
-            for blk in raw.chunks_exact(bb) {
-                let d = f16(&blk[0..2]);
-                let dmin = f16(&blk[2..4]);
-                let scales = &blk[4..16];
-                let qs = &blk[16..144];
-                let scale_min = |j: usize| -> (u8, u8) {
-                    if j < 4 {
-                        (scales[j] & 63, scales[j + 4] & 63)
-                    } else {
-                        (
-                            (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
-                            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-                        )
-                    }
-                };
-                for (chunk, q) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min(2 * chunk);
-                    let (s2, m2) = scale_min(2 * chunk + 1);
-                    let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
-                    let (d2, min2) = (d * s2 as f32, dmin * m2 as f32);
-                    out.extend(q.iter().map(|&x| d1 * (x & 0x0F) as f32 - min1));
-                    out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - min2));
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            for blk in raw.chunks_exact(bb) {
-                let d = f16(&blk[208..210]);
-                let mut y = [0f32; 256];
-                for n in 0..2 {
-                    let ql = &blk[n * 64..n * 64 + 64];
-                    let qh = &blk[128 + n * 32..128 + n * 32 + 32];
-                    let sc = &blk[192 + n * 8..192 + n * 8 + 8];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let base = n * 128;
-                        y[base + l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[base + l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[base + l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[base + l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                }
-                out.extend_from_slice(&y);
-            }
-        }
+        GgmlType::Q4K => dequantize_q4k(raw, bb, &mut out),
+        GgmlType::Q6K => dequantize_q6k(raw, bb, &mut out),
     }
     out
+}
+
+/// Dequantizes Q4_K blocks of `bb` bytes from `raw`, appending to `out`.
+fn dequantize_q4k(raw: &[u8], bb: usize, out: &mut Vec<f32>) {
+    for blk in raw.chunks_exact(bb) {
+        let d = f16(&blk[0..2]);
+        let dmin = f16(&blk[2..4]);
+        let scales = &blk[4..16];
+        let qs = &blk[16..144];
+        let scale_min = |j: usize| -> (u8, u8) {
+            if j < 4 {
+                (scales[j] & 63, scales[j + 4] & 63)
+            } else {
+                (
+                    (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
+                    (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+                )
+            }
+        };
+        for (chunk, q) in qs.chunks_exact(32).enumerate() {
+            let (s1, m1) = scale_min(2 * chunk);
+            let (s2, m2) = scale_min(2 * chunk + 1);
+            let (d1, min1) = (d * s1 as f32, dmin * m1 as f32);
+            let (d2, min2) = (d * s2 as f32, dmin * m2 as f32);
+            out.extend(q.iter().map(|&x| d1 * (x & 0x0F) as f32 - min1));
+            out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - min2));
+        }
+    }
+}
+
+/// Dequantizes Q6_K blocks of `bb` bytes from `raw`, appending to `out`.
+fn dequantize_q6k(raw: &[u8], bb: usize, out: &mut Vec<f32>) {
+    for blk in raw.chunks_exact(bb) {
+        let d = f16(&blk[208..210]);
+        let mut y = [0f32; 256];
+        for n in 0..2 {
+            let ql = &blk[n * 64..n * 64 + 64];
+            let qh = &blk[128 + n * 32..128 + n * 32 + 32];
+            let sc = &blk[192 + n * 8..192 + n * 8 + 8];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                let base = n * 128;
+                y[base + l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                y[base + l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                y[base + l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                y[base + l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+            }
+        }
+        out.extend_from_slice(&y);
+    }
 }
 
 /// Loads a GGUF model file (weights, configuration, tokenizer, chat template) onto `device`.
