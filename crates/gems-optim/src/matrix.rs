@@ -30,6 +30,27 @@ pub struct SubspaceState {
     pub moments: Option<AdamMoments<2>>,
 }
 
+impl SubspaceState {
+    /// Advances the Adam moments with the projected gradient `r` (zero moments at the first
+    /// step) and returns the normalised direction N.
+    fn adam_direction(
+        &mut self,
+        path: &str,
+        r: Tensor<2>,
+        config: &OptimizerConfig,
+    ) -> Result<Tensor<2>> {
+        // Taken out and put back (this state is the step's own copy: an error discards it).
+        let moments = match self.moments.take() {
+            Some(m) => m,
+            None => AdamMoments::zeros_like(&r),
+        };
+        moments.check_shape(&r, path)?;
+        let (moments, n) = moments.advance(r, config.beta1, config.beta2, config.eps);
+        self.moments = Some(moments);
+        Ok(n)
+    }
+}
+
 /// What a refresh measured for one subspace.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RefreshReport {
@@ -113,23 +134,7 @@ impl MatrixState {
         config: &OptimizerConfig,
     ) -> Result<(Tensor<2>, Option<Vec<RefreshReport>>)> {
         let settings = &config.gems;
-        let check = |g: &Tensor<2>| -> Result<()> {
-            if g.dims() != self.shape {
-                return Err(OptimError::GradientShape {
-                    path: path.to_string(),
-                    gradient: g.dims().to_vec(),
-                    parameter: self.shape.to_vec(),
-                });
-            }
-            Ok(())
-        };
-        check(&gradients.shared)?;
-        let device = gradients.shared.device();
-        let zeros = || gradients.shared.zeros_like();
-        let mut task_gradients = [Some(gradients.shared.clone()), gradients.rec, gradients.search];
-        for g in task_gradients.iter().flatten() {
-            check(g)?;
-        }
+        let (mut grads, device) = self.subspace_gradients(path, gradients)?;
         // 2. Null-space projection of every gradient.
         let transposed = self.transposed;
         let project_null = |g: Tensor<2>| -> Result<Tensor<2>> {
@@ -138,10 +143,6 @@ impl MatrixState {
                 Some(p) => apply_projector(path, p, g, transposed),
             }
         };
-        let mut grads: Vec<Tensor<2>> = Vec::with_capacity(self.subspaces.len());
-        for state in &self.subspaces {
-            grads.push(task_gradients[state.kind.index()].take().unwrap_or_else(zeros));
-        }
 
         // 3. Refresh at t = 1, T, 2T, ... (the authors' schedule): the SVDs need P G itself.
         // Between refreshes only the projection of P G onto the basis is used, and that is
@@ -172,14 +173,7 @@ impl MatrixState {
                 ));
             };
             let r = project_onto(path, basis, null_space, transposed, g)?;
-            // Taken out and put back (this state is the step's own copy: an error discards it).
-            let moments = match state.moments.take() {
-                Some(m) => m,
-                None => AdamMoments::zeros_like(&r),
-            };
-            moments.check_shape(&r, path)?;
-            let (moments, n) = moments.advance(r, config.beta1, config.beta2, config.eps);
-            state.moments = Some(moments);
+            let n = state.adam_direction(path, r, config)?;
             let gate = match state.kind {
                 Subspace::Shared => 1.0,
                 Subspace::Rec => gates.0,
@@ -197,6 +191,37 @@ impl MatrixState {
             Side::Right => factors.matmul(q.transpose()),
         };
         Ok((update, reports))
+    }
+
+    /// Checks the gradients' shapes against the matrix and returns one gradient per subspace,
+    /// in the order of `self.subspaces` (zeros for a missing task), and their device.
+    fn subspace_gradients(
+        &self,
+        path: &str,
+        gradients: MatrixGradients,
+    ) -> Result<(Vec<Tensor<2>>, burn::tensor::Device)> {
+        let check = |g: &Tensor<2>| -> Result<()> {
+            if g.dims() != self.shape {
+                return Err(OptimError::GradientShape {
+                    path: path.to_string(),
+                    gradient: g.dims().to_vec(),
+                    parameter: self.shape.to_vec(),
+                });
+            }
+            Ok(())
+        };
+        check(&gradients.shared)?;
+        let device = gradients.shared.device();
+        let zeros = || gradients.shared.zeros_like();
+        let mut task_gradients = [Some(gradients.shared.clone()), gradients.rec, gradients.search];
+        for g in task_gradients.iter().flatten() {
+            check(g)?;
+        }
+        let mut grads: Vec<Tensor<2>> = Vec::with_capacity(self.subspaces.len());
+        for state in &self.subspaces {
+            grads.push(task_gradients[state.kind.index()].take().unwrap_or_else(zeros));
+        }
+        Ok((grads, device))
     }
 
     /// The two factors of the update: the concatenated bases Q = [Q_sh|Q_rec|Q_src] (dim x r,

@@ -257,22 +257,7 @@ impl Optimizer {
         let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
         self.keep_trained_rows(&mut entries, &tuned)?;
         let stats = read_statistics(&mut entries)?;
-        let mut report = StepReport {
-            step: self.step + 1,
-            skipped: None,
-            skipped_total: self.skipped,
-            gates: (1.0, 1.0),
-            losses,
-            mean_cosine: None,
-            global_norms: (
-                stats.iter().map(|s| s.rec_sq).sum::<f64>().sqrt(),
-                stats.iter().map(|s| s.search_sq).sum::<f64>().sqrt(),
-            ),
-            global_cosine: None,
-            surgery: false,
-            updated_parameters: 0,
-            matrices: Vec::new(),
-        };
+        let mut report = self.new_report(losses, &stats);
         if let Some(reason) = non_finite(&entries, &stats, losses) {
             self.skipped += 1;
             report.skipped = Some(reason);
@@ -280,14 +265,7 @@ impl Optimizer {
             report.skipped_total = self.skipped;
             return Ok((None, report));
         }
-        let totals = TaskTotals {
-            samples,
-            squared_norms: (
-                stats.iter().map(|s| s.rec_sq).sum(),
-                stats.iter().map(|s| s.search_sq).sum(),
-            ),
-            dot: stats.iter().map(|s| s.dot).sum(),
-        };
+        let totals = task_totals(samples, &stats);
         let combine = Combine::new(self.config.method.rule(), &totals);
         report.global_cosine = totals.cosine();
         report.surgery = combine.surgery != (0.0, 0.0);
@@ -319,6 +297,27 @@ impl Optimizer {
         report.step = t;
         // Pass 3, the write, is the caller's.
         Ok((Some(Writer { updates }), report))
+    }
+
+    /// The report of the coming step as its gradients' statistics make it: the step number,
+    /// the losses and the global gradient norms, everything else still at its default.
+    fn new_report(&self, losses: (Option<f64>, Option<f64>), stats: &[GradStats]) -> StepReport {
+        StepReport {
+            step: self.step + 1,
+            skipped: None,
+            skipped_total: self.skipped,
+            gates: (1.0, 1.0),
+            losses,
+            mean_cosine: None,
+            global_norms: (
+                stats.iter().map(|s| s.rec_sq).sum::<f64>().sqrt(),
+                stats.iter().map(|s| s.search_sq).sum::<f64>().sqrt(),
+            ),
+            global_cosine: None,
+            surgery: false,
+            updated_parameters: 0,
+            matrices: Vec::new(),
+        }
     }
 
     /// The task gates from the tuned matrices' gradient norms (GEMS-SPEC §3 step 7).
@@ -634,6 +633,19 @@ impl GradStats {
         }
         let denominator = (self.rec_sq * self.search_sq).sqrt();
         Some(if denominator > 0.0 { (self.dot / denominator).clamp(-1.0, 1.0) } else { 0.0 })
+    }
+}
+
+/// The step's totals over every parameter: `samples`, and the squared norms and dot product of
+/// the two task gradients summed over `stats` in parameter order.
+fn task_totals(samples: (f64, f64), stats: &[GradStats]) -> TaskTotals {
+    TaskTotals {
+        samples,
+        squared_norms: (
+            stats.iter().map(|s| s.rec_sq).sum(),
+            stats.iter().map(|s| s.search_sq).sum(),
+        ),
+        dot: stats.iter().map(|s| s.dot).sum(),
     }
 }
 
