@@ -386,6 +386,40 @@ fn throughput(env: &Env<'_>, _: &[Part]) -> Result<(Value, String)> {
 }
 
 fn compare(env: &Env<'_>, parts: &[Part]) -> Result<(Value, String)> {
+    let steps = compare_steps(env, parts);
+    let root = env.o.out.join("compare");
+    train_compared(env, &root, steps)?;
+    let report_dir = root.join("report");
+    let (root_text, report_text) = (root.display().to_string(), report_dir.display().to_string());
+    env.gems("report", &["report", &root_text, "--out", &report_text])?;
+    let table = std::fs::read_to_string(report_dir.join("report.md"))
+        .with_context(|| format!("reading {}", report_dir.join("report.md").display()))?;
+    let device = device_name(&env.o.device);
+    let fragment = format!(
+        "\n## GPU: {device}, {steps} steps per method{}\n\nWritten by `cargo xtask gpu` (docs/backends.md): the GPU preset of `gems train` \
+         on the full model, evaluations sized by {}, {steps} optimizer steps per method (as many as the \
+         measured step time fitted into a {:.0}-minute budget), seed 0, one run each.\n\n{}\n",
+        if env.o.smoke { " (smoke: toy size, not a result)" } else { "" },
+        "`budget.toml` (500 validation and 1,000 test examples per task, 65,536 WikiText-2 tokens of perplexity, null space from 32,768 tokens)",
+        env.o.minutes,
+        demote_headings(&table.replace("](", "](gpu/"))
+    );
+    std::fs::write(env.o.out.join("results-gpu.md"), &fragment)?;
+    if env.o.append_docs {
+        let mut doc =
+            std::fs::read_to_string("docs/results.md").context("reading docs/results.md")?;
+        doc.push_str(&fragment);
+        std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
+    }
+    Ok((
+        json!({"steps": steps, "device": device}),
+        format!("{} methods, {steps} steps each; table in results-gpu.md", COMPARED.len()),
+    ))
+}
+
+/// Optimizer steps per compared method: 2 in a smoke run, else as many as fit (10 to 3000; 20
+/// when the throughput part measured no step time).
+fn compare_steps(env: &Env<'_>, parts: &[Part]) -> u64 {
     // Steps that fit: the budget left for this part, split over the methods, of which about
     // half goes to training (the rest: loading, null space, evaluations, perplexity).
     let step_seconds = parts
@@ -398,14 +432,18 @@ fn compare(env: &Env<'_>, parts: &[Part]) -> Result<(Value, String)> {
         .filter(|s| *s > 0.0);
     let spent: f64 = parts.iter().map(|p| p.seconds).sum();
     let left = (env.o.minutes * 60.0 - spent).max(60.0);
-    let steps = if env.o.smoke {
+    if env.o.smoke {
         2
     } else {
         let per_method = left / COMPARED.len() as f64 * 0.5;
         step_seconds.map_or(20, |s| ((per_method / s) as u64).clamp(10, 3000))
-    };
+    }
+}
+
+/// Trains every compared method for `steps` steps into `root/<label>`, skipping those already
+/// finished (with a `summary.json`).
+fn train_compared(env: &Env<'_>, root: &Path, steps: u64) -> Result<()> {
     let config = env.budget_config()?;
-    let root = env.o.out.join("compare");
     let steps_text = steps.to_string();
     for (label, flags) in COMPARED {
         let dir = root.join(label);
@@ -439,32 +477,7 @@ fn compare(env: &Env<'_>, parts: &[Part]) -> Result<(Value, String)> {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         env.gems(&format!("compare-{label}"), &a)?;
     }
-    let report_dir = root.join("report");
-    let (root_text, report_text) = (root.display().to_string(), report_dir.display().to_string());
-    env.gems("report", &["report", &root_text, "--out", &report_text])?;
-    let table = std::fs::read_to_string(report_dir.join("report.md"))
-        .with_context(|| format!("reading {}", report_dir.join("report.md").display()))?;
-    let device = device_name(&env.o.device);
-    let fragment = format!(
-        "\n## GPU: {device}, {steps} steps per method{}\n\nWritten by `cargo xtask gpu` (docs/backends.md): the GPU preset of `gems train` \
-         on the full model, evaluations sized by {}, {steps} optimizer steps per method (as many as the \
-         measured step time fitted into a {:.0}-minute budget), seed 0, one run each.\n\n{}\n",
-        if env.o.smoke { " (smoke: toy size, not a result)" } else { "" },
-        "`budget.toml` (500 validation and 1,000 test examples per task, 65,536 WikiText-2 tokens of perplexity, null space from 32,768 tokens)",
-        env.o.minutes,
-        demote_headings(&table.replace("](", "](gpu/"))
-    );
-    std::fs::write(env.o.out.join("results-gpu.md"), &fragment)?;
-    if env.o.append_docs {
-        let mut doc =
-            std::fs::read_to_string("docs/results.md").context("reading docs/results.md")?;
-        doc.push_str(&fragment);
-        std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
-    }
-    Ok((
-        json!({"steps": steps, "device": device}),
-        format!("{} methods, {steps} steps each; table in results-gpu.md", COMPARED.len()),
-    ))
+    Ok(())
 }
 
 /// Every Markdown heading two levels down, to sit under this section's `##` heading.
