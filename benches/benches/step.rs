@@ -43,10 +43,12 @@ use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use burn::tensor::Device;
-use gems_optim::{GradientWindow, Method, StepGradients, TaskGradient};
-use gems_train::TrainConfig;
+use gems_data::Task;
+use gems_model::{Llama, LlamaConfig};
+use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
 use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
-use gems_train::peer;
+use gems_train::peer::{self, PeerBatches};
+use gems_train::{Sample, TrainConfig};
 use serde_json::json;
 
 struct Args {
@@ -141,6 +143,62 @@ fn batch_matmul_flops(
 
 fn main() {
     let a = args();
+    let config = bench_config(&a);
+    let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));
+    let started = Instant::now();
+    let (run, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
+    eprintln!("setup {:.1} s; dumped to {}", started.elapsed().as_secs_f64(), dump.display());
+    let plain = Device::flex();
+    let device = plain.clone().autodiff();
+    // The optimizer (with its null space) and the model as the trainer starts them: lower
+    // layers frozen, LoRA adapters, embedding policy.
+    let mut optimizer =
+        run.optimizer(None, &dump, &device, &Default::default()).expect("optimizer");
+    let mut model = run.model_to_train(None, &device).expect("model to train");
+    let samples = peer::sample_steps(&run, a.steps);
+    let setup = &run.setup;
+    let cfg = &setup.pretrained.model.config;
+    let bench = StepBench {
+        config: &config,
+        cfg,
+        vocab: batches.vocab,
+        trained_layers: batches.layers - batches.frozen_layers,
+        pad: setup.corpus.eos_id,
+        borrowed: a.borrowed,
+    };
+    let mut rows = Vec::new();
+    for (step, batches) in samples.iter().enumerate() {
+        let (next, row) = bench.step(step, batches, model, &mut optimizer);
+        model = next;
+        println!("{row}");
+        rows.push(row);
+    }
+    // The head and its dense embedding gradient alone, on detached hidden states of the first
+    // batch (what the tied 53,496-row table costs per task pass).
+    let head_backward = head_backward(&model, &samples[0][0].1, bench.pad);
+    let measured = Measured {
+        batches: &batches,
+        tasks_per_step: samples[0].len(),
+        cfg,
+        plain: &plain,
+        head_backward,
+        optimizer: &optimizer,
+    };
+    let summary = summary(&a, &rows, &measured);
+    println!("{summary}");
+    if let Some(path) = a.json {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&json!({"steps": rows, "summary": summary}))
+                .expect("json"),
+        )
+        .expect("writing --json");
+    }
+}
+
+/// The training configuration of the bench: the CPU preset, or with `--layers` the older shape
+/// of the first table of docs/benchmarks.md.
+fn bench_config(a: &Args) -> TrainConfig {
     let mut config = TrainConfig::cpu_preset();
     if !a.preset {
         // The first table of docs/benchmarks.md: every kept layer and embedding row trained,
@@ -156,63 +214,56 @@ fn main() {
     // the bench trains one-target rows; `--rec-targets all` costs the same per step
     // (docs/training.md, "Recommendation from the interactions").
     config.data.rec_targets = gems_train::config::RecTargets::Last;
-    let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));
-    let started = Instant::now();
-    let (run, batches) = peer::dump(&config, &dump, a.steps).expect("model and data");
-    eprintln!("setup {:.1} s; dumped to {}", started.elapsed().as_secs_f64(), dump.display());
-    let plain = Device::flex();
-    let device = plain.clone().autodiff();
-    // The optimizer (with its null space) and the model as the trainer starts them: lower
-    // layers frozen, LoRA adapters, embedding policy.
-    let mut optimizer =
-        run.optimizer(None, &dump, &device, &Default::default()).expect("optimizer");
-    let mut model = run.model_to_train(None, &device).expect("model to train");
-    let samples = peer::sample_steps(&run, a.steps);
-    let setup = &run.setup;
-    let cfg = &setup.pretrained.model.config;
-    let (vocab, trained_layers) = (batches.vocab, batches.layers - batches.frozen_layers);
-    let pad = setup.corpus.eos_id;
-    let mut rows = Vec::new();
-    for (step, batches) in samples.iter().enumerate() {
-        let mut t = [0.0f64; 5]; // decoder, head, backward, grads, optimizer
+    config
+}
+
+/// What a timed step needs besides the model and the optimizer: the learning-rate schedule,
+/// the model's shape for the flop count, the padding id and how the optimizer steps.
+struct StepBench<'a> {
+    config: &'a TrainConfig,
+    cfg: &'a LlamaConfig,
+    vocab: usize,
+    trained_layers: usize,
+    pad: u32,
+    borrowed: bool,
+}
+
+/// The running totals of one step: phase seconds (decoder, head, backward, grads, optimizer),
+/// real and padded tokens, matmul flops and each task's loss.
+#[derive(Default)]
+struct StepTally {
+    t: [f64; 5],
+    real: usize,
+    padded: usize,
+    flops: f64,
+    losses: serde_json::Map<String, serde_json::Value>,
+}
+
+impl StepBench<'_> {
+    /// Runs and times training step `step` (0-based) on `batches`; returns the updated model
+    /// and the step's row.
+    fn step(
+        &self,
+        step: usize,
+        batches: &[(Task, Vec<&Sample>)],
+        model: Llama,
+        optimizer: &mut Optimizer,
+    ) -> (Llama, serde_json::Value) {
+        let mut tally = StepTally::default();
         let mut windows = [GradientWindow::new(), GradientWindow::new()];
-        let (mut real, mut padded, mut flops) = (0usize, 0usize, 0.0f64);
-        let mut losses = serde_json::Map::new();
         let step_started = Instant::now();
         for (task, batch) in batches {
-            real += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-            let tb = sample_batch(batch, pad).expect("batch");
-            padded += tb.batch_size * tb.seq_len;
-            let (at, ids) = target_positions(batch);
-            flops +=
-                batch_matmul_flops(cfg, vocab, trained_layers, tb.batch_size, tb.seq_len, at.len());
-            let c = Instant::now();
-            let hidden = model.hidden_states(&tb).expect("forward");
-            let _ = read_f32(hidden.clone().slice([0..1, 0..1, 0..1]), "sync");
-            t[0] += c.elapsed().as_secs_f64();
-            let c = Instant::now();
-            let picked = gems_model::llama::gather_rows(hidden, &at, "bench").expect("gather");
-            let loss = cross_entropy(model.head(picked), &ids);
-            let value = read_f32(loss.clone(), "loss").expect("loss")[0] as f64;
-            t[1] += c.elapsed().as_secs_f64();
-            losses.insert(task.name().into(), json!(value));
-            let c = Instant::now();
-            let grads = loss.backward();
-            t[2] += c.elapsed().as_secs_f64();
-            let c = Instant::now();
-            let grads = GradientsParams::from_grads(grads, &model);
-            windows[*task as usize]
-                .add(&model, TaskGradient { grads, samples: batch.len(), loss: value });
-            t[3] += c.elapsed().as_secs_f64();
+            self.task_pass(&model, *task, batch, &mut tally, &mut windows);
         }
+        let StepTally { mut t, real, padded, flops, losses } = tally;
         let c = Instant::now();
         let [w_rec, w_src] = windows;
         let grads =
             StepGradients { rec: w_rec.finish(&model), search: w_src.finish(&model), shared: None };
         t[3] += c.elapsed().as_secs_f64();
         let c = Instant::now();
-        let lr = config.schedule.lr_at(step as u64 + 1);
-        model = if a.borrowed {
+        let lr = self.config.schedule.lr_at(step as u64 + 1);
+        let model = if self.borrowed {
             optimizer.step(lr, &model, grads)
         } else {
             optimizer.step_owned(lr, model, grads)
@@ -227,36 +278,95 @@ fn main() {
             "padded_tokens": padded, "tokens_per_s": real as f64 / total,
             "matmul_gflop": flops / 1e9, "matmul_gflops": flops / total / 1e9,
         });
-        println!("{row}");
-        rows.push(row);
+        (model, row)
     }
-    // The head and its dense embedding gradient alone, on detached hidden states of the first
-    // batch (what the tied 53,496-row table costs per task pass).
-    let head_backward = {
-        let (_, batch) = &samples[0][0];
-        let tb = sample_batch(batch, pad).expect("batch");
+
+    /// Forward and backward of one task batch, timed by phase into `tally`; its gradient joins
+    /// the task's window.
+    fn task_pass(
+        &self,
+        model: &Llama,
+        task: Task,
+        batch: &[&Sample],
+        tally: &mut StepTally,
+        windows: &mut [GradientWindow; 2],
+    ) {
+        let t = &mut tally.t;
+        tally.real += batch.iter().map(|s| s.ids.len()).sum::<usize>();
+        let tb = sample_batch(batch, self.pad).expect("batch");
+        tally.padded += tb.batch_size * tb.seq_len;
         let (at, ids) = target_positions(batch);
-        let hidden = model.hidden_states(&tb).expect("forward").detach();
-        let picked = gems_model::llama::gather_rows(hidden, &at, "bench").expect("gather");
+        tally.flops += batch_matmul_flops(
+            self.cfg,
+            self.vocab,
+            self.trained_layers,
+            tb.batch_size,
+            tb.seq_len,
+            at.len(),
+        );
         let c = Instant::now();
+        let hidden = model.hidden_states(&tb).expect("forward");
+        let _ = read_f32(hidden.clone().slice([0..1, 0..1, 0..1]), "sync");
+        t[0] += c.elapsed().as_secs_f64();
+        let c = Instant::now();
+        let picked = gems_model::llama::gather_rows(hidden, &at, "bench").expect("gather");
         let loss = cross_entropy(model.head(picked), &ids);
-        let _ = loss.backward();
-        c.elapsed().as_secs_f64()
-    };
+        let value = read_f32(loss.clone(), "loss").expect("loss")[0] as f64;
+        t[1] += c.elapsed().as_secs_f64();
+        tally.losses.insert(task.name().into(), json!(value));
+        let c = Instant::now();
+        let grads = loss.backward();
+        t[2] += c.elapsed().as_secs_f64();
+        let c = Instant::now();
+        let grads = GradientsParams::from_grads(grads, model);
+        windows[task as usize]
+            .add(model, TaskGradient { grads, samples: batch.len(), loss: value });
+        t[3] += c.elapsed().as_secs_f64();
+    }
+}
+
+/// Seconds of forward and backward of the head alone on detached hidden states of `batch`.
+fn head_backward(model: &Llama, batch: &[&Sample], pad: u32) -> f64 {
+    let tb = sample_batch(batch, pad).expect("batch");
+    let (at, ids) = target_positions(batch);
+    let hidden = model.hidden_states(&tb).expect("forward").detach();
+    let picked = gems_model::llama::gather_rows(hidden, &at, "bench").expect("gather");
+    let c = Instant::now();
+    let loss = cross_entropy(model.head(picked), &ids);
+    let _ = loss.backward();
+    c.elapsed().as_secs_f64()
+}
+
+/// What the summary reports besides the steps' rows.
+struct Measured<'a> {
+    batches: &'a PeerBatches,
+    /// Task batches of the first step.
+    tasks_per_step: usize,
+    cfg: &'a LlamaConfig,
+    /// The device without autodiff, for the bare GEMM.
+    plain: &'a Device,
+    /// Seconds of [`head_backward`].
+    head_backward: f64,
+    optimizer: &'a Optimizer,
+}
+
+/// The summary line: medians of the rows after the warm-up, the bare GEMM rate at the shape of
+/// a projection over a median task batch, and the run's settings, state and peak memory.
+fn summary(a: &Args, rows: &[serde_json::Value], m: &Measured) -> serde_json::Value {
     let after: Vec<&serde_json::Value> = rows.iter().skip(a.warmup).collect();
     let med = |k: &str| median(after.iter().filter_map(|r| r[k].as_f64()).collect());
     // Bare GEMM at the shape of a projection over a task batch of median size.
-    let per_task = med("padded_tokens") / samples[0].len().max(1) as f64;
+    let per_task = med("padded_tokens") / m.tasks_per_step.max(1) as f64;
     let bare = gems_benches::bare_gemm_gflops(
         per_task.round().max(1.0) as usize,
-        cfg.hidden_size,
-        cfg.intermediate_size,
+        m.cfg.hidden_size,
+        m.cfg.intermediate_size,
         5,
-        &plain,
+        m.plain,
     );
-    let summary = json!({
-        "summary": true, "method": a.method.as_str(), "layers": batches.layers,
-        "preset": a.preset, "frozen_layers": batches.frozen_layers,
+    json!({
+        "summary": true, "method": a.method.as_str(), "layers": m.batches.layers,
+        "preset": a.preset, "frozen_layers": m.batches.frozen_layers,
         "steps": a.steps, "warmup": a.warmup,
         "median": {
             "decoder": med("decoder"), "head": med("head"), "backward": med("backward"),
@@ -266,18 +376,9 @@ fn main() {
         },
         "bare_gemm_gflops": bare,
         "matmul_share": med("matmul_gflops") / bare,
-        "head_backward_one_task": head_backward,
-        "optimizer_state_bytes": optimizer.state_bytes(),
+        "head_backward_one_task": m.head_backward,
+        "optimizer_state_bytes": m.optimizer.state_bytes(),
         "peak_rss_bytes": peak_rss(),
         "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
-    });
-    println!("{summary}");
-    if let Some(path) = a.json {
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&json!({"steps": rows, "summary": summary}))
-                .expect("json"),
-        )
-        .expect("writing --json");
-    }
+    })
 }
