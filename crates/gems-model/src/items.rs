@@ -67,6 +67,49 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
     if items.is_empty() {
         return Ok(Vec::new());
     }
+    check_new_items(p, items)?;
+    let emb = to_host(p.model.embed_tokens.weight.val(), op)?;
+    let (old_v, d) = (emb.shape[0], emb.shape[1]);
+    let head = match &p.model.lm_head {
+        Some(h) => Some(to_host(h.weight.val().transpose(), op)?), // [vocab, d]
+        None => None,
+    };
+    // Title token ids before the tokenizer changes.
+    let title_ids = title_token_ids(p, items, init, old_v)?;
+    let weights = title_weights(&title_ids, init);
+    let tokens: Vec<AddedToken> =
+        items.iter().map(|it| AddedToken::from(item_token(&it.id), false)).collect();
+    p.tokenizer.add_tokens(&tokens);
+    let mut ids = Vec::with_capacity(items.len());
+    for it in items {
+        let id = p.tokenizer.token_to_id(&item_token(&it.id)).ok_or_else(|| {
+            ModelError::tokenizer(None, format!("{} was not added", item_token(&it.id)))
+        })?;
+        ids.push(id);
+    }
+    let new_v = old_v.max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
+    let rows = NewRows { ids: &ids, title_ids: &title_ids, weights: &weights, init, new_v, d };
+    let seed = match init {
+        ItemInit::Random { seed } => seed,
+        ItemInit::TitleMean | ItemInit::TitleIdf => 0,
+    };
+    let mut rng = init_rng(seed);
+    let device = p.model.device();
+    let new_emb = rows.grow(&emb.data, &mut rng);
+    p.model.embed_tokens.weight =
+        Param::from_tensor(Tensor::from_data(TensorData::new(new_emb, [new_v, d]), &device));
+    if let (Some(h), Some(lm)) = (head, p.model.lm_head.as_mut()) {
+        let new_head = rows.grow(&h.data, &mut rng);
+        let t: Tensor<2> = Tensor::from_data(TensorData::new(new_head, [new_v, d]), &device);
+        lm.weight = Param::from_tensor(t.transpose());
+    }
+    p.model.config.vocab_size = new_v;
+    Ok(ids)
+}
+
+/// Refuses an empty id, an id with whitespace, and an item whose token already exists.
+fn check_new_items(p: &Pretrained, items: &[ItemSpec]) -> Result<()> {
+    let op = "add_items";
     for it in items {
         if it.id.is_empty() || it.id.chars().any(char::is_whitespace) {
             return Err(ModelError::input(
@@ -81,13 +124,17 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
             ));
         }
     }
-    let emb = to_host(p.model.embed_tokens.weight.val(), op)?;
-    let (old_v, d) = (emb.shape[0], emb.shape[1]);
-    let head = match &p.model.lm_head {
-        Some(h) => Some(to_host(h.weight.val().transpose(), op)?), // [vocab, d]
-        None => None,
-    };
-    // Title token ids before the tokenizer changes.
+    Ok(())
+}
+
+/// Each item's title tokens among the first `old_v` (the vocabulary before the item tokens);
+/// empty without a title or when `init` does not use titles.
+fn title_token_ids(
+    p: &Pretrained,
+    items: &[ItemSpec],
+    init: ItemInit,
+    old_v: usize,
+) -> Result<Vec<Vec<u32>>> {
     let mut title_ids = Vec::with_capacity(items.len());
     for it in items {
         let ids = match (&it.title, init) {
@@ -104,45 +151,39 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
         };
         title_ids.push(ids);
     }
-    let weights = title_weights(&title_ids, init);
-    let tokens: Vec<AddedToken> =
-        items.iter().map(|it| AddedToken::from(item_token(&it.id), false)).collect();
-    p.tokenizer.add_tokens(&tokens);
-    let mut ids = Vec::with_capacity(items.len());
-    for it in items {
-        let id = p.tokenizer.token_to_id(&item_token(&it.id)).ok_or_else(|| {
-            ModelError::tokenizer(None, format!("{} was not added", item_token(&it.id)))
-        })?;
-        ids.push(id);
-    }
-    let new_v = old_v.max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
-    let grow = |table: &[f32], ids: &[u32], rng: &mut SplitMix64| -> Vec<f32> {
+    Ok(title_ids)
+}
+
+/// The rows the new item tokens get in a `[vocab, d]` table.
+struct NewRows<'a> {
+    ids: &'a [u32],
+    title_ids: &'a [Vec<u32>],
+    weights: &'a [Vec<f64>],
+    init: ItemInit,
+    new_v: usize,
+    d: usize,
+}
+
+impl NewRows<'_> {
+    /// `table` (`[old_v, d]`, row-major) grown to `new_v` rows, the item rows set by `init`:
+    /// seeded normal at the table's standard deviation, the (weighted) mean of the title's
+    /// token rows, or the mean row for an item without title tokens.
+    fn grow(&self, table: &[f32], rng: &mut SplitMix64) -> Vec<f32> {
+        let d = self.d;
         let mut out = table.to_vec();
-        out.resize(new_v * d, 0.0);
-        let n = old_v as f64;
-        let mut mean = vec![0f64; d];
-        let mut sq = 0f64;
-        for r in 0..old_v {
-            for j in 0..d {
-                let x = table[r * d + j] as f64;
-                mean[j] += x / n;
-                sq += x * x;
-            }
-        }
-        let var =
-            (sq / (n * d as f64) - mean.iter().map(|m| m * m).sum::<f64>() / d as f64).max(0.0);
-        let std = var.sqrt();
-        for (k, &id) in ids.iter().enumerate() {
+        out.resize(self.new_v * d, 0.0);
+        let (mean, std) = mean_and_std(table, d);
+        for (k, &id) in self.ids.iter().enumerate() {
             let row = &mut out[id as usize * d..(id as usize + 1) * d];
-            match init {
+            match self.init {
                 ItemInit::Random { .. } => {
                     row.iter_mut().for_each(|x| *x = (std * rng.normal()) as f32)
                 }
-                ItemInit::TitleMean | ItemInit::TitleIdf if title_ids[k].is_empty() => {
+                ItemInit::TitleMean | ItemInit::TitleIdf if self.title_ids[k].is_empty() => {
                     row.iter_mut().zip(&mean).for_each(|(x, m)| *x = *m as f32)
                 }
                 ItemInit::TitleMean | ItemInit::TitleIdf => {
-                    let (t, w) = (&title_ids[k], &weights[k]);
+                    let (t, w) = (&self.title_ids[k], &self.weights[k]);
                     let total: f64 = w.iter().sum();
                     for j in 0..d {
                         let s: f64 = t
@@ -156,23 +197,24 @@ pub fn add_items(p: &mut Pretrained, items: &[ItemSpec], init: ItemInit) -> Resu
             }
         }
         out
-    };
-    let seed = match init {
-        ItemInit::Random { seed } => seed,
-        ItemInit::TitleMean | ItemInit::TitleIdf => 0,
-    };
-    let mut rng = init_rng(seed);
-    let device = p.model.device();
-    let new_emb = grow(&emb.data, &ids, &mut rng);
-    p.model.embed_tokens.weight =
-        Param::from_tensor(Tensor::from_data(TensorData::new(new_emb, [new_v, d]), &device));
-    if let (Some(h), Some(lm)) = (head, p.model.lm_head.as_mut()) {
-        let new_head = grow(&h.data, &ids, &mut rng);
-        let t: Tensor<2> = Tensor::from_data(TensorData::new(new_head, [new_v, d]), &device);
-        lm.weight = Param::from_tensor(t.transpose());
     }
-    p.model.config.vocab_size = new_v;
-    Ok(ids)
+}
+
+/// The mean row of a `[rows, d]` table and the standard deviation of all its entries (in f64).
+fn mean_and_std(table: &[f32], d: usize) -> (Vec<f64>, f64) {
+    let old_v = table.len() / d;
+    let n = old_v as f64;
+    let mut mean = vec![0f64; d];
+    let mut sq = 0f64;
+    for r in 0..old_v {
+        for j in 0..d {
+            let x = table[r * d + j] as f64;
+            mean[j] += x / n;
+            sq += x * x;
+        }
+    }
+    let var = (sq / (n * d as f64) - mean.iter().map(|m| m * m).sum::<f64>() / d as f64).max(0.0);
+    (mean, var.sqrt())
 }
 
 /// Adds `parts` (one row of the hidden size per id, row-major) to the rows of `ids` in the

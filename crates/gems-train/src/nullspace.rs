@@ -133,23 +133,48 @@ pub fn projectors(
     }
 
     let text = text_windows(text_path, tokenizer, settings.max_tokens, settings.window)?;
-    let mut accumulators: BTreeMap<(usize, &'static str), SecondMomentAccumulator> =
-        BTreeMap::new();
     let wanted: BTreeMap<(usize, &'static str), String> =
         tuned.iter().map(|(p, i, n)| ((*i, *n), p.clone())).collect();
-    let phase = progress.phase("null-space statistics", text.windows.len() as u64);
+    let accumulators = second_moments(model, &text.windows, &wanted, settings.side, progress)?;
+    let mut projectors = Projectors::new();
+    let phase = progress.phase("null-space eigendecompositions", tuned.len() as u64);
+    for (k, ((layer, name), acc)) in accumulators.iter().enumerate() {
+        let path = &wanted[&(*layer, *name)];
+        let p = acc.projector(settings.rule, settings.side)?;
+        projectors.insert(path.clone(), Arc::new(p));
+        phase.update(k as u64 + 1, path);
+    }
+    phase.finish(None);
+    std::fs::create_dir_all(cache_dir).map_err(|e| TrainError::io(cache_dir, e))?;
+    write_cache(&cache_file, &projectors)?;
+    let report = report(cache_file, false, text.tokens, started, &projectors);
+    Ok((projectors, report))
+}
+
+/// The second moments of the `wanted` projections' inputs or outputs (`side`) over the real
+/// tokens of `windows`, run through `model` in batches of 8.
+fn second_moments(
+    model: &Llama,
+    windows: &[Vec<u32>],
+    wanted: &BTreeMap<(usize, &'static str), String>,
+    side: ProjectorSide,
+    progress: &Reporter,
+) -> Result<BTreeMap<(usize, &'static str), SecondMomentAccumulator>> {
+    let mut accumulators: BTreeMap<(usize, &'static str), SecondMomentAccumulator> =
+        BTreeMap::new();
+    let phase = progress.phase("null-space statistics", windows.len() as u64);
     let device = model.device();
     let batch_rows = 8;
     let mut done = 0;
     let mut failure: Option<TrainError> = None;
-    for chunk in text.windows.chunks(batch_rows) {
+    for chunk in windows.chunks(batch_rows) {
         let batch = TokenBatch::pad(chunk, 0, false)?;
         let (index, _) = real_rows(&batch, &device);
         let mut hook = |layer: usize, name: &'static str, x: &Tensor<3>, y: &Tensor<3>| {
             if failure.is_some() || !wanted.contains_key(&(layer, name)) {
                 return;
             }
-            let t = match settings.side {
+            let t = match side {
                 ProjectorSide::Output => y,
                 ProjectorSide::Input => x,
             };
@@ -179,19 +204,7 @@ pub fn projectors(
         phase.update(done, "windows");
     }
     phase.finish(None);
-    let mut projectors = Projectors::new();
-    let phase = progress.phase("null-space eigendecompositions", tuned.len() as u64);
-    for (k, ((layer, name), acc)) in accumulators.iter().enumerate() {
-        let path = &wanted[&(*layer, *name)];
-        let p = acc.projector(settings.rule, settings.side)?;
-        projectors.insert(path.clone(), Arc::new(p));
-        phase.update(k as u64 + 1, path);
-    }
-    phase.finish(None);
-    std::fs::create_dir_all(cache_dir).map_err(|e| TrainError::io(cache_dir, e))?;
-    write_cache(&cache_file, &projectors)?;
-    let report = report(cache_file, false, text.tokens, started, &projectors);
-    Ok((projectors, report))
+    Ok(accumulators)
 }
 
 fn report(
