@@ -226,22 +226,16 @@ pub fn rank_samples(
         let phase = format!("eval {} {} {}", options.label, options.split.name(), task.name());
         let progress = options.progress.phase(&phase, samples.len() as u64);
         let mut done = 0;
-        for chunk in samples.chunks(options.batch_size) {
-            let (item_scores, losses) = score(task, chunk)?;
-            if item_scores.len() != chunk.len() * n_items {
-                return Err(TrainError::Training(format!(
-                    "a scorer returned {} scores for {} samples of {n_items} items",
-                    item_scores.len(),
-                    chunk.len()
-                )));
-            }
+        for window in samples.chunks(options.batch_size * SORT_WINDOW_BATCHES) {
+            let (scores, losses) =
+                score_by_length(task, window, options.batch_size, n_items, &mut score)?;
             tally.has_loss &= losses.is_some();
-            for (r, s) in chunk.iter().enumerate() {
-                let row = &item_scores[r * n_items..(r + 1) * n_items];
-                let row_losses = losses.as_ref().map(|l| (l.target[r], l.item[r]));
+            for (r, s) in window.iter().enumerate() {
+                let row = &scores[r * n_items..(r + 1) * n_items];
+                let row_losses = losses.as_ref().map(|l| l[r]);
                 tally.add(row, s, corpus.seen(s), row_losses, options)?;
             }
-            done += chunk.len() as u64;
+            done += window.len() as u64;
             progress.update(done, "");
         }
         progress.finish(None);
@@ -249,6 +243,54 @@ pub fn rank_samples(
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Batches of an evaluation scored together, sorted by prompt length so that each batch pads
+/// little (as training buckets its batches); their rows are tallied in the sample order, so
+/// the metrics' sums run in the same order whatever the lengths.
+const SORT_WINDOW_BATCHES: usize = 8;
+
+/// A window's scores (`rows x n_items`) and, for a model, each row's target and item losses.
+type WindowScores = (Vec<f32>, Option<Vec<(f64, f64)>>);
+
+/// Scores `window` in batches of `batch_size` taken in the order of the prompts' lengths, and
+/// returns the scores (`window.len() x n_items`) and, when the scorer gives them for every
+/// batch, the losses, both in `window`'s order.
+fn score_by_length(
+    task: Task,
+    window: &[&Sample],
+    batch_size: usize,
+    n_items: usize,
+    score: &mut impl FnMut(Task, &[&Sample]) -> Result<ChunkScores>,
+) -> Result<WindowScores> {
+    let mut order: Vec<usize> = (0..window.len()).collect();
+    order.sort_by_key(|&i| window[i].ids.len());
+    let mut scores = vec![0f32; window.len() * n_items];
+    let mut losses = Some(vec![(0.0, 0.0); window.len()]);
+    for rows in order.chunks(batch_size.max(1)) {
+        let chunk: Vec<&Sample> = rows.iter().map(|&i| window[i]).collect();
+        let (item_scores, chunk_losses) = score(task, &chunk)?;
+        if item_scores.len() != chunk.len() * n_items {
+            return Err(TrainError::Training(format!(
+                "a scorer returned {} scores for {} samples of {n_items} items",
+                item_scores.len(),
+                chunk.len()
+            )));
+        }
+        for (r, &i) in rows.iter().enumerate() {
+            scores[i * n_items..(i + 1) * n_items]
+                .copy_from_slice(&item_scores[r * n_items..(r + 1) * n_items]);
+        }
+        match (losses.as_mut(), chunk_losses) {
+            (Some(all), Some(l)) => {
+                for (r, &i) in rows.iter().enumerate() {
+                    all[i] = (l.target[r], l.item[r]);
+                }
+            }
+            _ => losses = None,
+        }
+    }
+    Ok((scores, losses))
 }
 
 /// Writes the examples an evaluation with `options` ranks, one JSON object per line: `task`,
@@ -375,6 +417,43 @@ mod tests {
                 negatives: vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn batches_are_scored_by_length_and_rows_come_back_in_sample_order() {
+        let mut owned = samples(11);
+        for (i, s) in owned.iter_mut().enumerate() {
+            s.ids = vec![7; 1 + (i * 7) % 11]; // lengths 1, 8, 4, 11, ... in no order
+        }
+        let window: Vec<&Sample> = owned.iter().collect();
+        let mut batch_lengths = Vec::new();
+        // Each row's scores and losses say which sample they belong to.
+        let mut scorer = |_: Task, chunk: &[&Sample]| -> Result<ChunkScores> {
+            batch_lengths.push(chunk.iter().map(|s| s.ids.len()).collect::<Vec<_>>());
+            let scores = chunk.iter().flat_map(|s| [s.user as f32, -(s.user as f32)]).collect();
+            let target = chunk.iter().map(|s| f64::from(s.user)).collect();
+            let item = chunk.iter().map(|s| s.ids.len() as f64).collect();
+            Ok((scores, Some(RowLosses { target, item })))
+        };
+        let (scores, losses) = score_by_length(Task::Rec, &window, 4, 2, &mut scorer).unwrap();
+        let flat: Vec<usize> = batch_lengths.concat();
+        assert!(flat.windows(2).all(|w| w[0] <= w[1]), "batches by length: {batch_lengths:?}");
+        assert_eq!(batch_lengths.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4, 3]);
+        for (r, s) in window.iter().enumerate() {
+            assert_eq!(scores[2 * r..2 * r + 2], [s.user as f32, -(s.user as f32)]);
+            assert_eq!(losses.as_ref().unwrap()[r], (f64::from(s.user), s.ids.len() as f64));
+        }
+        // A scorer without losses for some batch gives none for the window.
+        let mut calls = 0;
+        let mut partial = |_: Task, chunk: &[&Sample]| -> Result<ChunkScores> {
+            calls += 1;
+            let losses = (calls == 1).then(|| RowLosses {
+                target: vec![0.0; chunk.len()],
+                item: vec![0.0; chunk.len()],
+            });
+            Ok((vec![0.0; chunk.len()], losses))
+        };
+        assert!(score_by_length(Task::Rec, &window, 4, 1, &mut partial).unwrap().1.is_none());
     }
 
     #[test]
