@@ -1,7 +1,7 @@
 //! `cargo xtask reproduce`: every method and ablation of GEMS-SPEC §5 with the CPU preset, over
-//! several seeds, in chunks that each land. The (seed, variant) pairs run in a fixed order,
-//! seed by seed and the variants by priority, so that every chunk fills the most-read cells
-//! first. With `--budget`, a pair starts only if it is estimated (from the runs already timed)
+//! several seeds, in chunks that each land. The (seed, variant) pairs run in a fixed order:
+//! the variants in tiers by priority, each tier seed by seed ([`TIERS`]), so that every chunk
+//! fills the most-read cells first and the main comparison gets its spread across seeds early. With `--budget`, a pair starts only if it is estimated (from the runs already timed)
 //! to finish within the budget. Finished runs are never redone, an interrupted one resumes,
 //! and docs/results.md is regenerated from every finished run, the missing cells listed.
 //!
@@ -176,12 +176,26 @@ fn duration(text: &str) -> Result<f64> {
     Ok(total)
 }
 
-/// The (variant, seed) pairs in the order they run: seed by seed, the variants by priority.
+/// How many of [`VARIANTS`], from the first, form each tier. A tier runs all its seeds before
+/// the next one starts, so that the main comparison (today's default, the paper's GEMS,
+/// without the null space, full, LoRA, GaLore) has its three seeds, and with them the spread
+/// that says which differences are real, before the ablations and controls take machine time.
+const TIERS: [usize; 3] = [6, 5, 5];
+
+/// The (variant, seed) pairs in the order they run: tier by tier ([`TIERS`]), within a tier
+/// seed by seed, the variants by priority.
 fn pairs(o: &Options) -> Vec<(&'static str, &'static [&'static str], u64)> {
-    (0..o.seeds)
-        .flat_map(|seed| VARIANTS.iter().map(move |&(label, flags)| (label, flags, seed)))
-        .filter(|(label, _, _)| o.only.as_ref().is_none_or(|only| only.iter().any(|x| x == label)))
-        .collect()
+    let mut out = Vec::new();
+    let mut start = 0;
+    for n in TIERS {
+        let tier = &VARIANTS[start..(start + n).min(VARIANTS.len())];
+        for seed in 0..o.seeds {
+            out.extend(tier.iter().map(|&(label, flags)| (label, flags, seed)));
+        }
+        start += n;
+    }
+    out.retain(|(label, _, _)| o.only.as_ref().is_none_or(|only| only.iter().any(|x| x == label)));
+    out
 }
 
 /// What a run of the reproduction records beside its outputs (`reproduce.json`).
@@ -479,12 +493,15 @@ mod tests {
     }
 
     #[test]
-    fn pairs_run_seed_by_seed_with_the_default_first() {
+    fn pairs_run_tier_by_tier_then_seed_by_seed_with_the_default_first() {
+        assert_eq!(TIERS.iter().sum::<usize>(), VARIANTS.len(), "every variant in one tier");
         let o = Options { seeds: 2, out: String::new(), only: None, budget_s: None, extra: vec![] };
         let p = pairs(&o);
         assert_eq!(p.len(), 2 * VARIANTS.len());
         assert_eq!((p[0].0, p[0].2), ("gems-input-strict", 0));
-        assert_eq!((p[VARIANTS.len()].0, p[VARIANTS.len()].2), ("gems-input-strict", 1));
+        // The first tier's second seed comes before the second tier.
+        assert_eq!((p[TIERS[0]].0, p[TIERS[0]].2), ("gems-input-strict", 1));
+        assert_eq!((p[2 * TIERS[0]].0, p[2 * TIERS[0]].2), (VARIANTS[TIERS[0]].0, 0));
         let only = Options { only: Some(vec!["full".into()]), ..o };
         assert_eq!(pairs(&only).iter().map(|p| p.2).collect::<Vec<_>>(), vec![0, 1]);
     }
