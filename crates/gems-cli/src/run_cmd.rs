@@ -193,6 +193,10 @@ pub struct TrainArgs {
     /// ranking (the common protocol); by default every item is ranked.
     #[arg(long)]
     pub exclude_history: bool,
+    /// Untie the output head from the embedding before training: the head's copy trains (as
+    /// --embeddings says) and the input rows stay as they started.
+    #[arg(long)]
+    pub untie_head: bool,
     /// Which embedding rows train: all, items (text-token rows frozen) or none.
     #[arg(long, value_enum)]
     pub embeddings: Option<gems_train::config::EmbeddingPolicy>,
@@ -292,6 +296,7 @@ const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
     ("no_perplexity", "eval.perplexity", Some("false")),
     ("authors_ndcg", "eval.ndcg_normaliser", Some("\"authors\"")),
     ("exclude_history", "eval.exclude_history", Some("true")),
+    ("untie_head", "model.untie_head", Some("true")),
     ("embeddings", "model.embeddings", None),
     ("item_text", "model.item_text", None),
     ("item_weights", "model.item_weights", None),
@@ -819,6 +824,7 @@ mod tests {
             "--exclude-history",
             "--embeddings",
             "none",
+            "--untie-head",
             "--item-text",
             "title-categories",
             "--item-weights",

@@ -705,6 +705,21 @@ impl Llama {
         Ok(w)
     }
 
+    /// Unties a tied output head: the head becomes a copy of the token embedding (`lm_head`,
+    /// stored `[d_model, vocab]`) and `config.tie_word_embeddings` turns false, so that the
+    /// input rows and the output rows can then differ (and a saved model keeps both). Logits
+    /// are unchanged. A model with an untied head is returned as it is.
+    pub fn untie_head(mut self) -> Self {
+        if self.lm_head.is_none() {
+            // A leaf of its own (a fresh parameter), not a view of the embedding's.
+            let weight = self.embed_tokens.weight.val().transpose().detach();
+            self.lm_head =
+                Some(Linear { weight: Param::from_tensor(weight), bias: None, lora: None });
+            self.config.tie_word_embeddings = false;
+        }
+        self
+    }
+
     /// Freezes the lowest `k` decoder layers: their parameters stop requiring gradients, and
     /// every forward pass runs the embedding lookup and those layers outside the autodiff graph
     /// (the embedding's output is detached), so training records a graph, and keeps

@@ -69,6 +69,12 @@ pub struct ModelSettings {
     pub item_collab_scale: f64,
     /// Which rows of the token embedding (and of an untied output head) training may change.
     pub embeddings: EmbeddingPolicy,
+    /// Untie a tied output head before training: the head becomes its own copy of the
+    /// embedding and trains as the embedding policy says, while the embedding (the input rows,
+    /// which the frozen lower layers read) stays as it started. The tuned model is saved with
+    /// `tie_word_embeddings: false`. Left out of `config.json` when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub untie_head: bool,
 }
 
 impl Default for ModelSettings {
@@ -83,6 +89,7 @@ impl Default for ModelSettings {
             item_collab: 0,
             item_collab_scale: 1.0,
             embeddings: EmbeddingPolicy::All,
+            untie_head: false,
         }
     }
 }
@@ -730,6 +737,12 @@ impl TrainConfig {
         }
         if self.model.tune_layers == Some(0) {
             return bad("model.tune_layers must be at least 1 (to train nothing, evaluate)".into());
+        }
+        if self.model.untie_head && self.optimizer.method == Method::Lora {
+            return bad(
+                "model.untie_head is not supported with LoRA (its adapter saves a tied head)"
+                    .into(),
+            );
         }
         if self.optimizer.method == Method::Lora {
             if self.lora.rank == 0 {

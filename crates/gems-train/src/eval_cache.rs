@@ -18,7 +18,7 @@ use crate::error::{Result, TrainError};
 
 /// The settings that shape only training (dotted paths into the configuration's JSON): they
 /// are left out of the key, so runs that differ in them share the cached evaluations.
-pub const TRAINING_ONLY: [&str; 14] = [
+pub const TRAINING_ONLY: [&str; 15] = [
     "label",
     "optimizer",
     "lora",
@@ -28,6 +28,7 @@ pub const TRAINING_ONLY: [&str; 14] = [
     "stop_after",
     "model.tune_layers",
     "model.embeddings",
+    "model.untie_head",
     "eval.every",
     "eval.patience",
     "eval.metric",
@@ -153,6 +154,7 @@ mod tests {
         // A renamed field would leave its old path here, silently keyed again.
         let mut c = TrainConfig::cpu_preset();
         c.model.tune_layers = Some(4);
+        c.model.untie_head = true;
         c.stop_after = Some(1);
         c.label = Some("x".into());
         c.eval.cache = Some("dir".into());

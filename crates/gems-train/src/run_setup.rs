@@ -165,7 +165,12 @@ impl RunSetup {
             Some(ckpt) => gems_model::load_hf_dir(&ckpt.join("model"), device)?.model,
             None => self.setup.pretrained.model.clone().to_device(device).train(),
         };
-        let base = freeze_lower_layers(base, config)?;
+        let mut base = freeze_lower_layers(base, config)?;
+        if config.model.untie_head {
+            // The input rows stay as they started: only the head's copy trains.
+            base = base.untie_head();
+            base.embed_tokens.weight = base.embed_tokens.weight.set_require_grad(false);
+        }
         let model = if config.optimizer.method == Method::Lora {
             let cfg = lora_config(config, &base);
             let (m, _) = gems_model::apply_lora(base, &cfg, true)?;
@@ -274,8 +279,15 @@ impl RunSetup {
     /// What every optimizer step writes back for `--embeddings items` with an untied head
     /// ([`FrozenRows`]); `None` when nothing needs it.
     pub(crate) fn frozen_rows(&self, device: &Device) -> Option<FrozenRows> {
+        let pretrained = &self.setup.pretrained.model;
+        // The head as training starts it: the pretrained one, or the embedding's copy.
+        let head = match (&pretrained.lm_head, self.config.model.untie_head) {
+            (Some(h), _) => h.weight.val(),
+            (None, true) => pretrained.embed_tokens.weight.val().transpose(),
+            (None, false) => return None,
+        };
         FrozenRows::new(
-            &self.setup.pretrained.model,
+            head,
             self.config.model.embeddings,
             self.setup.corpus.base_vocab as usize,
             device,
@@ -346,17 +358,13 @@ pub(crate) struct FrozenRows {
 }
 
 impl FrozenRows {
-    fn new(
-        pretrained: &Llama,
-        policy: EmbeddingPolicy,
-        base: usize,
-        device: &Device,
-    ) -> Option<Self> {
+    /// For the untied `head` (`[d_model, vocab]`) as training starts it.
+    fn new(head: Tensor<2>, policy: EmbeddingPolicy, base: usize, device: &Device) -> Option<Self> {
         if policy != EmbeddingPolicy::Items {
             return None;
         }
         let plain = device.clone().inner();
-        let w = pretrained.lm_head.as_ref()?.weight.val();
+        let w = head;
         let rows = w.dims()[0];
         Some(Self { base, head: w.slice([0..rows, 0..base]).to_device(&plain) })
     }

@@ -890,3 +890,54 @@ fn runs_that_differ_only_in_training_share_the_untuned_evaluation_and_the_floors
     assert_eq!(summary.before.unwrap().full["rec"].examples, 16);
     assert_ne!(bytes(&first, "baselines.json"), bytes(&third, "baselines.json"));
 }
+
+/// `model.untie_head`: the input rows stay exactly as they started, the head's item columns
+/// train and its text columns do not (`--embeddings items`), the saved model keeps both, and
+/// it resumes.
+#[test]
+fn an_untied_head_trains_its_item_columns_and_leaves_the_input_rows() {
+    use gems_train::config::EmbeddingPolicy;
+    let (root, mut config) = setup(2);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.eval.every = 0;
+    config.model.tune_layers = Some(1);
+    config.model.embeddings = EmbeddingPolicy::Items;
+    config.model.untie_head = true;
+    let dev = Device::flex();
+    let untuned = gems_train::RunSetup::load(&config, &dev, &Default::default()).unwrap();
+    let base = untuned.setup.corpus.base_vocab as usize;
+    let host = |t: burn::tensor::Tensor<2>| -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    };
+    let start = untuned.setup.pretrained.model.clone();
+    assert!(start.lm_head.is_none(), "the tiny model ties its head");
+    let embed_before = host(start.embed_tokens.weight.val());
+    // Untying changes no logit.
+    let untied = start.clone().untie_head();
+    let batch = gems_model::TokenBatch::pad(&[vec![5, 9, 2]], 0, false).unwrap();
+    let (a, b) = (
+        host(start.forward(&batch).unwrap().flatten(0, 1)),
+        host(untied.forward(&batch).unwrap().flatten(0, 1)),
+    );
+    assert_eq!(a, b);
+    let head_before = host(untied.lm_head.as_ref().unwrap().weight.val());
+
+    let run = root.path().join("runs/untied");
+    config.stop_after = Some(1);
+    assert!(matches!(train(&config, &run, &options(false)).unwrap(), RunOutcome::Stopped { .. }));
+    config.stop_after = None;
+    finished(train(&config, &run, &options(true)).unwrap());
+    let tuned = gems_model::load_hf_dir(&run.join("model"), &dev).unwrap().model;
+    assert!(!tuned.config.tie_word_embeddings);
+    assert_eq!(host(tuned.embed_tokens.weight.val()), embed_before, "input rows unchanged");
+    let head_after = host(tuned.lm_head.as_ref().unwrap().weight.val());
+    let vocab = head_before.len() / tuned.config.hidden_size;
+    let (mut text_moved, mut items_moved) = (false, false);
+    for (k, (x, y)) in head_before.iter().zip(&head_after).enumerate() {
+        if x != y {
+            if k % vocab < base { text_moved = true } else { items_moved = true }
+        }
+    }
+    assert!(items_moved && !text_moved, "item columns train, text columns stay");
+}
