@@ -804,17 +804,59 @@ impl Llama {
     /// Rows are independent: padded positions are never attended to, and positions count only
     /// real tokens. Outputs at padded positions are finite but meaningless.
     pub fn hidden_states(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
-        self.check_batch(batch, "Llama::hidden_states")?;
+        let frozen = self.frozen_states(batch)?;
+        self.hidden_states_from(batch, frozen)
+    }
+
+    /// The hidden states entering the first trainable layer, `[batch, seq_len, d_model]`: the
+    /// embedding and the frozen layers ([`Llama::freeze_lower_layers`]), outside any autodiff
+    /// graph (the embedding alone when no layer is frozen). With the embedding fixed too, they
+    /// depend on the tokens alone, so a caller may keep and reuse them
+    /// ([`Llama::hidden_states_from`]).
+    ///
+    /// # Errors
+    /// A malformed batch.
+    pub fn frozen_states(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
+        self.check_batch(batch, "Llama::frozen_states")?;
         let (b, t) = (batch.batch_size, batch.seq_len);
+        let mut x = self.embed(&batch.ids, b, t);
+        if self.frozen_layers == 0 {
+            return Ok(x);
+        }
+        // Nothing below the first trainable layer needs a graph (see freeze_lower_layers).
+        x = x.detach();
         let rope = self.rope_tables(&batch.positions(), b, t);
         let bias = self.padding_bias(batch);
-        let mut x = self.embed(&batch.ids, b, t);
-        if self.frozen_layers > 0 {
-            // Nothing below the first trainable layer needs a graph (see freeze_lower_layers).
-            x = x.detach();
+        for layer in &self.layers[..self.frozen_layers] {
+            x = layer.forward(x, &rope, bias.clone(), None, None, true);
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rope, bias.clone(), None, None, i < self.frozen_layers);
+        Ok(x)
+    }
+
+    /// Final hidden states (as [`Llama::hidden_states`]) from `frozen`, the states entering the
+    /// first trainable layer as [`Llama::frozen_states`] gives them for `batch`: the trainable
+    /// layers and the last norm. `hidden_states` is exactly this after `frozen_states`.
+    ///
+    /// # Errors
+    /// A malformed batch, or `frozen` not `[batch, seq_len, d_model]`.
+    pub fn hidden_states_from(&self, batch: &TokenBatch, frozen: Tensor<3>) -> Result<Tensor<3>> {
+        self.check_batch(batch, "Llama::hidden_states_from")?;
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        if frozen.dims() != [b, t, self.config.hidden_size] {
+            return Err(ModelError::input(
+                "Llama::hidden_states_from",
+                format!(
+                    "frozen states of shape {:?} for a batch of {b} x {t} (hidden size {})",
+                    frozen.dims(),
+                    self.config.hidden_size
+                ),
+            ));
+        }
+        let rope = self.rope_tables(&batch.positions(), b, t);
+        let bias = self.padding_bias(batch);
+        let mut x = frozen;
+        for layer in &self.layers[self.frozen_layers..] {
+            x = layer.forward(x, &rope, bias.clone(), None, None, false);
         }
         Ok(self.norm.forward(x))
     }
@@ -1222,5 +1264,53 @@ mod schema_tests {
                 assert_eq!(bits(&frozen), with_graph, "{k} frozen layers, left padding {left}");
             }
         }
+    }
+
+    #[test]
+    fn frozen_states_of_a_row_do_not_depend_on_its_batch() {
+        // What a cache of the frozen part relies on. `hidden_states` is `hidden_states_from`
+        // after `frozen_states`, bit for bit. A row's frozen states at its real positions,
+        // computed alone or beside longer rows (right padding, causal attention), agree to
+        // float rounding but not bit for bit (the kernels take other paths at other shapes:
+        // about 1e-7 of the values' scale here), so a cache of them changes a run's numbers
+        // in the last bits, not its computation; per-row states assembled into a batch give
+        // the batch's hidden states to the same tolerance.
+        let c = config(
+            r#", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2"#,
+        );
+        let device = Device::flex().autodiff();
+        let model = Llama::init_random(&c, 5, &device).unwrap().freeze_lower_layers(2).unwrap();
+        let seqs = vec![vec![1, 2, 3, 4, 5], vec![6, 7], vec![8, 9, 10, 11, 12, 13, 14]];
+        let batch = TokenBatch::pad(&seqs, 0, false).unwrap();
+        let (d, t) = (32, batch.seq_len);
+        let host = |x: Tensor<3>| to_host(x, "test").unwrap().data;
+        let close = |a: &[f32], b: &[f32]| {
+            let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * scale)
+        };
+        let together = model.frozen_states(&batch).unwrap();
+        let direct = host(model.hidden_states(&batch).unwrap());
+        let exact = host(model.hidden_states_from(&batch, together.clone()).unwrap());
+        assert!(exact.iter().zip(&direct).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let together = host(together);
+        let mut assembled = vec![0f32; seqs.len() * t * d];
+        for (r, seq) in seqs.iter().enumerate() {
+            let one = TokenBatch::pad(std::slice::from_ref(seq), 0, false).unwrap();
+            let alone = host(model.frozen_states(&one).unwrap());
+            let at = r * t * d..r * t * d + seq.len() * d;
+            assert!(close(&alone, &together[at.clone()]), "row {r}");
+            // Padded positions get zeros: no real position attends to them.
+            assembled[at].copy_from_slice(&alone);
+        }
+        let frozen =
+            Tensor::<3>::from_data(TensorData::new(assembled, [seqs.len(), t, d]), &device);
+        let from_rows = host(model.hidden_states_from(&batch, frozen).unwrap());
+        for (r, seq) in seqs.iter().enumerate() {
+            let at = r * t * d..r * t * d + seq.len() * d;
+            assert!(close(&direct[at.clone()], &from_rows[at]), "row {r}");
+        }
+        let wrong = Tensor::<3>::zeros([1, t, d], &device);
+        assert!(model.hidden_states_from(&batch, wrong).is_err());
     }
 }
