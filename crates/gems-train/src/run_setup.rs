@@ -19,8 +19,7 @@ use crate::config::{EmbeddingPolicy, TaskSelection, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::nullspace::{GeneralText, projectors};
 use crate::progress::Reporter;
-use crate::rundir::resolved_config;
-use crate::setup::{Setup, build, load_model};
+use crate::setup::{Setup, build, load_model, model_path};
 
 /// A run's resolved settings with everything built from them that does not change while it
 /// trains. [`RunSetup::load`] builds it; [`RunSetup::model_to_train`] and
@@ -293,6 +292,42 @@ impl RunSetup {
             device,
         )
     }
+}
+
+/// `config` as a run records it in config.json: the model path actually used filled in, the
+/// optimizer's seed from `seed`, and what the method implies (LoRA trains the embedding rows; the optimizer's record of the
+/// null space); and that model path.
+///
+/// # Errors
+/// No model is found.
+pub fn resolved_config(mut config: TrainConfig) -> Result<(TrainConfig, PathBuf)> {
+    // One seed: the optimizer's sketches follow `seed` (`--seed` set both; a configuration
+    // file that set only `seed` used to leave them at optimizer.seed's default).
+    if config.optimizer.seed != config.seed {
+        if config.optimizer.seed != gems_optim::OptimizerConfig::default().seed {
+            return Err(TrainError::Config(format!(
+                "optimizer.seed {} differs from seed {}: the optimizer's sketches derive from \
+                 `seed`; set `seed` alone",
+                config.optimizer.seed, config.seed
+            )));
+        }
+        config.optimizer.seed = config.seed;
+    }
+    let path = model_path(&config)?;
+    config.model.path = Some(path.clone());
+    if config.optimizer.method == Method::Lora {
+        for p in ["embed_tokens.weight", "lm_head.weight"] {
+            if !config.optimizer.trainable.iter().any(|t| t == p) {
+                config.optimizer.trainable.push(p.into());
+            }
+        }
+    }
+    // The optimizer's record of its projectors is the one `null_space` section builds them by.
+    config.optimizer.null_space = gems_optim::NullSpaceSettings {
+        rule: config.null_space.rule,
+        side: config.null_space.side,
+    };
+    Ok((config, path))
 }
 
 /// The LoRA configuration of a run, with the embedding (and an untied head) saved whole.

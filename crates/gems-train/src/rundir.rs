@@ -14,8 +14,8 @@ use crate::checkpoint::{
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::progress::Reporter;
-use crate::run_setup::lora_config;
-use crate::setup::{Setup, model_path};
+use crate::run_setup::{lora_config, resolved_config};
+use crate::setup::Setup;
 
 /// Keeps only the lines of a JSON-lines log (`metrics.jsonl`, `conflict.jsonl`) whose `step` is
 /// at most `step`: a resumed run rewrites what followed. Kept lines are copied byte for byte; a
@@ -182,42 +182,6 @@ pub(crate) fn resolve_config(
     }
     let (config, path) = resolved_config(config)?;
     write_json(&run_dir.join("config.json"), &config)?;
-    Ok((config, path))
-}
-
-/// `config` as a run records it in config.json: the model path actually used filled in, the
-/// optimizer's seed from `seed`, and what the method implies (LoRA trains the embedding rows; the optimizer's record of the
-/// null space); and that model path.
-///
-/// # Errors
-/// No model is found.
-pub fn resolved_config(mut config: TrainConfig) -> Result<(TrainConfig, PathBuf)> {
-    // One seed: the optimizer's sketches follow `seed` (`--seed` set both; a configuration
-    // file that set only `seed` used to leave them at optimizer.seed's default).
-    if config.optimizer.seed != config.seed {
-        if config.optimizer.seed != gems_optim::OptimizerConfig::default().seed {
-            return Err(TrainError::Config(format!(
-                "optimizer.seed {} differs from seed {}: the optimizer's sketches derive from \
-                 `seed`; set `seed` alone",
-                config.optimizer.seed, config.seed
-            )));
-        }
-        config.optimizer.seed = config.seed;
-    }
-    let path = model_path(&config)?;
-    config.model.path = Some(path.clone());
-    if config.optimizer.method == Method::Lora {
-        for p in ["embed_tokens.weight", "lm_head.weight"] {
-            if !config.optimizer.trainable.iter().any(|t| t == p) {
-                config.optimizer.trainable.push(p.into());
-            }
-        }
-    }
-    // The optimizer's record of its projectors is the one `null_space` section builds them by.
-    config.optimizer.null_space = gems_optim::NullSpaceSettings {
-        rule: config.null_space.rule,
-        side: config.null_space.side,
-    };
     Ok((config, path))
 }
 

@@ -33,11 +33,12 @@ use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
 use crate::progress::{Event, Phase, Reporter};
+pub use crate::run_setup::resolved_config;
 use crate::run_setup::{FrozenRows, RunSetup, lora_config};
+pub use crate::rundir::tuned_model_dir;
 use crate::rundir::{
     METRICS, checkpoint_to_resume, prepare_logs, resolve_config, save_checkpoint, trainer_state,
 };
-pub use crate::rundir::{resolved_config, tuned_model_dir};
 use crate::setup::{LossTargets, Sample, Setup};
 
 /// How a run is driven (not part of its configuration).
