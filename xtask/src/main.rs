@@ -275,9 +275,10 @@ fn vulkan_icd() -> Option<String> {
     found.into_iter().next()
 }
 
-/// What `cargo xtask ci` writes under `target/` on a fresh clone, in GiB, rounded up: the debug
-/// build with every test binary (about 15) and the toy GPU command's runs (4.5, removed after).
-const CI_DISK_GIB: u64 = 22;
+/// About what `cargo xtask ci` writes under `target/` on a fresh clone at its peak, in GiB: the
+/// debug build with every test binary (about 10-12) and the toy GPU command's runs (4.5,
+/// removed after).
+const CI_DISK_GIB: u64 = 16;
 
 /// Refuses to start CI where the disk cannot hold its build: a full disk surfaces 20 minutes
 /// later as a linker killed by SIGBUS ("ld terminated with signal 7 [Bus error]", stop 41),
