@@ -804,8 +804,10 @@ impl Llama {
     /// Rows are independent: padded positions are never attended to, and positions count only
     /// real tokens. Outputs at padded positions are finite but meaningless.
     pub fn hidden_states(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
-        let frozen = self.frozen_states(batch)?;
-        self.hidden_states_from(batch, frozen)
+        self.check_batch(batch, "Llama::hidden_states")?;
+        let context = self.attention_context(batch);
+        let frozen = self.run_frozen(batch, &context);
+        Ok(self.run_trainable(frozen, &context))
     }
 
     /// The hidden states entering the first trainable layer, `[batch, seq_len, d_model]`: the
@@ -818,19 +820,7 @@ impl Llama {
     /// A malformed batch.
     pub fn frozen_states(&self, batch: &TokenBatch) -> Result<Tensor<3>> {
         self.check_batch(batch, "Llama::frozen_states")?;
-        let (b, t) = (batch.batch_size, batch.seq_len);
-        let mut x = self.embed(&batch.ids, b, t);
-        if self.frozen_layers == 0 {
-            return Ok(x);
-        }
-        // Nothing below the first trainable layer needs a graph (see freeze_lower_layers).
-        x = x.detach();
-        let rope = self.rope_tables(&batch.positions(), b, t);
-        let bias = self.padding_bias(batch);
-        for layer in &self.layers[..self.frozen_layers] {
-            x = layer.forward(x, &rope, bias.clone(), None, None, true);
-        }
-        Ok(x)
+        Ok(self.run_frozen(batch, &self.attention_context(batch)))
     }
 
     /// Final hidden states (as [`Llama::hidden_states`]) from `frozen`, the states entering the
@@ -852,13 +842,46 @@ impl Llama {
                 ),
             ));
         }
-        let rope = self.rope_tables(&batch.positions(), b, t);
-        let bias = self.padding_bias(batch);
-        let mut x = frozen;
-        for layer in &self.layers[self.frozen_layers..] {
-            x = layer.forward(x, &rope, bias.clone(), None, None, false);
+        Ok(self.run_trainable(frozen, &self.attention_context(batch)))
+    }
+
+    /// What every layer's attention reads for `batch`: the RoPE tables of its positions and the
+    /// padding bias, computed once per forward pass.
+    fn attention_context(&self, batch: &TokenBatch) -> (RopeTables, Option<Tensor<4>>) {
+        let (b, t) = (batch.batch_size, batch.seq_len);
+        (self.rope_tables(&batch.positions(), b, t), self.padding_bias(batch))
+    }
+
+    /// The embedding of `batch` through the frozen layers, without a graph.
+    fn run_frozen(
+        &self,
+        batch: &TokenBatch,
+        context: &(RopeTables, Option<Tensor<4>>),
+    ) -> Tensor<3> {
+        let mut x = self.embed(&batch.ids, batch.batch_size, batch.seq_len);
+        if self.frozen_layers == 0 {
+            return x;
         }
-        Ok(self.norm.forward(x))
+        // Nothing below the first trainable layer needs a graph (see freeze_lower_layers).
+        x = x.detach();
+        let (rope, bias) = context;
+        for layer in &self.layers[..self.frozen_layers] {
+            x = layer.forward(x, rope, bias.clone(), None, None, true);
+        }
+        x
+    }
+
+    /// `x` through the trainable layers and the last norm.
+    fn run_trainable(
+        &self,
+        mut x: Tensor<3>,
+        context: &(RopeTables, Option<Tensor<4>>),
+    ) -> Tensor<3> {
+        let (rope, bias) = context;
+        for layer in &self.layers[self.frozen_layers..] {
+            x = layer.forward(x, rope, bias.clone(), None, None, false);
+        }
+        self.norm.forward(x)
     }
 
     /// Runs the decoder over `batch` (no head) and reports every projection's input and output

@@ -66,8 +66,7 @@ impl EvalCache {
         if !path.is_file() {
             return Ok(false);
         }
-        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
-        gems_io::write_atomic(dest, &bytes)?;
+        copy_atomic(&path, dest)?;
         Ok(true)
     }
 
@@ -79,9 +78,14 @@ impl EvalCache {
     pub fn store(&self, name: &str, src: &Path, config: &TrainConfig) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| TrainError::io(&self.dir, e))?;
         write_json(&self.path("settings.json"), &keyed_settings(config))?;
-        let bytes = std::fs::read(src).map_err(|e| TrainError::io(src, e))?;
-        Ok(gems_io::write_atomic(&self.path(name), &bytes)?)
+        copy_atomic(src, &self.path(name))
     }
+}
+
+/// Copies `from` to `to` byte for byte, `to` written atomically.
+fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let bytes = std::fs::read(from).map_err(|e| TrainError::io(from, e))?;
+    Ok(gems_io::write_atomic(to, &bytes)?)
 }
 
 /// `config` as JSON without the [`TRAINING_ONLY`] settings.
