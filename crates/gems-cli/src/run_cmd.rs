@@ -233,6 +233,11 @@ pub struct TrainArgs {
     /// optimizer, schedule); the key does not cover the code, so use one DIR per version.
     #[arg(long, value_name = "DIR")]
     pub eval_cache: Option<PathBuf>,
+    /// Keep the hidden states entering the first tuned layer of every training row in DIR,
+    /// computed once and reused by later epochs and by runs of the same model and item rows
+    /// (seeds, methods); needs --tune-layers and --untie-head (or --embeddings none).
+    #[arg(long, value_name = "DIR")]
+    pub frozen_cache: Option<PathBuf>,
     /// Write a checkpoint every N steps (0: only at the end, and when stopping early).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -305,6 +310,7 @@ const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
     ("rec_targets", "data.rec_targets", None),
     ("item_softmax", "data.item_softmax", None),
     ("eval_cache", "eval.cache", None),
+    ("frozen_cache", "model.frozen_cache", None),
     ("checkpoint_every", "checkpoint_every", None),
     ("stop_after", "stop_after", None),
     ("label", "label", None),
@@ -400,8 +406,12 @@ fn check_resume_flags(args: &TrainArgs, given: &[String], config: &TrainConfig) 
         // The trainer records the tasks the data has (no queries: rec only); not a change.
         asked.data.tasks = saved.data.tasks;
     }
-    // Where the untuned evaluation and the floors are cached changes no result.
+    // Where the untuned evaluation and the floors are cached changes no result, nor where
+    // the frozen states are kept (whether they are kept is compared).
     asked.eval.cache.clone_from(&saved.eval.cache);
+    if asked.model.frozen_cache.is_some() && saved.model.frozen_cache.is_some() {
+        asked.model.frozen_cache.clone_from(&saved.model.frozen_cache);
+    }
     let changed = asked.differences(&saved);
     if !changed.is_empty() {
         bail!(
@@ -846,8 +856,17 @@ mod tests {
             "--label",
             "x",
         ];
-        let one =
-            ["--complement", "--strict-null-space", "--keep-layers", "3", "--tune-layers", "2"];
+        // The frozen states need frozen layers.
+        let one = [
+            "--complement",
+            "--strict-null-space",
+            "--keep-layers",
+            "3",
+            "--tune-layers",
+            "2",
+            "--frozen-cache",
+            "/f",
+        ];
         let other =
             ["--single-subspace", "--no-strict-null-space", "--all-layers", "--tune-all-layers"];
         let mut checked = std::collections::BTreeSet::new();

@@ -75,6 +75,13 @@ pub struct ModelSettings {
     /// `tie_word_embeddings: false`. Left out of `config.json` when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub untie_head: bool,
+    /// Keep the hidden states entering the first tuned layer per training row in this
+    /// directory, computed once (each row alone) and reused by later epochs and by runs of
+    /// the same model and item rows ([`crate::frozen_cache`]); needs `tune_layers` and fixed
+    /// input rows (`untie_head`, or `embeddings` none). Rounding aside, it changes no result.
+    /// Left out of `config.json` when `None` (the default: every step runs every layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_cache: Option<PathBuf>,
 }
 
 impl Default for ModelSettings {
@@ -90,6 +97,7 @@ impl Default for ModelSettings {
             item_collab_scale: 1.0,
             embeddings: EmbeddingPolicy::All,
             untie_head: false,
+            frozen_cache: None,
         }
     }
 }
@@ -743,6 +751,21 @@ impl TrainConfig {
                 "model.untie_head is not supported with LoRA (its adapter saves a tied head)"
                     .into(),
             );
+        }
+        if self.model.frozen_cache.is_some() {
+            if self.model.tune_layers.is_none() {
+                return bad(
+                    "model.frozen_cache needs model.tune_layers (frozen lower layers)".into()
+                );
+            }
+            if !self.model.untie_head && self.model.embeddings != EmbeddingPolicy::None {
+                return bad(format!(
+                    "model.frozen_cache needs input rows that do not train: with a tied head \
+                     and model.embeddings {} the item rows the frozen layers read change \
+                     every step; set model.untie_head (or model.embeddings none)",
+                    self.model.embeddings.as_str()
+                ));
+            }
         }
         if self.optimizer.method == Method::Lora {
             if self.lora.rank == 0 {

@@ -18,7 +18,7 @@ use crate::error::{Result, TrainError};
 
 /// The settings that shape only training (dotted paths into the configuration's JSON): they
 /// are left out of the key, so runs that differ in them share the cached evaluations.
-pub const TRAINING_ONLY: [&str; 15] = [
+pub const TRAINING_ONLY: [&str; 16] = [
     "label",
     "optimizer",
     "lora",
@@ -29,6 +29,7 @@ pub const TRAINING_ONLY: [&str; 15] = [
     "model.tune_layers",
     "model.embeddings",
     "model.untie_head",
+    "model.frozen_cache",
     "eval.every",
     "eval.patience",
     "eval.metric",

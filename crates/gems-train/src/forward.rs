@@ -7,6 +7,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use gems_model::{Llama, TokenBatch, llama::gather_rows};
 
 use crate::error::{Result, TrainError};
+use crate::frozen_cache::FrozenStates;
 use crate::setup::{LossTargets, Sample};
 
 /// Right-padded batch of whole samples (prompt, target, end-of-sequence).
@@ -60,7 +61,8 @@ pub fn training_positions(
 /// with `targets.history_from`, also the history items of [`training_positions`]), a scalar
 /// tensor on the model's device (differentiable on an autodiff device). With
 /// `targets.catalogue`, an item target's softmax runs over the item tokens only (the other
-/// targets keep the whole vocabulary); the mean is over all targets either way.
+/// targets keep the whole vocabulary); the mean is over all targets either way. With
+/// `frozen`, the frozen layers' part comes from its kept states.
 ///
 /// # Errors
 /// Token ids out of range, an empty batch.
@@ -69,14 +71,19 @@ pub fn target_loss(
     samples: &[&Sample],
     pad: u32,
     targets: LossTargets,
+    frozen: Option<&FrozenStates>,
 ) -> Result<Tensor<1>> {
     let batch = sample_batch(samples, pad)?;
     let (at, ids) = training_positions(samples, targets.history_from);
-    let Some((base, n_items)) = targets.catalogue else {
-        let logits = model.logits_at(&batch, &at)?;
-        return Ok(cross_entropy(logits, &ids));
+    let hidden = match frozen {
+        Some(f) => f.hidden_states(model, &batch)?,
+        None => model.hidden_states(&batch)?,
     };
-    let hidden = model.hidden_states(&batch)?;
+    let Some((base, n_items)) = targets.catalogue else {
+        // As Llama::logits_at: the head only at the target positions.
+        let rows = gather_rows(hidden, &at, "target_loss")?;
+        return Ok(cross_entropy(model.head(rows), &ids));
+    };
     let is_item = |t: u32| t >= base && ((t - base) as usize) < n_items;
     let (mut item_at, mut item_ids, mut text_at, mut text_ids) = (vec![], vec![], vec![], vec![]);
     for (&p, &t) in at.iter().zip(&ids) {

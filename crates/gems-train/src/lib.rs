@@ -28,6 +28,7 @@ pub mod eval;
 pub mod eval_cache;
 pub mod export;
 pub mod forward;
+pub mod frozen_cache;
 pub mod infer;
 pub mod nullspace;
 pub mod parity;

@@ -111,8 +111,7 @@ pub fn backend_parity(
     let mut first = None;
     for step in 1..=steps {
         let [model_ref, model_dev] = &models;
-        let (grads_ref, _) =
-            step_gradients(model_ref, &run.setup, &run.config, &run.tasks, &mut state, &mut perms)?;
+        let (grads_ref, _) = step_gradients(model_ref, run.parts(), &mut state, &mut perms, None)?;
         if step == 1 {
             first = Some(compare_first_batch(&run, model_ref, model_dev, &grads_ref)?);
         }
@@ -165,14 +164,8 @@ fn compare_first_batch(
 ) -> Result<FirstBatch> {
     let mut replay = TrainerState::default();
     let mut replay_perms = vec![None; Task::ALL.len()];
-    let (grads_dev, _) = step_gradients(
-        model_dev,
-        &run.setup,
-        &run.config,
-        &run.tasks,
-        &mut replay,
-        &mut replay_perms,
-    )?;
+    let (grads_dev, _) =
+        step_gradients(model_dev, run.parts(), &mut replay, &mut replay_perms, None)?;
     let mut losses = BTreeMap::new();
     let mut worst = (0.0, String::new());
     for (name, a, b) in

@@ -275,6 +275,34 @@ impl RunSetup {
         )
     }
 
+    /// The data, settings and tasks every step of the run reads.
+    pub(crate) fn parts(&self) -> (&Setup, &TrainConfig, &[Task]) {
+        (&self.setup, &self.config, &self.tasks)
+    }
+
+    /// The kept frozen states of `model` (the model to train) when `model.frozen_cache` asks
+    /// for them, with the rows its cache file already holds.
+    ///
+    /// # Errors
+    /// No frozen layer, a damaged cache file.
+    pub fn frozen_states(
+        &self,
+        model: &Llama,
+        reporter: &Reporter,
+    ) -> Result<Option<crate::frozen_cache::FrozenStates>> {
+        let Some(dir) = &self.config.model.frozen_cache else { return Ok(None) };
+        let key = model_key(&self.model_path, &self.config);
+        let states = crate::frozen_cache::FrozenStates::open(dir, model, &key)?;
+        reporter.note(|| {
+            format!(
+                "frozen states: {} rows kept in {}",
+                states.stats().loaded,
+                states.file().display()
+            )
+        });
+        Ok(Some(states))
+    }
+
     /// What every optimizer step writes back for `--embeddings items` with an untied head
     /// ([`FrozenRows`]); `None` when nothing needs it.
     pub(crate) fn frozen_rows(&self, device: &Device) -> Option<FrozenRows> {

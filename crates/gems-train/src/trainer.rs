@@ -32,6 +32,7 @@ use crate::config::{StopMetric, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::{EvalOptions, evaluate, perplexity, text_windows};
 use crate::forward::target_loss;
+use crate::frozen_cache::FrozenStates;
 use crate::progress::{Event, Phase, Reporter};
 pub use crate::run_setup::resolved_config;
 use crate::run_setup::{FrozenRows, RunSetup, lora_config};
@@ -70,8 +71,9 @@ fn task_gradient(
     samples: &[&Sample],
     pad: u32,
     targets: LossTargets,
+    frozen: Option<&FrozenStates>,
 ) -> Result<TaskGradient> {
-    let loss = target_loss(model, samples, pad, targets)?;
+    let loss = target_loss(model, samples, pad, targets, frozen)?;
     let value = crate::forward::read_f32(loss.clone(), "task_gradient")?[0] as f64;
     let grads = GradientsParams::from_grads(loss.backward(), model);
     Ok(TaskGradient { grads, samples: samples.len(), loss: value })
@@ -308,21 +310,23 @@ fn finish_run(
     gems_metrics::record::write_summary(run_dir, &summary)?;
     Ok(summary)
 }
-/// One optimizer step's gradients (see [`step_batches`]) and the tokens they held.
+/// One optimizer step's gradients (see [`step_batches`]) and the tokens they held; with
+/// `frozen`, the frozen layers' part of each batch comes from its kept states.
 pub(crate) fn step_gradients(
     model: &Llama,
-    setup: &Setup,
-    config: &TrainConfig,
-    tasks: &[Task],
+    run: (&Setup, &TrainConfig, &[Task]),
     state: &mut TrainerState,
     perms: &mut [Option<(u64, Vec<usize>)>],
+    frozen: Option<&FrozenStates>,
 ) -> Result<(StepGradients, usize)> {
+    let (setup, config, tasks) = run;
     let mut windows: Vec<GradientWindow> = tasks.iter().map(|_| GradientWindow::new()).collect();
     let mut tokens = 0usize;
     for (task, batch) in step_batches(setup, config, tasks, state, perms) {
         let k = tasks.iter().position(|&t| t == task).unwrap_or_default();
         tokens += batch.iter().map(|s| s.ids.len()).sum::<usize>();
-        let g = task_gradient(model, &batch, setup.corpus.eos_id, setup.loss_targets(task))?;
+        let targets = setup.loss_targets(task);
+        let g = task_gradient(model, &batch, setup.corpus.eos_id, targets, frozen)?;
         windows[k].add(model, g);
     }
     let mut grads = StepGradients::default();
@@ -424,6 +428,7 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
     let mut optimizer = assembled.optimizer(resume, run_dir, &train_device, reporter)?;
     let mut model = assembled.model_to_train(resume, &train_device)?;
     let run = Run {
+        frozen_states: assembled.frozen_states(&model, reporter)?,
         frozen: assembled.frozen_rows(&train_device),
         n_train: tasks.iter().map(|&t| setup.train_rows(t).len()).collect(),
         setup,
@@ -444,10 +449,12 @@ pub fn train(config: &TrainConfig, run_dir: &Path, options: &RunOptions) -> Resu
         if run.after_step(&model, &optimizer, &mut state, steps_here, reporter)? {
             progress
                 .finish(Some(format!("stopped after step {} (resume to continue)", state.step)));
+            run.save_frozen_states(reporter)?;
             return Ok(RunOutcome::Stopped { step: state.step });
         }
     }
     progress.finish(Some(format!("{} steps", state.step)));
+    run.save_frozen_states(reporter)?;
 
     let summary =
         finish_run(&model, setup, config, tasks, &optimizer, &state, before, run_dir, reporter)?;
@@ -462,6 +469,8 @@ struct Run<'a> {
     tasks: &'a [Task],
     run_dir: &'a Path,
     frozen: Option<FrozenRows>,
+    /// The kept states entering the first tuned layer (`model.frozen_cache`).
+    frozen_states: Option<FrozenStates>,
     /// Training samples per task (for the epoch in the log).
     n_train: Vec<usize>,
 }
@@ -478,8 +487,9 @@ impl Run<'_> {
         progress: &Phase,
     ) -> Result<Llama> {
         let started = Instant::now();
+        let run = (self.setup, self.config, self.tasks);
         let (grads, tokens) =
-            step_gradients(&model, self.setup, self.config, self.tasks, state, perms)?;
+            step_gradients(&model, run, state, perms, self.frozen_states.as_ref())?;
         let lr = self.config.schedule.lr_at(state.step + 1);
         let (next, report) = optimizer.step_owned(lr, model, grads)?;
         let model = match &self.frozen {
@@ -505,6 +515,24 @@ impl Run<'_> {
         let step = StepLog { lr, tokens, seconds, report: &report };
         log_step(&step, state, self.tasks, &self.n_train, self.run_dir, progress)?;
         Ok(model)
+    }
+
+    /// Saves the kept frozen states (`model.frozen_cache`) for later runs, and says how many
+    /// rows were reused.
+    fn save_frozen_states(&self, reporter: &Reporter) -> Result<()> {
+        let Some(f) = &self.frozen_states else { return Ok(()) };
+        let stats = f.stats();
+        let in_file = f.save()?;
+        reporter.note(|| {
+            format!(
+                "frozen states: {} rows used, {} of them from the cache; {} rows in {}",
+                stats.rows,
+                stats.loaded,
+                in_file,
+                f.file().display()
+            )
+        });
+        Ok(())
     }
 
     /// After a step: validation and early stopping when due, then a checkpoint when due.

@@ -827,9 +827,9 @@ fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
         t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0] as f64
     };
     let vocabulary =
-        scalar(target_loss(model, &samples, corpus.eos_id, LossTargets::default()).unwrap());
+        scalar(target_loss(model, &samples, corpus.eos_id, LossTargets::default(), None).unwrap());
     let targets = LossTargets { history_from: None, catalogue: Some((base, n)) };
-    let catalogue = scalar(target_loss(model, &samples, corpus.eos_id, targets).unwrap());
+    let catalogue = scalar(target_loss(model, &samples, corpus.eos_id, targets, None).unwrap());
 
     let batch = sample_batch(&samples, corpus.eos_id).unwrap();
     let (at, ids) = target_positions(&samples);
@@ -940,4 +940,73 @@ fn an_untied_head_trains_its_item_columns_and_leaves_the_input_rows() {
         }
     }
     assert!(items_moved && !text_moved, "item columns train, text columns stay");
+}
+
+/// `model.frozen_cache`: training from kept frozen states follows training without them to
+/// rounding, gives the same run whether the cache file was empty or full (each row's states
+/// are computed alone), is shared by a later run, and refuses a damaged file and a tied head.
+#[test]
+fn kept_frozen_states_train_as_the_full_forward_does_and_are_shared() {
+    use gems_metrics::MetricsLine;
+    use gems_train::config::EmbeddingPolicy;
+    let (root, mut config) = setup(3);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.eval.every = 0;
+    config.model.tune_layers = Some(1);
+    config.model.embeddings = EmbeddingPolicy::Items;
+    config.model.untie_head = true;
+    let losses = |run: &Path| -> Vec<f64> {
+        let lines = gems_metrics::read_metrics_lines(&run.join("metrics.jsonl")).unwrap();
+        let train = lines.into_iter().filter_map(|l| match l {
+            MetricsLine::Train(t) => Some([t.loss_rec, t.loss_search]),
+            _ => None,
+        });
+        train.flatten().map(Option::unwrap).collect()
+    };
+    let after = |s: &RunSummary| {
+        let mut v = serde_json::to_value(s.after.as_ref().unwrap()).unwrap();
+        v["seconds"] = serde_json::Value::Null;
+        v
+    };
+    let plain = root.path().join("runs/plain");
+    let plain_summary = finished(train(&config, &plain, &options(false)).unwrap());
+
+    let cache = root.path().join("frozen-cache");
+    config.model.frozen_cache = Some(cache.clone());
+    let cold = root.path().join("runs/cold");
+    let cold_summary = finished(train(&config, &cold, &options(false)).unwrap());
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one cache file: {files:?}");
+    let file_bytes = std::fs::read(&files[0]).unwrap();
+    assert!(file_bytes.len() > 1000);
+
+    // The same rows from the file: the same run to the last bit.
+    let warm = root.path().join("runs/warm");
+    let warm_summary = finished(train(&config, &warm, &options(false)).unwrap());
+    assert_eq!(losses(&cold), losses(&warm));
+    assert_eq!(after(&cold_summary), after(&warm_summary));
+    assert_eq!(std::fs::read(&files[0]).unwrap(), file_bytes, "nothing new to keep");
+
+    // Against every layer at every step: rounding apart, the same losses.
+    let (a, b) = (losses(&plain), losses(&cold));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{a:?} against {b:?}");
+    }
+    let (pa, pb) = (after(&plain_summary), after(&cold_summary));
+    assert_eq!(pa["full"]["rec"]["examples"], pb["full"]["rec"]["examples"]);
+
+    // A damaged file is named, not rebuilt behind the user's back.
+    let mut bad = file_bytes.clone();
+    bad[30] ^= 0xff;
+    std::fs::write(&files[0], &bad).unwrap();
+    let err = train(&config, &root.path().join("runs/damaged"), &options(false)).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("frozen-") && msg.contains("checksum"), "{msg}");
+
+    // A tied head trains the rows the frozen layers read: refused.
+    config.model.untie_head = false;
+    let err = train(&config, &root.path().join("runs/tied"), &options(false)).unwrap_err();
+    assert!(err.to_string().contains("model.frozen_cache needs input rows"), "{err}");
 }
