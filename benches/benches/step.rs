@@ -23,6 +23,13 @@
 //! - `head_backward` (measured apart, not part of the step): forward and backward of the head
 //!   alone on detached hidden states, i.e. the dense 53,496 x 576 embedding gradient's share.
 //!
+//! `--frozen-cache` (with `--preset`) times the step as `gems train --untie-head
+//! --frozen-cache DIR` runs it once its rows are kept: the untied head, and the decoder phase
+//! reading every row's states entering the first tuned layer from the kept states
+//! (`gems_train::frozen_cache`) instead of running the 26 frozen layers. The states of every
+//! timed batch are computed (each row alone) before the timed steps; `frozen_fill` is that
+//! time per step's rows, the extra cost of a row's first epoch.
+//!
 //! Tokens/s counts real (unpadded) tokens. Peak memory is the process's peak resident set.
 //! Matrix-product work: the step's matmul flops are counted from the model's shape and each
 //! batch's padded size (forward of every layer, backward of the trained layers at twice
@@ -35,7 +42,7 @@
 //! (benches/peer/step_torch.py), which times the same step on the same batches.
 //!
 //! `cargo bench -p gems-benches --bench step -- [--method gems] [--preset | --layers 8]
-//! [--steps 6] [--warmup 1] [--borrowed] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
+//! [--steps 6] [--warmup 1] [--borrowed] [--frozen-cache] [--dump runs/peer] [--json FILE]`; `cargo xtask bench-step` runs it beside
 //! the peer, alternating, and writes the table (docs/benchmarks.md).
 
 use std::path::PathBuf;
@@ -47,6 +54,7 @@ use gems_data::Task;
 use gems_model::{Llama, LlamaConfig};
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
 use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
+use gems_train::frozen_cache::FrozenStates;
 use gems_train::peer::{self, PeerBatches};
 use gems_train::{Sample, TrainConfig};
 use serde_json::json;
@@ -60,6 +68,7 @@ struct Args {
     dump: Option<PathBuf>,
     json: Option<PathBuf>,
     borrowed: bool,
+    frozen_cache: bool,
 }
 
 fn args() -> Args {
@@ -72,6 +81,7 @@ fn args() -> Args {
         dump: None,
         json: None,
         borrowed: false,
+        frozen_cache: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -89,6 +99,7 @@ fn args() -> Args {
             "--dump" => a.dump = Some(from_workspace(v())),
             "--json" => a.json = Some(from_workspace(v())),
             "--borrowed" => a.borrowed = true,
+            "--frozen-cache" => a.frozen_cache = true,
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -127,17 +138,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Matmul flops of one task batch of `rows` x `width` (padded) tokens with `targets` target
-/// positions (see the module documentation for what is counted).
+/// positions (see the module documentation for what is counted); `forward_layers` is how many
+/// layers run forward (all, or the trained ones when the frozen states are kept).
 fn batch_matmul_flops(
     cfg: &gems_model::LlamaConfig,
     vocab: usize,
-    trained_layers: usize,
+    (forward_layers, trained_layers): (usize, usize),
     rows: usize,
     width: usize,
     targets: usize,
 ) -> f64 {
     let layer = gems_benches::layer_flops(cfg, rows, width);
-    let forward_and_backward = (cfg.num_hidden_layers + 2 * trained_layers) as f64;
+    let forward_and_backward = (forward_layers + 2 * trained_layers) as f64;
     layer * forward_and_backward + 3.0 * gems_benches::head_flops(cfg, vocab, targets)
 }
 
@@ -158,6 +170,8 @@ fn main() {
     let samples = peer::sample_steps(&run, a.steps);
     let setup = &run.setup;
     let cfg = &setup.pretrained.model.config;
+    let frozen = run.frozen_states(&model, &Default::default()).expect("frozen states");
+    let frozen_fill = frozen.as_ref().map(|f| fill_frozen(f, &model, &samples, setup));
     let bench = StepBench {
         config: &config,
         cfg,
@@ -165,6 +179,7 @@ fn main() {
         trained_layers: batches.layers - batches.frozen_layers,
         pad: setup.corpus.eos_id,
         borrowed: a.borrowed,
+        frozen: frozen.as_ref(),
     };
     let mut rows = Vec::new();
     for (step, batches) in samples.iter().enumerate() {
@@ -184,7 +199,8 @@ fn main() {
         head_backward,
         optimizer: &optimizer,
     };
-    let summary = summary(&a, &rows, &measured);
+    let mut summary = summary(&a, &rows, &measured);
+    summary["frozen_fill"] = json!(frozen_fill);
     println!("{summary}");
     if let Some(path) = a.json {
         std::fs::write(
@@ -200,6 +216,12 @@ fn main() {
 /// of the first table of docs/benchmarks.md.
 fn bench_config(a: &Args) -> TrainConfig {
     let mut config = TrainConfig::cpu_preset();
+    if a.frozen_cache {
+        assert!(a.preset, "--frozen-cache needs --preset (frozen lower layers)");
+        config.model.untie_head = true;
+        let dir = std::env::temp_dir().join(format!("gems-bench-frozen-{}", std::process::id()));
+        config.model.frozen_cache = Some(dir);
+    }
     if !a.preset {
         // The first table of docs/benchmarks.md: every kept layer and embedding row trained,
         // unbucketed batches (it predates the full-depth preset and length bucketing).
@@ -226,6 +248,8 @@ struct StepBench<'a> {
     trained_layers: usize,
     pad: u32,
     borrowed: bool,
+    /// The kept frozen states (`--frozen-cache`), filled for every timed batch.
+    frozen: Option<&'a FrozenStates>,
 }
 
 /// The running totals of one step: phase seconds (decoder, head, backward, grads, optimizer),
@@ -296,16 +320,22 @@ impl StepBench<'_> {
         let tb = sample_batch(batch, self.pad).expect("batch");
         tally.padded += tb.batch_size * tb.seq_len;
         let (at, ids) = target_positions(batch);
+        let forward_layers =
+            if self.frozen.is_some() { self.trained_layers } else { self.cfg.num_hidden_layers };
         tally.flops += batch_matmul_flops(
             self.cfg,
             self.vocab,
-            self.trained_layers,
+            (forward_layers, self.trained_layers),
             tb.batch_size,
             tb.seq_len,
             at.len(),
         );
         let c = Instant::now();
-        let hidden = model.hidden_states(&tb).expect("forward");
+        let hidden = match self.frozen {
+            Some(f) => f.hidden_states(model, &tb),
+            None => model.hidden_states(&tb).map_err(Into::into),
+        }
+        .expect("forward");
         let _ = read_f32(hidden.clone().slice([0..1, 0..1, 0..1]), "sync");
         t[0] += c.elapsed().as_secs_f64();
         let c = Instant::now();
@@ -323,6 +353,22 @@ impl StepBench<'_> {
             .add(model, TaskGradient { grads, samples: batch.len(), loss: value });
         t[3] += c.elapsed().as_secs_f64();
     }
+}
+
+/// Computes the kept states of every row of `samples` (each row alone, as a run's first epoch
+/// does); returns the seconds per step.
+fn fill_frozen(
+    frozen: &FrozenStates,
+    model: &Llama,
+    samples: &[Vec<(Task, Vec<&Sample>)>],
+    setup: &gems_train::setup::Setup,
+) -> f64 {
+    let started = Instant::now();
+    for (_, batch) in samples.iter().flatten() {
+        let tb = sample_batch(batch, setup.corpus.eos_id).expect("batch");
+        frozen.keep(model, &tb).expect("frozen states");
+    }
+    started.elapsed().as_secs_f64() / samples.len().max(1) as f64
 }
 
 /// Seconds of forward and backward of the head alone on detached hidden states of `batch`.

@@ -105,6 +105,18 @@ impl FrozenStates {
         Ok(model.hidden_states_from(batch, frozen)?)
     }
 
+    /// Computes and keeps the states of the rows of the right-padded `batch` not kept yet,
+    /// without running the trainable layers.
+    ///
+    /// # Errors
+    /// A batch that is not right-padded, a failed forward pass or read-back.
+    pub fn keep(&self, model: &Llama, batch: &TokenBatch) -> Result<()> {
+        for r in 0..batch.batch_size {
+            self.row_states(model, real_tokens(batch, r)?)?;
+        }
+        Ok(())
+    }
+
     /// One row's states, `[len * hidden]`: kept, or computed alone and kept.
     fn row_states(&self, model: &Llama, row: &[u32]) -> Result<Arc<[f32]>> {
         if let Some(s) = self.lock().get(row) {
