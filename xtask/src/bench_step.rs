@@ -5,7 +5,10 @@
 //! dumps the model and batches) and `benches/peer/step_torch.py` once on that dump (our AdamW
 //! form over the parameters the Rust side trains: the peer of `full`). `--preset` measures the
 //! CPU preset as `gems train --preset cpu` trains it (30 layers, top 4 tuned, item rows only,
-//! bucketed batches); without it the older shape (`--layers N`, everything trained). The table takes, per side, the median over
+//! bucketed batches); without it the older shape (`--layers N`, everything trained). A method
+//! written `gems+frozen` (with `--preset`) runs the bench's `--frozen-cache` shape: the untied
+//! head and the kept states entering the first tuned layer, as `gems train --untie-head
+//! --frozen-cache DIR` steps once its rows are kept. The table takes, per side, the median over
 //! rounds of each run's median step (the first step of each run left out).
 
 use std::path::{Path, PathBuf};
@@ -50,7 +53,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--out" => o.out = value("--out")?.into(),
             other => bail!(
                 "unknown argument `{other}` (usage: cargo xtask bench-step [--rounds 3] [--steps 6] \
-                 [--preset | --layers 8] [--methods full,gems] [--python python3] [--threads 2] [--out DIR])"
+                 [--preset | --layers 8] [--methods full,gems,gems+frozen] [--python python3] [--threads 2] [--out DIR])"
             ),
         }
     }
@@ -153,7 +156,7 @@ pub fn bench_step(args: &[String]) -> Result<()> {
     let mut sides: Vec<(String, Vec<[f64; 7]>)> = o
         .methods
         .iter()
-        .map(|m| (format!("gems train --method {m}"), Vec::new()))
+        .map(|m| (side_name(m), Vec::new()))
         .chain(std::iter::once(("PyTorch peer (AdamW, our form)".to_string(), Vec::new())))
         .collect();
     let mut loads = Vec::new();
@@ -161,7 +164,15 @@ pub fn bench_step(args: &[String]) -> Result<()> {
         for (k, method) in o.methods.iter().enumerate() {
             loads.push(format!("round {round} {method}: {}", load_average()));
             let mut args: Vec<&str> = vec!["bench", "-p", "gems-benches", "--bench", "step", "--"];
-            args.extend(["--method", method, "--steps", &steps, "--dump", &dump_text]);
+            let (name, frozen) = match method.strip_suffix("+frozen") {
+                Some(name) => (name, true),
+                None => (method.as_str(), false),
+            };
+            ensure!(!frozen || o.preset, "{method}: kept frozen states need --preset");
+            args.extend(["--method", name, "--steps", &steps, "--dump", &dump_text]);
+            if frozen {
+                args.push("--frozen-cache");
+            }
             args.extend(shape.iter().map(String::as_str));
             let stdout = capture("cargo", &args)?;
             std::fs::write(o.out.join(format!("rust-{method}-{round}.jsonl")), &stdout)?;
@@ -181,6 +192,14 @@ pub fn bench_step(args: &[String]) -> Result<()> {
     std::fs::write(o.out.join("table.md"), &table)?;
     println!("{table}");
     Ok(())
+}
+
+/// A side's row name: `gems+frozen` is the untied head with the kept frozen states.
+fn side_name(method: &str) -> String {
+    match method.strip_suffix("+frozen") {
+        Some(m) => format!("gems train --method {m} --untie-head --frozen-cache (rows kept)"),
+        None => format!("gems train --method {method}"),
+    }
 }
 
 /// The step bench's arguments that choose what is measured.

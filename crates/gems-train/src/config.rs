@@ -736,6 +736,22 @@ impl TrainConfig {
         if self.eval.perplexity_window < 2 || self.null_space.window < 1 {
             return bad("eval.perplexity_window must be >= 2 and null_space.window >= 1".into());
         }
+        self.validate_model()?;
+        if self.optimizer.method == Method::Lora {
+            if self.lora.rank == 0 {
+                return bad("lora.rank must be positive".into());
+            }
+            if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+                return bad(format!("lora.alpha must be finite and > 0, got {}", self.lora.alpha));
+            }
+        }
+        self.optimizer.validate()?;
+        Ok(())
+    }
+
+    /// [`Self::validate`]'s checks of the model settings.
+    fn validate_model(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
         let scale = self.model.item_collab_scale;
         if !(scale.is_finite() && scale >= 0.0) {
             return bad(format!("model.item_collab_scale must be finite and >= 0, got {scale}"));
@@ -767,15 +783,6 @@ impl TrainConfig {
                 ));
             }
         }
-        if self.optimizer.method == Method::Lora {
-            if self.lora.rank == 0 {
-                return bad("lora.rank must be positive".into());
-            }
-            if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
-                return bad(format!("lora.alpha must be finite and > 0, got {}", self.lora.alpha));
-            }
-        }
-        self.optimizer.validate()?;
         Ok(())
     }
 
