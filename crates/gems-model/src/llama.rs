@@ -1336,4 +1336,40 @@ mod schema_tests {
         let wrong = Tensor::<3>::zeros([1, t, d], &device);
         assert!(model.hidden_states_from(&batch, wrong).is_err());
     }
+
+    #[test]
+    fn rows_of_one_length_batched_without_padding_are_each_row_alone_to_the_bit() {
+        // What the frozen-states cache (gems_train::frozen_cache) computes its missing rows
+        // with: rows of one length stacked without padding give every row exactly the states
+        // it has alone, whatever the number of rows beside it, at SmolLM2-135M's widths.
+        let c = config(
+            r#", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 2,
+            "num_attention_heads": 9, "num_key_value_heads": 3"#,
+        );
+        let device = Device::flex().autodiff();
+        let model = Llama::init_random(&c, 7, &device).unwrap().freeze_lower_layers(1).unwrap();
+        let host = |x: Tensor<3>| to_host(x, "test").unwrap().data;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for len in [3usize, 37] {
+            let rows: Vec<Vec<u32>> = (0..17u32)
+                .map(|r| (0..len as u32).map(|i| (r * 7 + i * 3) % 16).collect())
+                .collect();
+            let alone: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|row| {
+                    let one = TokenBatch::new(row.clone(), vec![true; len], 1, len).unwrap();
+                    host(model.frozen_states(&one).unwrap())
+                })
+                .collect();
+            for n in [2usize, 3, 5, 17] {
+                let ids: Vec<u32> = rows[..n].iter().flatten().copied().collect();
+                let batch = TokenBatch::new(ids, vec![true; n * len], n, len).unwrap();
+                let together = host(model.frozen_states(&batch).unwrap());
+                for (r, want) in alone[..n].iter().enumerate() {
+                    let got = &together[r * len * 576..(r + 1) * len * 576];
+                    assert_eq!(bits(got), bits(want), "length {len}, {n} rows, row {r}");
+                }
+            }
+        }
+    }
 }

@@ -94,39 +94,48 @@ impl FrozenStates {
     /// # Errors
     /// A batch that is not right-padded, a failed forward pass or read-back.
     pub fn hidden_states(&self, model: &Llama, batch: &TokenBatch) -> Result<Tensor<3>> {
+        self.keep(model, batch)?;
         let (b, t, d) = (batch.batch_size, batch.seq_len, self.hidden);
         let mut states = vec![0f32; b * t * d];
+        let rows = self.lock();
         for r in 0..b {
             let row = real_tokens(batch, r)?;
-            let kept = self.row_states(model, row)?;
-            states[r * t * d..][..kept.len()].copy_from_slice(&kept);
+            let kept = rows.get(row).ok_or_else(|| {
+                TrainError::Training(format!("frozen states: row {r} was not kept"))
+            })?;
+            states[r * t * d..][..kept.len()].copy_from_slice(kept);
         }
+        drop(rows);
         let frozen = Tensor::<3>::from_data(TensorData::new(states, [b, t, d]), &model.device());
         Ok(model.hidden_states_from(batch, frozen)?)
     }
 
     /// Computes and keeps the states of the rows of the right-padded `batch` not kept yet,
-    /// without running the trainable layers.
+    /// without running the trainable layers: the missing rows of each length together, as
+    /// one batch without padding ([`rows_states`]).
     ///
     /// # Errors
     /// A batch that is not right-padded, a failed forward pass or read-back.
     pub fn keep(&self, model: &Llama, batch: &TokenBatch) -> Result<()> {
-        for r in 0..batch.batch_size {
-            self.row_states(model, real_tokens(batch, r)?)?;
+        let mut missing: Vec<&[u32]> = Vec::new();
+        {
+            let rows = self.lock();
+            for r in 0..batch.batch_size {
+                let row = real_tokens(batch, r)?;
+                if !rows.contains_key(row) && !missing.contains(&row) {
+                    missing.push(row);
+                }
+            }
+        }
+        missing.sort_by_key(|r| r.len());
+        for group in missing.chunk_by(|a, b| a.len() == b.len()) {
+            let states = rows_states(model, group)?;
+            let mut rows = self.lock();
+            for (row, s) in group.iter().zip(states) {
+                rows.insert(row.to_vec(), s);
+            }
         }
         Ok(())
-    }
-
-    /// One row's states, `[len * hidden]`: kept, or computed alone and kept.
-    fn row_states(&self, model: &Llama, row: &[u32]) -> Result<Arc<[f32]>> {
-        if let Some(s) = self.lock().get(row) {
-            return Ok(s.clone());
-        }
-        let alone = TokenBatch::new(row.to_vec(), vec![true; row.len()], 1, row.len())?;
-        let states: Arc<[f32]> =
-            read_f32(model.frozen_states(&alone)?, "FrozenStates::row_states")?.into();
-        self.lock().insert(row.to_vec(), states.clone());
-        Ok(states)
     }
 
     /// Writes the kept rows, with those another run added to the file meanwhile, atomically
@@ -151,6 +160,17 @@ impl FrozenStates {
         gems_io::write_atomic(&self.file, &encode(&rows, self.hidden))?;
         Ok(rows.len())
     }
+}
+
+/// The frozen states of `rows`, all of one length, as one batch without padding: each row's
+/// are those of the row alone, to the bit (the products' sums run in the same order whatever
+/// the number of rows; tested), so a row's states do not depend on the rows beside it.
+fn rows_states(model: &Llama, rows: &[&[u32]]) -> Result<Vec<Arc<[f32]>>> {
+    let len = rows.first().map_or(0, |r| r.len());
+    let ids: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    let batch = TokenBatch::new(ids, vec![true; rows.len() * len], rows.len(), len)?;
+    let states = read_f32(model.frozen_states(&batch)?, "FrozenStates::keep")?;
+    Ok(states.chunks(len * model.config.hidden_size).map(Arc::from).collect())
 }
 
 /// Row `r`'s real tokens of a right-padded batch.
