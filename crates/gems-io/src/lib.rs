@@ -79,10 +79,27 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// # Errors
 /// I/O failures, naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes, streamed through a buffer (for files too large
+/// to hold twice in memory).
+///
+/// # Errors
+/// I/O failures, naming the file.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<()> {
     use std::io::Write;
     let tmp = sibling(path, "tmp");
     let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
+            write(&mut w)?;
+            w.flush()?;
+            w.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()
+        })
         .map_err(|e| Error::io(&tmp, e))
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if let Err(e) = written {

@@ -20,6 +20,7 @@
 //! that. A damaged file is an error naming it, never a silent rebuild.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -68,7 +69,8 @@ impl FrozenStates {
         let key = cache_key(model, model_key)?;
         let file = dir.join(format!("frozen-{}.bin", &key[..16]));
         let hidden = model.config.hidden_size;
-        let rows = if file.is_file() { read_file(&file, hidden)? } else { HashMap::new() };
+        let rows =
+            if file.is_file() { read_file(&file, hidden, |_| true)? } else { HashMap::new() };
         let loaded = rows.len();
         Ok(Self { file, hidden, rows: Mutex::new(rows), loaded })
     }
@@ -139,25 +141,25 @@ impl FrozenStates {
     }
 
     /// Writes the kept rows, with those another run added to the file meanwhile, atomically
-    /// to the cache file; nothing when the file already holds every row. Returns the rows in
-    /// the file.
+    /// to the cache file, streamed (memory holds the rows once); nothing when this run added
+    /// no row. Returns the rows written (or read, when nothing was written).
     ///
     /// # Errors
     /// A damaged cache file, I/O failures.
     pub fn save(&self) -> Result<usize> {
         let mut rows = self.lock();
-        let on_disk =
-            if self.file.is_file() { read_file(&self.file, self.hidden)? } else { HashMap::new() };
-        if rows.keys().all(|k| on_disk.contains_key(k)) {
-            return Ok(on_disk.len());
+        if rows.len() == self.loaded && self.file.is_file() {
+            return Ok(self.loaded);
         }
-        for (k, v) in on_disk {
-            rows.entry(k).or_insert(v);
+        if self.file.is_file() {
+            // Rows another run added since this one opened the file.
+            let others = read_file(&self.file, self.hidden, |ids| !rows.contains_key(ids))?;
+            rows.extend(others);
         }
         if let Some(dir) = self.file.parent() {
             std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         }
-        gems_io::write_atomic(&self.file, &encode(&rows, self.hidden))?;
+        gems_io::write_atomic_with(&self.file, |w| encode(&rows, self.hidden, w))?;
         Ok(rows.len())
     }
 }
@@ -208,43 +210,76 @@ fn cache_key(model: &Llama, model_key: &str) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-fn encode(rows: &HashMap<Vec<u32>, Arc<[f32]>>, hidden: usize) -> Vec<u8> {
+/// Writes `rows` in the file layout (module documentation), rows in id order.
+fn encode(
+    rows: &HashMap<Vec<u32>, Arc<[f32]>>,
+    hidden: usize,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let mut keys: Vec<&Vec<u32>> = rows.keys().collect();
     keys.sort();
-    let size: usize = keys.iter().map(|k| 4 + k.len() * (4 + 4 * hidden)).sum();
-    let mut out = Vec::with_capacity(20 + size + 32);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(hidden as u32).to_le_bytes());
-    out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    let mut out = Hashing { inner: out, sum: Sha256::new() };
+    out.write_all(MAGIC)?;
+    out.write_all(&(hidden as u32).to_le_bytes())?;
+    out.write_all(&(keys.len() as u64).to_le_bytes())?;
+    let mut buf = Vec::new();
     for k in keys {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        k.iter().for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
-        rows[k].iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        buf.clear();
+        buf.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        k.iter().for_each(|t| buf.extend_from_slice(&t.to_le_bytes()));
+        rows[k].iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+        out.write_all(&buf)?;
     }
-    let sum = Sha256::digest(&out);
-    out.extend_from_slice(&sum);
-    out
+    let sum = out.sum.finalize();
+    out.inner.write_all(&sum)
 }
 
-fn read_file(path: &Path, hidden: usize) -> Result<HashMap<Vec<u32>, Arc<[f32]>>> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-    decode(&bytes, hidden).map_err(|detail| {
+/// A writer that hashes what passes through it.
+struct Hashing<'a> {
+    inner: &'a mut dyn Write,
+    sum: Sha256,
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The rows of the cache file `path` for which `wanted(ids)` holds (the others are read,
+/// checked and dropped), streamed: memory is what is kept, not the file.
+fn read_file(
+    path: &Path,
+    hidden: usize,
+    wanted: impl Fn(&[u32]) -> bool,
+) -> Result<HashMap<Vec<u32>, Arc<[f32]>>> {
+    let file = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let len = file.metadata().map_err(|e| TrainError::io(path, e))?.len();
+    decode(std::io::BufReader::new(file), len, hidden, wanted).map_err(|detail| {
         TrainError::format(path, format!("{detail}; delete the file to rebuild the cache"))
     })
 }
 
+/// Reads the file layout from `input` of `len` bytes, checking the checksum at the end.
 fn decode(
-    bytes: &[u8],
+    input: impl Read,
+    len: u64,
     hidden: usize,
+    wanted: impl Fn(&[u32]) -> bool,
 ) -> std::result::Result<HashMap<Vec<u32>, Arc<[f32]>>, String> {
-    if bytes.len() < 20 + 32 || &bytes[..8] != MAGIC {
+    if len < 20 + 32 {
+        return Err("not a frozen-states cache file (too short)".into());
+    }
+    let body = len - 32;
+    let mut r = Reader { input, left: body, sum: Sha256::new() };
+    if &r.take::<8>()? != MAGIC {
         return Err("not a frozen-states cache file (bad header)".into());
     }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if Sha256::digest(body).as_slice() != sum {
-        return Err("checksum mismatch (a damaged or truncated file)".into());
-    }
-    let mut r = Reader { bytes: body, at: 8 };
     let h = r.u32()? as usize;
     if h != hidden {
         return Err(format!("hidden size {h}, the model's is {hidden}"));
@@ -252,32 +287,46 @@ fn decode(
     let n = r.u64()?;
     let mut rows = HashMap::new();
     for i in 0..n {
-        let len = r.u32()? as usize;
-        if len == 0 || len.saturating_mul(4 + 4 * hidden) > body.len() - r.at {
+        let len = r.u32()? as u64;
+        if len == 0 || len.saturating_mul(4 + 4 * hidden as u64) > r.left {
             return Err(format!("row {i}: length {len} runs past the end of the file"));
         }
         let ids: Vec<u32> = (0..len).map(|_| r.u32()).collect::<std::result::Result<_, _>>()?;
-        let states: Vec<f32> = (0..len * hidden)
+        let states: Vec<f32> = (0..len as usize * hidden)
             .map(|_| r.u32().map(f32::from_bits))
             .collect::<std::result::Result<_, _>>()?;
-        rows.insert(ids, states.into());
+        if wanted(&ids) {
+            rows.insert(ids, states.into());
+        }
     }
-    if r.at != body.len() {
-        return Err(format!("{} bytes after the last row", body.len() - r.at));
+    if r.left != 0 {
+        return Err(format!("{} bytes after the last row", r.left));
+    }
+    let sum = r.sum.finalize();
+    let mut stored = [0u8; 32];
+    r.input.read_exact(&mut stored).map_err(|_| "the file ends early".to_string())?;
+    if sum.as_slice() != stored {
+        return Err("checksum mismatch (a damaged or truncated file)".into());
     }
     Ok(rows)
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// Little-endian reads from the body of a cache file, hashed, never past its end.
+struct Reader<R> {
+    input: R,
+    left: u64,
+    sum: Sha256,
 }
 
-impl Reader<'_> {
+impl<R: Read> Reader<R> {
     fn take<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
-        let s = self.bytes.get(self.at..self.at + N).ok_or("the file ends early")?;
-        self.at += N;
-        Ok(s.try_into().unwrap_or([0; N]))
+        let mut b = [0u8; N];
+        if self.left < N as u64 || self.input.read_exact(&mut b).is_err() {
+            return Err("the file ends early".into());
+        }
+        self.left -= N as u64;
+        self.sum.update(b);
+        Ok(b)
     }
     fn u32(&mut self) -> std::result::Result<u32, String> {
         self.take::<4>().map(u32::from_le_bytes)
@@ -298,24 +347,36 @@ mod tests {
         rows
     }
 
+    fn bytes(rows: &HashMap<Vec<u32>, Arc<[f32]>>, hidden: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(rows, hidden, &mut out).unwrap();
+        out
+    }
+
+    fn read(b: &[u8], hidden: usize) -> std::result::Result<HashMap<Vec<u32>, Arc<[f32]>>, String> {
+        decode(b, b.len() as u64, hidden, |_| true)
+    }
+
     #[test]
     fn files_round_trip_and_damage_is_refused() {
-        let bytes = encode(&sample(), 2);
-        assert_eq!(decode(&bytes, 2).unwrap(), sample());
-        assert!(decode(&bytes, 3).unwrap_err().contains("hidden size 2"));
+        let bytes = bytes(&sample(), 2);
+        assert_eq!(read(&bytes, 2).unwrap(), sample());
+        assert!(read(&bytes, 3).unwrap_err().contains("hidden size 2"));
+        let only = decode(&bytes[..], bytes.len() as u64, 2, |ids| ids == [9]).unwrap();
+        assert_eq!(only.keys().collect::<Vec<_>>(), [&vec![9]]);
         for cut in [0, 10, 30, bytes.len() - 1] {
-            assert!(decode(&bytes[..cut], 2).is_err(), "cut at {cut}");
+            assert!(read(&bytes[..cut], 2).is_err(), "cut at {cut}");
         }
         for flip in [9, 25, bytes.len() / 2, bytes.len() - 3] {
             let mut bad = bytes.clone();
             bad[flip] ^= 1;
-            assert!(decode(&bad, 2).is_err(), "flip at {flip}");
+            assert!(read(&bad, 2).is_err(), "flip at {flip}");
         }
         // A row length past the end is caught before allocating, with a valid checksum.
         let mut huge = bytes[..bytes.len() - 32].to_vec();
         huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         let sum = Sha256::digest(&huge);
         huge.extend_from_slice(&sum);
-        assert!(decode(&huge, 2).unwrap_err().contains("runs past the end"));
+        assert!(read(&huge, 2).unwrap_err().contains("runs past the end"));
     }
 }
