@@ -160,6 +160,7 @@ mod tests {
         let mut c = TrainConfig::cpu_preset();
         c.model.tune_layers = Some(4);
         c.model.untie_head = true;
+        c.model.frozen_cache = Some("frozen".into());
         c.stop_after = Some(1);
         c.label = Some("x".into());
         c.eval.cache = Some("dir".into());
