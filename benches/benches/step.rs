@@ -27,7 +27,8 @@
 //! --frozen-cache DIR` runs it once its rows are kept: the untied head, and the decoder phase
 //! reading every row's states entering the first tuned layer from the kept states
 //! (`gems_train::frozen_cache`) instead of running the 26 frozen layers. The states of every
-//! timed batch are computed (each row alone) before the timed steps; `frozen_fill` is that
+//! timed batch are computed (new rows by length, as a run's first epoch does) before the
+//! timed steps; `frozen_fill` is that
 //! time per step's rows, the extra cost of a row's first epoch.
 //!
 //! Tokens/s counts real (unpadded) tokens. Peak memory is the process's peak resident set.
@@ -53,7 +54,9 @@ use burn::tensor::Device;
 use gems_data::Task;
 use gems_model::{Llama, LlamaConfig};
 use gems_optim::{GradientWindow, Method, Optimizer, StepGradients, TaskGradient};
-use gems_train::forward::{cross_entropy, read_f32, sample_batch, target_positions};
+use gems_train::forward::{
+    cross_entropy, decoder_states, read_f32, sample_batch, target_positions,
+};
 use gems_train::frozen_cache::FrozenStates;
 use gems_train::peer::{self, PeerBatches};
 use gems_train::{Sample, TrainConfig};
@@ -331,11 +334,7 @@ impl StepBench<'_> {
             at.len(),
         );
         let c = Instant::now();
-        let hidden = match self.frozen {
-            Some(f) => f.hidden_states(model, &tb),
-            None => model.hidden_states(&tb).map_err(Into::into),
-        }
-        .expect("forward");
+        let hidden = decoder_states(model, &tb, self.frozen).expect("forward");
         let _ = read_f32(hidden.clone().slice([0..1, 0..1, 0..1]), "sync");
         t[0] += c.elapsed().as_secs_f64();
         let c = Instant::now();

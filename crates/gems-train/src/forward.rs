@@ -75,10 +75,7 @@ pub fn target_loss(
 ) -> Result<Tensor<1>> {
     let batch = sample_batch(samples, pad)?;
     let (at, ids) = training_positions(samples, targets.history_from);
-    let hidden = match frozen {
-        Some(f) => f.hidden_states(model, &batch)?,
-        None => model.hidden_states(&batch)?,
-    };
+    let hidden = decoder_states(model, &batch, frozen)?;
     let Some((base, n_items)) = targets.catalogue else {
         // As Llama::logits_at: the head only at the target positions.
         let rows = gather_rows(hidden, &at, "target_loss")?;
@@ -112,6 +109,22 @@ pub fn target_loss(
         .into_iter()
         .reduce(|a, b| a + b)
         .ok_or_else(|| TrainError::Training("target_loss: no target tokens".into()))
+}
+
+/// Final hidden states of the right-padded `batch`: [`Llama::hidden_states`], or with
+/// `frozen` the frozen layers' part from its kept states ([`FrozenStates::hidden_states`]).
+///
+/// # Errors
+/// A malformed batch, a failed forward pass.
+pub fn decoder_states(
+    model: &Llama,
+    batch: &TokenBatch,
+    frozen: Option<&FrozenStates>,
+) -> Result<Tensor<3>> {
+    match frozen {
+        Some(f) => f.hidden_states(model, batch),
+        None => Ok(model.hidden_states(batch)?),
+    }
 }
 
 /// Mean of `-log softmax(logits)[target]` over rows.

@@ -5,11 +5,13 @@
 //! untied head, or no embedding training), the states entering the first tuned layer are a
 //! function of a row's tokens alone. A run keeps them per row, computes a row the first time
 //! one of its batches holds it, and builds every later batch from the kept states, so later
-//! epochs run only the tuned layers. The states are computed for each row alone (a batch of
-//! one, no padding), so a row's states do not depend on the batch it first came in, and runs
-//! that share a model and item rows (the seeds and methods of a reproduction) share one file:
-//! `frozen-<key>.bin` in the cache directory, keyed by the model, its input rows, the frozen
-//! layers' output on a probe row (which covers the code and the backend) and the device.
+//! epochs run only the tuned layers. A batch's new rows are computed by length, each length's
+//! rows as one batch without padding, which gives every row exactly its states alone, so a
+//! row's states do not depend on the batch it first came in, and runs that share a model and
+//! input rows (the methods and learning rates of one seed; with `model.item_collab` the item
+//! rows, and so the file, differ between seeds) share one file: `frozen-<key>.bin` in the
+//! cache directory, keyed by the model, its input rows, the frozen layers' output on a probe
+//! row (which covers the code and the backend) and the device.
 //!
 //! A row alone and the same row in a padded batch agree to float rounding (about 1e-7 of the
 //! states), not bit for bit, so a run with the cache differs from one without it by rounding;

@@ -518,16 +518,16 @@ impl Run<'_> {
     }
 
     /// Saves the kept frozen states (`model.frozen_cache`) for later runs, and says how many
-    /// rows were reused.
+    /// rows were read and computed.
     fn save_frozen_states(&self, reporter: &Reporter) -> Result<()> {
         let Some(f) = &self.frozen_states else { return Ok(()) };
         let stats = f.stats();
         let in_file = f.save()?;
         reporter.note(|| {
             format!(
-                "frozen states: {} rows used, {} of them from the cache; {} rows in {}",
-                stats.rows,
+                "frozen states: {} rows read from the cache, {} computed; {} rows in {}",
                 stats.loaded,
+                stats.rows - stats.loaded,
                 in_file,
                 f.file().display()
             )

@@ -891,19 +891,25 @@ fn runs_that_differ_only_in_training_share_the_untuned_evaluation_and_the_floors
     assert_ne!(bytes(&first, "baselines.json"), bytes(&third, "baselines.json"));
 }
 
+/// [`setup`] with the top layer tuned, an untied head whose item columns train, and only the
+/// test evaluation (no untuned evaluation, perplexity or validation).
+fn untied_top_layer(steps: u64) -> (tempfile::TempDir, TrainConfig) {
+    let (root, mut config) = setup(steps);
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    config.eval.every = 0;
+    config.model.tune_layers = Some(1);
+    config.model.embeddings = gems_train::config::EmbeddingPolicy::Items;
+    config.model.untie_head = true;
+    (root, config)
+}
+
 /// `model.untie_head`: the input rows stay exactly as they started, the head's item columns
 /// train and its text columns do not (`--embeddings items`), the saved model keeps both, and
 /// it resumes.
 #[test]
 fn an_untied_head_trains_its_item_columns_and_leaves_the_input_rows() {
-    use gems_train::config::EmbeddingPolicy;
-    let (root, mut config) = setup(2);
-    config.eval.before = false;
-    config.eval.perplexity = false;
-    config.eval.every = 0;
-    config.model.tune_layers = Some(1);
-    config.model.embeddings = EmbeddingPolicy::Items;
-    config.model.untie_head = true;
+    let (root, mut config) = untied_top_layer(2);
     let dev = Device::flex();
     let untuned = gems_train::RunSetup::load(&config, &dev, &Default::default()).unwrap();
     let base = untuned.setup.corpus.base_vocab as usize;
@@ -944,18 +950,11 @@ fn an_untied_head_trains_its_item_columns_and_leaves_the_input_rows() {
 
 /// `model.frozen_cache`: training from kept frozen states follows training without them to
 /// rounding, gives the same run whether the cache file was empty or full (each row's states
-/// are computed alone), is shared by a later run, and refuses a damaged file and a tied head.
+/// are those of the row alone), is shared by a later run, and refuses a damaged file and a tied head.
 #[test]
 fn kept_frozen_states_train_as_the_full_forward_does_and_are_shared() {
     use gems_metrics::MetricsLine;
-    use gems_train::config::EmbeddingPolicy;
-    let (root, mut config) = setup(3);
-    config.eval.before = false;
-    config.eval.perplexity = false;
-    config.eval.every = 0;
-    config.model.tune_layers = Some(1);
-    config.model.embeddings = EmbeddingPolicy::Items;
-    config.model.untie_head = true;
+    let (root, mut config) = untied_top_layer(3);
     let losses = |run: &Path| -> Vec<f64> {
         let lines = gems_metrics::read_metrics_lines(&run.join("metrics.jsonl")).unwrap();
         let train = lines.into_iter().filter_map(|l| match l {
