@@ -157,6 +157,8 @@ fn batch_matmul_flops(
 }
 
 fn main() {
+    // As the gems binary does, so that the bench times the allocator it runs with.
+    let _ = gems_host::allocator::retain_freed_memory();
     let a = args();
     let config = bench_config(&a);
     let dump = a.dump.clone().unwrap_or_else(|| std::env::temp_dir().join("gems-bench-step"));

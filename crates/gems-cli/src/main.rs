@@ -95,6 +95,11 @@ enum Command {
 /// they are about the user's input or environment, and resolving a backtrace costs about half
 /// a second and 150 MB. Bugs are panics, which keep Rust's own report (`RUST_BACKTRACE=1`).
 fn main() -> std::process::ExitCode {
+    // glibc's allocator told to keep freed memory (gems_host::allocator): re-executes.
+    let untuned = gems_host::allocator::retain_freed_memory();
+    if matches!(untuned, gems_host::allocator::Untuned::ReexecFailed(_)) {
+        eprintln!("note: {untuned}");
+    }
     quiet_on_closed_stdout();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());

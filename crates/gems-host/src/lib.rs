@@ -1,6 +1,9 @@
 //! The plumbing of the workspace's fused CPU kernels (gems-model's forward kernels, gems-optim's
 //! optimizer step): whether a Burn tensor may take one, and its values to and from the host
-//! without a copy. Layer 0: it depends on Burn alone, so every crate above may use it.
+//! without a copy; and the allocator settings of the workspace's binaries ([`allocator`]).
+//! Layer 0: it depends on Burn alone, so every crate above may use it.
+
+pub mod allocator;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
