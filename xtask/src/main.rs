@@ -77,6 +77,11 @@ const TOOLING: &[&str] = &["xtask", "gems-benches"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `-h`/`--help` before any `--` (after it come a command's own train flags) asks for this.
+    if args.iter().take_while(|a| *a != "--").any(|a| a == "-h" || a == "--help") {
+        usage();
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("layers") => layers(),
@@ -88,45 +93,47 @@ fn main() -> Result<()> {
         Some("gpu-bundle") => bundle::bundle(&args[1..]),
         Some("bench-step") => bench_step::bench_step(&args[1..]),
         _ => {
-            eprintln!(
-                "usage: cargo xtask <ci|layers|demo|reproduce|check-backends|llvm|gpu|gpu-bundle|bench-step>"
-            );
-            eprintln!(
-                "  ci      fmt check, layering check, clippy -D warnings, backend checks, tests, GPU smoke"
-            );
-            eprintln!(
-                "  layers  fail when a crate depends on a crate of its own or a higher layer"
-            );
-            eprintln!(
-                "  demo    the main job: fetch SmolLM2, prepare Scientific, evaluate, train GEMS \
-                 (CPU preset), evaluate again, report"
-            );
-            eprintln!(
-                "  reproduce [--seeds N] [--only a,b] [--budget 100m] [--out DIR] [-- train flags]  \
-                 every method and ablation, N seeds, within the budget, then docs/results.md"
-            );
-            eprintln!(
-                "  check-backends  cargo check the cuda and wgpu builds; selftest on lavapipe"
-            );
-            eprintln!(
-                "  llvm [--force]  install the LLVM of the cuda/cpu builds from PyPI where \
-                 tracel-llvm-bundler looks (docs/backends.md)"
-            );
-            eprintln!(
-                "  gpu [--smoke] [--device cuda|flex] [--out DIR] [--gems BIN] [--model GGUF] \
-                 [--minutes M]  selftest, parity with flex, throughput and the method comparison"
-            );
-            eprintln!(
-                "  gpu-bundle [--out .gpu]  the cuda binary, data, model and run.sh for a GPU \
-                 machine without internet, in folders of at most 56 MiB"
-            );
-            eprintln!(
-                "  bench-step [--rounds 3] [--preset | --layers 8] [--methods full,gems] \
-                 [--python python3]  the real training step beside the PyTorch peer, alternating"
-            );
+            usage();
             std::process::exit(2);
         }
     }
+}
+
+/// The commands and their flags, on stderr.
+fn usage() {
+    eprintln!(
+        "usage: cargo xtask <ci|layers|demo|reproduce|check-backends|llvm|gpu|gpu-bundle|bench-step>"
+    );
+    eprintln!(
+        "  ci      fmt check, layering check, clippy -D warnings, backend checks, tests, GPU smoke"
+    );
+    eprintln!("  layers  fail when a crate depends on a crate of its own or a higher layer");
+    eprintln!(
+        "  demo    the main job: fetch SmolLM2, prepare Scientific, evaluate, train GEMS \
+             (CPU preset), evaluate again, report"
+    );
+    eprintln!(
+        "  reproduce [--seeds N] [--only a,b] [--budget 100m] [--out DIR] [-- train flags]  \
+             every method and ablation, N seeds, within the budget, then docs/results.md"
+    );
+    eprintln!("  check-backends  cargo check the cuda and wgpu builds; selftest on lavapipe");
+    eprintln!(
+        "  llvm [--force]  install the LLVM of the cuda/cpu builds from PyPI where \
+             tracel-llvm-bundler looks (docs/backends.md)"
+    );
+    eprintln!(
+        "  gpu [--smoke] [--device cuda|flex] [--out DIR] [--gems BIN] [--model GGUF] \
+             [--minutes M]  selftest, parity with flex, throughput and the method comparison"
+    );
+    eprintln!(
+        "  gpu-bundle [--out .gpu]  the cuda binary, data, model and run.sh for a GPU \
+             machine without internet, in folders of at most 56 MiB"
+    );
+    eprintln!(
+        "  bench-step [--rounds 3] [--steps 6] [--preset | --layers 8] \
+         [--methods full,gems,gems+frozen] [--python python3] [--threads 2] [--out DIR]  the real \
+         training step beside the PyTorch peer, alternating"
+    );
 }
 
 fn ci() -> Result<()> {
