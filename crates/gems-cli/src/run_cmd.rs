@@ -216,6 +216,11 @@ pub struct TrainArgs {
     /// (the item tokens only: the ranking's cross-entropy).
     #[arg(long, value_enum)]
     pub item_softmax: Option<gems_train::config::ItemSoftmax>,
+    /// Wording of a recommendation prompt: paper (the history, then the instruction) or
+    /// history-last (the instruction, then the history; the answer right after the last
+    /// item's separator, the kind of position --rec-targets all trains).
+    #[arg(long, value_enum)]
+    pub rec_prompt: Option<gems_train::config::RecPrompt>,
     /// Add to every item row a collaborative part of this many dimensions, learned from the
     /// training interactions (PPMI of co-occurrences, truncated eigendecomposition); 0: none.
     #[arg(long, value_name = "DIMS")]
@@ -309,6 +314,7 @@ const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
     ("item_collab_scale", "model.item_collab_scale", None),
     ("rec_targets", "data.rec_targets", None),
     ("item_softmax", "data.item_softmax", None),
+    ("rec_prompt", "data.rec_prompt", None),
     ("eval_cache", "eval.cache", None),
     ("frozen_cache", "model.frozen_cache", None),
     ("checkpoint_every", "checkpoint_every", None),

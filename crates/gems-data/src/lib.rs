@@ -46,6 +46,8 @@ pub use prepare::{
     Manifest, PrepareConfig, Prepared, PreparedDir, Stats, prepare, read_manifest, read_prepared,
     read_stats, write_prepared,
 };
-pub use prompt::{TokenizedExample, prompt_segments, tokenize_examples, tokenize_prompt};
+pub use prompt::{
+    RecPrompt, TokenizedExample, prompt_segments, tokenize_examples, tokenize_prompt,
+};
 pub use text::{QuerySynthesis, clean_text, synthesize_queries};
 pub use tokenizer::{HfTokenizer, TextTokenizer};

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::examples::{BuildConfig, Example, Split, Task, build_examples};
 use crate::load::{DataFormat, DatasetSpec, LoadOptions, load_dataset};
 use crate::model::Dataset;
-use crate::prompt::{TokenizedExample, item_token, prompt_text, tokenize_examples};
+use crate::prompt::{RecPrompt, TokenizedExample, item_token, prompt_text, tokenize_examples};
 use crate::text::{QuerySynthesis, synthesize_queries};
 use crate::tokenizer::TextTokenizer;
 
@@ -208,7 +208,9 @@ pub fn prepare(
             ),
         ));
     }
-    let tokenized = tokenizer.map(|t| tokenize_examples(&examples, t)).transpose()?;
+    // A prepared directory stores the paper's prompts (training re-tokenises for another form).
+    let tokenized =
+        tokenizer.map(|t| tokenize_examples(&examples, RecPrompt::Paper, t)).transpose()?;
     Ok(Prepared { dataset, examples, tokenized })
 }
 
@@ -323,7 +325,7 @@ fn write_example_files(
                     query: example.query.clone(),
                     target: example.target,
                     negatives: example.negatives.clone(),
-                    prompt: prompt_text(example),
+                    prompt: prompt_text(example, RecPrompt::Paper),
                     input_ids: tokens.map(|t| t.input_ids.clone()),
                     target_span: tokens.map(|t| t.target_span),
                 };

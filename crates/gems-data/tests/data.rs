@@ -291,8 +291,8 @@ proptest! {
         let b = build_examples(&dataset, &config).unwrap();
         prop_assert_eq!(&a, &b);
         let tok = HfTokenizer::word_level(["Below is the user's interaction history: , . The search query is: Please"]).unwrap();
-        let ta = tokenize_examples(&a, &tok).unwrap();
-        prop_assert_eq!(&ta, &tokenize_examples(&b, &tok).unwrap());
+        let ta = tokenize_examples(&a, gems_data::RecPrompt::Paper, &tok).unwrap();
+        prop_assert_eq!(&ta, &tokenize_examples(&b, gems_data::RecPrompt::Paper, &tok).unwrap());
         // Items are single spliced ids in history order; the target span is [item, eos].
         let base = tok.vocab_size();
         for (ex, t) in a.iter().zip(&ta) {

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+pub use gems_data::RecPrompt;
 use gems_metrics::NdcgNormaliser;
 use gems_optim::{Method, OptimizerConfig};
 use gems_subspace::{NullSpaceRule, ProjectorSide};
@@ -220,6 +221,13 @@ pub struct DataSettings {
     /// the whole vocabulary). Left out of `config.json` when `vocabulary`.
     #[serde(skip_serializing_if = "ItemSoftmax::is_vocabulary")]
     pub item_softmax: ItemSoftmax,
+    /// How a recommendation prompt is worded, in training and evaluation alike: the paper's
+    /// (`paper`, GEMS-SPEC §2, the default: the history, then the instruction) or
+    /// `history-last` (the instruction, then the history, the answer right after the last
+    /// item's separator, where `rec_targets = "all"` trains every other target). Search
+    /// prompts keep the paper's. Left out of `config.json` when `paper`.
+    #[serde(skip_serializing_if = "RecPrompt::is_paper")]
+    pub rec_prompt: RecPrompt,
 }
 
 /// The softmax of an item target's training loss ([`DataSettings::item_softmax`]).
@@ -276,6 +284,7 @@ impl Default for DataSettings {
             tasks: TaskSelection::Both,
             rec_targets: RecTargets::Last,
             item_softmax: ItemSoftmax::Vocabulary,
+            rec_prompt: RecPrompt::Paper,
         }
     }
 }

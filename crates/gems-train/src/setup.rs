@@ -165,6 +165,9 @@ pub struct Setup {
     /// Whether item targets' training softmax runs over the catalogue only
     /// (`data.item_softmax = "catalogue"`).
     pub catalogue_softmax: bool,
+    /// How recommendation prompts are worded (`data.rec_prompt`), for the prompts asked at run
+    /// time ([`Setup::prompt_ids`]).
+    pub rec_prompt: gems_data::RecPrompt,
 }
 
 /// What a training loss counts: see [`crate::forward::target_loss`].
@@ -281,7 +284,8 @@ fn from_prepared(dir: &Path, d: &DataSettings, text: &TextVocab) -> Result<Sourc
             manifest_path.display()
         )));
     }
-    let tokenized = gems_data::tokenize_examples(&p.examples, text)?;
+    // The stored ids are the paper's prompts: checked against them ([`build`] re-tokenises).
+    let tokenized = gems_data::tokenize_examples(&p.examples, gems_data::RecPrompt::Paper, text)?;
     if let Some(stored) = &p.tokenized {
         if let Some(info) = &p.manifest.tokenizer
             && (info.vocab_size, info.eos_id) != (text.vocab_size(), text.eos_id())
@@ -333,10 +337,13 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
     let tokenizer = HfTokenizer::new(pretrained.tokenizer.clone(), None)?;
     let base = existing.unwrap_or_else(|| tokenizer.vocab_size());
     let text = TextVocab { inner: tokenizer, base };
-    let source = match &d.prepared {
+    let mut source = match &d.prepared {
         Some(dir) => from_prepared(dir, d, &text)?,
         None => from_dataset(d, &text)?,
     };
+    if !d.rec_prompt.is_paper() {
+        source.tokenized = gems_data::tokenize_examples(&source.examples, d.rec_prompt, &text)?;
+    }
     let n = source.titles.len();
 
     let mut samples: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
@@ -381,7 +388,14 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
     let rec_all_targets = (d.rec_targets == RecTargets::All)
         .then(|| stretch_rows(corpus.get(Split::Train, Task::Rec)));
     let catalogue_softmax = d.item_softmax == crate::config::ItemSoftmax::Catalogue;
-    Ok(Setup { pretrained, corpus, text, rec_all_targets, catalogue_softmax })
+    Ok(Setup {
+        pretrained,
+        corpus,
+        text,
+        rec_all_targets,
+        catalogue_softmax,
+        rec_prompt: d.rec_prompt,
+    })
 }
 
 /// Adds one token per catalogue item to a pretrained model and initialises its rows as
@@ -522,7 +536,7 @@ impl Setup {
                 self.corpus.n_items()
             )));
         }
-        Ok(gems_data::tokenize_prompt(history, query, &self.text)?)
+        Ok(gems_data::tokenize_prompt(history, query, self.rec_prompt, &self.text)?)
     }
 }
 

@@ -706,10 +706,11 @@ fn tune_layers_trains_only_the_top_layers() {
 }
 
 #[test]
-fn collaborative_rows_and_every_rec_target_train_and_are_recorded() {
+fn collaborative_rows_every_rec_target_and_the_history_last_train_and_are_recorded() {
     let (root, mut config) = setup(3);
     config.model.item_collab = 8;
     config.data.rec_targets = gems_train::config::RecTargets::All;
+    config.data.rec_prompt = gems_train::config::RecPrompt::HistoryLast;
     config.eval.floors = false;
     let run = root.path().join("runs/collab");
     let summary = finished(train(&config, &run, &options(false)).unwrap());
@@ -718,6 +719,7 @@ fn collaborative_rows_and_every_rec_target_train_and_are_recorded() {
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["model"]["item_collab"], 8);
     assert_eq!(saved["data"]["rec_targets"], "all");
+    assert_eq!(saved["data"]["rec_prompt"], "history-last");
     // One rec row per stretch of a user's training sequence: fewer rows than examples, so a
     // step is a larger part of an epoch than the same batch of one-target examples.
     let loaded = gems_train::infer::load_run(&run, &Device::flex()).unwrap();
@@ -733,9 +735,25 @@ fn collaborative_rows_and_every_rec_target_train_and_are_recorded() {
     let per_step = config.schedule.batch_size * config.schedule.grad_accum;
     let want = per_step as f64 / rows.len() as f64;
     assert!((first["epoch"].as_f64().unwrap() - want).abs() < 1e-9, "{first}");
-    // The default records neither option.
+    // The loaded run asks in the form it trained and evaluated: a test example's prompt, the
+    // prompt `recommend` builds for its history, ends with the separator its items follow.
+    use gems_data::TextTokenizer as _;
+    let sep = loaded.setup.text.encode(gems_data::prompt::HISTORY_SEPARATOR).unwrap();
+    for split in [gems_data::Split::Train, gems_data::Split::Test] {
+        for s in loaded.setup.corpus.get(split, gems_data::Task::Rec).iter().take(5) {
+            let prompt = &s.ids[..s.target_pos];
+            assert_eq!(loaded.setup.prompt_ids(&s.history, None).unwrap(), prompt);
+            assert!(prompt.ends_with(&sep), "{prompt:?} does not end with {sep:?}");
+        }
+    }
+    // The default records none of the options.
     let text = serde_json::to_string(&setup(1).1).unwrap();
-    assert!(!text.contains("item_collab") && !text.contains("rec_targets"), "{text}");
+    assert!(
+        !text.contains("item_collab")
+            && !text.contains("rec_targets")
+            && !text.contains("rec_prompt"),
+        "{text}"
+    );
 }
 
 /// An ID-only catalogue (no titles, no queries): the run trains rec only and records it in
