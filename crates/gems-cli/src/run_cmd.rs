@@ -853,6 +853,8 @@ mod tests {
             "all",
             "--item-softmax",
             "catalogue",
+            "--rec-prompt",
+            "history-last",
             "--checkpoint-every",
             "3",
             "--eval-cache",
