@@ -118,6 +118,8 @@ def main():
     for part, m in [('all', te), ('separator', te & (d['tok'] == SEP_END)),
                     ('instruction_end', te & (d['tok'] == SUFFIX_END))]:
         k = int(m.sum())
+        if k == 0:  # the history-last prompt asks every answer at a separator
+            continue
         held[part] = {'pairs': k,
                       'popular': recall_ndcg(pop.expand(k, -1), y[m])[0],
                       'bigram': recall_ndcg(big[d['prev'][m]] + 1e-6 * pop / pop.max(), y[m])[0]}
