@@ -211,7 +211,8 @@ pub fn load_model(path: &Path, keep_layers: Option<usize>, device: &Device) -> R
 }
 
 /// The data of a run before it meets the model: the catalogue, the users and the examples with
-/// their tokenisation, from a raw dataset or a prepared directory.
+/// their tokenisation in the run's prompt form (`data.rec_prompt`), from a raw dataset or a
+/// prepared directory.
 struct Source {
     name: String,
     prepare: PrepareConfig,
@@ -230,11 +231,9 @@ fn from_dataset(d: &DataSettings, text: &TextVocab) -> Result<Source> {
     prep.build.max_history = d.max_history;
     prep.build.n_negatives = d.negatives;
     prep.build.seed = d.seed;
-    let prepared = prepare(&spec.dir, &prep, Some(text))?;
+    let prepared = prepare(&spec.dir, &prep, None)?;
     gems_data::check_negatives(d.negatives, prepared.dataset.catalogue.len())?;
-    let tokenized = prepared
-        .tokenized
-        .ok_or_else(|| TrainError::Training("preparation returned no tokenisation".into()))?;
+    let tokenized = gems_data::tokenize_examples(&prepared.examples, d.rec_prompt, text)?;
     let catalogue = prepared.dataset.catalogue.items();
     Ok(Source {
         name: spec.name.clone(),
@@ -284,8 +283,8 @@ fn from_prepared(dir: &Path, d: &DataSettings, text: &TextVocab) -> Result<Sourc
             manifest_path.display()
         )));
     }
-    // The stored ids are the paper's prompts: checked against them ([`build`] re-tokenises).
-    let tokenized = gems_data::tokenize_examples(&p.examples, gems_data::RecPrompt::Paper, text)?;
+    // The stored ids are the paper's prompts: checked against them, then the run's form used.
+    let paper = gems_data::tokenize_examples(&p.examples, gems_data::RecPrompt::Paper, text)?;
     if let Some(stored) = &p.tokenized {
         if let Some(info) = &p.manifest.tokenizer
             && (info.vocab_size, info.eos_id) != (text.vocab_size(), text.eos_id())
@@ -301,7 +300,7 @@ fn from_prepared(dir: &Path, d: &DataSettings, text: &TextVocab) -> Result<Sourc
                 text.eos_id()
             )));
         }
-        if let Some(i) = (0..stored.len()).find(|&i| stored[i] != tokenized[i]) {
+        if let Some(i) = (0..stored.len()).find(|&i| stored[i] != paper[i]) {
             let (file, line) = &p.origins[i];
             return Err(TrainError::Config(format!(
                 "{}:{line}: the stored input_ids differ from the model's tokenisation of the \
@@ -311,6 +310,10 @@ fn from_prepared(dir: &Path, d: &DataSettings, text: &TextVocab) -> Result<Sourc
             )));
         }
     }
+    let tokenized = match d.rec_prompt {
+        gems_data::RecPrompt::Paper => paper,
+        rec => gems_data::tokenize_examples(&p.examples, rec, text)?,
+    };
     Ok(Source {
         name: p.manifest.config.dataset.clone(),
         prepare: p.manifest.config.clone(),
@@ -337,13 +340,10 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
     let tokenizer = HfTokenizer::new(pretrained.tokenizer.clone(), None)?;
     let base = existing.unwrap_or_else(|| tokenizer.vocab_size());
     let text = TextVocab { inner: tokenizer, base };
-    let mut source = match &d.prepared {
+    let source = match &d.prepared {
         Some(dir) => from_prepared(dir, d, &text)?,
         None => from_dataset(d, &text)?,
     };
-    if !d.rec_prompt.is_paper() {
-        source.tokenized = gems_data::tokenize_examples(&source.examples, d.rec_prompt, &text)?;
-    }
     let n = source.titles.len();
 
     let mut samples: BTreeMap<(Split, Task), Vec<Sample>> = BTreeMap::new();
