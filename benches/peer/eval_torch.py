@@ -18,6 +18,31 @@ import os
 import time
 
 
+def item_rows(model, examples):
+    """The head's item rows (from the first item token, which the examples' target ids give)
+    and the padding id."""
+    first = examples[0]["target_token_id"] - examples[0]["target"]
+    items = model.get_output_embeddings().weight[first:]
+    pad = model.config.eos_token_id or 0
+    return items, pad[0] if isinstance(pad, list) else pad
+
+
+def item_scores(model, batch, items, pad):
+    """Every item's score for each example of the batch: the prompts right-padded with an
+    attention mask, the last real position's hidden state through the item rows."""
+    import torch
+
+    t = max(len(e["input_ids"]) for e in batch)
+    ids = torch.full((len(batch), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    for r, e in enumerate(batch):
+        n = len(e["input_ids"])
+        ids[r, :n] = torch.tensor(e["input_ids"])
+        mask[r, :n] = 1
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden[torch.arange(len(batch)), mask.sum(1) - 1] @ items.T
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -34,13 +59,7 @@ def main():
     examples = [json.loads(line) for line in open(a.examples)]
     if not examples:
         raise SystemExit(f"{a.examples}: no examples")
-    first = examples[0]["target_token_id"] - examples[0]["target"]
-    head = model.get_output_embeddings().weight
-    n_items = head.shape[0] - first
-    items = head[first:first + n_items]
-    pad = model.config.eos_token_id or 0
-    if isinstance(pad, list):
-        pad = pad[0]
+    items, pad = item_rows(model, examples)
 
     tally = {}
     started = time.perf_counter()
@@ -50,16 +69,7 @@ def main():
             chunk = sorted(examples[w:w + window], key=lambda e: len(e["input_ids"]))
             for b in range(0, len(chunk), a.batch):
                 batch = chunk[b:b + a.batch]
-                t = max(len(e["input_ids"]) for e in batch)
-                ids = torch.full((len(batch), t), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), t), dtype=torch.long)
-                for r, e in enumerate(batch):
-                    n = len(e["input_ids"])
-                    ids[r, :n] = torch.tensor(e["input_ids"])
-                    mask[r, :n] = 1
-                hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                last = mask.sum(1) - 1
-                scores = hidden[torch.arange(len(batch)), last] @ items.T
+                scores = item_scores(model, batch, items, pad)
                 for r, e in enumerate(batch):
                     s = scores[r]
                     rank = int((s >= s[e["target"]]).sum())

@@ -17,6 +17,8 @@ import json
 import math
 import os
 
+from eval_torch import item_rows, item_scores
+
 
 def metrics(ranks):
     n = len(ranks)
@@ -43,26 +45,14 @@ def main():
     if not examples:
         raise SystemExit(f"{a.examples}: no {a.task} examples")
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    first = examples[0]["target_token_id"] - examples[0]["target"]
-    head = model.get_output_embeddings().weight
-    items = head[first:]
-    pad = model.config.eos_token_id or 0
-    if isinstance(pad, list):
-        pad = pad[0]
+    items, pad = item_rows(model, examples)
 
     full, unseen = [], []
     top1_hist = top1_last = hist_top10 = target_hist = 0
     with torch.no_grad():
         for b in range(0, len(examples), a.batch):
             batch = examples[b:b + a.batch]
-            t = max(len(e["input_ids"]) for e in batch)
-            ids = torch.full((len(batch), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), t), dtype=torch.long)
-            for r, e in enumerate(batch):
-                ids[r, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-                mask[r, :len(e["input_ids"])] = 1
-            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            scores = hidden[torch.arange(len(batch)), mask.sum(1) - 1] @ items.T
+            scores = item_scores(model, batch, items, pad)
             for r, e in enumerate(batch):
                 s, seen, target = scores[r], e["seen"], e["target"]
                 full.append(int((s >= s[target]).sum()))
