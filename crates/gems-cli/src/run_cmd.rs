@@ -221,6 +221,10 @@ pub struct TrainArgs {
     /// item's separator, the kind of position --rec-targets all trains).
     #[arg(long, value_enum)]
     pub rec_prompt: Option<gems_train::config::RecPrompt>,
+    /// Leave out of each item target's training softmax the items its user had before it (as
+    /// --exclude-history leaves them out of the ranking).
+    #[arg(long)]
+    pub train_exclude_history: bool,
     /// Add to every item row a collaborative part of this many dimensions, learned from the
     /// training interactions (PPMI of co-occurrences, truncated eigendecomposition); 0: none.
     #[arg(long, value_name = "DIMS")]
@@ -315,6 +319,7 @@ const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
     ("rec_targets", "data.rec_targets", None),
     ("item_softmax", "data.item_softmax", None),
     ("rec_prompt", "data.rec_prompt", None),
+    ("train_exclude_history", "data.train_exclude_history", Some("true")),
     ("eval_cache", "eval.cache", None),
     ("frozen_cache", "model.frozen_cache", None),
     ("checkpoint_every", "checkpoint_every", None),

@@ -228,6 +228,13 @@ pub struct DataSettings {
     /// prompts keep the paper's. Left out of `config.json` when `paper`.
     #[serde(skip_serializing_if = "RecPrompt::is_paper")]
     pub rec_prompt: RecPrompt,
+    /// Leave out of an item target's training softmax the items its user had before it (the
+    /// whole known past, the target kept even when it repeats one), as `eval.exclude_history`
+    /// leaves them out of the ranking: the loss then never asks the model to rank what the
+    /// user already has below other items. Off by default (GEMS-SPEC §2's softmax). Left out
+    /// of `config.json` when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub train_exclude_history: bool,
 }
 
 /// The softmax of an item target's training loss ([`DataSettings::item_softmax`]).
@@ -285,6 +292,7 @@ impl Default for DataSettings {
             rec_targets: RecTargets::Last,
             item_softmax: ItemSoftmax::Vocabulary,
             rec_prompt: RecPrompt::Paper,
+            train_exclude_history: false,
         }
     }
 }

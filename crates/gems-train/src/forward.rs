@@ -43,18 +43,87 @@ pub fn training_positions(
     samples: &[&Sample],
     items_from: Option<u32>,
 ) -> (Vec<(usize, usize)>, Vec<u32>) {
-    let Some(base) = items_from else { return target_positions(samples) };
+    let (at, ids, _) = training_targets(samples, items_from);
+    (at, ids)
+}
+
+/// [`training_positions`] with, for each target, the position in its user's sequence of the
+/// event it predicts: the answer's is the sample's position, the k-th of a prompt's n items
+/// (from 0) is `position - n + k`; `None` for the tokens after the answer (end-of-sequence).
+pub fn training_targets(
+    samples: &[&Sample],
+    items_from: Option<u32>,
+) -> (Vec<(usize, usize)>, Vec<u32>, Vec<Option<u32>>) {
     let mut at = Vec::new();
     let mut ids = Vec::new();
+    let mut events = Vec::new();
     for (r, s) in samples.iter().enumerate() {
-        let prompt = &s.ids[..s.target_pos.min(s.ids.len())];
-        let items = prompt.iter().enumerate().filter(|&(_, &t)| t >= base).skip(1);
-        for (p, &t) in items.chain(s.ids.iter().enumerate().skip(s.target_pos)) {
+        if let Some(base) = items_from {
+            let prompt = &s.ids[..s.target_pos.min(s.ids.len())];
+            let items: Vec<usize> = (0..prompt.len()).filter(|&p| prompt[p] >= base).collect();
+            let n = items.len() as u32;
+            for (k, &p) in items.iter().enumerate().skip(1) {
+                at.push((r, p - 1));
+                ids.push(prompt[p]);
+                events.push((s.position + k as u32).checked_sub(n));
+            }
+        }
+        for p in s.target_pos..s.ids.len() {
             at.push((r, p - 1));
-            ids.push(t);
+            ids.push(s.ids[p]);
+            events.push((p == s.target_pos).then_some(s.position));
         }
     }
-    (at, ids)
+    (at, ids, events)
+}
+
+/// The logit offsets that leave each target's earlier items out of its softmax
+/// (`LossTargets::exclude_seen`): `[targets.len(), width]` values, -1e9 (a softmax weight of
+/// exactly 0 in f32) at the column `column(item)` of every item the target's user had before
+/// the event it predicts, except the target's own item; 0 elsewhere. `targets` are
+/// `(row, event, item)` triples (`item` `None` for a text target); `None` when nothing is left
+/// out.
+fn seen_offsets(
+    samples: &[&Sample],
+    sequences: &[Vec<u32>],
+    targets: &[(usize, Option<u32>, Option<u32>)],
+    width: usize,
+    column: impl Fn(u32) -> Option<usize>,
+) -> Option<Vec<f32>> {
+    let mut out = vec![0.0f32; targets.len() * width];
+    let mut any = false;
+    for (k, &(r, event, item)) in targets.iter().enumerate() {
+        let (Some(event), Some(item)) = (event, item) else { continue };
+        let seq = sequences.get(samples[r].user as usize).map_or(&[][..], Vec::as_slice);
+        for &seen in &seq[..(event as usize).min(seq.len())] {
+            if seen != item
+                && let Some(c) = column(seen)
+            {
+                out[k * width + c] = -1e9;
+                any = true;
+            }
+        }
+    }
+    any.then_some(out)
+}
+
+/// `logits` plus [`seen_offsets`] when there are any.
+fn leave_out_seen(
+    logits: Tensor<2>,
+    samples: &[&Sample],
+    sequences: Option<&[Vec<u32>]>,
+    targets: &[(usize, Option<u32>, Option<u32>)],
+    column: impl Fn(u32) -> Option<usize>,
+) -> Tensor<2> {
+    let Some(sequences) = sequences else { return logits };
+    let [n, width] = logits.dims();
+    match seen_offsets(samples, sequences, targets, width, column) {
+        Some(offsets) => {
+            let device = logits.device();
+            logits + Tensor::<2>::from_data(TensorData::new(offsets, [n, width]), &device)
+        }
+        None => logits,
+    }
 }
 
 /// Mean cross-entropy of the target tokens (GEMS-SPEC §2: item token then end-of-sequence;
@@ -70,23 +139,33 @@ pub fn target_loss(
     model: &Llama,
     samples: &[&Sample],
     pad: u32,
-    targets: LossTargets,
+    targets: LossTargets<'_>,
     frozen: Option<&FrozenStates>,
 ) -> Result<Tensor<1>> {
     let batch = sample_batch(samples, pad)?;
-    let (at, ids) = training_positions(samples, targets.history_from);
+    let (at, ids, events) = training_targets(samples, targets.history_from);
     let hidden = decoder_states(model, &batch, frozen)?;
-    let Some((base, n_items)) = targets.catalogue else {
+    let seen = targets.exclude_seen.map(|s| s.sequences);
+    let (base, n_items) = match (targets.catalogue, targets.exclude_seen) {
+        (Some(c), _) => c,
+        (None, Some(s)) => (s.base, s.n_items),
+        (None, None) => (u32::MAX, 0),
+    };
+    let item_of = |t: u32| (t >= base && ((t - base) as usize) < n_items).then(|| t - base);
+    let triple = |k: usize| (at[k].0, events[k], item_of(ids[k]));
+    if targets.catalogue.is_none() {
         // As Llama::logits_at: the head only at the target positions.
         let rows = gather_rows(hidden, &at, "target_loss")?;
-        return Ok(cross_entropy(model.head(rows), &ids));
-    };
-    let is_item = |t: u32| t >= base && ((t - base) as usize) < n_items;
-    let (mut item_at, mut item_ids, mut text_at, mut text_ids) = (vec![], vec![], vec![], vec![]);
-    for (&p, &t) in at.iter().zip(&ids) {
-        if is_item(t) {
-            item_at.push(p);
-            item_ids.push(t - base);
+        let order: Vec<_> = (0..ids.len()).map(triple).collect();
+        let logits = leave_out_seen(model.head(rows), samples, seen, &order, |i| {
+            Some(base as usize + i as usize)
+        });
+        return Ok(cross_entropy(logits, &ids));
+    }
+    let (mut item_k, mut text_at, mut text_ids) = (vec![], vec![], vec![]);
+    for (k, (&p, &t)) in at.iter().zip(&ids).enumerate() {
+        if item_of(t).is_some() {
+            item_k.push(k);
         } else {
             text_at.push(p);
             text_ids.push(t);
@@ -94,9 +173,14 @@ pub fn target_loss(
     }
     let total = ids.len() as f64;
     let mut parts = Vec::new();
-    if !item_at.is_empty() {
+    if !item_k.is_empty() {
+        let item_at: Vec<_> = item_k.iter().map(|&k| at[k]).collect();
+        let item_ids: Vec<u32> = item_k.iter().map(|&k| ids[k] - base).collect();
+        let order: Vec<_> = item_k.iter().map(|&k| triple(k)).collect();
         let rows = gather_rows(hidden.clone(), &item_at, "target_loss")?;
         let logits = model.head_logits(rows, base as usize, n_items);
+        let logits =
+            leave_out_seen(logits, samples, seen, &order, |i| Some(i as usize).filter(|&c| c < n_items));
         parts.push(cross_entropy(logits, &item_ids).mul_scalar(item_ids.len() as f64 / total));
     }
     if !text_at.is_empty() {

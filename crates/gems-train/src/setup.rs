@@ -165,6 +165,9 @@ pub struct Setup {
     /// Whether item targets' training softmax runs over the catalogue only
     /// (`data.item_softmax = "catalogue"`).
     pub catalogue_softmax: bool,
+    /// Whether item targets' training softmax leaves out what their user had before them
+    /// (`data.train_exclude_history`).
+    pub exclude_seen: bool,
     /// How recommendation prompts are worded (`data.rec_prompt`), for the prompts asked at run
     /// time ([`Setup::prompt_ids`]).
     pub rec_prompt: gems_data::RecPrompt,
@@ -172,12 +175,28 @@ pub struct Setup {
 
 /// What a training loss counts: see [`crate::forward::target_loss`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LossTargets {
+pub struct LossTargets<'a> {
     /// The history items of a row are targets too, from this item token id on
     /// ([`crate::forward::training_positions`]).
     pub history_from: Option<u32>,
     /// Item targets' softmax runs over the item tokens only: (first item token id, items).
     pub catalogue: Option<(u32, usize)>,
+    /// With it, an item target's softmax leaves out the items its user had before it (the
+    /// target kept), as `eval.exclude_history` leaves them out of the ranking
+    /// (`data.train_exclude_history`).
+    pub exclude_seen: Option<SeenItems<'a>>,
+}
+
+/// What [`LossTargets::exclude_seen`] needs: each user's items in event order
+/// ([`Corpus::sequences`]) and where the item tokens are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenItems<'a> {
+    /// Each user's items in event order.
+    pub sequences: &'a [Vec<u32>],
+    /// First item token id.
+    pub base: u32,
+    /// Items in the catalogue.
+    pub n_items: usize,
 }
 
 impl std::fmt::Debug for Setup {
@@ -394,6 +413,7 @@ pub fn build(mut pretrained: Pretrained, config: &TrainConfig) -> Result<Setup> 
         text,
         rec_all_targets,
         catalogue_softmax,
+        exclude_seen: d.train_exclude_history,
         rec_prompt: d.rec_prompt,
     })
 }
@@ -515,12 +535,17 @@ impl Setup {
     }
 
     /// What `task`'s training loss counts ([`crate::forward::target_loss`]).
-    pub fn loss_targets(&self, task: Task) -> LossTargets {
+    pub fn loss_targets(&self, task: Task) -> LossTargets<'_> {
         LossTargets {
             history_from: self.history_targets(task),
             catalogue: self
                 .catalogue_softmax
                 .then_some((self.corpus.base_vocab, self.corpus.n_items())),
+            exclude_seen: self.exclude_seen.then_some(SeenItems {
+                sequences: &self.corpus.sequences,
+                base: self.corpus.base_vocab,
+                n_items: self.corpus.n_items(),
+            }),
         }
     }
 
