@@ -319,6 +319,7 @@ pub fn read_f32<const D: usize>(t: Tensor<D>, op: &'static str) -> Result<Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::setup::UNKNOWN_ITEM;
 
     #[test]
     fn all_targets_add_every_history_item_after_the_first() {
@@ -339,5 +340,41 @@ mod tests {
         let (at, ids) = training_positions(&[&s, &s], Some(100));
         assert_eq!(at, [(0, 2), (0, 4), (0, 6), (0, 7), (1, 2), (1, 4), (1, 6), (1, 7)]);
         assert_eq!(ids, [101, 102, 103, 0, 101, 102, 103, 0]);
+        // The events: b and c are the user's events 1 and 2, the answer event 3.
+        let (_, _, events) = training_targets(&[&s], Some(100));
+        assert_eq!(events, [Some(1), Some(2), Some(3), None]);
+        assert_eq!(training_targets(&[&s], None).2, [Some(3), None]);
+    }
+
+    #[test]
+    fn seen_offsets_leave_out_the_earlier_items_but_the_target() {
+        // The user had items 5, 7, 5, 9; a target predicting event 3 (item 9) leaves out 5 and
+        // 7; one predicting event 2 whose item repeats 5 keeps 5 and leaves out 7; a text
+        // target and an unknown event leave out nothing.
+        let s = Sample {
+            user: 0,
+            position: 3,
+            ids: Vec::new(),
+            target_pos: 0,
+            target: 9,
+            history: vec![5, 7, 5],
+            query: None,
+            negatives: Vec::new(),
+        };
+        let sequences = vec![vec![5, 7, 5, 9, UNKNOWN_ITEM]];
+        let targets = [(0, Some(3), Some(9)), (0, Some(2), Some(5)), (0, None, None)];
+        let off = seen_offsets(&[&s], &sequences, &targets, 10, |i| Some(i as usize).filter(|&c| c < 10))
+            .unwrap();
+        let masked = |k: usize| (0..10).filter(|&c| off[k * 10 + c] != 0.0).collect::<Vec<_>>();
+        assert_eq!(masked(0), [5, 7]);
+        assert_eq!(masked(1), [7]);
+        assert!(masked(2).is_empty());
+        assert!(off.iter().all(|&x| x == 0.0 || x == -1e9));
+        // The unknown event of a hand-made sequence is never an item column.
+        let late = [(0, Some(5), Some(1))];
+        let off = seen_offsets(&[&s], &sequences, &late, 10, |i| Some(i as usize).filter(|&c| c < 10));
+        assert_eq!(off.map(|o| (0..10).filter(|&c| o[c] != 0.0).count()), Some(3));
+        assert!(seen_offsets(&[&s], &sequences, &[(0, Some(0), Some(5))], 10, |i| Some(i as usize))
+            .is_none());
     }
 }

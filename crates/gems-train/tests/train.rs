@@ -828,6 +828,76 @@ fn the_optimizer_follows_the_run_seed() {
 /// item tokens (computed by hand here from the full logits), end-of-sequence keeps the whole
 /// vocabulary, and the mean is over every target; a run with it trains and records it.
 #[test]
+fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
+    use gems_train::forward::{sample_batch, target_loss, training_targets};
+    use gems_train::setup::{LossTargets, SeenItems, build, load_model};
+    let (root, mut config) = setup(2);
+    let dev = Device::flex();
+    let built =
+        build(load_model(config.model.path.as_ref().unwrap(), None, &dev).unwrap(), &config)
+            .unwrap();
+    let corpus = &built.corpus;
+    let (base, n) = (corpus.base_vocab, corpus.n_items());
+    let samples: Vec<_> = corpus
+        .get(gems_data::Split::Train, gems_data::Task::Rec)
+        .iter()
+        .filter(|s| s.position >= 2)
+        .take(6)
+        .collect();
+    let model = &built.pretrained.model;
+    let scalar = |t: burn::tensor::Tensor<1>| {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0] as f64
+    };
+    let seen = SeenItems { sequences: &corpus.sequences, base, n_items: n };
+    let batch = sample_batch(&samples, corpus.eos_id).unwrap();
+    for (history_from, catalogue) in [(None, None), (Some(base), None), (Some(base), Some((base, n)))] {
+        let plain = LossTargets { history_from, catalogue, exclude_seen: None };
+        let left_out = LossTargets { exclude_seen: Some(seen), ..plain };
+        let plain = scalar(target_loss(model, &samples, corpus.eos_id, plain, None).unwrap());
+        let got = scalar(target_loss(model, &samples, corpus.eos_id, left_out, None).unwrap());
+        let (at, ids, events) = training_targets(&samples, history_from);
+        let logits = model.logits_at(&batch, &at).unwrap();
+        let v = logits.dims()[1];
+        let z = logits.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let mut want = 0.0;
+        let mut left = 0;
+        for (k, &t) in ids.iter().enumerate() {
+            let row = &z[k * v..(k + 1) * v];
+            let mut keep: Vec<usize> = match catalogue {
+                Some(_) if t >= base => (base as usize..base as usize + n).collect(),
+                _ => (0..v).collect(),
+            };
+            if let Some(e) = events[k].filter(|_| t >= base) {
+                let seq = &corpus.sequences[samples[at[k].0].user as usize];
+                // The event is the target's own: what the user had before it is left out.
+                assert_eq!(seq[e as usize] + base, t, "target {k}");
+                let past: Vec<usize> =
+                    seq[..e as usize].iter().map(|&i| (base + i) as usize).collect();
+                let before = keep.len();
+                keep.retain(|c| *c == t as usize || !past.contains(c));
+                left += before - keep.len();
+            }
+            let m = keep.iter().map(|&c| row[c]).fold(f32::MIN, f32::max) as f64;
+            let lse = m + keep.iter().map(|&c| (row[c] as f64 - m).exp()).sum::<f64>().ln();
+            want += lse - row[t as usize] as f64;
+        }
+        want /= ids.len() as f64;
+        assert!(left > 0, "the batch's targets have a past");
+        assert!((got - want).abs() < 1e-4, "{history_from:?} {catalogue:?}: {got} vs {want}");
+        assert!(got < plain, "{got} !< {plain}");
+    }
+
+    config.data.train_exclude_history = true;
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    let run = root.path().join("runs/left-out");
+    finished(train(&config, &run, &options(false)).unwrap());
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["data"]["train_exclude_history"], true);
+}
+
+#[test]
 fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
     use gems_train::forward::{sample_batch, target_loss, target_positions};
     use gems_train::setup::{LossTargets, build, load_model};
@@ -846,7 +916,7 @@ fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
     };
     let vocabulary =
         scalar(target_loss(model, &samples, corpus.eos_id, LossTargets::default(), None).unwrap());
-    let targets = LossTargets { history_from: None, catalogue: Some((base, n)) };
+    let targets = LossTargets { catalogue: Some((base, n)), ..LossTargets::default() };
     let catalogue = scalar(target_loss(model, &samples, corpus.eos_id, targets, None).unwrap());
 
     let batch = sample_batch(&samples, corpus.eos_id).unwrap();
