@@ -232,6 +232,10 @@ pub struct TrainArgs {
     /// The collaborative part's length as a multiple of the item rows' mean norm (default 1).
     #[arg(long, value_name = "X")]
     pub item_collab_scale: Option<f64>,
+    /// What the collaborative part is made from: ppmi (the training co-occurrences) or sasrec
+    /// (the item embeddings of a SASRec trained on the training rec examples).
+    #[arg(long, value_enum)]
+    pub item_collab_source: Option<gems_train::config::CollabSource>,
     /// Learning rate of the embedding (and an untied head) as a multiple of --lr; with
     /// `--embeddings items` only the new item rows feel it.
     #[arg(long)]
@@ -316,6 +320,7 @@ const CONFIG_FLAGS: &[(&str, &str, Option<&str>)] = &[
     ("item_weights", "model.item_weights", None),
     ("item_collab", "model.item_collab", None),
     ("item_collab_scale", "model.item_collab_scale", None),
+    ("item_collab_source", "model.item_collab_source", None),
     ("rec_targets", "data.rec_targets", None),
     ("item_softmax", "data.item_softmax", None),
     ("rec_prompt", "data.rec_prompt", None),

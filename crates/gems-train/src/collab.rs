@@ -207,12 +207,30 @@ pub fn collab_rows(
     scale: f32,
     seed: u64,
 ) -> Result<Vec<f32>> {
+    check_width(dims, hidden)?;
+    mapped_rows(&collab_embeddings(co, dims, seed)?, hidden, scale, seed)
+}
+
+fn check_width(dims: usize, hidden: usize) -> Result<()> {
     if dims > hidden {
         return Err(TrainError::Config(format!(
             "model.item_collab {dims} exceeds the model's hidden size {hidden}"
         )));
     }
-    let e = collab_embeddings(co, dims, seed)?;
+    Ok(())
+}
+
+/// `scale * M e_i` for unit (or zero) rows `e` of one width `dims <= hidden`, `M` the seeded
+/// `hidden x dims` map with orthonormal columns of [`collab_rows`]: `e.len() * hidden` values.
+///
+/// # Errors
+/// Rows of unequal widths, or wider than `hidden`.
+pub fn mapped_rows(e: &[Vec<f32>], hidden: usize, scale: f32, seed: u64) -> Result<Vec<f32>> {
+    let dims = e.first().map_or(0, Vec::len);
+    check_width(dims, hidden)?;
+    if e.iter().any(|r| r.len() != dims) {
+        return Err(TrainError::Config("collaborative rows of unequal widths".into()));
+    }
     let mut rng = SplitMix64::for_stream(seed, &[0xc011ab, 2]);
     let map = gaussian(hidden, dims, &mut rng).qr().compute_thin_Q();
     let mut out = vec![0f32; e.len() * hidden];
@@ -223,4 +241,17 @@ pub fn collab_rows(
         }
     }
     Ok(out)
+}
+
+/// Rows scaled to unit length (a row of length below 1e-12 becomes zero), as
+/// [`collab_embeddings`] gives them.
+pub fn unit_rows(rows: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+    rows.into_iter()
+        .map(|mut row| {
+            let norm = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+            let k = if norm > 1e-12 { (1.0 / norm) as f32 } else { 0.0 };
+            row.iter_mut().for_each(|x| *x *= k);
+            row
+        })
+        .collect()
 }

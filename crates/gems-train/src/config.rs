@@ -68,6 +68,12 @@ pub struct ModelSettings {
     /// default). Left out of `config.json` when 1.
     #[serde(skip_serializing_if = "is_one")]
     pub item_collab_scale: f64,
+    /// What the collaborative part is made from: the PPMI embedding of the training
+    /// co-occurrences (`ppmi`, the default) or the item embeddings of a SASRec trained on the
+    /// training rec examples (`sasrec`, as LLaRA's hybrid item rows), each unit-normalised and
+    /// put through the same map. Left out of `config.json` when `ppmi`.
+    #[serde(default, skip_serializing_if = "CollabSource::is_ppmi")]
+    pub item_collab_source: CollabSource,
     /// Which rows of the token embedding (and of an untied output head) training may change.
     pub embeddings: EmbeddingPolicy,
     /// Untie a tied output head before training: the head becomes its own copy of the
@@ -96,6 +102,7 @@ impl Default for ModelSettings {
             item_weights: ItemWeights::Mean,
             item_collab: 0,
             item_collab_scale: 1.0,
+            item_collab_source: CollabSource::Ppmi,
             embeddings: EmbeddingPolicy::All,
             untie_head: false,
             frozen_cache: None,
@@ -184,6 +191,26 @@ impl EmbeddingPolicy {
             Self::Items => "items",
             Self::None => "none",
         }
+    }
+}
+
+/// What an item row's collaborative part is made from ([`ModelSettings::item_collab_source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum CollabSource {
+    /// The top eigenvectors of the training co-occurrences' PPMI matrix ([`crate::collab`]).
+    #[default]
+    Ppmi,
+    /// The item embeddings of a SASRec trained on the training rec examples
+    /// ([`crate::sasrec`]), `model.item_collab` wide.
+    Sasrec,
+}
+
+impl CollabSource {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_ppmi(&self) -> bool {
+        *self == Self::Ppmi
     }
 }
 

@@ -315,6 +315,17 @@ pub fn train(
 }
 
 impl TrainedSasrec {
+    /// The learnt item embeddings, one row per catalogue item (the padding row left out).
+    ///
+    /// # Errors
+    /// A tensor read failure.
+    pub fn item_embeddings(&self) -> Result<Vec<Vec<f32>>> {
+        let w = self.model.items.val();
+        let [rows, h] = w.dims();
+        let values = read_f32(w.slice([1..rows, 0..h]), "sasrec item embeddings")?;
+        Ok(values.chunks(h).map(<[f32]>::to_vec).collect())
+    }
+
     /// Scores of every item after each sample's history, `samples.len() x n_items`, row-major.
     ///
     /// # Errors

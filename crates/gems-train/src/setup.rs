@@ -14,7 +14,7 @@ use gems_data::{
 };
 use gems_model::{ItemInit, ItemSpec, Pretrained, add_items};
 
-use crate::config::{DataSettings, ItemWeights, RecTargets, TrainConfig};
+use crate::config::{CollabSource, DataSettings, ItemWeights, RecTargets, TrainConfig};
 use crate::error::{Result, TrainError};
 
 /// The path of the model a configuration names (the fetched default when none is given).
@@ -447,10 +447,29 @@ fn add_item_tokens(
     };
     let ids = add_items(pretrained, &specs, init)?;
     if m.item_collab > 0 {
-        let co = corpus.co_occurrence();
         let scale = gems_model::item_row_norm(pretrained, &ids)? * m.item_collab_scale as f32;
         let hidden = pretrained.model.config.hidden_size;
-        let parts = crate::collab::collab_rows(&co, m.item_collab, hidden, scale, config.seed)?;
+        let parts = match m.item_collab_source {
+            CollabSource::Ppmi => {
+                let co = corpus.co_occurrence();
+                crate::collab::collab_rows(&co, m.item_collab, hidden, scale, config.seed)?
+            }
+            CollabSource::Sasrec => {
+                let seed = gems_rng::SplitMix64::for_stream(config.seed, &[0xc011ab, 3]).next_u64();
+                let sasrec = crate::sasrec::SasrecConfig {
+                    hidden: m.item_collab,
+                    ..crate::sasrec::SasrecConfig::for_corpus(corpus, seed)
+                };
+                let trained = crate::sasrec::train(
+                    corpus,
+                    &sasrec,
+                    &burn::tensor::Device::flex(),
+                    &crate::progress::Reporter::silent(),
+                )?;
+                let rows = crate::collab::unit_rows(trained.item_embeddings()?);
+                crate::collab::mapped_rows(&rows, hidden, scale, config.seed)?
+            }
+        };
         gems_model::add_to_item_rows(pretrained, &ids, &parts)?;
     }
     Ok(())
