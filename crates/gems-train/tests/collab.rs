@@ -128,3 +128,24 @@ fn collab_rows_have_the_scale_and_neighbours_are_close() {
     assert!(collab_rows(&co, 0, hidden, 1.0, 3).is_err());
     assert!(collab_rows(&co, 32, hidden, 1.0, 3).is_err());
 }
+
+#[test]
+fn mapped_rows_keep_the_rows_geometry_at_the_scale() {
+    use gems_train::collab::{mapped_rows, unit_rows};
+    let raw = vec![vec![3.0, 4.0, 0.0], vec![0.0, 0.0, 0.0], vec![1.0, 1.0, 1.0], vec![0.0, 2.0, 0.0]];
+    let unit = unit_rows(raw);
+    assert_eq!(unit[0], [0.6, 0.8, 0.0]);
+    assert_eq!(unit[1], [0.0, 0.0, 0.0]);
+    let hidden = 8;
+    let rows = mapped_rows(&unit, hidden, 2.0, 3).unwrap();
+    let row = |i: usize| &rows[i * hidden..(i + 1) * hidden];
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for i in 0..4 {
+        for j in 0..4 {
+            let want = 4.0 * dot(&unit[i], &unit[j]);
+            assert!((dot(row(i), row(j)) - want).abs() < 1e-5, "({i}, {j})");
+        }
+    }
+    assert!(mapped_rows(&unit, 2, 1.0, 3).is_err(), "wider than hidden");
+    assert!(mapped_rows(&[vec![1.0], vec![1.0, 0.0]], hidden, 1.0, 3).is_err(), "unequal widths");
+}

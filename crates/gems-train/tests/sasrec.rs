@@ -335,3 +335,29 @@ fn item_to_item_on_amazon_scientific() {
         }
     }
 }
+
+#[test]
+fn sasrec_item_embeddings_come_from_the_training_events_only() {
+    // `model.item_collab_source = "sasrec"` puts these rows into the item tokens: one per item,
+    // `hidden` wide, and validation or test events must not move them.
+    let base = successor_corpus(30, 150, 5);
+    let embeddings = |corpus: &Corpus| -> Vec<Vec<u32>> {
+        let config = SasrecConfig { epochs: 2, hidden: 16, ..SasrecConfig::for_corpus(corpus, 9) };
+        let model = sasrec::train(corpus, &config, &Device::flex(), &Reporter::silent()).unwrap();
+        let rows = model.item_embeddings().unwrap();
+        rows.into_iter().map(|r| r.into_iter().map(f32::to_bits).collect()).collect()
+    };
+    let first = embeddings(&base);
+    assert_eq!((first.len(), first[0].len()), (30, 16));
+    let mut changed = base.clone();
+    for split in [Split::Valid, Split::Test] {
+        for s in changed.samples.get_mut(&(split, Task::Rec)).unwrap() {
+            s.target = (s.target + 7) % 30;
+            s.history.iter_mut().for_each(|h| *h = (*h + 3) % 30);
+        }
+    }
+    assert_eq!(first, embeddings(&changed));
+    let mut train = base.clone();
+    train.samples.get_mut(&(Split::Train, Task::Rec)).unwrap()[0].target = 29;
+    assert_ne!(first, embeddings(&train));
+}
