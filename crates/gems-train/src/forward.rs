@@ -43,17 +43,27 @@ pub fn training_positions(
     samples: &[&Sample],
     items_from: Option<u32>,
 ) -> (Vec<(usize, usize)>, Vec<u32>) {
-    let (at, ids, _) = training_targets(samples, items_from);
-    (at, ids)
+    let t = training_targets(samples, items_from);
+    (t.at, t.ids)
+}
+
+/// The targets of [`training_targets`]: where each is predicted, its token id and the user
+/// event it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainingTargets {
+    /// `(row, position)` predicting each target.
+    pub at: Vec<(usize, usize)>,
+    /// The target token ids.
+    pub ids: Vec<u32>,
+    /// The position of the event each target predicts in its user's sequence (`None` after
+    /// the answer).
+    pub events: Vec<Option<u32>>,
 }
 
 /// [`training_positions`] with, for each target, the position in its user's sequence of the
 /// event it predicts: the answer's is the sample's position, the k-th of a prompt's n items
 /// (from 0) is `position - n + k`; `None` for the tokens after the answer (end-of-sequence).
-pub fn training_targets(
-    samples: &[&Sample],
-    items_from: Option<u32>,
-) -> (Vec<(usize, usize)>, Vec<u32>, Vec<Option<u32>>) {
+pub fn training_targets(samples: &[&Sample], items_from: Option<u32>) -> TrainingTargets {
     let mut at = Vec::new();
     let mut ids = Vec::new();
     let mut events = Vec::new();
@@ -74,7 +84,7 @@ pub fn training_targets(
             events.push((p == s.target_pos).then_some(s.position));
         }
     }
-    (at, ids, events)
+    TrainingTargets { at, ids, events }
 }
 
 /// The logit offsets that leave each target's earlier items out of its softmax
@@ -143,7 +153,7 @@ pub fn target_loss(
     frozen: Option<&FrozenStates>,
 ) -> Result<Tensor<1>> {
     let batch = sample_batch(samples, pad)?;
-    let (at, ids, events) = training_targets(samples, targets.history_from);
+    let TrainingTargets { at, ids, events } = training_targets(samples, targets.history_from);
     let hidden = decoder_states(model, &batch, frozen)?;
     let seen = targets.exclude_seen.map(|s| s.sequences);
     let (base, n_items) = match (targets.catalogue, targets.exclude_seen) {
@@ -179,8 +189,9 @@ pub fn target_loss(
         let order: Vec<_> = item_k.iter().map(|&k| triple(k)).collect();
         let rows = gather_rows(hidden.clone(), &item_at, "target_loss")?;
         let logits = model.head_logits(rows, base as usize, n_items);
-        let logits =
-            leave_out_seen(logits, samples, seen, &order, |i| Some(i as usize).filter(|&c| c < n_items));
+        let logits = leave_out_seen(logits, samples, seen, &order, |i| {
+            Some(i as usize).filter(|&c| c < n_items)
+        });
         parts.push(cross_entropy(logits, &item_ids).mul_scalar(item_ids.len() as f64 / total));
     }
     if !text_at.is_empty() {
@@ -341,9 +352,9 @@ mod tests {
         assert_eq!(at, [(0, 2), (0, 4), (0, 6), (0, 7), (1, 2), (1, 4), (1, 6), (1, 7)]);
         assert_eq!(ids, [101, 102, 103, 0, 101, 102, 103, 0]);
         // The events: b and c are the user's events 1 and 2, the answer event 3.
-        let (_, _, events) = training_targets(&[&s], Some(100));
+        let events = training_targets(&[&s], Some(100)).events;
         assert_eq!(events, [Some(1), Some(2), Some(3), None]);
-        assert_eq!(training_targets(&[&s], None).2, [Some(3), None]);
+        assert_eq!(training_targets(&[&s], None).events, [Some(3), None]);
     }
 
     #[test]
@@ -363,8 +374,9 @@ mod tests {
         };
         let sequences = vec![vec![5, 7, 5, 9, UNKNOWN_ITEM]];
         let targets = [(0, Some(3), Some(9)), (0, Some(2), Some(5)), (0, None, None)];
-        let off = seen_offsets(&[&s], &sequences, &targets, 10, |i| Some(i as usize).filter(|&c| c < 10))
-            .unwrap();
+        let off =
+            seen_offsets(&[&s], &sequences, &targets, 10, |i| Some(i as usize).filter(|&c| c < 10))
+                .unwrap();
         let masked = |k: usize| (0..10).filter(|&c| off[k * 10 + c] != 0.0).collect::<Vec<_>>();
         assert_eq!(masked(0), [5, 7]);
         assert_eq!(masked(1), [7]);
@@ -372,9 +384,12 @@ mod tests {
         assert!(off.iter().all(|&x| x == 0.0 || x == -1e9));
         // The unknown event of a hand-made sequence is never an item column.
         let late = [(0, Some(5), Some(1))];
-        let off = seen_offsets(&[&s], &sequences, &late, 10, |i| Some(i as usize).filter(|&c| c < 10));
+        let off =
+            seen_offsets(&[&s], &sequences, &late, 10, |i| Some(i as usize).filter(|&c| c < 10));
         assert_eq!(off.map(|o| (0..10).filter(|&c| o[c] != 0.0).count()), Some(3));
-        assert!(seen_offsets(&[&s], &sequences, &[(0, Some(0), Some(5))], 10, |i| Some(i as usize))
-            .is_none());
+        assert!(
+            seen_offsets(&[&s], &sequences, &[(0, Some(0), Some(5))], 10, |i| Some(i as usize))
+                .is_none()
+        );
     }
 }

@@ -132,7 +132,8 @@ fn collab_rows_have_the_scale_and_neighbours_are_close() {
 #[test]
 fn mapped_rows_keep_the_rows_geometry_at_the_scale() {
     use gems_train::collab::{mapped_rows, unit_rows};
-    let raw = vec![vec![3.0, 4.0, 0.0], vec![0.0, 0.0, 0.0], vec![1.0, 1.0, 1.0], vec![0.0, 2.0, 0.0]];
+    let raw =
+        vec![vec![3.0, 4.0, 0.0], vec![0.0, 0.0, 0.0], vec![1.0, 1.0, 1.0], vec![0.0, 2.0, 0.0]];
     let unit = unit_rows(raw);
     assert_eq!(unit[0], [0.6, 0.8, 0.0]);
     assert_eq!(unit[1], [0.0, 0.0, 0.0]);

@@ -850,12 +850,15 @@ fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
     };
     let seen = SeenItems { sequences: &corpus.sequences, base, n_items: n };
     let batch = sample_batch(&samples, corpus.eos_id).unwrap();
-    for (history_from, catalogue) in [(None, None), (Some(base), None), (Some(base), Some((base, n)))] {
+    for (history_from, catalogue) in
+        [(None, None), (Some(base), None), (Some(base), Some((base, n)))]
+    {
         let plain = LossTargets { history_from, catalogue, exclude_seen: None };
         let left_out = LossTargets { exclude_seen: Some(seen), ..plain };
         let plain = scalar(target_loss(model, &samples, corpus.eos_id, plain, None).unwrap());
         let got = scalar(target_loss(model, &samples, corpus.eos_id, left_out, None).unwrap());
-        let (at, ids, events) = training_targets(&samples, history_from);
+        let gems_train::forward::TrainingTargets { at, ids, events } =
+            training_targets(&samples, history_from);
         let logits = model.logits_at(&batch, &at).unwrap();
         let v = logits.dims()[1];
         let z = logits.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
