@@ -8,7 +8,7 @@ use gems_model::{Llama, TokenBatch, llama::gather_rows};
 
 use crate::error::{Result, TrainError};
 use crate::frozen_cache::FrozenStates;
-use crate::setup::{LossTargets, Sample};
+use crate::setup::{LossTargets, Sample, SeenItems};
 
 /// Right-padded batch of whole samples (prompt, target, end-of-sequence).
 ///
@@ -88,28 +88,25 @@ pub fn training_targets(samples: &[&Sample], items_from: Option<u32>) -> Trainin
 }
 
 /// The logit offsets that leave each target's earlier items out of its softmax
-/// (`LossTargets::exclude_seen`): `[targets.len(), width]` values, -1e9 (a softmax weight of
-/// exactly 0 in f32) at the column `column(item)` of every item the target's user had before
-/// the event it predicts, except the target's own item; 0 elsewhere. `targets` are
-/// `(row, event, item)` triples (`item` `None` for a text target); `None` when nothing is left
-/// out.
+/// (`LossTargets::exclude_seen`), over the catalogue's `n_items` item columns:
+/// `[targets.len(), n_items]` values, -1e9 (a softmax weight of exactly 0 in f32) at every item
+/// the target's user had before the event it predicts, except the target's own item; 0
+/// elsewhere. `targets` are `(row, event, item)` triples (`item` `None` for a text target);
+/// `None` when nothing is left out.
 fn seen_offsets(
     samples: &[&Sample],
     sequences: &[Vec<u32>],
     targets: &[(usize, Option<u32>, Option<u32>)],
-    width: usize,
-    column: impl Fn(u32) -> Option<usize>,
+    n_items: usize,
 ) -> Option<Vec<f32>> {
-    let mut out = vec![0.0f32; targets.len() * width];
+    let mut out = vec![0.0f32; targets.len() * n_items];
     let mut any = false;
     for (k, &(r, event, item)) in targets.iter().enumerate() {
         let (Some(event), Some(item)) = (event, item) else { continue };
         let seq = sequences.get(samples[r].user as usize).map_or(&[][..], Vec::as_slice);
         for &seen in &seq[..(event as usize).min(seq.len())] {
-            if seen != item
-                && let Some(c) = column(seen)
-            {
-                out[k * width + c] = -1e9;
+            if seen != item && (seen as usize) < n_items {
+                out[k * n_items + seen as usize] = -1e9;
                 any = true;
             }
         }
@@ -117,23 +114,28 @@ fn seen_offsets(
     any.then_some(out)
 }
 
-/// `logits` plus [`seen_offsets`] when there are any.
+/// `logits` (one row per target of `targets`) with [`seen_offsets`] added to the item block,
+/// the `n_items` columns from `first`, when `seen` is given and anything is left out.
 fn leave_out_seen(
     logits: Tensor<2>,
+    first: usize,
     samples: &[&Sample],
-    sequences: Option<&[Vec<u32>]>,
+    seen: Option<SeenItems<'_>>,
     targets: &[(usize, Option<u32>, Option<u32>)],
-    column: impl Fn(u32) -> Option<usize>,
 ) -> Tensor<2> {
-    let Some(sequences) = sequences else { return logits };
+    let Some(seen) = seen else { return logits };
+    let Some(offsets) = seen_offsets(samples, seen.sequences, targets, seen.n_items) else {
+        return logits;
+    };
     let [n, width] = logits.dims();
-    match seen_offsets(samples, sequences, targets, width, column) {
-        Some(offsets) => {
-            let device = logits.device();
-            logits + Tensor::<2>::from_data(TensorData::new(offsets, [n, width]), &device)
-        }
-        None => logits,
+    let block = [0..n, first..first + seen.n_items];
+    let offsets =
+        Tensor::<2>::from_data(TensorData::new(offsets, [n, seen.n_items]), &logits.device());
+    if first == 0 && width == seen.n_items {
+        return logits + offsets;
     }
+    let moved = logits.clone().slice(block.clone()) + offsets;
+    logits.slice_assign(block, moved)
 }
 
 /// Mean cross-entropy of the target tokens (GEMS-SPEC §2: item token then end-of-sequence;
@@ -155,23 +157,21 @@ pub fn target_loss(
     let batch = sample_batch(samples, pad)?;
     let TrainingTargets { at, ids, events } = training_targets(samples, targets.history_from);
     let hidden = decoder_states(model, &batch, frozen)?;
-    let seen = targets.exclude_seen.map(|s| s.sequences);
-    let (base, n_items) = match (targets.catalogue, targets.exclude_seen) {
-        (Some(c), _) => c,
-        (None, Some(s)) => (s.base, s.n_items),
-        (None, None) => (u32::MAX, 0),
+    let seen = targets.exclude_seen;
+    // Where the item tokens are, when anything needs to know.
+    let items = targets.catalogue.or(seen.map(|s| (s.base, s.n_items)));
+    let item_of = |t: u32| {
+        items.and_then(|(base, n)| (t >= base && ((t - base) as usize) < n).then(|| t - base))
     };
-    let item_of = |t: u32| (t >= base && ((t - base) as usize) < n_items).then(|| t - base);
     let triple = |k: usize| (at[k].0, events[k], item_of(ids[k]));
-    if targets.catalogue.is_none() {
+    let Some((base, n_items)) = targets.catalogue else {
         // As Llama::logits_at: the head only at the target positions.
         let rows = gather_rows(hidden, &at, "target_loss")?;
         let order: Vec<_> = (0..ids.len()).map(triple).collect();
-        let logits = leave_out_seen(model.head(rows), samples, seen, &order, |i| {
-            Some(base as usize + i as usize)
-        });
+        let first = items.map_or(0, |(base, _)| base as usize);
+        let logits = leave_out_seen(model.head(rows), first, samples, seen, &order);
         return Ok(cross_entropy(logits, &ids));
-    }
+    };
     let (mut item_k, mut text_at, mut text_ids) = (vec![], vec![], vec![]);
     for (k, (&p, &t)) in at.iter().zip(&ids).enumerate() {
         if item_of(t).is_some() {
@@ -189,9 +189,7 @@ pub fn target_loss(
         let order: Vec<_> = item_k.iter().map(|&k| triple(k)).collect();
         let rows = gather_rows(hidden.clone(), &item_at, "target_loss")?;
         let logits = model.head_logits(rows, base as usize, n_items);
-        let logits = leave_out_seen(logits, samples, seen, &order, |i| {
-            Some(i as usize).filter(|&c| c < n_items)
-        });
+        let logits = leave_out_seen(logits, 0, samples, seen, &order);
         parts.push(cross_entropy(logits, &item_ids).mul_scalar(item_ids.len() as f64 / total));
     }
     if !text_at.is_empty() {
@@ -374,9 +372,7 @@ mod tests {
         };
         let sequences = vec![vec![5, 7, 5, 9, UNKNOWN_ITEM]];
         let targets = [(0, Some(3), Some(9)), (0, Some(2), Some(5)), (0, None, None)];
-        let off =
-            seen_offsets(&[&s], &sequences, &targets, 10, |i| Some(i as usize).filter(|&c| c < 10))
-                .unwrap();
+        let off = seen_offsets(&[&s], &sequences, &targets, 10).unwrap();
         let masked = |k: usize| (0..10).filter(|&c| off[k * 10 + c] != 0.0).collect::<Vec<_>>();
         assert_eq!(masked(0), [5, 7]);
         assert_eq!(masked(1), [7]);
@@ -384,12 +380,8 @@ mod tests {
         assert!(off.iter().all(|&x| x == 0.0 || x == -1e9));
         // The unknown event of a hand-made sequence is never an item column.
         let late = [(0, Some(5), Some(1))];
-        let off =
-            seen_offsets(&[&s], &sequences, &late, 10, |i| Some(i as usize).filter(|&c| c < 10));
+        let off = seen_offsets(&[&s], &sequences, &late, 10);
         assert_eq!(off.map(|o| (0..10).filter(|&c| o[c] != 0.0).count()), Some(3));
-        assert!(
-            seen_offsets(&[&s], &sequences, &[(0, Some(0), Some(5))], 10, |i| Some(i as usize))
-                .is_none()
-        );
+        assert!(seen_offsets(&[&s], &sequences, &[(0, Some(0), Some(5))], 10).is_none());
     }
 }

@@ -824,18 +824,51 @@ fn the_optimizer_follows_the_run_seed() {
     assert!(err.contains("optimizer.seed 5 differs from seed 0"), "{err}");
 }
 
-/// `data.item_softmax = "catalogue"`: an item target's loss is its cross-entropy among the
-/// item tokens (computed by hand here from the full logits), end-of-sequence keeps the whole
-/// vocabulary, and the mean is over every target; a run with it trains and records it.
+/// [`setup`] built (the real model with its item tokens, the tiny corpus), for the loss tests.
+fn built_setup() -> (tempfile::TempDir, TrainConfig, gems_train::setup::Setup) {
+    use gems_train::setup::{build, load_model};
+    let (root, config) = setup(2);
+    let model = load_model(config.model.path.as_ref().unwrap(), None, &Device::flex()).unwrap();
+    let built = build(model, &config).unwrap();
+    (root, config, built)
+}
+
+/// A one-value tensor's value.
+fn scalar(t: burn::tensor::Tensor<1>) -> f64 {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0] as f64
+}
+
+/// Trains `config` (no untuned evaluation, no perplexity) into `root/runs/name` and returns
+/// the run's config.json.
+fn trained_config(root: &Path, mut config: TrainConfig, name: &str) -> serde_json::Value {
+    config.eval.before = false;
+    config.eval.perplexity = false;
+    let run = root.join("runs").join(name);
+    finished(train(&config, &run, &options(false)).unwrap());
+    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+}
+
+/// `logits` as host values, row-major, with the row width.
+fn host_rows(logits: burn::tensor::Tensor<2>) -> (Vec<f32>, usize) {
+    let v = logits.dims()[1];
+    (logits.into_data().convert::<f32>().try_into_vec::<f32>().unwrap(), v)
+}
+
+/// log-sum-exp of `row` over `columns`, in f64.
+fn lse(row: &[f32], columns: impl Iterator<Item = usize> + Clone) -> f64 {
+    let m = columns.clone().map(|c| row[c]).fold(f32::MIN, f32::max) as f64;
+    m + columns.map(|c| (row[c] as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// `data.train_exclude_history`: an item target's loss leaves out of its softmax every item its
+/// user had before the event it predicts (computed by hand here from the full logits), in the
+/// vocabulary softmax, with history targets, and in the catalogue softmax; a run with it
+/// trains and records it.
 #[test]
 fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
-    use gems_train::forward::{sample_batch, target_loss, training_targets};
-    use gems_train::setup::{LossTargets, SeenItems, build, load_model};
-    let (root, mut config) = setup(2);
-    let dev = Device::flex();
-    let built =
-        build(load_model(config.model.path.as_ref().unwrap(), None, &dev).unwrap(), &config)
-            .unwrap();
+    use gems_train::forward::{TrainingTargets, sample_batch, target_loss, training_targets};
+    use gems_train::setup::{LossTargets, SeenItems};
+    let (root, mut config, built) = built_setup();
     let corpus = &built.corpus;
     let (base, n) = (corpus.base_vocab, corpus.n_items());
     let samples: Vec<_> = corpus
@@ -845,9 +878,6 @@ fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
         .take(6)
         .collect();
     let model = &built.pretrained.model;
-    let scalar = |t: burn::tensor::Tensor<1>| {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0] as f64
-    };
     let seen = SeenItems { sequences: &corpus.sequences, base, n_items: n };
     let batch = sample_batch(&samples, corpus.eos_id).unwrap();
     for (history_from, catalogue) in
@@ -857,11 +887,8 @@ fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
         let left_out = LossTargets { exclude_seen: Some(seen), ..plain };
         let plain = scalar(target_loss(model, &samples, corpus.eos_id, plain, None).unwrap());
         let got = scalar(target_loss(model, &samples, corpus.eos_id, left_out, None).unwrap());
-        let gems_train::forward::TrainingTargets { at, ids, events } =
-            training_targets(&samples, history_from);
-        let logits = model.logits_at(&batch, &at).unwrap();
-        let v = logits.dims()[1];
-        let z = logits.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let TrainingTargets { at, ids, events } = training_targets(&samples, history_from);
+        let (z, v) = host_rows(model.logits_at(&batch, &at).unwrap());
         let mut want = 0.0;
         let mut left = 0;
         for (k, &t) in ids.iter().enumerate() {
@@ -880,9 +907,7 @@ fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
                 keep.retain(|c| *c == t as usize || !past.contains(c));
                 left += before - keep.len();
             }
-            let m = keep.iter().map(|&c| row[c]).fold(f32::MIN, f32::max) as f64;
-            let lse = m + keep.iter().map(|&c| (row[c] as f64 - m).exp()).sum::<f64>().ln();
-            want += lse - row[t as usize] as f64;
+            want += lse(row, keep.iter().copied()) - row[t as usize] as f64;
         }
         want /= ids.len() as f64;
         assert!(left > 0, "the batch's targets have a past");
@@ -891,32 +916,23 @@ fn training_without_the_history_leaves_each_targets_past_out_of_its_softmax() {
     }
 
     config.data.train_exclude_history = true;
-    config.eval.before = false;
-    config.eval.perplexity = false;
-    let run = root.path().join("runs/left-out");
-    finished(train(&config, &run, &options(false)).unwrap());
-    let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let saved = trained_config(root.path(), config, "left-out");
     assert_eq!(saved["data"]["train_exclude_history"], true);
 }
 
+/// `data.item_softmax = "catalogue"`: an item target's loss is its cross-entropy among the
+/// item tokens (computed by hand here from the full logits), end-of-sequence keeps the whole
+/// vocabulary, and the mean is over every target; a run with it trains and records it.
 #[test]
 fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
     use gems_train::forward::{sample_batch, target_loss, target_positions};
-    use gems_train::setup::{LossTargets, build, load_model};
-    let (root, mut config) = setup(2);
-    let dev = Device::flex();
-    let built =
-        build(load_model(config.model.path.as_ref().unwrap(), None, &dev).unwrap(), &config)
-            .unwrap();
+    use gems_train::setup::LossTargets;
+    let (root, mut config, built) = built_setup();
     let corpus = &built.corpus;
     let (base, n) = (corpus.base_vocab, corpus.n_items());
     let samples: Vec<_> =
         corpus.get(gems_data::Split::Train, gems_data::Task::Rec).iter().take(5).collect();
     let model = &built.pretrained.model;
-    let scalar = |t: burn::tensor::Tensor<1>| {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()[0] as f64
-    };
     let vocabulary =
         scalar(target_loss(model, &samples, corpus.eos_id, LossTargets::default(), None).unwrap());
     let targets = LossTargets { catalogue: Some((base, n)), ..LossTargets::default() };
@@ -924,30 +940,19 @@ fn the_catalogue_softmax_is_the_rankings_cross_entropy() {
 
     let batch = sample_batch(&samples, corpus.eos_id).unwrap();
     let (at, ids) = target_positions(&samples);
-    let logits = model.logits_at(&batch, &at).unwrap();
-    let v = logits.dims()[1];
-    let z = logits.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-    let lse = |xs: &[f32]| {
-        let m = xs.iter().copied().fold(f32::MIN, f32::max) as f64;
-        m + xs.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
-    };
+    let (z, v) = host_rows(model.logits_at(&batch, &at).unwrap());
     let mut want = 0.0;
     for (k, &t) in ids.iter().enumerate() {
         let row = &z[k * v..(k + 1) * v];
-        let span = if t >= base { &row[base as usize..base as usize + n] } else { row };
-        want += lse(span) - row[t as usize] as f64;
+        let span = if t >= base { base as usize..base as usize + n } else { 0..v };
+        want += lse(row, span) - row[t as usize] as f64;
     }
     want /= ids.len() as f64;
     assert!((catalogue - want).abs() < 1e-4, "{catalogue} vs {want}");
     assert!(catalogue < vocabulary, "{catalogue} !< {vocabulary}");
 
     config.data.item_softmax = gems_train::config::ItemSoftmax::Catalogue;
-    config.eval.before = false;
-    config.eval.perplexity = false;
-    let run = root.path().join("runs/catalogue");
-    finished(train(&config, &run, &options(false)).unwrap());
-    let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let saved = trained_config(root.path(), config, "catalogue");
     assert_eq!(saved["data"]["item_softmax"], "catalogue");
 }
 
