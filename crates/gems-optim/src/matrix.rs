@@ -79,6 +79,10 @@ pub struct MatrixState {
     /// P [Q_sh | Q_rec | Q_src] for strict mode with the projector P on the bases' side, built
     /// with `combined_basis` (not saved either).
     pub(crate) projected_basis: Option<Tensor<2>>,
+    /// P Q_X of each subspace X (in the order of `subspaces`) where the null-space projector P
+    /// acts on the bases' side: what [`project_onto`] projects a gradient onto between
+    /// refreshes, built at the first step after a refresh and kept until the next (not saved).
+    pub(crate) projected_each: Vec<Option<Tensor<2>>>,
     /// One entry per subspace, in the order of [`OptimizerConfig::subspaces`].
     pub subspaces: Vec<SubspaceState>,
 }
@@ -113,7 +117,15 @@ impl MatrixState {
             .iter()
             .map(|&kind| SubspaceState { kind, basis: None, moments: None })
             .collect();
-        Self { shape, side, transposed, subspaces, combined_basis: None, projected_basis: None }
+        Self {
+            shape,
+            side,
+            transposed,
+            subspaces,
+            combined_basis: None,
+            projected_basis: None,
+            projected_each: Vec::new(),
+        }
     }
 
     /// One step; returns `step_scale` times the combined direction U_sh + g_rec U_rec +
@@ -165,14 +177,20 @@ impl MatrixState {
         // (left side) or [c N_sh | ...] [Q_sh|Q_rec|Q_src]^T (right side). That writes one m x n
         // tensor instead of three, plus the sums.
         let mut scaled = Vec::with_capacity(self.subspaces.len());
-        for (state, g) in self.subspaces.iter_mut().zip(grads) {
+        if self.projected_each.len() != self.subspaces.len()
+            || self.projected_each.iter().flatten().any(|pq| pq.device() != device)
+        {
+            self.projected_each = vec![None; self.subspaces.len()];
+        }
+        let each = self.subspaces.iter_mut().zip(grads).zip(&mut self.projected_each);
+        for ((state, g), projected) in each {
             let Some(basis) = state.basis.as_ref() else {
                 return Err(OptimError::state(
                     path,
                     "no basis: state restored without bases at a non-refresh step",
                 ));
             };
-            let r = project_onto(path, basis, null_space, transposed, g)?;
+            let r = project_onto(path, basis, null_space, transposed, g, projected)?;
             let n = state.adam_direction(path, r, config)?;
             let gate = match state.kind {
                 Subspace::Shared => 1.0,
@@ -332,6 +350,7 @@ impl MatrixState {
             state.basis = Some(new);
             self.combined_basis = None;
             self.projected_basis = None;
+            self.projected_each.clear();
         }
         Ok(reports)
     }
@@ -353,12 +372,15 @@ impl MatrixState {
 /// of P with a dim x r factor, where P G alone costs 4 m n k (k the projector's width). Exact in
 /// exact arithmetic (P is symmetric): with P on the basis' side, Q^T (P G) = (P Q)^T G and
 /// (G P) Q = G (P Q); with P on the other side, Q^T (G P) = (Q^T G) P and (P G) Q = P (G Q).
+/// P Q is taken from `projected` when it holds it, and left there when computed (the caller
+/// empties it when the basis changes).
 fn project_onto(
     path: &str,
     basis: &SubspaceBasis,
     projector: Option<&NullSpaceProjector>,
     transposed: bool,
     g: Tensor<2>,
+    projected: &mut Option<Tensor<2>>,
 ) -> Result<Tensor<2>> {
     let subspace = |e| OptimError::subspace(path, e);
     let [rows, cols] = g.dims();
@@ -374,7 +396,13 @@ fn project_onto(
     if basis.side().dim(rows, cols) != basis.dim() {
         return basis.project_tensor(g).map_err(subspace); // the shape error, naming the basis
     }
-    let pq = p.apply_left_tensor(basis.device_matrix(&g.device())).map_err(subspace)?;
+    let pq = match projected {
+        Some(pq) => pq.clone(),
+        None => {
+            let pq = p.apply_left_tensor(basis.device_matrix(&g.device())).map_err(subspace)?;
+            projected.insert(pq).clone()
+        }
+    };
     Ok(match basis.side() {
         Side::Left => pq.transpose().matmul(g),
         Side::Right => g.matmul(pq),
@@ -507,7 +535,16 @@ mod tests {
             let g = tensor(&g_host, &device);
             let full = apply_projector("w", &p, g.clone(), transposed).unwrap();
             let want = basis.project_tensor(full).unwrap();
-            let got = project_onto("w", &basis, Some(&p), transposed, g).unwrap();
+            let mut projected = None;
+            let got =
+                project_onto("w", &basis, Some(&p), transposed, g.clone(), &mut projected).unwrap();
+            // A second step between refreshes reads P Q back and gives the same values.
+            let again = project_onto("w", &basis, Some(&p), transposed, g, &mut projected).unwrap();
+            assert_eq!(
+                again.to_data().try_to_vec::<f32>().unwrap(),
+                got.to_data().try_to_vec::<f32>().unwrap(),
+                "case {case}"
+            );
             assert_eq!(got.dims(), want.dims(), "case {case}");
             let diff = (got - want.clone()).abs().max().into_scalar::<f32>();
             let scale = want.abs().max().into_scalar::<f32>();
@@ -526,6 +563,7 @@ mod tests {
             Some(&projector(5, ProjectorSide::Output, 3)),
             false,
             tensor(&g_host, &device),
+            &mut None,
         )
         .unwrap_err()
         .to_string();

@@ -225,6 +225,7 @@ impl Optimizer {
                     subspaces,
                     combined_basis: None,
                     projected_basis: None,
+                    projected_each: Vec::new(),
                 },
             );
         }
