@@ -28,13 +28,17 @@ pub(crate) fn applies<const D: usize>(tensors: &[&Tensor<D>]) -> bool {
 }
 
 /// Squared norms of `rec`, `search`, `shared` and the dot product of `rec` and `search`
-/// (0 for what is absent), summed in f64. The tensors are put back unchanged. `None` when a
-/// tensor is not on flex in f32 or the lengths differ (the caller then uses the Burn ops).
+/// (0 for what is absent), summed in f64, and, when `mean_weights` (w_rec, w_src) is given and
+/// both tasks are present, their weighted mean `rec * w_rec + search * w_src` in a new buffer
+/// (Burn: `rec.mul_scalar(w_rec).add(search.mul_scalar(w_src))`, bit for bit), in the same pass
+/// over the two gradients. The tensors are put back unchanged. `None` when a tensor is not on
+/// flex in f32 or the lengths differ (the caller then uses the Burn ops).
 pub(crate) fn task_sums(
     rec: &mut Option<Tensor<1>>,
     search: &mut Option<Tensor<1>>,
     shared: &mut Option<Tensor<1>>,
-) -> Option<[f64; 4]> {
+    mean_weights: Option<(f64, f64)>,
+) -> Option<([f64; 4], Option<Tensor<1>>)> {
     let present: Vec<&Tensor<1>> = [&*rec, &*search, &*shared].into_iter().flatten().collect();
     let len = present.first().map_or(0, |t| t.dims()[0]);
     if !applies(&present) || present.iter().any(|t| t.dims()[0] != len) {
@@ -43,29 +47,50 @@ pub(crate) fn task_sums(
     let mut r = rec.take().map(host_data);
     let mut s = search.take().map(host_data);
     let mut sh = shared.take().map(host_data);
-    let sums = {
+    let (sums, mean) = {
         let (rs, ss, shs) = (f32_slice(&r), f32_slice(&s), f32_slice(&sh));
-        let chunks = len.div_ceil(HOST_CHUNK);
-        let partial: Vec<[f64; 4]> = (0..chunks)
-            .into_par_iter()
-            .map(|c| {
-                let range = c * HOST_CHUNK..((c + 1) * HOST_CHUNK).min(len);
-                let part = |x| chunk_of(x, &range);
-                let [rr, ss, rs] = match (part(rs), part(ss)) {
-                    (Some(a), b) => products_f64(a, b),
-                    (None, Some(b)) => [0.0, products_f64(b, None)[0], 0.0],
-                    (None, None) => [0.0; 3],
-                };
-                [rr, ss, part(shs).map_or(0.0, |x| products_f64(x, None)[0]), rs]
-            })
-            .collect();
-        partial.iter().fold([0.0; 4], |acc, p| std::array::from_fn(|k| acc[k] + p[k]))
+        let sums_of = |c: usize| {
+            let range = c * HOST_CHUNK..((c + 1) * HOST_CHUNK).min(len);
+            let part = |x| chunk_of(x, &range);
+            let [rr, ss, rs] = match (part(rs), part(ss)) {
+                (Some(a), b) => products_f64(a, b),
+                (None, Some(b)) => [0.0, products_f64(b, None)[0], 0.0],
+                (None, None) => [0.0; 3],
+            };
+            [rr, ss, part(shs).map_or(0.0, |x| products_f64(x, None)[0]), rs]
+        };
+        let weighted = match (rs, ss, mean_weights) {
+            (Some(a), Some(b), Some((wa, wb))) => Some((a, b, wa as f32, wb as f32)),
+            _ => None,
+        };
+        // Each chunk's sums, in chunk order (an indexed parallel collect keeps it).
+        let (partial, mean): (Vec<[f64; 4]>, _) = match weighted {
+            Some((a, b, wa, wb)) => {
+                let mut out = vec![0.0f32; len];
+                let partial = out
+                    .par_chunks_mut(HOST_CHUNK)
+                    .enumerate()
+                    .map(|(c, o)| {
+                        let sums = sums_of(c);
+                        let (a, b) = (&a[c * HOST_CHUNK..], &b[c * HOST_CHUNK..]);
+                        for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                            *o = x * wa + y * wb;
+                        }
+                        sums
+                    })
+                    .collect();
+                (partial, Some(out))
+            }
+            None => ((0..len.div_ceil(HOST_CHUNK)).into_par_iter().map(sums_of).collect(), None),
+        };
+        let sums = partial.iter().fold([0.0; 4], |acc, p| std::array::from_fn(|k| acc[k] + p[k]));
+        (sums, mean)
     };
     let back = |d: &mut Option<TensorData>| d.take().map(|d| from_host(d, false));
     *rec = back(&mut r);
     *search = back(&mut s);
     *shared = back(&mut sh);
-    Some(sums)
+    Some((sums, mean.map(|m| from_host(TensorData::new(m, [len]), false))))
 }
 
 fn chunk_of<'a>(x: Option<&'a [f32]>, range: &std::ops::Range<usize>) -> Option<&'a [f32]> {
@@ -113,41 +138,6 @@ fn products_f64(a: &[f32], b: Option<&[f32]>) -> [f64; 3] {
         }
     }
     [combine(aa) + tail[0], combine(bb) + tail[1], combine(ab) + tail[2]]
-}
-
-/// `a * wa + b * wb` (Burn: `a.mul_scalar(wa).add(b.mul_scalar(wb))`), bit for bit, in a new
-/// buffer; `a` and `b` are put back unchanged. `None` where no kernel applies.
-pub(crate) fn weighted_sum(
-    a: &mut Option<Tensor<1>>,
-    wa: f64,
-    b: &mut Option<Tensor<1>>,
-    wb: f64,
-) -> Option<Tensor<1>> {
-    let (ta, tb) = (a.as_ref()?, b.as_ref()?);
-    if !applies(&[ta, tb]) || ta.dims() != tb.dims() {
-        return None;
-    }
-    let (wa, wb) = (wa as f32, wb as f32);
-    let (da, db) = (host_data(a.take()?), host_data(b.take()?));
-    let out = match (da.as_slice::<f32>(), db.as_slice::<f32>()) {
-        (Ok(xa), Ok(xb)) => {
-            let mut out = vec![0.0f32; xa.len()];
-            out.par_chunks_mut(HOST_CHUNK)
-                .zip(xa.par_chunks(HOST_CHUNK).zip(xb.par_chunks(HOST_CHUNK)))
-                .for_each(|(o, (xa, xb))| {
-                    for ((o, &x), &y) in o.iter_mut().zip(xa).zip(xb) {
-                        *o = x * wa + y * wb;
-                    }
-                });
-            Some(out)
-        }
-        _ => None,
-    };
-    *a = Some(from_host(da, false));
-    *b = Some(from_host(db, false));
-    let out = out?;
-    let n = out.len();
-    Some(from_host(TensorData::new(out, [n]), false))
 }
 
 /// Adam's moments and normalised step (`AdamMoments::advance`'s Burn ops), bit for bit:
@@ -298,20 +288,6 @@ mod tests {
     }
 
     #[test]
-    fn weighted_sum_is_the_burn_ops_bit_for_bit() {
-        let (a, b) = (random(N, 6), random(N, 7));
-        let reference = a.clone().mul_scalar(0.3).add(b.clone().mul_scalar(0.7));
-        let (mut sa, mut sb) = (Some(a.clone()), Some(b.clone()));
-        let mean = weighted_sum(&mut sa, 0.3, &mut sb, 0.7).unwrap();
-        assert_eq!(bits(&mean), bits(&reference));
-        assert_eq!(bits(&sa.unwrap()), bits(&a));
-        assert_eq!(bits(&sb.unwrap()), bits(&b));
-        let (mut one, mut none) = (Some(a), None);
-        assert!(weighted_sum(&mut one, 0.5, &mut none, 0.5).is_none());
-        assert!(one.is_some(), "a missing operand leaves the other in place");
-    }
-
-    #[test]
     fn apply_update_is_the_burn_ops_bit_for_bit_on_all_rows_and_on_trailing_rows() {
         for (start, factor, decay) in
             [(0, None, 0.0), (0, Some(0.37), 0.01), (1000, Some(1e-3), 0.1), (N - 5, None, 0.1)]
@@ -339,15 +315,23 @@ mod tests {
         let (x, y, z) = (f64s(&a), f64s(&b), f64s(&c));
         let dot = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(u, v)| u * v).sum::<f64>();
         let (mut ra, mut rb, mut rc) = (Some(a.clone()), Some(b.clone()), Some(c.clone()));
-        let sums = task_sums(&mut ra, &mut rb, &mut rc).unwrap();
+        let (sums, mean) = task_sums(&mut ra, &mut rb, &mut rc, None).unwrap();
+        assert!(mean.is_none(), "no weights, no mean");
         let want = [dot(&x, &x), dot(&y, &y), dot(&z, &z), dot(&x, &y)];
         for (got, want) in sums.iter().zip(want) {
             assert!((got - want).abs() <= 1e-12 * want.abs().max(1e-30), "{got} vs {want}");
         }
-        assert_eq!(bits(&ra.unwrap()), bits(&a));
-        // Repeatable, and a missing task counts as zero.
+        assert_eq!(bits(&ra.clone().unwrap()), bits(&a));
+        // With weights, the same sums and the Burn ops' weighted mean, bit for bit.
+        let (weighted, mean) = task_sums(&mut ra, &mut rb, &mut rc, Some((0.3, 0.7))).unwrap();
+        assert_eq!(weighted, sums);
+        let reference = a.clone().mul_scalar(0.3).add(b.clone().mul_scalar(0.7));
+        assert_eq!(bits(&mean.unwrap()), bits(&reference));
+        assert_eq!((bits(&ra.unwrap()), bits(&rb.unwrap())), (bits(&a), bits(&b)));
+        // Repeatable, and a missing task counts as zero (and leaves no mean).
         let (mut ra, mut none, mut none2) = (Some(a), None, None);
-        let again = task_sums(&mut ra, &mut none, &mut none2).unwrap();
+        let (again, mean) = task_sums(&mut ra, &mut none, &mut none2, Some((0.5, 0.5))).unwrap();
+        assert!(mean.is_none());
         assert_eq!(again, [sums[0], 0.0, 0.0, 0.0]);
     }
 }

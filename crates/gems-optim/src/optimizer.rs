@@ -128,6 +128,9 @@ struct ParamEntry {
     rec: Option<Tensor<1>>,
     search: Option<Tensor<1>>,
     shared: Option<Tensor<1>>,
+    /// The row-weighted mean of `rec` and `search`, where the statistics' pass computed it
+    /// ([`fused::task_sums`]); [`Combine::shared`] takes it when no surgery changes the tasks.
+    mean: Option<Tensor<1>>,
 }
 
 impl Optimizer {
@@ -258,7 +261,8 @@ impl Optimizer {
         drop(gradients);
         let mut entries = entries;
         let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
-        let stats = read_statistics(&mut entries)?;
+        let recombines = !self.config.method.rule().accepts_shared_gradient();
+        let stats = read_statistics(&mut entries, task_weights(samples), recombines)?;
         let mut report = self.new_report(losses, &stats);
         if let Some(reason) = non_finite(&entries, &stats, losses) {
             self.skipped += 1;
@@ -514,26 +518,24 @@ struct Combine {
 
 impl Combine {
     fn new(rule: &dyn MethodRule, totals: &TaskTotals) -> Self {
-        let (n_rec, n_src) = totals.samples;
-        let total = n_rec + n_src;
-        let weights = if total > 0.0 { (n_rec / total, n_src / total) } else { (0.5, 0.5) };
         Self {
-            weights,
+            weights: task_weights(totals.samples),
             surgery: rule.surgery(totals),
             accepts_shared: rule.accepts_shared_gradient(),
         }
     }
 
     /// The shared gradient of one parameter (None when it has no gradient at all); the mean
-    /// of the two task gradients in one fused pass on flex ([`fused::weighted_sum`]).
+    /// of the two task gradients comes from the statistics' pass where it computed it.
     fn shared(&self, e: &mut ParamEntry) -> Option<Tensor<1>> {
         if e.shared.is_some() && self.accepts_shared {
             return e.shared.clone();
         }
         let (pc_rec, pc_src) = self.surgery;
         let (w_rec, w_src) = self.weights;
+        let mean = e.mean.take(); // dropped when surgery changed the tasks
         if (pc_rec, pc_src) == (0.0, 0.0)
-            && let Some(mean) = fused::weighted_sum(&mut e.rec, w_rec, &mut e.search, w_src)
+            && let Some(mean) = mean
         {
             return Some(mean);
         }
@@ -643,12 +645,36 @@ fn task_totals(samples: (f64, f64), stats: &[GradStats]) -> TaskTotals {
     }
 }
 
+/// The weights of the row-weighted mean of the task gradients (GEMS-SPEC §3 step 1): each
+/// task's share of the step's rows, (0.5, 0.5) for a step without rows.
+fn task_weights((n_rec, n_src): (f64, f64)) -> (f64, f64) {
+    let total = n_rec + n_src;
+    if total > 0.0 { (n_rec / total, n_src / total) } else { (0.5, 0.5) }
+}
+
 /// All squared norms and dot products: on flex in one fused pass per parameter, summed in f64
-/// ([`fused::task_sums`]); elsewhere as Burn ops, in one device read.
-fn read_statistics(entries: &mut [ParamEntry]) -> Result<Vec<GradStats>> {
+/// ([`fused::task_sums`]); elsewhere as Burn ops, in one device read. The fused pass also
+/// writes the task gradients' mean with `weights` into [`ParamEntry::mean`] where the step will
+/// want it: where the parameter has no separately computed shared gradient, or `recombines`
+/// (the method ignores that gradient).
+fn read_statistics(
+    entries: &mut [ParamEntry],
+    weights: (f64, f64),
+    recombines: bool,
+) -> Result<Vec<GradStats>> {
     let fused: Vec<Option<[f64; 4]>> = entries
         .iter_mut()
-        .map(|e| fused::task_sums(&mut e.rec, &mut e.search, &mut e.shared))
+        .map(|e| {
+            let wanted = recombines || e.shared.is_none();
+            let (sums, mean) = fused::task_sums(
+                &mut e.rec,
+                &mut e.search,
+                &mut e.shared,
+                wanted.then_some(weights),
+            )?;
+            e.mean = mean;
+            Some(sums)
+        })
         .collect();
     let mut sums: Vec<Tensor<1>> = Vec::new();
     for e in entries.iter().zip(&fused).filter(|(_, f)| f.is_none()).map(|(e, _)| e) {
@@ -742,6 +768,7 @@ impl ModuleVisitor for Reader<'_> {
             rec: rec.map(flat),
             search: search.map(flat),
             shared: shared.map(flat),
+            mean: None,
             path,
             dims,
         });
