@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::adam::{AdamMoments, apply_scaled_update, bias_correction, update_scale};
-use crate::config::{GatePolicy, OptimizerConfig, is_refresh_step, path_matches};
+use crate::config::{GatePolicy, OptimizerConfig, path_matches};
 use crate::error::{OptimError, Result};
 use crate::fused;
 use crate::matrix::{MatrixGradients, MatrixState, RefreshReport};
@@ -403,8 +403,9 @@ impl Optimizer {
         Ok((work, plain))
     }
 
-    /// Steps every tuned matrix on its own state; across threads on refresh steps, whose host
-    /// SVDs dominate.
+    /// Steps every tuned matrix on its own state, across threads: the host SVDs of a refresh
+    /// step, and between refreshes the projections, whose thin products keep two cores busier
+    /// side by side than each product split across them (0.072 -> 0.062 s at the CPU preset).
     fn run_matrices(
         &self,
         work: &mut [MatrixWork<'_>],
@@ -421,11 +422,7 @@ impl Optimizer {
                     Some(w.state.step(path, t, gradients, w.projector, gates, step_scale, config));
             }
         };
-        if config.uses_subspaces() && is_refresh_step(t, config.gems.update_proj_gap) {
-            work.par_iter_mut().for_each(run);
-        } else {
-            work.iter_mut().for_each(run);
-        }
+        work.par_iter_mut().for_each(run);
     }
 
     /// The tuned matrices' updates and states (path, id, state, update), with their reports;
