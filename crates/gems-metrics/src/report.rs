@@ -629,7 +629,9 @@ fn write_optional_sections(md: &mut String, runs: &[Run]) {
              only); `sasrec`: a self-attentive sequential recommender trained on the run's \
              training histories (recommendation only); `itemknn`: items that co-occur with \
              the user's recent items in the training histories, by count \
-             (recommendation only, no learning).\n\n",
+             (recommendation only, no learning); `successors`: items that came right after \
+             the user's recent items in the training histories, by count (recommendation \
+             only, no learning).\n\n",
         );
         md.push_str(&floors);
     }

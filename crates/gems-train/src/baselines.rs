@@ -11,7 +11,10 @@
 //!   run uses, so a run's floors are the same numbers on every machine;
 //! - `itemknn`: recommendation only, the items that co-occur most with the last few history
 //!   items in the training sequences, weighted by recency
-//!   ([`crate::collab::CoOccurrence::knn_scores`]); no learning, a few seconds.
+//!   ([`crate::collab::CoOccurrence::knn_scores`]); no learning, a few seconds;
+//! - `successors`: recommendation only, the items that came right after the last few history
+//!   items in the training sequences, weighted by recency ([`crate::collab::Successors::scores`]);
+//!   no learning. On Scientific it is the strongest rec floor (docs/training.md).
 //!
 //! BM25 is implemented here rather than taken from a search library: the catalogue is a few
 //! thousand short documents held in memory, and thirty lines keep the tokenisation and the
@@ -44,12 +47,19 @@ pub enum Baseline {
     Sasrec,
     /// Item-to-item co-occurrence of the recent history (recommendation only).
     ItemKnn,
+    /// What came right after the recent history items (recommendation only).
+    Successors,
 }
 
 impl Baseline {
     /// Every floor.
-    pub const ALL: [Baseline; 4] =
-        [Baseline::Popular, Baseline::Bm25, Baseline::Sasrec, Baseline::ItemKnn];
+    pub const ALL: [Baseline; 5] = [
+        Baseline::Popular,
+        Baseline::Bm25,
+        Baseline::Sasrec,
+        Baseline::ItemKnn,
+        Baseline::Successors,
+    ];
 
     /// Its name in reports.
     pub fn as_str(self) -> &'static str {
@@ -58,6 +68,7 @@ impl Baseline {
             Self::Bm25 => "bm25",
             Self::Sasrec => "sasrec",
             Self::ItemKnn => "itemknn",
+            Self::Successors => "successors",
         }
     }
 }
@@ -200,6 +211,13 @@ pub fn evaluate_baseline(
             let co = corpus.co_occurrence();
             rank_samples(corpus, &options, |_, chunk| {
                 Ok((chunk.iter().flat_map(|s| co.knn_scores(&s.history)).collect(), None))
+            })
+        }
+        Baseline::Successors => {
+            options.tasks.retain(|&t| t == Task::Rec);
+            let successors = corpus.successors();
+            rank_samples(corpus, &options, |_, chunk| {
+                Ok((chunk.iter().flat_map(|s| successors.scores(&s.history)).collect(), None))
             })
         }
     }

@@ -8,7 +8,10 @@
 //! counted once). Validation and test events are never read, so neither the floor nor the item
 //! rows built from it see what they are evaluated on.
 //!
-//! Two uses:
+//! [`Successors`] counts, over the same examples, which item came right after which: the
+//! `successors` floor ([`Successors::scores`]), the directed, adjacent-only sibling of ItemKNN.
+//!
+//! Two uses of the co-occurrences:
 //! - [`CoOccurrence::knn_scores`]: the `itemknn` floor (item-to-item neighbours as RecBole's
 //!   ItemKNN, by co-occurrence count, scored from the recent history with a recency decay, as
 //!   sequential recommenders weigh it);
@@ -58,13 +61,7 @@ impl CoOccurrence {
                 *pairs.entry((target, h)).or_default() += 1.0;
             }
         }
-        let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
-        for ((i, j), c) in pairs {
-            rows[i as usize].push((j, c));
-        }
-        for row in &mut rows {
-            row.sort_unstable_by_key(|&(j, _)| j);
-        }
+        let rows = sparse_rows(n, pairs);
         let totals = rows.iter().map(|r| r.iter().map(|&(_, c)| c).sum()).collect();
         Self { rows, totals }
     }
@@ -92,17 +89,7 @@ impl CoOccurrence {
     /// 8,317, history excluded): counts with decay 0.7 0.120, with 0.5 0.114; RecBole's cosine
     /// `c(h, j) / sqrt(c(h) c(j))` with 0.5 0.106 (docs/training.md).
     pub fn knn_scores(&self, history: &[u32]) -> Vec<f32> {
-        let mut out = vec![0f32; self.n_items()];
-        let mut weight = 1.0f32;
-        for &h in history.iter().rev().take(Self::KNN_HISTORY) {
-            if let Some(row) = self.rows.get(h as usize) {
-                for &(j, c) in row {
-                    out[j as usize] += weight * c;
-                }
-            }
-            weight *= Self::KNN_DECAY;
-        }
-        out
+        recent_scores(&self.rows, history, Self::KNN_HISTORY, Self::KNN_DECAY)
     }
 
     /// The positive pointwise mutual information of every counted pair,
@@ -124,6 +111,102 @@ impl CoOccurrence {
             })
             .collect()
     }
+}
+
+/// Directed successor counts of the training interactions: how often item `j` came right after
+/// item `i` in a training sequence, sparse by rows. The `successors` floor
+/// ([`Successors::scores`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Successors {
+    /// Per item, the items that followed it (ascending) and how often.
+    rows: Vec<Vec<(u32, f32)>>,
+    /// Per item, [`Self::TIE_BREAK`] times its share of the most frequent training target's
+    /// count: what orders the items no recent item was followed by.
+    popularity: Vec<f32>,
+}
+
+impl Successors {
+    /// How many recent history items the `successors` floor scores from.
+    pub const HISTORY: usize = 5;
+    /// The weight of the k-th most recent of them is `DECAY^k`.
+    pub const DECAY: f32 = 0.5;
+    /// The most a popularity tie-break adds to a score: below the smallest difference counts
+    /// can make (`DECAY^(HISTORY - 1)`), so it only orders items of equal counts.
+    pub const TIE_BREAK: f32 = 0.01;
+
+    /// Counts `examples` (history oldest first, target) over a catalogue of `n` items: each
+    /// target after the last item of its history. Every position of every training sequence is
+    /// one training example, so every adjacent pair is counted once. Pass the training examples
+    /// only (`Corpus::successors` does); items out of range are ignored.
+    pub fn from_examples<'a>(
+        n: usize,
+        examples: impl IntoIterator<Item = (&'a [u32], u32)>,
+    ) -> Self {
+        let mut pairs: HashMap<(u32, u32), f32> = HashMap::new();
+        let mut popularity = vec![0f32; n];
+        for (history, target) in examples {
+            if let Some(p) = popularity.get_mut(target as usize) {
+                *p += 1.0;
+            }
+            match history.last() {
+                Some(&h) if h != target && (h as usize) < n && (target as usize) < n => {
+                    *pairs.entry((h, target)).or_default() += 1.0;
+                }
+                _ => {}
+            }
+        }
+        let most = popularity.iter().copied().fold(0f32, f32::max);
+        if most > 0.0 {
+            popularity.iter_mut().for_each(|p| *p *= Self::TIE_BREAK / most);
+        }
+        Self { rows: sparse_rows(n, pairs), popularity }
+    }
+
+    /// How often `j` came right after `i` (0 when never, or out of range).
+    pub fn count(&self, i: u32, j: u32) -> f32 {
+        self.rows.get(i as usize).map_or(0.0, |row| {
+            row.binary_search_by_key(&j, |&(k, _)| k).map_or(0.0, |at| row[at].1)
+        })
+    }
+
+    /// The `successors` floor's score of every item for a history (oldest first): the sum over
+    /// the last [`Self::HISTORY`] items h, weighted `DECAY^k` from the most recent, of how
+    /// often the item followed h; items of equal sums ordered by how often they are a training
+    /// target ([`Self::TIE_BREAK`]). Measured on Scientific by the ignored test
+    /// `item_to_item_on_amazon_scientific` (docs/training.md).
+    pub fn scores(&self, history: &[u32]) -> Vec<f32> {
+        let mut out = recent_scores(&self.rows, history, Self::HISTORY, Self::DECAY);
+        out.iter_mut().zip(&self.popularity).for_each(|(s, p)| *s += p);
+        out
+    }
+}
+
+/// Sparse rows (ascending columns) of `n` items from counted pairs.
+fn sparse_rows(n: usize, pairs: HashMap<(u32, u32), f32>) -> Vec<Vec<(u32, f32)>> {
+    let mut rows: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
+    for ((i, j), c) in pairs {
+        rows[i as usize].push((j, c));
+    }
+    for row in &mut rows {
+        row.sort_unstable_by_key(|&(j, _)| j);
+    }
+    rows
+}
+
+/// Every item's score for a history (oldest first): the rows of its last `last` items summed,
+/// the k-th most recent weighted `decay^k`.
+fn recent_scores(rows: &[Vec<(u32, f32)>], history: &[u32], last: usize, decay: f32) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len()];
+    let mut weight = 1.0f32;
+    for &h in history.iter().rev().take(last) {
+        if let Some(row) = rows.get(h as usize) {
+            for &(j, c) in row {
+                out[j as usize] += weight * c;
+            }
+        }
+        weight *= decay;
+    }
+    out
 }
 
 /// `A X` for a sparse symmetric `A` given by rows.

@@ -125,6 +125,13 @@ impl Corpus {
         crate::collab::CoOccurrence::from_examples(self.n_items(), examples)
     }
 
+    /// The directed successor counts of the training rec examples (the `successors` floor).
+    pub fn successors(&self) -> crate::collab::Successors {
+        let train = self.get(Split::Train, Task::Rec);
+        let examples = train.iter().map(|s| (s.history.as_slice(), s.target));
+        crate::collab::Successors::from_examples(self.n_items(), examples)
+    }
+
     /// Whether item `i` has a title: ID-only sources (the SASRec layout, an ID-only JSONL) use
     /// the id as the title (`gems_data::Item::title`), which says nothing about the item.
     pub fn has_title(&self, i: usize) -> bool {

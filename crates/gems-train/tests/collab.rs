@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use gems_data::{Split, Task};
-use gems_train::collab::collab_rows;
+use gems_train::collab::{Successors, collab_rows};
 use gems_train::{Corpus, Sample};
 
 fn sample(history: &[u32], target: u32) -> Sample {
@@ -78,6 +78,30 @@ fn counts_pairs_within_the_window_both_ways() {
     assert_eq!(co.count(1, 7), 0.0, "6 events apart: outside the window");
     assert_eq!(co.count(7, 7), 0.0);
     assert_eq!(co.count(7, 8), 0.0, "validation event");
+}
+
+#[test]
+fn successors_count_adjacent_pairs_one_way_from_training_events_only() {
+    let mut m = BTreeMap::new();
+    m.insert(
+        (Split::Train, Task::Rec),
+        vec![sample(&[0], 1), sample(&[0, 1], 2), sample(&[3, 1], 2), sample(&[0, 1, 2], 2)],
+    );
+    m.insert((Split::Valid, Task::Rec), vec![sample(&[0, 1, 2], 3)]);
+    let succ = corpus(4, m).successors();
+    assert_eq!(succ.count(0, 1), 1.0);
+    assert_eq!(succ.count(1, 0), 0.0, "one way: 0 came before 1, never after");
+    assert_eq!(succ.count(1, 2), 2.0, "two histories end in 1 before 2");
+    assert_eq!(succ.count(0, 2), 0.0, "not adjacent");
+    assert_eq!(succ.count(2, 2), 0.0, "an item after itself is not counted");
+    assert_eq!(succ.count(2, 3), 0.0, "validation event");
+    // Scores: the last item's successors at weight 1, the one before at DECAY, plus the
+    // popularity tie-break (targets: 1 once, 2 three times; the most frequent gets TIE_BREAK).
+    let tie = |count: f32| Successors::TIE_BREAK * count / 3.0;
+    let s = succ.scores(&[0, 1]);
+    assert_eq!(s, vec![0.0, Successors::DECAY + tie(1.0), 2.0 + tie(3.0), 0.0]);
+    assert_eq!(succ.scores(&[]), vec![0.0, tie(1.0), tie(3.0), 0.0]);
+    assert!(Successors::TIE_BREAK < Successors::DECAY.powi(Successors::HISTORY as i32 - 1));
 }
 
 #[test]

@@ -113,7 +113,10 @@ fn metric(report: &EvalReport, task: &str, name: &str) -> f64 {
 fn sasrec_learns_the_successor_rule_that_popularity_cannot_see() {
     let corpus = successor_corpus(40, 500, 3);
     let floors = evaluate_baselines(&corpus, &options(&Task::ALL)).unwrap();
-    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "itemknn", "popular", "sasrec"]);
+    assert_eq!(
+        floors.keys().collect::<Vec<_>>(),
+        ["bm25", "itemknn", "popular", "sasrec", "successors"]
+    );
     assert_eq!(floors["itemknn"].full.keys().collect::<Vec<_>>(), ["rec"]);
     let itemknn = metric(&floors["itemknn"], "rec", "recall@10");
     // SASRec ranks recommendation only, as BM25 ranks search only.
@@ -271,7 +274,7 @@ fn sasrec_on_amazon_scientific() {
 }
 
 /// The item-to-item signal on Amazon Scientific (CPU preset's data and test sample): the
-/// `itemknn` floor, and the collaborative embeddings of `gems_train::collab` ranked on their
+/// `itemknn` and `successors` floors, and the collaborative embeddings of `gems_train::collab` ranked on their
 /// own (dot product with the recency-weighted sum of the last five history items'
 /// embeddings), on every validation user and every test user, history excluded, and on the
 /// preset's test sample with and without exclusion. The embeddings are what `--item-collab`
@@ -300,10 +303,13 @@ fn item_to_item_on_amazon_scientific() {
     ];
     for (split, max_examples, exclude) in cases {
         let o = EvalOptions { split, max_examples, exclude_history: exclude, ..opts.clone() };
-        let mut reports = vec![(
-            "itemknn".to_string(),
-            evaluate_baseline(&corpus, Baseline::ItemKnn, &o).unwrap(),
-        )];
+        let mut reports = vec![
+            ("itemknn".to_string(), evaluate_baseline(&corpus, Baseline::ItemKnn, &o).unwrap()),
+            (
+                "successors".to_string(),
+                evaluate_baseline(&corpus, Baseline::Successors, &o).unwrap(),
+            ),
+        ];
         for (dims, e, secs) in &runs {
             let r = rank_samples(&corpus, &o, |_, chunk| {
                 let mut out = Vec::with_capacity(chunk.len() * e.len());

@@ -80,7 +80,10 @@ fn gems_trains_evaluates_and_writes_a_complete_run() {
     let floors: std::collections::BTreeMap<String, gems_metrics::EvalReport> =
         serde_json::from_str(&std::fs::read_to_string(run.join("baselines.json")).unwrap())
             .unwrap();
-    assert_eq!(floors.keys().collect::<Vec<_>>(), ["bm25", "itemknn", "popular", "sasrec"]);
+    assert_eq!(
+        floors.keys().collect::<Vec<_>>(),
+        ["bm25", "itemknn", "popular", "sasrec", "successors"]
+    );
     assert_eq!(floors["sasrec"].full.keys().collect::<Vec<_>>(), ["rec"]);
     assert_eq!(floors["itemknn"].full.keys().collect::<Vec<_>>(), ["rec"]);
     assert_eq!(floors["popular"].full.keys().collect::<Vec<_>>(), ["rec", "search"]);
