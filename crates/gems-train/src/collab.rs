@@ -73,9 +73,7 @@ impl CoOccurrence {
 
     /// The count of the pair `(i, j)` (0 when they never co-occur or are out of range).
     pub fn count(&self, i: u32, j: u32) -> f32 {
-        self.rows.get(i as usize).map_or(0.0, |row| {
-            row.binary_search_by_key(&j, |&(k, _)| k).map_or(0.0, |at| row[at].1)
-        })
+        sparse_count(&self.rows, i, j)
     }
 
     /// How many recent history items the `itemknn` floor scores from.
@@ -164,9 +162,7 @@ impl Successors {
 
     /// How often `j` came right after `i` (0 when never, or out of range).
     pub fn count(&self, i: u32, j: u32) -> f32 {
-        self.rows.get(i as usize).map_or(0.0, |row| {
-            row.binary_search_by_key(&j, |&(k, _)| k).map_or(0.0, |at| row[at].1)
-        })
+        sparse_count(&self.rows, i, j)
     }
 
     /// The `successors` floor's score of every item for a history (oldest first): the sum over
@@ -191,6 +187,12 @@ fn sparse_rows(n: usize, pairs: HashMap<(u32, u32), f32>) -> Vec<Vec<(u32, f32)>
         row.sort_unstable_by_key(|&(j, _)| j);
     }
     rows
+}
+
+/// The entry `(i, j)` of sparse rows (0 where absent or out of range).
+fn sparse_count(rows: &[Vec<(u32, f32)>], i: u32, j: u32) -> f32 {
+    rows.get(i as usize)
+        .map_or(0.0, |row| row.binary_search_by_key(&j, |&(k, _)| k).map_or(0.0, |at| row[at].1))
 }
 
 /// Every item's score for a history (oldest first): the rows of its last `last` items summed,
