@@ -249,7 +249,7 @@ impl Optimizer {
         gradients: StepGradients,
     ) -> Result<(Option<Writer>, StepReport)> {
         // Pass 1: read.
-        let (entries, ids) = read_module(module, &gradients, &|path, dims| {
+        let (mut entries, ids) = read_module(module, &gradients, &|path, dims| {
             if self.is_tuned(path, dims) { 0 } else { self.config.first_trained_row(path) }
         })?;
         let losses =
@@ -259,7 +259,6 @@ impl Optimizer {
             gradients.search.as_ref().map_or(0, |g| g.samples) as f64,
         );
         drop(gradients);
-        let mut entries = entries;
         let tuned: Vec<bool> = entries.iter().map(|e| self.is_tuned(&e.path, &e.dims)).collect();
         let recombines = !self.config.method.rule().accepts_shared_gradient();
         let stats = read_statistics(&mut entries, task_weights(samples), recombines)?;

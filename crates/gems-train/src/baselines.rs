@@ -14,7 +14,7 @@
 //!   ([`crate::collab::CoOccurrence::knn_scores`]); no learning, a few seconds;
 //! - `successors`: recommendation only, the items that came right after the last few history
 //!   items in the training sequences, weighted by recency ([`crate::collab::Successors::scores`]);
-//!   no learning. On Scientific it is the strongest rec floor (docs/training.md).
+//!   no learning. On Scientific it and `itemknn` are the strongest rec floors (docs/training.md).
 //!
 //! BM25 is implemented here rather than taken from a search library: the catalogue is a few
 //! thousand short documents held in memory, and thirty lines keep the tokenisation and the
