@@ -113,8 +113,10 @@ fn usage() {
              (CPU preset), evaluate again, report"
     );
     eprintln!(
-        "  reproduce [--seeds N] [--only a,b] [--budget 100m] [--out DIR] [-- train flags]  \
-             every method and ablation, N seeds, within the budget, then docs/results.md"
+        "  reproduce [--seeds N] [--only a,b] [--budget 100m] [--out DIR] [--refresh-floors] \
+             [-- train flags]  every method and ablation, N seeds, within the budget, then \
+             docs/results.md (--refresh-floors: the finished runs' floors evaluated again by \
+             this code, e.g. one added since they ran)"
     );
     eprintln!("  check-backends  cargo check the cuda and wgpu builds; selftest on lavapipe");
     eprintln!(

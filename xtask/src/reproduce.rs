@@ -115,6 +115,7 @@ struct Options {
     only: Option<Vec<String>>,
     budget_s: Option<f64>,
     extra: Vec<String>,
+    refresh_floors: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -124,6 +125,7 @@ fn parse(args: &[String]) -> Result<Options> {
         only: None,
         budget_s: None,
         extra: Vec::new(),
+        refresh_floors: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -135,6 +137,7 @@ fn parse(args: &[String]) -> Result<Options> {
                 let labels = it.next().context("--only needs labels")?;
                 o.only = Some(labels.split(',').map(String::from).collect());
             }
+            "--refresh-floors" => o.refresh_floors = true,
             "--" => o.extra.extend(it.by_ref().cloned()),
             other => bail!("unknown argument `{other}` (see `cargo xtask`)"),
         }
@@ -260,6 +263,9 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     if restored > 0 {
         eprintln!("xtask reproduce: {restored} finished runs restored from {RECORDS}");
     }
+    if o.refresh_floors {
+        refresh_floors(&o)?;
+    }
     let started = Instant::now();
     let mut stopped_at = None;
     for (label, flags, seed) in pairs(&o) {
@@ -306,9 +312,7 @@ fn train_one(o: &Options, label: &str, flags: &[&str], seed: u64, dir: &str) -> 
         std::fs::write(&record_path, text).with_context(|| format!("writing {record_path}"))?;
     }
     let seed_text = seed.to_string();
-    // The variants of one seed share the untuned model's evaluation and the floors; the cache
-    // is per results epoch, since its key does not cover the code.
-    let eval_cache = format!("{}/eval-cache/{RESULTS_EPOCH}", o.out);
+    let eval_cache = eval_cache(o);
     let mut a: Vec<&str> = vec![
         "gems",
         "train",
@@ -343,6 +347,89 @@ fn train_one(o: &Options, label: &str, flags: &[&str], seed: u64, dir: &str) -> 
     let mut all = std::fs::read_to_string(&path).unwrap_or_default();
     all.push_str(&format!("{line}\n"));
     std::fs::write(&path, all).with_context(|| format!("writing {path}"))
+}
+
+/// Where the variants of one seed share the untuned model's evaluation and the floors: one
+/// cache per results epoch, since its key does not cover the code.
+fn eval_cache(o: &Options) -> String {
+    format!("{}/eval-cache/{RESULTS_EPOCH}", o.out)
+}
+
+/// `--refresh-floors`: every finished run's floors (baselines.json, here and in the committed
+/// records) become what this code evaluates on the run's test examples, so that a floor added
+/// after the runs (as `successors` was) reaches the tables without training anything again.
+/// The floors the run already had must come out equal (their durations aside): otherwise the
+/// code evaluates differently, which is a new results epoch, and nothing is replaced. The
+/// epoch's cached floors are dropped first and evaluated again once per seed and setting.
+fn refresh_floors(o: &Options) -> Result<()> {
+    let cache = eval_cache(o);
+    if let Ok(entries) = std::fs::read_dir(&cache) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".baselines.json") {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
+    }
+    for (label, _, seed) in pairs(o) {
+        let name = format!("{label}-seed{seed}");
+        let dir = Path::new(&o.out).join(&name);
+        if !dir.join("summary.json").is_file() {
+            continue;
+        }
+        let (old, fresh) = (dir.join("baselines.json"), dir.join("baselines.refresh.json"));
+        let (dir_text, fresh_text) = (dir.display().to_string(), fresh.display().to_string());
+        run(
+            "cargo",
+            &[
+                "gems",
+                "eval",
+                &dir_text,
+                "--floors",
+                "--quiet",
+                "--eval-cache",
+                &cache,
+                "--out",
+                &fresh_text,
+            ],
+        )?;
+        let added = added_floors(&old, &fresh)?;
+        std::fs::rename(&fresh, &old).with_context(|| format!("replacing {}", old.display()))?;
+        std::fs::copy(&old, Path::new(RECORDS).join(&name).join("baselines.json"))
+            .with_context(|| format!("copying {} to {RECORDS}/{name}", old.display()))?;
+        eprintln!("xtask reproduce: {name}: floors refreshed, added: {added:?}");
+    }
+    Ok(())
+}
+
+/// The floors in `fresh` that `old` lacks, after checking that every floor of `old` (when it
+/// exists) is in `fresh` with the same values, its `seconds` aside.
+fn added_floors(old: &Path, fresh: &Path) -> Result<Vec<String>> {
+    let read = |path: &Path| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut floors: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        for report in floors.values_mut() {
+            if let Some(fields) = report.as_object_mut() {
+                fields.remove("seconds");
+            }
+        }
+        Ok(floors)
+    };
+    let fresh_floors = read(fresh)?;
+    let old_floors = if old.is_file() { read(old)? } else { serde_json::Map::new() };
+    for (name, report) in &old_floors {
+        if fresh_floors.get(name) != Some(report) {
+            bail!(
+                "floor `{name}` of {} evaluates differently with this code ({} has it otherwise \
+                 or not at all): that is a new results epoch, not a refresh; nothing replaced",
+                old.display(),
+                fresh.display()
+            );
+        }
+    }
+    Ok(fresh_floors.keys().filter(|k| !old_floors.contains_key(*k)).cloned().collect())
 }
 
 fn read_record(dir: &Path) -> Result<serde_json::Value> {
@@ -435,15 +522,39 @@ fn write_results(o: &Options) -> Result<()> {
     if let Ok(notes) = std::fs::read_to_string(RESULTS_NOTES) {
         doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
     }
-    // The plots travel with the document (runs/ is not committed).
-    std::fs::create_dir_all("docs/results").context("creating docs/results")?;
-    for plot in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
-        std::fs::copy(format!("{report_dir}/{plot}"), format!("docs/results/{plot}"))
-            .with_context(|| format!("copying {report_dir}/{plot}"))?;
-    }
+    copy_plots(Path::new(&report_dir), Path::new("docs/results"))?;
     doc.push_str(&report.replace("](", "](results/"));
     std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
     eprintln!("xtask reproduce: report in {report_dir}/report.md, docs/results.md updated");
+    Ok(())
+}
+
+/// The plots travel with the document (runs/ is not committed): every SVG of the report in
+/// `report_dir` is copied into `docs`, and an SVG there that the report no longer draws (a plot
+/// renamed or dropped) is removed, so the page links only what is current.
+fn copy_plots(report_dir: &Path, docs: &Path) -> Result<()> {
+    let svgs = |dir: &Path| -> Result<Vec<std::ffi::OsString>> {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let name = entry.with_context(|| format!("listing {}", dir.display()))?.file_name();
+            if Path::new(&name).extension().is_some_and(|e| e == "svg") {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    };
+    std::fs::create_dir_all(docs).with_context(|| format!("creating {}", docs.display()))?;
+    let drawn = svgs(report_dir)?;
+    for name in svgs(docs)?.into_iter().filter(|n| !drawn.contains(n)) {
+        std::fs::remove_file(docs.join(&name))
+            .with_context(|| format!("removing {}", docs.join(&name).display()))?;
+    }
+    for name in &drawn {
+        std::fs::copy(report_dir.join(name), docs.join(name))
+            .with_context(|| format!("copying {}", report_dir.join(name).display()))?;
+    }
     Ok(())
 }
 
@@ -495,7 +606,14 @@ mod tests {
     #[test]
     fn pairs_run_tier_by_tier_then_seed_by_seed_with_the_default_first() {
         assert_eq!(TIERS.iter().sum::<usize>(), VARIANTS.len(), "every variant in one tier");
-        let o = Options { seeds: 2, out: String::new(), only: None, budget_s: None, extra: vec![] };
+        let o = Options {
+            seeds: 2,
+            out: String::new(),
+            only: None,
+            budget_s: None,
+            extra: vec![],
+            refresh_floors: false,
+        };
         let p = pairs(&o);
         assert_eq!(p.len(), 2 * VARIANTS.len());
         assert_eq!((p[0].0, p[0].2), ("gems-input-strict", 0));
@@ -517,6 +635,7 @@ mod tests {
             only: Some(vec!["full".into(), "lora".into()]),
             budget_s: None,
             extra: vec![],
+            refresh_floors: false,
         };
         // A run finished here is kept (its records, not its model).
         let run = out.join("full-seed0");
@@ -532,6 +651,44 @@ mod tests {
         assert_eq!(sync_records(&o, &records).unwrap(), 1);
         assert_eq!(std::fs::read_to_string(run.join("summary.json")).unwrap(), "summary.json");
         assert!(!out.join("lora-seed0").exists());
+    }
+
+    #[test]
+    fn a_refresh_adds_floors_and_refuses_changed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, fresh) = (dir.path().join("old.json"), dir.path().join("fresh.json"));
+        let write = |path: &Path, text: &str| std::fs::write(path, text).unwrap();
+        write(&old, r#"{"popular": {"full": {"rec": 0.25}, "seconds": 1.0}}"#);
+        write(
+            &fresh,
+            r#"{"popular": {"full": {"rec": 0.25}, "seconds": 2.5}, "successors": {"full": {}}}"#,
+        );
+        assert_eq!(added_floors(&old, &fresh).unwrap(), vec!["successors".to_string()]);
+        // No floors before: every one is added.
+        assert_eq!(added_floors(&dir.path().join("none.json"), &fresh).unwrap().len(), 2);
+        write(&fresh, r#"{"popular": {"full": {"rec": 0.5}, "seconds": 1.0}}"#);
+        let err = added_floors(&old, &fresh).unwrap_err().to_string();
+        assert!(err.contains("`popular`") && err.contains("new results epoch"), "{err}");
+        write(&fresh, r#"{"successors": {"full": {}}}"#);
+        assert!(added_floors(&old, &fresh).is_err(), "a floor that went missing");
+        write(&fresh, "not json");
+        assert!(added_floors(&old, &fresh).unwrap_err().to_string().contains("parsing"));
+    }
+
+    #[test]
+    fn plots_are_copied_and_stale_ones_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (report, docs) = (dir.path().join("report"), dir.path().join("docs"));
+        std::fs::create_dir_all(&report).unwrap();
+        std::fs::create_dir_all(docs.join("runs")).unwrap();
+        for (d, name) in [(&report, "fit.svg"), (&report, "report.md"), (&docs, "old.svg")] {
+            std::fs::write(d.join(name), name).unwrap();
+        }
+        std::fs::write(docs.join("fit.svg"), "stale").unwrap();
+        copy_plots(&report, &docs).unwrap();
+        assert_eq!(std::fs::read_to_string(docs.join("fit.svg")).unwrap(), "fit.svg");
+        assert!(!docs.join("old.svg").exists() && !docs.join("report.md").exists());
+        assert!(docs.join("runs").is_dir(), "the records are left alone");
     }
 
     #[test]

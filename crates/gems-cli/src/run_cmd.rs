@@ -14,7 +14,7 @@ use gems_subspace::{ProjectionType, ProjectorSide};
 use gems_train::config::{StopMetric, TaskSelection};
 use gems_train::infer::{load_run, top_items, user_history, user_items};
 use gems_train::trainer::{eval_options, test_report};
-use gems_train::{RunOptions, RunOutcome, TrainConfig, train};
+use gems_train::{Reporter, RunOptions, RunOutcome, TrainConfig, train};
 use serde::Serialize;
 
 use crate::device::{Backend, device};
@@ -548,10 +548,16 @@ pub struct EvalArgs {
     /// with this flag).
     #[arg(long)]
     pub exclude_history: bool,
-    /// Evaluate the floors without a language model (most popular, BM25, SASRec, ItemKNN:
-    /// what a run writes to baselines.json) on the same examples instead of the tuned model.
+    /// Evaluate the floors without a language model (most popular, BM25, SASRec, ItemKNN,
+    /// successors: what a run writes to baselines.json) on the same examples instead of the
+    /// tuned model. Needs only the run's config.json, not its model: it works on the records
+    /// of a reproduction (docs/results/runs/).
     #[arg(long)]
     pub floors: bool,
+    /// With --floors and --out: take the floors from DIR when a run with the same settings
+    /// stored them there (`gems train --eval-cache`), else store them there.
+    #[arg(long, value_name = "DIR", requires_all = ["floors", "out"])]
+    pub eval_cache: Option<PathBuf>,
     /// Also write the evaluated examples (prompt ids, target, negatives) as JSON lines here,
     /// to reproduce the metrics in another implementation (docs/python.md).
     #[arg(long, value_name = "FILE")]
@@ -563,6 +569,9 @@ pub struct EvalArgs {
 /// `gems eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let dev = device(args.device.device, args.device.device_index)?;
+    if args.floors {
+        return eval_floors(&args, &dev);
+    }
     let loaded = load_run(&args.run, &dev)?;
     let mut config = loaded.config.clone();
     if args.exclude_history {
@@ -574,20 +583,12 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     }
     let tasks: Vec<gems_data::Task> =
         gems_data::Task::ALL.into_iter().filter(|&t| config.data.tasks.includes(t)).collect();
-    let split = match args.split.as_str() {
-        "test" => gems_data::Split::Test,
-        "valid" => gems_data::Split::Valid,
-        other => bail!("--split must be test or valid, not `{other}`"),
-    };
+    let split = split(&args.split)?;
     let progress = reporter(args.quiet);
     let options = eval_options(&config, split, "eval", &tasks, &progress);
     if let Some(path) = &args.dump_examples {
         let n = gems_train::eval::dump_examples(&loaded.setup.corpus, &options, path)?;
         eprintln!("{n} evaluated examples written to {}", path.display());
-    }
-    if args.floors {
-        let floors = gems_train::baselines::evaluate_baselines(&loaded.setup.corpus, &options)?;
-        return write_or_print(&floors, args.out.as_deref());
     }
     let model = &loaded.setup.pretrained.model;
     let report: EvalReport = match split {
@@ -597,6 +598,50 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         _ => gems_train::eval::evaluate(model, &loaded.setup.corpus, &options)?,
     };
     write_or_print(&report, args.out.as_deref())
+}
+
+/// `gems eval --floors`: the floors on the run's examples, from its configuration and the
+/// model it started from (the floors use the data and the tokenizer, not the tuned weights).
+/// The test floors written to a file are what `gems train` writes to baselines.json, through
+/// the evaluation cache when one is given.
+fn eval_floors(args: &EvalArgs, dev: &burn::tensor::Device) -> Result<()> {
+    let mut config = gems_train::infer::run_config(&args.run)?;
+    if let Some(n) = args.examples {
+        config.eval.test_examples = n;
+        config.eval.valid_examples = n;
+    }
+    if args.exclude_history {
+        config.eval.exclude_history = true;
+    }
+    config.eval.cache = args.eval_cache.clone();
+    let split = split(&args.split)?;
+    let progress = reporter(args.quiet);
+    let run = gems_train::run_setup::RunSetup::load(&config, dev, &progress)?;
+    let options = eval_options(&run.config, split, "floor", &run.tasks, &Reporter::silent());
+    if let Some(path) = &args.dump_examples {
+        let n = gems_train::eval::dump_examples(&run.setup.corpus, &options, path)?;
+        eprintln!("{n} evaluated examples written to {}", path.display());
+    }
+    match (&args.out, split) {
+        (Some(out), gems_data::Split::Test) => {
+            gems_train::trainer::write_floors(&run, out, &progress)?;
+        }
+        _ if args.eval_cache.is_some() => bail!("--eval-cache keeps the test floors only"),
+        (out, _) => {
+            let floors = gems_train::baselines::evaluate_baselines(&run.setup.corpus, &options)?;
+            write_or_print(&floors, out.as_deref())?;
+        }
+    }
+    Ok(())
+}
+
+/// The split `--split` names.
+fn split(name: &str) -> Result<gems_data::Split> {
+    match name {
+        "test" => Ok(gems_data::Split::Test),
+        "valid" => Ok(gems_data::Split::Valid),
+        other => bail!("--split must be test or valid, not `{other}`"),
+    }
 }
 
 /// `value` as pretty JSON, written atomically to `out`, else printed.

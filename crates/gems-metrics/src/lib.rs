@@ -43,6 +43,6 @@ pub use record::{
     read_metrics_lines, read_summary, write_summary,
 };
 pub use report::{
-    BASELINES_FILE, Run, Series, load_run, load_runs, markdown_floors, markdown_losses,
-    markdown_protocols, write_report,
+    BASELINES_FILE, PLOT_FILES, PointGroup, Reference, Run, Scatter, Series, load_run, load_runs,
+    markdown_floors, markdown_losses, markdown_protocols, write_report,
 };

@@ -1,9 +1,10 @@
-//! Hand-written SVG line plots: enough for loss and metric curves, with no plotting crate.
+//! Hand-written SVG plots, with no plotting crate: line plots for loss and metric curves, and
+//! scatter plots of groups of runs (one marker per run, the groups' medians with whiskers).
 //!
 //! The output is a standalone `<svg>` element (no XML declaration) that browsers and GitHub
-//! render: a frame, about five "nice" ticks per axis (1, 2 or 5 times a power of ten) with
-//! grid lines and numeric labels, one `<polyline>` per series with at least one finite point,
-//! and a legend to the right.
+//! render: a frame, about five "nice" ticks per axis (1, 2 or 5 times a power of ten; on a
+//! logarithmic axis the 1-2-5 values of each decade) with grid lines and numeric labels, the
+//! curves or markers, and a legend to the right.
 
 use std::fmt::Write as _;
 
@@ -74,6 +75,8 @@ struct Axis {
     hi: f64,
     ticks: Vec<f64>,
     step: f64,
+    /// Logarithmic: positions by `log10` of the value, ticks at 1, 2 and 5 times powers of ten.
+    log: bool,
 }
 
 impl Axis {
@@ -88,22 +91,74 @@ impl Axis {
         };
         let step = nice_step((max - min) / 4.0);
         if !step.is_finite() || step <= 0.0 {
-            return Self { lo: min, hi: max, ticks: vec![min, max], step: max - min };
+            return Self { lo: min, hi: max, ticks: vec![min, max], step: max - min, log: false };
         }
         let lo = (min / step).floor() * step;
         let hi = (max / step).ceil() * step;
         let count = ((hi - lo) / step).round() as usize;
         let ticks = (0..=count.min(20)).map(|i| lo + i as f64 * step).collect();
-        Self { lo, hi, ticks, step }
+        Self { lo, hi, ticks, step, log: false }
+    }
+
+    /// A logarithmic axis covering `[min, max]` (both finite and positive, `min <= max`): it
+    /// runs from the largest 1-2-5 value at or below `min` to the smallest at or above `max`,
+    /// with a tick at each 1-2-5 value between them, or only at the powers of ten when that
+    /// would be more than ten ticks.
+    fn log(min: f64, max: f64) -> Self {
+        let (min, max) = if max > min { (min, max) } else { (min / 2.0, max * 2.0) };
+        let mut values = Vec::new();
+        let (first, last) = (min.log10().floor() as i32 - 1, max.log10().ceil() as i32 + 1);
+        for exponent in first..=last {
+            for mantissa in [1.0, 2.0, 5.0] {
+                values.push(mantissa * 10f64.powi(exponent));
+            }
+        }
+        // Tolerate rounding in the powers: 1e-9 relative.
+        let mut lo =
+            values.iter().rev().find(|&&v| v <= min * (1.0 + 1e-9)).copied().unwrap_or(min);
+        let mut hi = values.iter().find(|&&v| v >= max * (1.0 - 1e-9)).copied().unwrap_or(max);
+        let is_power = |v: f64| (v.log10() - v.log10().round()).abs() < 1e-9;
+        if values.iter().filter(|&&v| v >= lo && v <= hi).count() > 10 {
+            // Whole decades, so that the ends have ticks too.
+            lo = 10f64.powf(lo.log10().floor());
+            hi = 10f64.powf(hi.log10().ceil());
+            values.retain(|&v| is_power(v));
+        }
+        let ticks = values
+            .into_iter()
+            .filter(|&v| v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9))
+            .collect();
+        Self { lo, hi, ticks, step: lo, log: true }
+    }
+
+    /// The axis over `[min, max]`: logarithmic when `log` and both are positive, else linear.
+    fn spanning(min: f64, max: f64, log: bool) -> Self {
+        if log && min > 0.0 { Self::log(min, max) } else { Self::new(min, max) }
+    }
+
+    /// Whether `value` can be drawn on this axis (finite, and positive on a logarithmic one).
+    fn admits(&self, value: f64) -> bool {
+        value.is_finite() && (!self.log || value > 0.0)
     }
 
     /// Fraction of the axis length at `value`.
     fn fraction(&self, value: f64) -> f64 {
-        if self.hi > self.lo { (value - self.lo) / (self.hi - self.lo) } else { 0.5 }
+        if self.hi <= self.lo {
+            0.5
+        } else if self.log {
+            (value.log10() - self.lo.log10()) / (self.hi.log10() - self.lo.log10())
+        } else {
+            (value - self.lo) / (self.hi - self.lo)
+        }
     }
 
-    /// A tick label with as many decimals as the step needs.
+    /// A tick label with as many decimals as the step needs (on a logarithmic axis, as the
+    /// value itself needs).
     fn label(&self, value: f64) -> String {
+        if self.log {
+            let decimals = if value >= 1.0 { 0 } else { (-value.log10().floor()) as usize };
+            return format!("{value:.decimals$}");
+        }
         let value = if value.abs() < self.step.abs() * 1e-9 { 0.0 } else { value };
         let magnitude = self.lo.abs().max(self.hi.abs());
         if magnitude >= 1e6 || (self.step > 0.0 && self.step < 1e-4) {
@@ -288,13 +343,7 @@ fn write_legend(svg: &mut String, series: &[Series], finite: &[Vec<(f64, f64)>])
         let (colour, dash) = style(index);
         let y = TOP + LEGEND_ROW * (index as f64 + 0.5);
         let x = right + 16.0;
-        let mut name: String = s.name.chars().take(LEGEND_CHARS).collect();
-        if s.name.chars().count() > LEGEND_CHARS {
-            name.push('…');
-        }
-        if finite[index].is_empty() {
-            name.push_str(" (no data)");
-        }
+        let name = legend_name(&s.name, finite[index].is_empty());
         // `write!` into a String cannot fail.
         let _ = writeln!(
             svg,
@@ -305,6 +354,229 @@ fn write_legend(svg: &mut String, series: &[Series], finite: &[Vec<(f64, f64)>])
             escape(&name)
         );
     }
+}
+
+/// A group of points of a scatter plot, such as the seeds of one configuration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PointGroup {
+    /// The legend entry.
+    pub name: String,
+    /// One `(x, y)` per member; points an axis cannot show (a non-finite coordinate, or one not
+    /// positive on a logarithmic axis) are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A labelled reference line across a scatter plot, such as a floor or the untuned model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reference {
+    /// Written along the line.
+    pub label: String,
+    /// Where the line crosses its axis.
+    pub value: f64,
+    /// A vertical line at x = `value`; else a horizontal one at y = `value`.
+    pub vertical: bool,
+}
+
+/// What [`svg_scatter_plot`] draws.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Scatter {
+    /// The title above the plot.
+    pub title: String,
+    /// The x axis's label.
+    pub x_label: String,
+    /// The y axis's label.
+    pub y_label: String,
+    /// A logarithmic x axis (when every drawn x value is positive).
+    pub log_x: bool,
+    /// The groups, each in its own colour and marker shape.
+    pub groups: Vec<PointGroup>,
+    /// Reference lines, drawn dashed and grey beneath the markers; they widen the axes to fit.
+    pub references: Vec<Reference>,
+}
+
+/// Renders a scatter plot of groups of points as a standalone SVG document.
+///
+/// Each member of a group is a small hollow marker in the group's colour and shape; the group's
+/// median (of x and of y separately) is a large filled marker, with whiskers from the smallest
+/// to the largest member on each axis when it has more than one. So three seeds of a
+/// configuration read as one point with its spread. The legend lists every group, marking those
+/// with nothing to draw; reference lines carry their labels inside the plot.
+///
+/// ```
+/// use gems_metrics::report::{PointGroup, Scatter, svg_scatter_plot};
+/// let plot = Scatter {
+///     title: "Ranking against retention".into(),
+///     log_x: true,
+///     groups: vec![PointGroup { name: "gems".into(), points: vec![(48.0, 0.06), (47.0, 0.04)] }],
+///     ..Scatter::default()
+/// };
+/// let svg = svg_scatter_plot(&plot);
+/// assert!(svg.starts_with("<svg") && svg.contains("<circle"));
+/// ```
+pub fn svg_scatter_plot(plot: &Scatter) -> String {
+    let probe = Axis { lo: 1.0, hi: 2.0, ticks: Vec::new(), step: 1.0, log: plot.log_x };
+    let finite: Vec<Vec<(f64, f64)>> = plot
+        .groups
+        .iter()
+        .map(|g| {
+            g.points.iter().copied().filter(|&(x, y)| probe.admits(x) && y.is_finite()).collect()
+        })
+        .collect();
+    let references: Vec<&Reference> = plot
+        .references
+        .iter()
+        .filter(|r| if r.vertical { probe.admits(r.value) } else { r.value.is_finite() })
+        .collect();
+    let mut svg = String::new();
+    write_frame(&mut svg, plot.groups.len(), [&plot.title, &plot.x_label, &plot.y_label]);
+    match bounds(&finite) {
+        None => {
+            // `write!` into a String cannot fail.
+            let _ = writeln!(
+                svg,
+                r##"<text x="{}" y="{}" text-anchor="middle" fill="#666">no data</text>"##,
+                LEFT + PLOT_WIDTH / 2.0,
+                TOP + PLOT_HEIGHT / 2.0
+            );
+        }
+        Some((mut x_min, mut x_max, mut y_min, mut y_max)) => {
+            for r in &references {
+                let (lo, hi) =
+                    if r.vertical { (&mut x_min, &mut x_max) } else { (&mut y_min, &mut y_max) };
+                *lo = lo.min(r.value);
+                *hi = hi.max(r.value);
+            }
+            let plane = Plane {
+                x_axis: Axis::spanning(x_min, x_max, plot.log_x),
+                y_axis: Axis::new(y_min, y_max),
+            };
+            plane.write_grid(&mut svg);
+            plane.write_references(&mut svg, &references);
+            plane.write_groups(&mut svg, &finite);
+        }
+    }
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{LEFT}" y="{TOP}" width="{PLOT_WIDTH}" height="{PLOT_HEIGHT}" fill="none" stroke="black"/>"#
+    );
+    write_marker_legend(&mut svg, &plot.groups, &finite);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The median of `values` (not empty): the middle one, or the mean of the middle two.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+impl Plane {
+    /// Writes each reference as a dashed grey line across the plot with its label inside.
+    fn write_references(&self, svg: &mut String, references: &[&Reference]) {
+        let (bottom, right) = (TOP + PLOT_HEIGHT, LEFT + PLOT_WIDTH);
+        for r in references {
+            // `write!` into a String cannot fail.
+            let _ = if r.vertical {
+                let x = self.px(r.value);
+                writeln!(
+                    svg,
+                    r##"<line x1="{x:.2}" y1="{TOP}" x2="{x:.2}" y2="{bottom}" stroke="#888" stroke-dasharray="5 3"/><text x="{:.2}" y="{}" font-size="10" fill="#555">{}</text>"##,
+                    x + 3.0,
+                    TOP + 12.0,
+                    escape(&r.label)
+                )
+            } else {
+                let y = self.py(r.value);
+                writeln!(
+                    svg,
+                    r##"<line x1="{LEFT}" y1="{y:.2}" x2="{right}" y2="{y:.2}" stroke="#888" stroke-dasharray="5 3"/><text x="{}" y="{:.2}" font-size="10" fill="#555" text-anchor="end">{}</text>"##,
+                    right - 4.0,
+                    y - 3.0,
+                    escape(&r.label)
+                )
+            };
+        }
+    }
+
+    /// Writes every group of `finite`: a hollow marker per point, then the median as a filled
+    /// marker with whiskers over the points' range on each axis.
+    fn write_groups(&self, svg: &mut String, finite: &[Vec<(f64, f64)>]) {
+        for (index, points) in finite.iter().enumerate() {
+            if points.is_empty() {
+                continue;
+            }
+            let (colour, _) = style(index);
+            let shape = index / PALETTE.len();
+            for &(x, y) in points {
+                marker(svg, shape, (self.px(x), self.py(y)), 3.0, ("none", colour));
+            }
+            let mut xs: Vec<f64> = points.iter().map(|p| p.0).collect();
+            let mut ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+            let (mx, my) = (self.px(median(&mut xs)), self.py(median(&mut ys)));
+            if points.len() > 1 {
+                let (x0, x1) = (self.px(xs[0]), self.px(xs[xs.len() - 1]));
+                let (y0, y1) = (self.py(ys[0]), self.py(ys[ys.len() - 1]));
+                // `write!` into a String cannot fail.
+                let _ = writeln!(
+                    svg,
+                    r#"<path d="M{x0:.2},{my:.2}H{x1:.2}M{mx:.2},{y0:.2}V{y1:.2}" stroke="{colour}" stroke-width="1.2" fill="none"/>"#
+                );
+            }
+            marker(svg, shape, (mx, my), 5.5, (colour, "black"));
+        }
+    }
+}
+
+/// Writes a marker of `shape` (circle, square, triangle, diamond, by `shape % 4`) of radius
+/// `r` centred at `at`, with `paint` = (fill, stroke).
+fn marker(svg: &mut String, shape: usize, at: (f64, f64), r: f64, paint: (&str, &str)) {
+    let ((x, y), (fill, stroke)) = (at, paint);
+    let style = format!(r#"fill="{fill}" stroke="{stroke}" stroke-width="1""#);
+    let polygon = |corners: &[(f64, f64)]| {
+        let points: Vec<String> =
+            corners.iter().map(|(dx, dy)| format!("{:.2},{:.2}", x + dx * r, y + dy * r)).collect();
+        format!(r#"<polygon points="{}" {style}/>"#, points.join(" "))
+    };
+    let element = match shape % 4 {
+        0 => format!(r#"<circle cx="{x:.2}" cy="{y:.2}" r="{r}" {style}/>"#),
+        1 => polygon(&[(-0.9, -0.9), (0.9, -0.9), (0.9, 0.9), (-0.9, 0.9)]),
+        2 => polygon(&[(0.0, -1.15), (1.0, 0.75), (-1.0, 0.75)]),
+        _ => polygon(&[(0.0, -1.2), (1.0, 0.0), (0.0, 1.2), (-1.0, 0.0)]),
+    };
+    // `write!` into a String cannot fail.
+    let _ = writeln!(svg, "{element}");
+}
+
+/// Writes the scatter plot's legend right of the plot: one row per group with its marker, cut
+/// to [`LEGEND_CHARS`] and marked "(no data)" when its points in `finite` are empty.
+fn write_marker_legend(svg: &mut String, groups: &[PointGroup], finite: &[Vec<(f64, f64)>]) {
+    let x = LEFT + PLOT_WIDTH + 16.0;
+    for (index, group) in groups.iter().enumerate() {
+        let (colour, _) = style(index);
+        let y = TOP + LEGEND_ROW * (index as f64 + 0.5);
+        marker(svg, index / PALETTE.len(), (x + 11.0, y), 5.0, (colour, "black"));
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            x + 28.0,
+            y + 4.0,
+            escape(&legend_name(&group.name, finite[index].is_empty()))
+        );
+    }
+}
+
+/// A legend entry: `name` cut to [`LEGEND_CHARS`] with an ellipsis, marked "(no data)" when
+/// `empty`.
+fn legend_name(name: &str, empty: bool) -> String {
+    let mut text: String = name.chars().take(LEGEND_CHARS).collect();
+    if name.chars().count() > LEGEND_CHARS {
+        text.push('…');
+    }
+    if empty {
+        text.push_str(" (no data)");
+    }
+    text
 }
 
 /// Colour and dash attribute of the series at `index`.
@@ -337,6 +609,31 @@ mod tests {
         assert!(constant.lo < 3.0 && constant.hi > 3.0);
         let zero = Axis::new(0.0, 0.0);
         assert!(zero.lo < 0.0 && zero.hi > 0.0);
+    }
+
+    #[test]
+    fn log_axes_tick_at_one_two_five() {
+        let axis = Axis::spanning(47.2, 16_441.0, true);
+        assert_eq!((axis.lo, axis.hi), (20.0, 20_000.0));
+        assert_eq!(axis.ticks.len(), 10, "{:?}", axis.ticks);
+        assert_eq!(axis.label(5000.0), "5000");
+        assert!((axis.fraction(200.0) - 1.0 / 3.0).abs() < 1e-12, "a decade is a third");
+        // Many decades keep only the powers of ten; a value below 1 keeps its decimals.
+        let wide = Axis::log(0.05, 3.0e6);
+        assert_eq!(wide.ticks.first().copied(), Some(0.01));
+        assert!(wide.ticks.iter().all(|t| (t.log10() - t.log10().round()).abs() < 1e-9));
+        assert_eq!(wide.label(0.01), "0.01");
+        // Non-positive values fall back to a linear axis; one value still spans a range.
+        assert!(!Axis::spanning(0.0, 10.0, true).log);
+        let single = Axis::log(35.3, 35.3);
+        assert!(single.lo < 35.3 && single.hi > 35.3);
+        assert!(!single.admits(0.0) && single.admits(1.0) && !single.admits(f64::NAN));
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0]), 2.5);
     }
 
     #[test]

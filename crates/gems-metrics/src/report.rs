@@ -18,7 +18,7 @@ use crate::record::{
 };
 use gems_io::write_atomic;
 
-pub use crate::plot::{Series, svg_line_plot};
+pub use crate::plot::{PointGroup, Reference, Scatter, Series, svg_line_plot, svg_scatter_plot};
 
 /// The tasks a report shows, in column order.
 pub const TASKS: [&str; 2] = ["rec", "search"];
@@ -469,16 +469,18 @@ fn cosine_series(runs: &[Run]) -> Vec<Series> {
         .collect()
 }
 
-/// One point per run against retention: x the perplexity after tuning, y `value` of the same
-/// `after` evaluation. Runs without either are left out.
-fn retention_series(runs: &[Run], value: impl Fn(&EvalReport) -> Option<f64>) -> Vec<Series> {
-    runs.iter()
-        .filter_map(|run| {
-            let after = run.summary.after.as_ref()?;
-            let point = (after.perplexity?, value(after)?);
-            Some(Series { name: run.summary.label.clone(), points: vec![point] })
-        })
-        .collect()
+/// One group of points per configuration ([`RunSummary::group`]) against retention: x the
+/// perplexity after tuning, y `value` of the same `after` evaluation, one point per run (seed).
+/// Runs without either are left out; so is a group with no such run.
+fn retention_groups(runs: &[Run], value: impl Fn(&EvalReport) -> Option<f64>) -> Vec<PointGroup> {
+    let mut groups: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for run in runs {
+        let Some(after) = run.summary.after.as_ref() else { continue };
+        if let (Some(perplexity), Some(y)) = (after.perplexity, value(after)) {
+            groups.entry(run.summary.group.as_str()).or_default().push((perplexity, y));
+        }
+    }
+    groups.into_iter().map(|(name, points)| PointGroup { name: name.to_owned(), points }).collect()
 }
 
 /// The mean of the values, or None when there are none.
@@ -487,39 +489,96 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
-/// Ranking against retention: full-catalogue Recall@10 after tuning, mean over the tasks a run
-/// has.
-fn tradeoff_series(runs: &[Run]) -> Vec<Series> {
-    retention_series(runs, |after| {
-        mean(TASKS.iter().filter_map(|t| after.full_metric(t, "recall@10")))
-    })
+/// The untuned model's perplexity as a vertical reference: the median over the runs' `before`
+/// evaluations (one value when they share the model and text, as a reproduction's do).
+fn untuned_reference(runs: &[Run]) -> Option<Reference> {
+    let mut values: Vec<f64> =
+        runs.iter().filter_map(|r| r.summary.before.as_ref()?.perplexity).collect();
+    values.sort_by(f64::total_cmp);
+    let value = *values.get(values.len() / 2)?;
+    Some(Reference { label: format!("untuned {value:.1}"), value, vertical: true })
+}
+
+/// Each floor's full-catalogue `metric` for `task` as a horizontal reference: the mean over
+/// seeds, each seed's value taken once (the runs of one seed share their test examples).
+fn floor_references(runs: &[Run], task: &str, metric: &str) -> Vec<Reference> {
+    let mut by_floor: BTreeMap<&str, BTreeMap<u64, f64>> = BTreeMap::new();
+    for run in runs {
+        for (name, report) in &run.floors {
+            if let Some(value) = report.full_metric(task, metric) {
+                by_floor.entry(name).or_default().entry(run.summary.seed).or_insert(value);
+            }
+        }
+    }
+    by_floor
+        .into_iter()
+        .filter_map(|(name, seeds)| {
+            let value = mean(seeds.values().copied())?;
+            let over = if seeds.len() > 1 {
+                format!(", mean of {} seeds", seeds.len())
+            } else {
+                String::new()
+            };
+            Some(Reference { label: format!("{name} {value:.3}{over}"), value, vertical: false })
+        })
+        .collect()
+}
+
+/// Full-catalogue Recall@10 of `task` after tuning against the perplexity after tuning, per
+/// configuration, with the floors and the untuned model as references: the trade-off GEMS
+/// claims to win (higher and further left is better).
+fn tradeoff_plot(runs: &[Run], task: &str) -> Scatter {
+    let what = if task == "rec" { "Recommendation" } else { "Search" };
+    let mut references = floor_references(runs, task, "recall@10");
+    references.extend(untuned_reference(runs));
+    Scatter {
+        title: format!("{what} against retention, by configuration"),
+        x_label: "WikiText-2 perplexity after tuning (log scale)".into(),
+        y_label: format!("{task} Recall@10 (full catalogue)"),
+        log_x: true,
+        groups: retention_groups(runs, |after| after.full_metric(task, "recall@10")),
+        references,
+    }
 }
 
 /// Fit against retention: the test target loss after tuning (nats per target token), mean over
-/// the tasks a run has. Where ranking is a few hits, this is the finer measure of how much a
-/// run learnt for what it forgot.
-fn fit_series(runs: &[Run]) -> Vec<Series> {
-    retention_series(runs, |after| mean(TASKS.iter().filter_map(|t| after.loss.get(*t).copied())))
+/// the tasks a run has, per configuration. Where ranking is a few hits, this is the finer
+/// measure of how much a run learnt for what it forgot.
+fn fit_plot(runs: &[Run]) -> Scatter {
+    Scatter {
+        title: "Fit against retention, by configuration".into(),
+        x_label: "WikiText-2 perplexity after tuning (log scale)".into(),
+        y_label: "test target loss, mean of the tasks".into(),
+        log_x: true,
+        groups: retention_groups(runs, |after| {
+            mean(TASKS.iter().filter_map(|t| after.loss.get(*t).copied()))
+        }),
+        references: untuned_reference(runs).into_iter().collect(),
+    }
 }
+
+/// The report's plot files in the order they are written and listed.
+pub const PLOT_FILES: [&str; 6] =
+    ["loss.svg", "valid.svg", "cosine.svg", "tradeoff-rec.svg", "tradeoff-search.svg", "fit.svg"];
 
 /// Writes a report of `runs` into `out_dir` (created if missing) and returns the path of
 /// `report.md`.
 ///
 /// Files: `report.md` (title, the run table of [`markdown_table`], the group table of
-/// [`markdown_groups`], links to the plots), `loss.svg` (training loss per run and task over
-/// steps), `valid.svg` (validation full-catalogue NDCG@10 per run and task over steps),
-/// `cosine.svg` (mean rec/search gradient cosine per run over steps), `tradeoff.svg`
-/// (Recall@10 against perplexity after tuning, one point per run) and `fit.svg` (test target
-/// loss against perplexity after tuning, one point per run). Each file is written to a
-/// temporary name in `out_dir` and renamed, so no reader sees a partial file.
+/// [`markdown_groups`], links to the plots), and the plots of [`PLOT_FILES`]: `loss.svg`
+/// (training loss per run and task over steps), `valid.svg` (validation full-catalogue NDCG@10
+/// per run and task over steps), `cosine.svg` (mean rec/search gradient cosine per run over
+/// steps), `tradeoff-rec.svg` and `tradeoff-search.svg` (each task's Recall@10 against the
+/// perplexity after tuning, per configuration, with the floors and the untuned model) and
+/// `fit.svg` (test target loss against perplexity after tuning, per configuration). Each file
+/// is written to a temporary name in `out_dir` and renamed, so no reader sees a partial file.
 ///
 /// # Errors
 /// [`MetricsError::Files`] (`gems_io::Error::Io`) when the directory or a file cannot be written.
 pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(|source| MetricsError::io(out_dir, source))?;
     let plots = report_plots(runs);
-    for (file, title, x_label, y_label, series) in &plots {
-        let svg = svg_line_plot(title, x_label, y_label, series);
+    for (file, _, svg) in &plots {
         write_atomic(&out_dir.join(file), svg.as_bytes())?;
     }
     let md = report_markdown(runs, &plots);
@@ -528,36 +587,24 @@ pub fn write_report(runs: &[Run], out_dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// One plot of the report: file name, title, x label, y label and series.
-type Plot = (&'static str, &'static str, &'static str, &'static str, Vec<Series>);
+/// One plot of the report: file name, title and the SVG document.
+type Plot = (&'static str, String, String);
 
-/// The report's five plots of `runs`, in the order they are written and listed.
-fn report_plots(runs: &[Run]) -> [Plot; 5] {
-    [
-        ("loss.svg", "Training loss", "step", "loss", loss_series(runs)),
-        ("valid.svg", "Validation NDCG@10 (full catalogue)", "step", "NDCG@10", valid_series(runs)),
-        (
-            "cosine.svg",
-            "Gradient cosine (rec vs search)",
-            "step",
-            "mean cosine",
-            cosine_series(runs),
-        ),
-        (
-            "tradeoff.svg",
-            "Ranking against retention (one point per run)",
-            "WikiText-2 perplexity after",
-            "Recall@10, mean of the tasks",
-            tradeoff_series(runs),
-        ),
-        (
-            "fit.svg",
-            "Fit against retention (one point per run)",
-            "WikiText-2 perplexity after",
-            "test target loss, mean of the tasks",
-            fit_series(runs),
-        ),
-    ]
+/// The report's plots of `runs`, rendered, in the order of [`PLOT_FILES`].
+fn report_plots(runs: &[Run]) -> Vec<Plot> {
+    let lines = |title: &str, y_label: &str, series: Vec<Series>| {
+        (title.to_owned(), svg_line_plot(title, "step", y_label, &series))
+    };
+    let scatter = |plot: Scatter| (plot.title.clone(), svg_scatter_plot(&plot));
+    let rendered = [
+        lines("Training loss", "loss", loss_series(runs)),
+        lines("Validation NDCG@10 (full catalogue)", "NDCG@10", valid_series(runs)),
+        lines("Gradient cosine (rec vs search)", "mean cosine", cosine_series(runs)),
+        scatter(tradeoff_plot(runs, "rec")),
+        scatter(tradeoff_plot(runs, "search")),
+        scatter(fit_plot(runs)),
+    ];
+    PLOT_FILES.into_iter().zip(rendered).map(|(file, (title, svg))| (file, title, svg)).collect()
 }
 
 /// The text of `report.md`: title, introduction, the tables and links to `plots`.
@@ -569,13 +616,17 @@ fn report_markdown(runs: &[Run], plots: &[Plot]) -> String {
     write_optional_sections(&mut md, runs);
     md.push_str("\n## Groups (mean ± sample std over seeds)\n\n");
     md.push_str(&markdown_groups(runs));
-    md.push_str("\n## Plots\n\n");
+    md.push_str(
+        "\n## Plots\n\nAgainst retention, each configuration is one large marker at the median \
+         of its seeds, with whiskers over their range and a small hollow marker per seed; \
+         perplexity on a log scale, the floors and the untuned model dashed.\n\n",
+    );
     // `write!` into a String cannot fail.
-    for (file, title, _, _, _) in plots {
+    for (file, title, _) in plots {
         let _ = writeln!(md, "- [{title}]({file})");
     }
     md.push('\n');
-    for (file, title, _, _, _) in plots {
+    for (file, title, _) in plots {
         let _ = writeln!(md, "![{title}]({file})\n");
     }
     md

@@ -13,8 +13,9 @@ use gems_metrics::record::{
     read_metrics_lines, read_summary, write_summary,
 };
 use gems_metrics::report::{
-    Series, load_run, load_runs, markdown_floors, markdown_groups, markdown_losses,
-    markdown_protocols, markdown_table, svg_line_plot, write_report,
+    PLOT_FILES, PointGroup, Reference, Scatter, Series, load_run, load_runs, markdown_floors,
+    markdown_groups, markdown_losses, markdown_protocols, markdown_table, svg_line_plot,
+    svg_scatter_plot, write_report,
 };
 
 const EPS: f64 = 1e-12;
@@ -520,10 +521,11 @@ fn write_report_writes_markdown_and_plots() {
     let md = std::fs::read_to_string(&path).unwrap();
     assert!(md.starts_with("# gems run report\n"));
     assert!(md.contains(TABLE) && md.contains(GROUPS));
-    for file in ["loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
+    for file in PLOT_FILES {
         assert!(md.contains(&format!("]({file})")), "no link to {file}");
         let svg = std::fs::read_to_string(out.join(file)).unwrap();
         assert!(svg.starts_with("<svg"), "{file}");
+        assert_well_formed(&svg);
     }
     let loss = std::fs::read_to_string(out.join("loss.svg")).unwrap();
     assert_eq!(loss.matches("<polyline").count(), 2, "rec and search of run a-s1");
@@ -531,14 +533,23 @@ fn write_report_writes_markdown_and_plots() {
     assert_eq!(valid.matches("<polyline").count(), 2);
     let cosine = std::fs::read_to_string(out.join("cosine.svg")).unwrap();
     assert_eq!(cosine.matches("<polyline").count(), 1);
-    // One point per run: perplexity 21 and 22, mean Recall@10 over the tasks each run has.
-    let tradeoff = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
-    assert_eq!(tradeoff.matches("<circle").count(), 2, "{tradeoff}");
-    assert!(tradeoff.contains("WikiText-2 perplexity after") && tradeoff.contains("a-s2"));
-    // The same runs against their mean test target loss.
+    // One group per configuration: a-s1 and a-s2 are two seeds of group `a` (perplexity 21
+    // and 22): two hollow markers, the median filled, whiskers over their range, the group in
+    // the legend; the untuned model (perplexity 20) as a vertical reference.
+    // a-s2 has no search metrics: one seed, so no whiskers there.
+    for (file, task, seeds) in
+        [("tradeoff-rec.svg", "rec", 2), ("tradeoff-search.svg", "search", 1)]
+    {
+        let svg = std::fs::read_to_string(out.join(file)).unwrap();
+        assert_eq!(svg.matches("<circle").count(), seeds + 2, "seeds, median, legend: {svg}");
+        assert_eq!(svg.matches(r##"fill="none" stroke="#4e79a7""##).count(), seeds, "{svg}");
+        assert_eq!(svg.matches("<path").count(), seeds - 1, "whiskers: {svg}");
+        assert!(svg.contains(&format!("{task} Recall@10")) && svg.contains(">a</text>"));
+        assert!(svg.contains("(log scale)") && svg.contains("untuned 20.0"), "{svg}");
+    }
     let fit = std::fs::read_to_string(out.join("fit.svg")).unwrap();
-    assert_eq!(fit.matches("<circle").count(), 2, "{fit}");
-    assert!(fit.contains("test target loss, mean of the tasks") && fit.contains("a-s1"));
+    assert_eq!(fit.matches("<circle").count(), 4, "{fit}");
+    assert!(fit.contains("test target loss, mean of the tasks") && fit.contains(">a</text>"));
     // Atomic writes leave no temporary files behind; a second report overwrites the first.
     write_report(&runs, &out).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&out)
@@ -548,11 +559,81 @@ fn write_report_writes_markdown_and_plots() {
     names.sort();
     assert_eq!(
         names,
-        ["cosine.svg", "fit.svg", "loss.svg", "report.md", "tradeoff.svg", "valid.svg"]
+        [
+            "cosine.svg",
+            "fit.svg",
+            "loss.svg",
+            "report.md",
+            "tradeoff-rec.svg",
+            "tradeoff-search.svg",
+            "valid.svg"
+        ]
     );
     // No runs: still a report, with "no data" plots.
     let empty = write_report(&[], &dir.path().join("empty")).unwrap();
     assert!(std::fs::read_to_string(empty).unwrap().contains("0 runs in 0 groups"));
+}
+
+/// Floors become horizontal references at their mean over seeds (each seed once, however many
+/// runs share it), in the plot of each task they rank.
+#[test]
+fn tradeoff_plots_mark_the_floors_per_task() {
+    let dir = tempfile::tempdir().unwrap();
+    write_runs(dir.path());
+    let mut runs = load_runs(dir.path()).unwrap();
+    for (run, recall) in runs.iter_mut().zip([0.25, 0.125]) {
+        let report = eval_report("floor", recall, None, false);
+        run.floors.insert("sasrec".to_owned(), report);
+    }
+    let out = dir.path().join("report");
+    write_report(&runs, &out).unwrap();
+    let rec = std::fs::read_to_string(out.join("tradeoff-rec.svg")).unwrap();
+    let recall = runs[0].floors["sasrec"].full_metric("rec", "recall@10").unwrap();
+    let other = runs[1].floors["sasrec"].full_metric("rec", "recall@10").unwrap();
+    let label = format!("sasrec {:.3}, mean of 2 seeds", (recall + other) / 2.0);
+    assert!(rec.contains(&label), "{label} in {rec}");
+    let search = std::fs::read_to_string(out.join("tradeoff-search.svg")).unwrap();
+    assert!(!search.contains("sasrec"), "a rec floor is not a search reference");
+}
+
+#[test]
+fn scatter_plot_is_well_formed_and_skips_what_it_cannot_show() {
+    let mut groups = vec![
+        PointGroup { name: "seeds <a&b>".into(), points: vec![(48.0, 0.06), (106.0, 0.05)] },
+        PointGroup { name: "empty".into(), points: vec![] },
+        PointGroup { name: "unshowable".into(), points: vec![(0.0, 0.1), (f64::NAN, 0.1)] },
+    ];
+    // More groups than colours: the eleventh and later change marker shape.
+    groups.extend((0..10).map(|i| PointGroup {
+        name: format!("g{i}"),
+        points: vec![(50.0 + f64::from(i), 0.01 * f64::from(i))],
+    }));
+    let plot = Scatter {
+        title: "Ranking & retention".into(),
+        x_label: "perplexity".into(),
+        y_label: "Recall@10".into(),
+        log_x: true,
+        groups,
+        references: vec![
+            Reference { label: "floor".into(), value: 0.3, vertical: false },
+            Reference { label: "untuned".into(), value: 35.3, vertical: true },
+            Reference { label: "not on a log axis".into(), value: -1.0, vertical: true },
+        ],
+    };
+    let svg = svg_scatter_plot(&plot);
+    assert_well_formed(&svg);
+    assert!(svg.contains("seeds &lt;a&amp;b&gt;") && svg.contains("Ranking &amp; retention"));
+    assert!(svg.contains("empty (no data)") && svg.contains("unshowable (no data)"));
+    assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+    assert!(svg.contains(">floor</text>") && svg.contains(">untuned</text>"));
+    assert!(!svg.contains("not on a log axis"), "{svg}");
+    assert_eq!(svg.matches("stroke-dasharray").count(), 2, "two drawable references");
+    // The references widen the axes: the floor's 0.3 is above every point.
+    assert!(svg.contains(">0.30</text>") || svg.contains(">0.3</text>"), "{svg}");
+    assert!(svg.contains("<polygon"), "a second marker shape past ten groups");
+    let nothing = svg_scatter_plot(&Scatter { title: "t".into(), ..Scatter::default() });
+    assert!(nothing.contains("no data"));
+    assert_well_formed(&nothing);
 }
 
 /// Every opened element is closed, in order (a small check, enough for this generator).

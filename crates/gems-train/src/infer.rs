@@ -29,14 +29,7 @@ pub struct LoadedRun {
 /// # Errors
 /// Not a run directory, no tuned model yet, or the model or data does not load.
 pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
-    let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(TrainError::Config(format!(
-            "{} is not a run directory (no config.json)",
-            dir.display()
-        )));
-    }
-    let config: TrainConfig = read_json(&config_path)?;
+    let config = run_config(dir)?;
     let model_dir = tuned_model_dir(dir).ok_or_else(|| {
         TrainError::Config(format!(
             "{} has no tuned model yet (model/ is written at the first validation or at the end)",
@@ -45,6 +38,23 @@ pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
     })?;
     let run = RunSetup::tuned(config, &model_dir, device)?;
     Ok(LoadedRun { dir: dir.to_path_buf(), config: run.config, setup: run.setup })
+}
+
+/// A run directory's recorded configuration (`config.json`), which is all that what needs no
+/// tuned model (the floors) loads: it also works on a run that keeps no model, such as the
+/// committed records of a reproduction.
+///
+/// # Errors
+/// Not a run directory, or an unreadable configuration.
+pub fn run_config(dir: &Path) -> Result<TrainConfig> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(TrainError::Config(format!(
+            "{} is not a run directory (no config.json)",
+            dir.display()
+        )));
+    }
+    read_json(&config_path)
 }
 
 /// One ranked item.

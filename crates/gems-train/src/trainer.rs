@@ -184,41 +184,62 @@ fn before_and_floors(
     progress: &Reporter,
 ) -> Result<Option<EvalReport>> {
     let RunSetup { config, setup, tasks, .. } = run;
-    let cache = run.eval_cache();
-    let from_cache = |name: &str, dest: &Path| -> Result<bool> {
-        let Some(cache) = &cache else { return Ok(false) };
-        let restored = cache.restore(name, dest)?;
-        if restored {
-            progress.note(|| {
-                format!("{name}: from the evaluation cache {}", cache.path(name).display())
-            });
-        }
-        Ok(restored)
-    };
-    let to_cache = |name: &str, src: &Path| match &cache {
-        Some(cache) => cache.store(name, src, config),
-        None => Ok(()),
-    };
     let before_path = run_dir.join("before.json");
     let before: Option<EvalReport> = if !config.eval.before {
         None
-    } else if (before_path.exists() && resumed) || from_cache("before.json", &before_path)? {
-        Some(read_json(&before_path)?)
     } else {
-        let r = test_report(&setup.pretrained.model, setup, config, "before", tasks, progress)?;
-        write_json(&before_path, &r)?;
-        to_cache("before.json", &before_path)?;
-        Some(r)
+        if !(before_path.exists() && resumed) {
+            cached(run, "before.json", &before_path, progress, || {
+                test_report(&setup.pretrained.model, setup, config, "before", tasks, progress)
+            })?;
+        }
+        Some(read_json(&before_path)?)
     };
-
-    let name = gems_metrics::BASELINES_FILE;
-    let floors_path = run_dir.join(name);
-    if config.eval.floors && !floors_path.exists() && !from_cache(name, &floors_path)? {
-        let options = eval_options(config, Split::Test, "floor", tasks, &Reporter::silent());
-        write_json(&floors_path, &crate::baselines::evaluate_baselines(&setup.corpus, &options)?)?;
-        to_cache(name, &floors_path)?;
+    let floors_path = run_dir.join(gems_metrics::BASELINES_FILE);
+    if config.eval.floors && !floors_path.exists() {
+        write_floors(run, &floors_path, progress)?;
     }
     Ok(before)
+}
+
+/// Writes the run's `name` to `dest`: from the evaluation cache when the run has one
+/// (`eval.cache`) and it holds `name` for the run's settings, else computed by `compute`,
+/// written, and stored there.
+fn cached<T: serde::Serialize>(
+    run: &RunSetup,
+    name: &str,
+    dest: &Path,
+    progress: &Reporter,
+    compute: impl FnOnce() -> Result<T>,
+) -> Result<()> {
+    let cache = run.eval_cache();
+    if let Some(cache) = &cache
+        && cache.restore(name, dest)?
+    {
+        progress
+            .note(|| format!("{name}: from the evaluation cache {}", cache.path(name).display()));
+        return Ok(());
+    }
+    write_json(dest, &compute()?)?;
+    match &cache {
+        Some(cache) => cache.store(name, dest, &run.config),
+        None => Ok(()),
+    }
+}
+
+/// Writes the floors without a language model (`baselines.json`: most popular, BM25, SASRec,
+/// ItemKNN, successors) on the run's test examples to `dest`, through the evaluation cache
+/// when the run has one ([`crate::eval_cache`]; SASRec trains about a minute): what `gems
+/// train` writes beside a run, and `gems eval --floors` for a finished one.
+///
+/// # Errors
+/// The floors' evaluation, or I/O failures.
+pub fn write_floors(run: &RunSetup, dest: &Path, progress: &Reporter) -> Result<()> {
+    cached(run, gems_metrics::BASELINES_FILE, dest, progress, || {
+        let options =
+            eval_options(&run.config, Split::Test, "floor", &run.tasks, &Reporter::silent());
+        crate::baselines::evaluate_baselines(&run.setup.corpus, &options)
+    })
 }
 
 /// One validation: evaluates `model` on the validation sample, updates the best value and
