@@ -744,8 +744,9 @@ pub fn run_report(runs: &[PathBuf], out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(&path)?;
     println!("{text}");
     eprintln!(
-        "report written to {} (with loss.svg, valid.svg, cosine.svg, tradeoff.svg, fit.svg)",
-        path.display()
+        "report written to {} (with {})",
+        path.display(),
+        gems_metrics::PLOT_FILES.join(", ")
     );
     Ok(())
 }

@@ -62,11 +62,42 @@ fn commands_work_on_a_finished_run() {
     let floors: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(floors["popular"]["full"]["rec"]["examples"], 8);
     assert_eq!(floors["itemknn"]["full"]["rec"]["examples"], 8);
+    // From config.json alone (a reproduction's record keeps no model), the floors training wrote
+    // to baselines.json, the second time from the evaluation cache.
+    let record = root.path().join("record");
+    std::fs::create_dir_all(&record).unwrap();
+    std::fs::copy(run.join("config.json"), record.join("config.json")).unwrap();
+    let (cache, written) = (root.path().join("cache"), root.path().join("floors.json"));
+    let floors_args = [
+        "eval",
+        record.to_str().unwrap(),
+        "--floors",
+        "--eval-cache",
+        cache.to_str().unwrap(),
+        "--out",
+        written.to_str().unwrap(),
+    ];
+    let without_seconds = |path: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().values_mut().for_each(|r| {
+            r.as_object_mut().unwrap().remove("seconds");
+        });
+        v
+    };
+    for from_cache in [false, true] {
+        let o = gems(&floors_args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stderr(&o).contains("from the evaluation cache"), from_cache, "{}", stderr(&o));
+        assert_eq!(without_seconds(&written), without_seconds(&run.join("baselines.json")));
+    }
+    let o = gems(&["eval", record.to_str().unwrap(), "--floors", "--eval-cache", "c"]);
+    assert!(!o.status.success() && stderr(&o).contains("--out"), "{}", stderr(&o));
 
     let out = root.path().join("report");
     let o = gems(&["report", run_s, "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["report.md", "loss.svg", "valid.svg", "cosine.svg", "tradeoff.svg", "fit.svg"] {
+    for f in ["report.md"].into_iter().chain(gems_metrics::PLOT_FILES) {
         assert!(out.join(f).is_file(), "{f}");
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();

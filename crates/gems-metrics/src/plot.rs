@@ -190,15 +190,7 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
     let mut svg = String::new();
     write_frame(&mut svg, series.len(), [title, x_label, y_label]);
     match bounds(&finite) {
-        None => {
-            // `write!` into a String cannot fail.
-            let _ = writeln!(
-                svg,
-                r##"<text x="{}" y="{}" text-anchor="middle" fill="#666">no data</text>"##,
-                LEFT + PLOT_WIDTH / 2.0,
-                TOP + PLOT_HEIGHT / 2.0
-            );
-        }
+        None => write_no_data(&mut svg),
         Some((x_min, x_max, y_min, y_max)) => {
             let plane = Plane { x_axis: Axis::new(x_min, x_max), y_axis: Axis::new(y_min, y_max) };
             plane.write_grid(&mut svg);
@@ -212,6 +204,17 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
     write_legend(&mut svg, series, &finite);
     svg.push_str("</svg>\n");
     svg
+}
+
+/// Writes "no data" in the middle of the plot area.
+fn write_no_data(svg: &mut String) {
+    // `write!` into a String cannot fail.
+    let _ = writeln!(
+        svg,
+        r##"<text x="{}" y="{}" text-anchor="middle" fill="#666">no data</text>"##,
+        LEFT + PLOT_WIDTH / 2.0,
+        TOP + PLOT_HEIGHT / 2.0
+    );
 }
 
 /// `(x_min, x_max, y_min, y_max)` over every point of `finite`, or `None` when it has none.
@@ -430,15 +433,7 @@ pub fn svg_scatter_plot(plot: &Scatter) -> String {
     let mut svg = String::new();
     write_frame(&mut svg, plot.groups.len(), [&plot.title, &plot.x_label, &plot.y_label]);
     match bounds(&finite) {
-        None => {
-            // `write!` into a String cannot fail.
-            let _ = writeln!(
-                svg,
-                r##"<text x="{}" y="{}" text-anchor="middle" fill="#666">no data</text>"##,
-                LEFT + PLOT_WIDTH / 2.0,
-                TOP + PLOT_HEIGHT / 2.0
-            );
-        }
+        None => write_no_data(&mut svg),
         Some((mut x_min, mut x_max, mut y_min, mut y_max)) => {
             for r in &references {
                 let (lo, hi) =
