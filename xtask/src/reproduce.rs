@@ -7,7 +7,8 @@
 //!
 //! Every run records what decides whether it may share a table (`reproduce.json`: the
 //! [`RESULTS_EPOCH`], the preset, the extra flags, the commit and the date); the report refuses
-//! runs of another epoch or flags.
+//! runs of another epoch or flags. When the epoch changes, the same command archives the older
+//! runs with their page (docs/results-EPOCH.md) and fills the tables again, chunk by chunk.
 
 use std::path::Path;
 use std::time::Instant;
@@ -50,12 +51,20 @@ pub const VARIANTS: &[(&str, &[&str])] = &[
 /// The results a run of this code gives: runs of different epochs never share a table. Bump
 /// it (to the date) in any commit that changes what the CPU preset trains or measures (the
 /// preset, the optimizer, the data, the evaluation); a change that leaves the main job's
-/// summary.json identical keeps it.
+/// summary.json identical keeps it. After a bump, the next `cargo xtask reproduce` archives the
+/// older epoch's runs and page ([`archive_other_epochs`]) and runs every pair again, and
+/// docs/results-notes.md is left off the page until its first line names the new epoch
+/// ([`notes_marker`]).
 pub const RESULTS_EPOCH: &str = "2026-12-06";
 
 /// The hand-written reading of the reproduction, inserted into docs/results.md after its
 /// header (results.md itself is generated).
 const RESULTS_NOTES: &str = "docs/results-notes.md";
+
+/// The line by which docs/results-notes.md says which epoch's runs it reads.
+fn notes_marker() -> String {
+    format!("<!-- results epoch {RESULTS_EPOCH} -->")
+}
 
 /// Where the finished runs' records are committed (`docs/results/runs/<label>-seed<N>/`), so
 /// that the chunks of a reproduction accumulate across machines: runs/ is not committed.
@@ -259,6 +268,13 @@ pub fn reproduce(args: &[String]) -> Result<()> {
     let o = parse(args)?;
     run("cargo", &["gems", "model", "fetch"])?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out))?;
+    for epoch in archive_other_epochs(Path::new(&o.out), Path::new("docs"))? {
+        eprintln!(
+            "xtask reproduce: the runs of results epoch {epoch} are archived in \
+             docs/results-{epoch}.md and docs/results-{epoch}/; this code ({RESULTS_EPOCH}) \
+             runs them again"
+        );
+    }
     let restored = sync_records(&o, Path::new(RECORDS))?;
     if restored > 0 {
         eprintln!("xtask reproduce: {restored} finished runs restored from {RECORDS}");
@@ -291,6 +307,79 @@ pub fn reproduce(args: &[String]) -> Result<()> {
         eprintln!("xtask reproduce: stopped: {why}; run the same command again to go on");
     }
     write_results(&o)
+}
+
+/// The results epoch a run directory's `reproduce.json` records, if it has one.
+fn epoch_of(dir: &Path) -> Option<String> {
+    let record = read_record(dir).ok()?;
+    record["results_epoch"].as_str().map(String::from)
+}
+
+/// Moves every run of another results epoch out of the way, so that the same command brings
+/// the tables to this code's epoch: the committed records (`docs/results/runs/NAME`) to
+/// `docs/results-EPOCH/runs/NAME`, the page of that epoch (docs/results.md, when it is of that
+/// epoch) to `docs/results-EPOCH.md` with its plots in `docs/results-EPOCH/` and a note that it
+/// is archived, and the local run directories (`OUT/NAME`) to `OUT/epoch-EPOCH/NAME`. Those runs
+/// then count as missing and run again. Returns the epochs archived.
+fn archive_other_epochs(out: &Path, docs: &Path) -> Result<Vec<String>> {
+    let mut archived = std::collections::BTreeSet::new();
+    let records = docs.join("results/runs");
+    archive_runs(&records, &|e| docs.join(format!("results-{e}/runs")), &mut archived)?;
+    archive_runs(out, &|e| out.join(format!("epoch-{e}")), &mut archived)?;
+    for epoch in &archived {
+        archive_page(docs, epoch)?;
+    }
+    Ok(archived.into_iter().collect())
+}
+
+/// Moves each run directory in `root` of another results epoch E into `archive(E)`, adding E to
+/// `archived`. A directory without a record (not a run) stays.
+fn archive_runs(
+    root: &Path,
+    archive: &dyn Fn(&str) -> std::path::PathBuf,
+    archived: &mut std::collections::BTreeSet<String>,
+) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    for entry in entries {
+        let dir = entry.with_context(|| format!("listing {}", root.display()))?.path();
+        let Some(epoch) = epoch_of(&dir).filter(|e| e != RESULTS_EPOCH) else { continue };
+        let to = archive(&epoch).join(dir.file_name().unwrap_or_default());
+        if to.exists() {
+            bail!("{} would replace {}: move one of them away", dir.display(), to.display());
+        }
+        std::fs::create_dir_all(archive(&epoch))
+            .with_context(|| format!("creating {}", archive(&epoch).display()))?;
+        std::fs::rename(&dir, &to)
+            .with_context(|| format!("moving {} to {}", dir.display(), to.display()))?;
+        archived.insert(epoch);
+    }
+    Ok(())
+}
+
+/// Copies docs/results.md, when it is the page of `epoch` and not archived yet, to
+/// docs/results-EPOCH.md (its plot links pointing to docs/results-EPOCH/, where its plots are
+/// copied), under a note that it is archived.
+fn archive_page(docs: &Path, epoch: &str) -> Result<()> {
+    let (page, kept) = (docs.join("results.md"), docs.join(format!("results-{epoch}.md")));
+    let Ok(text) = std::fs::read_to_string(&page) else { return Ok(()) };
+    if kept.exists() || !text.contains(&format!("results epoch {epoch} ")) {
+        return Ok(());
+    }
+    let plots = docs.join(format!("results-{epoch}"));
+    std::fs::create_dir_all(&plots).with_context(|| format!("creating {}", plots.display()))?;
+    for entry in std::fs::read_dir(docs.join("results")).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "svg") {
+            std::fs::copy(entry.path(), plots.join(entry.file_name()))
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    let note = format!(
+        "> **Archived.** The method comparison of results epoch {epoch}, kept as it was \
+         generated, with its plots and run records in `results-{epoch}/`. The current \
+         comparison, of results epoch {RESULTS_EPOCH}, is [results.md](results.md).\n\n"
+    );
+    let body = text.replace("](results/", &format!("](results-{epoch}/"));
+    std::fs::write(&kept, note + &body).with_context(|| format!("writing {}", kept.display()))
 }
 
 /// Runs (or resumes) one pair and appends its wall time to `{out}/timings.jsonl`.
@@ -518,9 +607,18 @@ fn write_results(o: &Options) -> Result<()> {
         ));
     }
     doc.push('\n');
-    // What the numbers show is written by a person, in its own file, and placed here.
+    // What the numbers show is written by a person, in its own file, and placed here when it
+    // was written for this epoch's runs.
     if let Ok(notes) = std::fs::read_to_string(RESULTS_NOTES) {
-        doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
+        if notes.contains(&notes_marker()) {
+            doc.push_str(&format!("<!-- from {RESULTS_NOTES} -->\n\n{}\n\n", notes.trim_end()));
+        } else {
+            doc.push_str(&format!(
+                "The reading of these runs is not written yet: {RESULTS_NOTES} is of another \
+                 results epoch (it says so in its first line, `{}`, when it is of this one).\n\n",
+                notes_marker()
+            ));
+        }
     }
     copy_plots(Path::new(&report_dir), Path::new("docs/results"))?;
     doc.push_str(&report.replace("](", "](results/"));
@@ -673,6 +771,42 @@ mod tests {
         assert!(added_floors(&old, &fresh).is_err(), "a floor that went missing");
         write(&fresh, "not json");
         assert!(added_floors(&old, &fresh).unwrap_err().to_string().contains("parsing"));
+    }
+
+    #[test]
+    fn runs_of_another_epoch_are_archived_with_their_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let (docs, out) = (dir.path().join("docs"), dir.path().join("runs"));
+        let run = |root: &Path, name: &str, epoch: &str| {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            let record = format!(r#"{{"results_epoch": "{epoch}"}}"#);
+            std::fs::write(root.join(name).join("reproduce.json"), record).unwrap();
+        };
+        run(&docs.join("results/runs"), "a-seed0", "old");
+        run(&docs.join("results/runs"), "b-seed0", RESULTS_EPOCH);
+        run(&out, "a-seed0", "old");
+        run(&out, "c-seed0", RESULTS_EPOCH);
+        std::fs::create_dir_all(out.join("eval-cache")).unwrap();
+        std::fs::write(docs.join("results/x.svg"), "<svg/>").unwrap();
+        let page = "# Results\n\nresults epoch old (runs of another epoch are refused)\n\n\
+                    ![x](results/x.svg)\n";
+        std::fs::write(docs.join("results.md"), page).unwrap();
+
+        assert_eq!(archive_other_epochs(&out, &docs).unwrap(), vec!["old".to_string()]);
+        assert!(docs.join("results-old/runs/a-seed0/reproduce.json").is_file());
+        assert!(!docs.join("results/runs/a-seed0").exists());
+        assert!(docs.join("results/runs/b-seed0").is_dir() && out.join("c-seed0").is_dir());
+        assert!(out.join("epoch-old/a-seed0").is_dir() && !out.join("a-seed0").exists());
+        assert!(out.join("eval-cache").is_dir(), "not a run: left alone");
+        let kept = std::fs::read_to_string(docs.join("results-old.md")).unwrap();
+        assert!(kept.starts_with("> **Archived.**") && kept.contains("](results-old/x.svg)"));
+        assert!(docs.join("results-old/x.svg").is_file());
+        assert_eq!(std::fs::read_to_string(docs.join("results.md")).unwrap(), page);
+        // Nothing left to archive; a clash is refused rather than overwritten.
+        assert!(archive_other_epochs(&out, &docs).unwrap().is_empty());
+        run(&out, "a-seed0", "old");
+        let err = archive_other_epochs(&out, &docs).unwrap_err().to_string();
+        assert!(err.contains("would replace"), "{err}");
     }
 
     #[test]

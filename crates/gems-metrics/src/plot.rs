@@ -131,9 +131,15 @@ impl Axis {
         Self { lo, hi, ticks, step: lo, log: true }
     }
 
-    /// The axis over `[min, max]`: logarithmic when `log` and both are positive, else linear.
+    /// The axis over `[min, max]`: logarithmic when `log`, both are positive and they span at
+    /// least a decade (a narrower range reads better on a linear axis's finer ticks), else
+    /// linear.
     fn spanning(min: f64, max: f64, log: bool) -> Self {
-        if log && min > 0.0 { Self::log(min, max) } else { Self::new(min, max) }
+        if log && min > 0.0 && max >= 10.0 * min {
+            Self::log(min, max)
+        } else {
+            Self::new(min, max)
+        }
     }
 
     /// Whether `value` can be drawn on this axis (finite, and positive on a logarithmic one).
@@ -389,7 +395,9 @@ pub struct Scatter {
     pub x_label: String,
     /// The y axis's label.
     pub y_label: String,
-    /// A logarithmic x axis (when every drawn x value is positive).
+    /// A logarithmic x axis when the x values span at least a decade (the x label then says
+    /// "(log scale)"), else a linear one; either way x values that are not positive are left
+    /// out.
     pub log_x: bool,
     /// The groups, each in its own colour and marker shape.
     pub groups: Vec<PointGroup>,
@@ -430,21 +438,24 @@ pub fn svg_scatter_plot(plot: &Scatter) -> String {
         .iter()
         .filter(|r| if r.vertical { probe.admits(r.value) } else { r.value.is_finite() })
         .collect();
+    let plane = bounds(&finite).map(|(mut x_min, mut x_max, mut y_min, mut y_max)| {
+        for r in &references {
+            let (lo, hi) =
+                if r.vertical { (&mut x_min, &mut x_max) } else { (&mut y_min, &mut y_max) };
+            *lo = lo.min(r.value);
+            *hi = hi.max(r.value);
+        }
+        Plane { x_axis: Axis::spanning(x_min, x_max, plot.log_x), y_axis: Axis::new(y_min, y_max) }
+    });
+    let x_label = match &plane {
+        Some(plane) if plane.x_axis.log => format!("{} (log scale)", plot.x_label),
+        _ => plot.x_label.clone(),
+    };
     let mut svg = String::new();
-    write_frame(&mut svg, plot.groups.len(), [&plot.title, &plot.x_label, &plot.y_label]);
-    match bounds(&finite) {
+    write_frame(&mut svg, plot.groups.len(), [&plot.title, &x_label, &plot.y_label]);
+    match plane {
         None => write_no_data(&mut svg),
-        Some((mut x_min, mut x_max, mut y_min, mut y_max)) => {
-            for r in &references {
-                let (lo, hi) =
-                    if r.vertical { (&mut x_min, &mut x_max) } else { (&mut y_min, &mut y_max) };
-                *lo = lo.min(r.value);
-                *hi = hi.max(r.value);
-            }
-            let plane = Plane {
-                x_axis: Axis::spanning(x_min, x_max, plot.log_x),
-                y_axis: Axis::new(y_min, y_max),
-            };
+        Some(plane) => {
             plane.write_grid(&mut svg);
             plane.write_references(&mut svg, &references);
             plane.write_groups(&mut svg, &finite);
@@ -618,8 +629,10 @@ mod tests {
         assert_eq!(wide.ticks.first().copied(), Some(0.01));
         assert!(wide.ticks.iter().all(|t| (t.log10() - t.log10().round()).abs() < 1e-9));
         assert_eq!(wide.label(0.01), "0.01");
-        // Non-positive values fall back to a linear axis; one value still spans a range.
+        // Non-positive values and less than a decade fall back to a linear axis; one value
+        // still spans a range.
         assert!(!Axis::spanning(0.0, 10.0, true).log);
+        assert!(!Axis::spanning(47.0, 62.0, true).log && Axis::spanning(47.0, 470.0, true).log);
         let single = Axis::log(35.3, 35.3);
         assert!(single.lo < 35.3 && single.hi > 35.3);
         assert!(!single.admits(0.0) && single.admits(1.0) && !single.admits(f64::NAN));

@@ -533,7 +533,7 @@ fn tradeoff_plot(runs: &[Run], task: &str) -> Scatter {
     references.extend(untuned_reference(runs));
     Scatter {
         title: format!("{what} against retention, by configuration"),
-        x_label: "WikiText-2 perplexity after tuning (log scale)".into(),
+        x_label: "WikiText-2 perplexity after tuning".into(),
         y_label: format!("{task} Recall@10 (full catalogue)"),
         log_x: true,
         groups: retention_groups(runs, |after| after.full_metric(task, "recall@10")),
@@ -547,7 +547,7 @@ fn tradeoff_plot(runs: &[Run], task: &str) -> Scatter {
 fn fit_plot(runs: &[Run]) -> Scatter {
     Scatter {
         title: "Fit against retention, by configuration".into(),
-        x_label: "WikiText-2 perplexity after tuning (log scale)".into(),
+        x_label: "WikiText-2 perplexity after tuning".into(),
         y_label: "test target loss, mean of the tasks".into(),
         log_x: true,
         groups: retention_groups(runs, |after| {
@@ -619,7 +619,8 @@ fn report_markdown(runs: &[Run], plots: &[Plot]) -> String {
     md.push_str(
         "\n## Plots\n\nAgainst retention, each configuration is one large marker at the median \
          of its seeds, with whiskers over their range and a small hollow marker per seed; \
-         perplexity on a log scale, the floors and the untuned model dashed.\n\n",
+         perplexity on a log scale where it spans a decade or more, the floors and the \
+         untuned model dashed.\n\n",
     );
     // `write!` into a String cannot fail.
     for (file, title, _) in plots {

@@ -545,7 +545,8 @@ fn write_report_writes_markdown_and_plots() {
         assert_eq!(svg.matches(r##"fill="none" stroke="#4e79a7""##).count(), seeds, "{svg}");
         assert_eq!(svg.matches("<path").count(), seeds - 1, "whiskers: {svg}");
         assert!(svg.contains(&format!("{task} Recall@10")) && svg.contains(">a</text>"));
-        assert!(svg.contains("(log scale)") && svg.contains("untuned 20.0"), "{svg}");
+        // Perplexities 20-22 span less than a decade: a linear axis.
+        assert!(!svg.contains("(log scale)") && svg.contains("untuned 20.0"), "{svg}");
     }
     let fit = std::fs::read_to_string(out.join("fit.svg")).unwrap();
     assert_eq!(fit.matches("<circle").count(), 4, "{fit}");
@@ -599,7 +600,10 @@ fn tradeoff_plots_mark_the_floors_per_task() {
 #[test]
 fn scatter_plot_is_well_formed_and_skips_what_it_cannot_show() {
     let mut groups = vec![
-        PointGroup { name: "seeds <a&b>".into(), points: vec![(48.0, 0.06), (106.0, 0.05)] },
+        PointGroup {
+            name: "seeds <a&b>".into(),
+            points: vec![(48.0, 0.06), (106.0, 0.05), (900.0, 0.02)],
+        },
         PointGroup { name: "empty".into(), points: vec![] },
         PointGroup { name: "unshowable".into(), points: vec![(0.0, 0.1), (f64::NAN, 0.1)] },
     ];
@@ -626,6 +630,7 @@ fn scatter_plot_is_well_formed_and_skips_what_it_cannot_show() {
     assert!(svg.contains("empty (no data)") && svg.contains("unshowable (no data)"));
     assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     assert!(svg.contains(">floor</text>") && svg.contains(">untuned</text>"));
+    assert!(svg.contains("perplexity (log scale)"), "35.3 to 900 spans more than a decade");
     assert!(!svg.contains("not on a log axis"), "{svg}");
     assert_eq!(svg.matches("stroke-dasharray").count(), 2, "two drawable references");
     // The references widen the axes: the floor's 0.3 is above every point.
