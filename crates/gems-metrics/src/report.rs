@@ -179,11 +179,12 @@ pub fn markdown_table(runs: &[Run]) -> String {
     out
 }
 
-/// The floors of the runs (most popular, BM25, SASRec, ItemKNN) as a table, one row per distinct
-/// evaluation, full-catalogue metrics at k = 10. Runs on the same data and test examples share
-/// a row: evaluations that differ only in how long they took count as the same, and the last
-/// column names the runs that share it (e.g. the seeds of a reproduction give one row each).
-/// Empty when no run has floors.
+/// The floors of the runs (most popular, BM25, SASRec, ItemKNN, successors) as a table, one row
+/// per distinct evaluation with any metric, full-catalogue metrics at k = 10. Runs on the same
+/// data and test examples share a row: evaluations that differ only in how long they took count
+/// as the same, and the last column names the runs that share it, or when more than three do,
+/// counts them with their seeds (e.g. the seeds of a reproduction give one row each). Empty when
+/// no run has floors.
 pub fn markdown_floors(runs: &[Run]) -> String {
     let seen = distinct_floors(runs);
     if seen.is_empty() {
@@ -195,7 +196,7 @@ pub fn markdown_floors(runs: &[Run]) -> String {
     columns.push("runs".to_owned());
     let mut out = String::new();
     header(&mut out, &columns, 1);
-    for (name, report, labels) in seen {
+    for (name, report, sharing) in seen {
         let examples: Vec<String> = TASKS
             .iter()
             .map(|t| report.full.get(*t).map_or(MISSING.to_owned(), |m| m.examples.to_string()))
@@ -209,22 +210,33 @@ pub fn markdown_floors(runs: &[Run]) -> String {
         for task in TASKS {
             row.push(number(report.sampled_metric(task, "ndcg@10"), 4));
         }
-        row.push(cell(&labels.join(", ")));
+        row.push(cell(&runs_cell(&sharing)));
         let _ = writeln!(out, "| {} |", row.join(" | "));
     }
     out
 }
 
+/// The runs sharing a floor: their labels, or past three, how many and of which seeds.
+fn runs_cell(sharing: &[&RunSummary]) -> String {
+    if sharing.len() <= 3 {
+        return sharing.iter().map(|s| s.label.as_str()).collect::<Vec<_>>().join(", ");
+    }
+    let seeds: std::collections::BTreeSet<u64> = sharing.iter().map(|s| s.seed).collect();
+    let seeds: Vec<String> = seeds.iter().map(u64::to_string).collect();
+    let noun = if seeds.len() == 1 { "seed" } else { "seeds" };
+    format!("{} runs ({noun} {})", sharing.len(), seeds.join(", "))
+}
+
 /// The runs' floors, one entry per distinct evaluation (same name; equal but for the
-/// duration), in order of first appearance, with the labels of the runs that share it.
-fn distinct_floors(runs: &[Run]) -> Vec<(String, &EvalReport, Vec<&str>)> {
-    let mut seen: Vec<(String, &EvalReport, Vec<&str>)> = Vec::new();
+/// duration) that ranks any task, in order of first appearance, with the runs that share it.
+/// (A run of one task records the other task's floors empty.)
+fn distinct_floors(runs: &[Run]) -> Vec<(String, &EvalReport, Vec<&RunSummary>)> {
+    let mut seen: Vec<(String, &EvalReport, Vec<&RunSummary>)> = Vec::new();
     for run in runs {
-        for (name, report) in &run.floors {
-            let label = run.summary.label.as_str();
+        for (name, report) in run.floors.iter().filter(|(_, r)| !r.full.is_empty()) {
             match seen.iter_mut().find(|(n, r, _)| n == name && same_evaluation(r, report)) {
-                Some((_, _, labels)) => labels.push(label),
-                None => seen.push((name.clone(), report, vec![label])),
+                Some((_, _, sharing)) => sharing.push(&run.summary),
+                None => seen.push((name.clone(), report, vec![&run.summary])),
             }
         }
     }

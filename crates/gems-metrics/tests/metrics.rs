@@ -438,6 +438,20 @@ fn floors_table_has_one_row_per_distinct_evaluation() {
     let apart = markdown_floors(&runs);
     assert_eq!(apart.lines().count(), 4, "{apart}");
     assert!(apart.contains("| a-s1-x |") && apart.contains("| a-s2-x |"), "{apart}");
+    // A floor that ranks no task (a one-task run's other floors) is no row; past three runs
+    // sharing a row, the cell counts them with their seeds.
+    runs[1].floors.insert("bm25".to_owned(), EvalReport { full: BTreeMap::new(), ..popular });
+    assert_eq!(markdown_floors(&runs), apart);
+    let many: Vec<_> = (0..4)
+        .map(|i| {
+            let mut run = runs[0].clone();
+            run.summary.label = format!("m{i}");
+            run.summary.seed = i % 2;
+            run
+        })
+        .collect();
+    let counted = markdown_floors(&many);
+    assert!(counted.contains("| 4 runs (seeds 0, 1) |"), "{counted}");
 }
 
 /// Both full-catalogue protocols of one evaluation side by side: a run's `after` and each
