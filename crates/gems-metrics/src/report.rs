@@ -183,7 +183,8 @@ pub fn markdown_table(runs: &[Run]) -> String {
 /// per distinct evaluation with any metric, full-catalogue metrics at k = 10. Runs on the same
 /// data and test examples share a row: evaluations that differ only in how long they took count
 /// as the same, and the last column names the runs that share it, or when more than three do,
-/// counts them with their seeds (e.g. the seeds of a reproduction give one row each). Empty when
+/// counts them with their seeds ("15 runs, seed 0": the seeds of a reproduction give one row
+/// each). Empty when
 /// no run has floors.
 pub fn markdown_floors(runs: &[Run]) -> String {
     let seen = distinct_floors(runs);
@@ -224,7 +225,7 @@ fn runs_cell(sharing: &[&RunSummary]) -> String {
     let seeds: std::collections::BTreeSet<u64> = sharing.iter().map(|s| s.seed).collect();
     let seeds: Vec<String> = seeds.iter().map(u64::to_string).collect();
     let noun = if seeds.len() == 1 { "seed" } else { "seeds" };
-    format!("{} runs ({noun} {})", sharing.len(), seeds.join(", "))
+    format!("{} runs, {noun} {}", sharing.len(), seeds.join(", "))
 }
 
 /// The runs' floors, one entry per distinct evaluation (same name; equal but for the
@@ -253,7 +254,11 @@ pub fn markdown_protocols(runs: &[Run]) -> String {
         .iter()
         .filter_map(|run| Some((run.summary.label.clone(), run.summary.after.as_ref()?)))
         .collect();
-    rows.extend(distinct_floors(runs).into_iter().map(|(n, r, _)| (format!("floor: {n}"), r)));
+    rows.extend(
+        distinct_floors(runs)
+            .into_iter()
+            .map(|(n, r, sharing)| (format!("floor: {n} ({})", runs_cell(&sharing)), r)),
+    );
     rows.retain(|(_, r)| !r.without_history().is_empty());
     if rows.is_empty() {
         return String::new();
