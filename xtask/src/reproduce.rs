@@ -80,14 +80,24 @@ const RECORD_FILES: [&str; 6] = [
     "reproduce.json",
 ];
 
+/// Writes `bytes` to `path` atomically (a reader sees the old file or the new one, never a
+/// part): what the reproduction writes into the repository and its run directories.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    gems_io::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Copies `from` to `to` atomically ([`write_file`]).
+fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    write_file(to, &bytes)
+}
+
 /// Copies `files` that exist from `from` into `to` (created).
 fn copy_records(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for f in RECORD_FILES {
         if from.join(f).is_file() {
-            std::fs::copy(from.join(f), to.join(f)).with_context(|| {
-                format!("copying {} to {}", from.join(f).display(), to.display())
-            })?;
+            copy_file(&from.join(f), &to.join(f))?;
         }
     }
     Ok(())
@@ -369,8 +379,7 @@ fn archive_page(docs: &Path, epoch: &str) -> Result<()> {
     std::fs::create_dir_all(&plots).with_context(|| format!("creating {}", plots.display()))?;
     for entry in std::fs::read_dir(docs.join("results")).into_iter().flatten().flatten() {
         if entry.path().extension().is_some_and(|e| e == "svg") {
-            std::fs::copy(entry.path(), plots.join(entry.file_name()))
-                .with_context(|| format!("copying {}", entry.path().display()))?;
+            copy_file(&entry.path(), &plots.join(entry.file_name()))?;
         }
     }
     let note = format!(
@@ -379,7 +388,7 @@ fn archive_page(docs: &Path, epoch: &str) -> Result<()> {
          comparison, of results epoch {RESULTS_EPOCH}, is [results.md](results.md).\n\n"
     );
     let body = text.replace("](results/", &format!("](results-{epoch}/"));
-    std::fs::write(&kept, note + &body).with_context(|| format!("writing {}", kept.display()))
+    write_file(&kept, (note + &body).as_bytes())
 }
 
 /// Runs (or resumes) one pair and appends its wall time to `{out}/timings.jsonl`.
@@ -398,7 +407,7 @@ fn train_one(o: &Options, label: &str, flags: &[&str], seed: u64, dir: &str) -> 
     } else {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
         let text = serde_json::to_string_pretty(&run_record(o))?;
-        std::fs::write(&record_path, text).with_context(|| format!("writing {record_path}"))?;
+        write_file(Path::new(&record_path), text.as_bytes())?;
     }
     let seed_text = seed.to_string();
     let eval_cache = eval_cache(o);
@@ -433,9 +442,8 @@ fn train_one(o: &Options, label: &str, flags: &[&str], seed: u64, dir: &str) -> 
         "resumed": resuming, "commit": commit(), "finished": date(),
     });
     let path = format!("{}/timings.jsonl", o.out);
-    let mut all = std::fs::read_to_string(&path).unwrap_or_default();
-    all.push_str(&format!("{line}\n"));
-    std::fs::write(&path, all).with_context(|| format!("writing {path}"))
+    gems_io::append_line(Path::new(&path), &line.to_string())
+        .with_context(|| format!("writing {path}"))
 }
 
 /// Where the variants of one seed share the untuned model's evaluation and the floors: one
@@ -484,8 +492,7 @@ fn refresh_floors(o: &Options) -> Result<()> {
         )?;
         let added = added_floors(&old, &fresh)?;
         std::fs::rename(&fresh, &old).with_context(|| format!("replacing {}", old.display()))?;
-        std::fs::copy(&old, Path::new(RECORDS).join(&name).join("baselines.json"))
-            .with_context(|| format!("copying {} to {RECORDS}/{name}", old.display()))?;
+        copy_file(&old, &Path::new(RECORDS).join(&name).join("baselines.json"))?;
         eprintln!("xtask reproduce: {name}: floors refreshed, added: {added:?}");
     }
     Ok(())
@@ -622,7 +629,7 @@ fn write_results(o: &Options) -> Result<()> {
     }
     copy_plots(Path::new(&report_dir), Path::new("docs/results"))?;
     doc.push_str(&report.replace("](", "](results/"));
-    std::fs::write("docs/results.md", doc).context("writing docs/results.md")?;
+    write_file(Path::new("docs/results.md"), doc.as_bytes())?;
     eprintln!("xtask reproduce: report in {report_dir}/report.md, docs/results.md updated");
     Ok(())
 }
@@ -650,8 +657,7 @@ fn copy_plots(report_dir: &Path, docs: &Path) -> Result<()> {
             .with_context(|| format!("removing {}", docs.join(&name).display()))?;
     }
     for name in &drawn {
-        std::fs::copy(report_dir.join(name), docs.join(name))
-            .with_context(|| format!("copying {}", report_dir.join(name).display()))?;
+        copy_file(&report_dir.join(name), &docs.join(name))?;
     }
     Ok(())
 }
