@@ -376,11 +376,8 @@ fn archive_page(docs: &Path, epoch: &str) -> Result<()> {
         return Ok(());
     }
     let plots = docs.join(format!("results-{epoch}"));
-    std::fs::create_dir_all(&plots).with_context(|| format!("creating {}", plots.display()))?;
-    for entry in std::fs::read_dir(docs.join("results")).into_iter().flatten().flatten() {
-        if entry.path().extension().is_some_and(|e| e == "svg") {
-            copy_file(&entry.path(), &plots.join(entry.file_name()))?;
-        }
+    if docs.join("results").is_dir() {
+        copy_plots(&docs.join("results"), &plots)?;
     }
     let note = format!(
         "> **Archived.** The method comparison of results epoch {epoch}, kept as it was \

@@ -142,11 +142,6 @@ impl Axis {
         }
     }
 
-    /// Whether `value` can be drawn on this axis (finite, and positive on a logarithmic one).
-    fn admits(&self, value: f64) -> bool {
-        value.is_finite() && (!self.log || value > 0.0)
-    }
-
     /// Fraction of the axis length at `value`.
     fn fraction(&self, value: f64) -> f64 {
         if self.hi <= self.lo {
@@ -203,13 +198,25 @@ pub fn svg_line_plot(title: &str, x_label: &str, y_label: &str, series: &[Series
             plane.write_curves(&mut svg, &finite);
         }
     }
+    write_border(&mut svg);
+    write_legend(&mut svg, series, &finite);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Whether `value` can be drawn on an axis that is logarithmic when `log`: finite, and positive
+/// on a logarithmic one.
+fn drawable(value: f64, log: bool) -> bool {
+    value.is_finite() && (!log || value > 0.0)
+}
+
+/// Writes the plot area's black border.
+fn write_border(svg: &mut String) {
+    // `write!` into a String cannot fail.
     let _ = writeln!(
         svg,
         r#"<rect x="{LEFT}" y="{TOP}" width="{PLOT_WIDTH}" height="{PLOT_HEIGHT}" fill="none" stroke="black"/>"#
     );
-    write_legend(&mut svg, series, &finite);
-    svg.push_str("</svg>\n");
-    svg
 }
 
 /// Writes "no data" in the middle of the plot area.
@@ -425,18 +432,18 @@ pub struct Scatter {
 /// assert!(svg.starts_with("<svg") && svg.contains("<circle"));
 /// ```
 pub fn svg_scatter_plot(plot: &Scatter) -> String {
-    let probe = Axis { lo: 1.0, hi: 2.0, ticks: Vec::new(), step: 1.0, log: plot.log_x };
+    let x_drawable = |x: f64| drawable(x, plot.log_x);
     let finite: Vec<Vec<(f64, f64)>> = plot
         .groups
         .iter()
         .map(|g| {
-            g.points.iter().copied().filter(|&(x, y)| probe.admits(x) && y.is_finite()).collect()
+            g.points.iter().copied().filter(|&(x, y)| x_drawable(x) && y.is_finite()).collect()
         })
         .collect();
     let references: Vec<&Reference> = plot
         .references
         .iter()
-        .filter(|r| if r.vertical { probe.admits(r.value) } else { r.value.is_finite() })
+        .filter(|r| if r.vertical { x_drawable(r.value) } else { r.value.is_finite() })
         .collect();
     let plane = bounds(&finite).map(|(mut x_min, mut x_max, mut y_min, mut y_max)| {
         for r in &references {
@@ -461,17 +468,14 @@ pub fn svg_scatter_plot(plot: &Scatter) -> String {
             plane.write_groups(&mut svg, &finite);
         }
     }
-    let _ = writeln!(
-        svg,
-        r#"<rect x="{LEFT}" y="{TOP}" width="{PLOT_WIDTH}" height="{PLOT_HEIGHT}" fill="none" stroke="black"/>"#
-    );
+    write_border(&mut svg);
     write_marker_legend(&mut svg, &plot.groups, &finite);
     svg.push_str("</svg>\n");
     svg
 }
 
 /// The median of `values` (not empty): the middle one, or the mean of the middle two.
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
@@ -635,7 +639,8 @@ mod tests {
         assert!(!Axis::spanning(47.0, 62.0, true).log && Axis::spanning(47.0, 470.0, true).log);
         let single = Axis::log(35.3, 35.3);
         assert!(single.lo < 35.3 && single.hi > 35.3);
-        assert!(!single.admits(0.0) && single.admits(1.0) && !single.admits(f64::NAN));
+        let admits = |v: f64| drawable(v, single.log);
+        assert!(!admits(0.0) && admits(1.0) && !admits(f64::NAN));
     }
 
     #[test]

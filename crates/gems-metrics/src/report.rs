@@ -184,8 +184,7 @@ pub fn markdown_table(runs: &[Run]) -> String {
 /// data and test examples share a row: evaluations that differ only in how long they took count
 /// as the same, and the last column names the runs that share it, or when more than three do,
 /// counts them with their seeds ("15 runs, seed 0": the seeds of a reproduction give one row
-/// each). Empty when
-/// no run has floors.
+/// each). Empty when no run has floors.
 pub fn markdown_floors(runs: &[Run]) -> String {
     let seen = distinct_floors(runs);
     if seen.is_empty() {
@@ -511,8 +510,10 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 fn untuned_reference(runs: &[Run]) -> Option<Reference> {
     let mut values: Vec<f64> =
         runs.iter().filter_map(|r| r.summary.before.as_ref()?.perplexity).collect();
-    values.sort_by(f64::total_cmp);
-    let value = *values.get(values.len() / 2)?;
+    if values.is_empty() {
+        return None;
+    }
+    let value = crate::plot::median(&mut values);
     Some(Reference { label: format!("untuned {value:.1}"), value, vertical: true })
 }
 
